@@ -1,0 +1,114 @@
+"""The bitsandbytes state-dict layout of a 4-bit weight, both directions.
+
+For a layer ``L`` bitsandbytes (and transformers' pre-quantized "bnb-4bit" checkpoints) store
+``L.weight`` (packed uint8 ``[numel / 2, 1]``) and, under ``L.weight.``, ``absmax``, ``quant_map``,
+``nested_absmax``, ``nested_quant_map`` and ``quant_state.bitsandbytes__nf4`` (UTF-8 JSON bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, NF4FormatError, NF4Weight, check_blocksize
+
+QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
+QUANT_STATE_KEY = QUANT_STATE_PREFIX + "nf4"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def to_bnb_tensors(weight: NF4Weight) -> dict[str, Tensor]:
+    """Suffix -> tensor; the suffix ``""`` is the packed weight itself, the others follow ``weight.``."""
+    meta = {
+        "quant_type": weight.quant_type,
+        "blocksize": weight.blocksize,
+        "dtype": _DTYPE_NAMES[weight.dtype],
+        "shape": list(weight.shape),
+    }
+    out = {"": weight.packed, "absmax": weight.absmax, "quant_map": weight.code}
+    if weight.nested is not None:
+        out["nested_absmax"] = weight.nested.absmax
+        out["nested_quant_map"] = weight.nested.code
+        meta.update(
+            nested_blocksize=weight.nested.blocksize,
+            nested_dtype="float32",
+            nested_offset=float(weight.nested.offset) if weight.nested.offset.device.type != "meta" else 0.0,
+        )
+    payload = json.dumps(meta).encode("utf-8")
+    out[QUANT_STATE_KEY] = torch.tensor(list(payload), dtype=torch.uint8, device=weight.packed.device)
+    return out
+
+
+def is_bnb_quantized(tensors: dict[str, Tensor]) -> bool:
+    return any(k.startswith(QUANT_STATE_PREFIX) for k in tensors)
+
+
+def _decode_meta(raw: Tensor, name: str) -> dict:
+    try:
+        meta = json.loads(bytes(raw.detach().cpu().to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NF4FormatError(f"{name}.{QUANT_STATE_KEY} is corrupted (not UTF-8 JSON: {err}); re-export the checkpoint.") from err
+    if not isinstance(meta, dict):
+        raise NF4FormatError(f"{name}.{QUANT_STATE_KEY} is corrupted (JSON is not an object); re-export the checkpoint.")
+    return meta
+
+
+def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Weight:
+    """Rebuild an ``NF4Weight`` from the suffix dict of ``to_bnb_tensors`` (or of a bitsandbytes state dict)."""
+    state_keys = [k for k in tensors if k.startswith(QUANT_STATE_PREFIX)]
+    if not state_keys:
+        raise NF4FormatError(f"{name}: missing key '{name}.{QUANT_STATE_KEY}'; this is not a bitsandbytes 4-bit weight.")
+    if state_keys != [QUANT_STATE_KEY]:
+        raise NF4FormatError(
+            f"{name}: found {state_keys}; only NF4 ('{QUANT_STATE_KEY}') is supported. "
+            "Re-quantize the float model with bnb_4bit_quant_type='nf4'."
+        )
+    meta = _decode_meta(tensors[QUANT_STATE_KEY], name)
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+    if missing:
+        raise NF4FormatError(f"{name}.{QUANT_STATE_KEY} lacks {missing}; the checkpoint is corrupted or from an unknown writer.")
+    if meta["quant_type"] != "nf4":
+        raise NF4FormatError(f"{name}: quant_type {meta['quant_type']!r} is not supported; only 'nf4' is.")
+    if meta["dtype"] not in _DTYPES:
+        raise NF4FormatError(f"{name}: unsupported original dtype {meta['dtype']!r} in the quant state.")
+    nested = "nested_offset" in meta
+    required = ["", "absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if nested else [])
+    absent = [f"{name}.{k}" if k else name for k in required if k not in tensors]
+    if absent:
+        raise NF4FormatError(f"Missing keys for the NF4 weight {name}: {absent}. The checkpoint is incomplete.")
+
+    blocksize = check_blocksize(int(meta["blocksize"]))
+    shape = torch.Size(int(d) for d in meta["shape"])
+    numel = math.prod(shape)
+    num_blocks = -(-numel // blocksize)
+    packed = tensors[""].detach()
+    if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage other than uint8: same bytes, other view
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.reshape(-1, 1)
+    absmax = tensors["absmax"].detach().reshape(-1)
+    code = tensors["quant_map"].detach().reshape(-1).float()
+
+    def expect(cond: bool, what: str) -> None:
+        if not cond:
+            raise NF4FormatError(f"{name}: {what} (quant state says shape {tuple(shape)}, blocksize {blocksize}); the checkpoint is corrupted or truncated.")
+
+    expect(packed.shape[0] == (numel + 1) // 2, f"packed weight has {packed.shape[0]} bytes, expected {(numel + 1) // 2}")
+    expect(absmax.numel() == num_blocks, f"absmax has {absmax.numel()} entries, expected {num_blocks}")
+    expect(code.numel() == 16, f"quant_map has {code.numel()} entries, expected 16")
+    stats = None
+    if nested:
+        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        nested_absmax = tensors["nested_absmax"].detach().reshape(-1).float()
+        nested_code = tensors["nested_quant_map"].detach().reshape(-1).float()
+        expect(absmax.dtype == torch.uint8, f"double-quantized absmax must be uint8, got {absmax.dtype}")
+        expect(nested_absmax.numel() == -(-num_blocks // nested_blocksize), f"nested_absmax has {nested_absmax.numel()} entries")
+        expect(nested_code.numel() == 256, f"nested_quant_map has {nested_code.numel()} entries, expected 256")
+        offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
+        stats = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset, blocksize=nested_blocksize)
+    else:
+        absmax = absmax.float()
+    return NF4Weight(packed=packed, absmax=absmax, code=code, shape=shape, dtype=_DTYPES[meta["dtype"]], blocksize=blocksize, nested=stats)

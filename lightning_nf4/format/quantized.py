@@ -1,0 +1,168 @@
+"""``NF4Weight``: a weight in bitsandbytes' NF4 layout, and the functions that make and undo it.
+
+The object holds exactly the tensors bitsandbytes stores (packed codes, absmax, code tables and, with
+double quantization, the nested statistics), so conversion to and from its state dict is lossless.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nf4.format.codebooks import code_table, dynamic_map
+from lightning_nf4.kernels import ops
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NESTED_BLOCKSIZE = 256
+
+
+class NF4FormatError(ValueError):
+    """A weight or checkpoint that cannot be (de)quantized; the message names the tensor and the fix."""
+
+
+def check_blocksize(blocksize: int) -> int:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 32 or blocksize > 4096 or (blocksize & (blocksize - 1)):
+        raise NF4FormatError(f"blocksize must be a power of two between 32 and 4096 (as in bitsandbytes), got {blocksize!r}.")
+    return blocksize
+
+
+@dataclass(frozen=True)
+class NestedStats:
+    """Double quantization of ``absmax``: ``dynamic_map[code] * absmax[i // blocksize] + offset``."""
+
+    absmax: Tensor  # fp32 [ceil(num_blocks / blocksize)]
+    code: Tensor  # fp32 [256], bitsandbytes' signed dynamic map
+    offset: Tensor  # fp32 scalar, the mean of the original absmax
+    blocksize: int = NESTED_BLOCKSIZE
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A tensor quantized to 4-bit NormalFloat, block by block, in bitsandbytes' exact layout."""
+
+    packed: Tensor  # uint8 [(numel + 1) // 2, 1]: even element in the high nibble
+    absmax: Tensor  # fp32 [num_blocks], or uint8 codes when ``nested`` is set
+    code: Tensor  # fp32 [16], the NF4 table
+    shape: torch.Size
+    dtype: torch.dtype  # dtype of the weight that was quantized; the default for ``dequantize``
+    blocksize: int
+    nested: Optional[NestedStats] = None
+    quant_type: str = "nf4"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested is not None
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.packed, self.absmax, self.code]
+        if self.nested is not None:
+            out += [self.nested.absmax, self.nested.code, self.nested.offset]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of the quantized weight and all its statistics, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The float weight, ``code[nibble] * absmax`` rounded once to ``dtype`` (default: the original)."""
+        return dequantize_nf4(self, dtype)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False, *, stats_only: bool = False) -> "NF4Weight":
+        """Move to ``device``; ``stats_only`` leaves ``packed`` where it is (its owner moves it)."""
+        device = torch.device(device)
+        if device == self.absmax.device and (stats_only or device == self.device):
+            return self
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        nested = None
+        if self.nested is not None:
+            nested = replace(self.nested, absmax=move(self.nested.absmax), code=move(self.nested.code), offset=move(self.nested.offset))
+        packed = self.packed if stats_only else move(self.packed)
+        return replace(self, packed=packed, absmax=move(self.absmax), code=move(self.code), nested=nested)
+
+    def with_packed(self, packed: Tensor) -> "NF4Weight":
+        """The same weight with ``packed`` as its codes; the statistics follow ``packed``'s device."""
+        return replace(self.to(packed.device, stats_only=True), packed=packed)
+
+    def __repr__(self) -> str:
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, device={self.device})"
+        )
+
+
+def _check_weight(weight: Tensor, name: str) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor to quantize, got {type(weight).__name__}.")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        kind = "integer" if not (weight.is_floating_point() or weight.is_complex()) else str(weight.dtype)
+        raise NF4FormatError(
+            f"{name} has dtype {weight.dtype} ({kind}); NF4 quantizes float32, bfloat16 or float16 weights. "
+            "Cast it first, e.g. weight.float(), or leave this tensor unquantized."
+        )
+    if weight.numel() == 0:
+        raise NF4FormatError(f"{name} is empty (shape {tuple(weight.shape)}); there is nothing to quantize.")
+
+
+def quantize_nf4(
+    weight: Tensor, blocksize: int = 64, double_quant: bool = True, *, name: str = "weight"
+) -> NF4Weight:
+    """Quantize ``weight`` to NF4 exactly as ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``.
+
+    Runs on the weight's device (CPU, CUDA, XPU, or ``meta`` for shape-only construction).
+    ``name`` appears in error messages, so pass the parameter's qualified name when you have it.
+    """
+    _check_weight(weight, name)
+    check_blocksize(blocksize)
+    device = weight.device
+    code = code_table("nf4", device)
+    packed, absmax = ops.quantize_4bit(weight.detach(), code, blocksize)
+    if device.type != "meta":
+        finite = torch.isfinite(absmax)
+        if not bool(finite.all()):
+            block = int((~finite).nonzero()[0])
+            raise NF4FormatError(
+                f"{name} contains NaN or Inf (first in elements {block * blocksize}..{(block + 1) * blocksize - 1} of the "
+                "flattened tensor); NF4 cannot represent them. Fix or re-load the weights before quantizing."
+            )
+    nested = None
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = dynamic_map(device)
+        qabsmax, nested_absmax = ops.quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
+        nested = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset)
+        absmax = qabsmax
+    return NF4Weight(
+        packed=packed.view(-1, 1), absmax=absmax, code=code, shape=weight.shape,
+        dtype=weight.dtype, blocksize=blocksize, nested=nested,
+    )
+
+
+def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Free-function form of ``NF4Weight.dequantize``."""
+    dtype = dtype or weight.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise NF4FormatError(f"Cannot dequantize to {dtype}; choose one of float32, bfloat16, float16.")
+    nested = weight.nested
+    flat = ops.dequantize_4bit(
+        weight.packed, weight.absmax, weight.code, weight.blocksize, weight.numel, dtype,
+        nested.absmax if nested else None, nested.code if nested else None,
+        nested.offset if nested else None, nested.blocksize if nested else NESTED_BLOCKSIZE,
+    )
+    return flat.view(weight.shape)

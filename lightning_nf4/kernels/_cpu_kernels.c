@@ -1,0 +1,181 @@
+/* CPU kernels for the bitsandbytes NF4 format.
+ *
+ * Plain C with no Python or libtorch dependency: the wrapper in cpu.py calls these through ctypes
+ * (which releases the GIL) from a small thread pool, each call covering a range of blocks. GCC's
+ * target_clones picks an AVX-512 / AVX2 / baseline body at load time, so one build runs anywhere.
+ */
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define LNF4_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LNF4_CLONES
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round-to-nearest-even, as torch's float -> bfloat16 cast does for finite values. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---- 4-bit quantize ------------------------------------------------------------------------ */
+/* mids: the 15 ascending thresholds; a value equal to a threshold takes the lower code.
+ * The last block of a tensor whose size is not a multiple of blocksize is normalised by division,
+ * full blocks by multiplication with the reciprocal: that is what the bitsandbytes reference does. */
+#define QUANT_BODY(T, LOAD)                                                                          \
+    for (int64_t b = block_begin; b < block_end; ++b) {                                              \
+        const int64_t start = b * blocksize;                                                         \
+        const int64_t stop = start + blocksize < n ? start + blocksize : n;                          \
+        float amax = 0.0f;                                                                           \
+        for (int64_t i = start; i < stop; ++i) {                                                     \
+            float v = LOAD(x[i]);                                                                    \
+            v = v == v ? (v < 0 ? -v : v) : INFINITY; /* NaN flags the block as non-finite */      \
+            amax = v > amax ? v : amax;                                                              \
+        }                                                                                            \
+        absmax[b] = amax;                                                                            \
+        const float safe = amax > 1e-38f ? amax : 1e-38f;                                            \
+        const float inv = 1.0f / safe;                                                               \
+        const int partial = (stop - start) < blocksize;                                              \
+        uint8_t codes[4097];                                                                         \
+        const int64_t len = stop - start;                                                            \
+        for (int64_t i = 0; i < len; ++i) {                                                          \
+            float s = partial ? LOAD(x[start + i]) / safe : LOAD(x[start + i]) * inv;                \
+            int q = 0;                                                                               \
+            for (int k = 0; k < 15; ++k) q += s > mids[k];                                           \
+            codes[i] = (uint8_t)q;                                                                   \
+        }                                                                                            \
+        if (len & 1) codes[len] = (uint8_t)zero_code;                                                \
+        uint8_t* dst = packed + start / 2;                                                           \
+        for (int64_t j = 0; j < (len + 1) / 2; ++j)                                                  \
+            dst[j] = (uint8_t)((codes[2 * j] << 4) | codes[2 * j + 1]);                              \
+    }
+
+#define LOAD_F32(v) (v)
+#define LOAD_BF16(v) bf16_to_f32(v)
+#define LOAD_F16(v) ((float)(v))
+
+LNF4_CLONES void lnf4_quantize_4bit_f32(const float* x, int64_t n, int64_t blocksize, const float* mids,
+                                       int zero_code, uint8_t* packed, float* absmax,
+                                       int64_t block_begin, int64_t block_end) {
+    QUANT_BODY(float, LOAD_F32)
+}
+
+LNF4_CLONES void lnf4_quantize_4bit_bf16(const uint16_t* x, int64_t n, int64_t blocksize,
+                                        const float* mids, int zero_code, uint8_t* packed,
+                                        float* absmax, int64_t block_begin, int64_t block_end) {
+    QUANT_BODY(uint16_t, LOAD_BF16)
+}
+
+LNF4_CLONES void lnf4_quantize_4bit_f16(const _Float16* x, int64_t n, int64_t blocksize,
+                                       const float* mids, int zero_code, uint8_t* packed,
+                                       float* absmax, int64_t block_begin, int64_t block_end) {
+    QUANT_BODY(_Float16, LOAD_F16)
+}
+
+/* ---- 4-bit dequantize ---------------------------------------------------------------------- */
+/* Scales are either fp32 (absmax) or double-quantized: nested_code[q] * nested_absmax[b / nb] + offset,
+ * two roundings as in the reference. Per block, the 16 possible outputs code[k] * scale are rounded
+ * to the output type once; each byte then expands to two table lookups (or, with AVX-512, sixteen
+ * bytes at a time through a 16-entry permute), which equals rounding code * scale per element. */
+typedef struct {
+    const float* absmax;        /* fp32 scales, or NULL when double-quantized */
+    const uint8_t* qabsmax;     /* uint8 nested codes */
+    const float* nested_absmax;
+    const float* nested_code;
+    float offset;
+    int64_t nested_blocksize;
+} lnf4_scales;
+
+static inline float block_scale(const lnf4_scales* s, int64_t b) {
+    if (s->absmax) return s->absmax[b];
+    volatile float decoded = s->nested_code[s->qabsmax[b]] * s->nested_absmax[b / s->nested_blocksize];
+    return decoded + s->offset;
+}
+
+#define DEQUANT_BODY(T, STORE, WIDE)                                                                 \
+    for (int64_t b = block_begin; b < block_end; ++b) {                                              \
+        const int64_t start = b * blocksize;                                                         \
+        const int64_t stop = start + blocksize < n ? start + blocksize : n;                          \
+        const float a = block_scale(scales, b);                                                      \
+        T table[16];                                                                                 \
+        for (int k = 0; k < 16; ++k) table[k] = STORE(code[k] * a);                                  \
+        const uint8_t* src = packed + start / 2;                                                     \
+        T* o = out + start;                                                                          \
+        const int64_t pairs = (stop - start) / 2;                                                    \
+        int64_t j = WIDE(table, src, o, pairs);                                                      \
+        for (; j < pairs; ++j) {                                                                     \
+            const uint8_t byte = src[j];                                                             \
+            o[2 * j] = table[byte >> 4];                                                             \
+            o[2 * j + 1] = table[byte & 15];                                                         \
+        }                                                                                            \
+        if ((stop - start) & 1) o[2 * pairs] = table[src[pairs] >> 4];                               \
+    }
+
+#define STORE_F32(v) (v)
+#define STORE_BF16(v) f32_to_bf16(v)
+#define STORE_F16(v) ((_Float16)(v))
+#define NO_WIDE(table, src, o, pairs) 0
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+/* 16 bytes -> 32 16-bit outputs: each byte's two codes become one 32-bit word (even output low). */
+__attribute__((target("avx512f"))) static int64_t wide16_avx512(const uint16_t* table, const uint8_t* src,
+                                                                uint16_t* o, int64_t pairs) {
+    uint32_t t32[16];
+    for (int k = 0; k < 16; ++k) t32[k] = table[k];
+    const __m512i lut = _mm512_loadu_si512((const void*)t32);
+    const __m512i low_mask = _mm512_set1_epi32(15);
+    int64_t j = 0;
+    for (; j + 16 <= pairs; j += 16) {
+        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
+        __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), lut);
+        __m512i odd = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), lut);
+        _mm512_storeu_si512((void*)(o + 2 * j), _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+    return j;
+}
+static int lnf4_has_avx512 = -1;
+static inline int64_t wide16(const uint16_t* table, const uint8_t* src, uint16_t* o, int64_t pairs) {
+    if (lnf4_has_avx512 < 0) lnf4_has_avx512 = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    return lnf4_has_avx512 ? wide16_avx512(table, src, o, pairs) : 0;
+}
+#define WIDE16(table, src, o, pairs) wide16((const uint16_t*)(table), src, (uint16_t*)(o), pairs)
+#else
+#define WIDE16 NO_WIDE
+#endif
+
+void lnf4_dequantize_4bit_f32(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                              int64_t n, int64_t blocksize, float* out, int64_t block_begin,
+                              int64_t block_end) {
+    DEQUANT_BODY(float, STORE_F32, NO_WIDE)
+}
+
+void lnf4_dequantize_4bit_bf16(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                               int64_t n, int64_t blocksize, uint16_t* out, int64_t block_begin,
+                               int64_t block_end) {
+    DEQUANT_BODY(uint16_t, STORE_BF16, WIDE16)
+}
+
+void lnf4_dequantize_4bit_f16(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                              int64_t n, int64_t blocksize, _Float16* out, int64_t block_begin,
+                              int64_t block_end) {
+    DEQUANT_BODY(_Float16, STORE_F16, WIDE16)
+}
+
+/* Keeps the file a valid CPython extension, so setuptools builds and names it like any other. */
+#ifdef LNF4_PYTHON_MODULE
+#include <Python.h>
+static struct PyModuleDef lnf4_module = {PyModuleDef_HEAD_INIT, "_cpu_kernels", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&lnf4_module); }
+#endif

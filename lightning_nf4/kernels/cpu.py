@@ -1,0 +1,125 @@
+"""CPU kernels: the C file beside this one, called through ctypes from a small thread pool.
+
+ctypes drops the GIL for the call, so each worker runs a range of blocks truly in parallel. When the
+extension was not built (no C compiler at install time), ``available()`` is False and the plain
+PyTorch kernels serve instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from lightning_nf4.format.codebooks import midpoints
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_MIN_BLOCKS_PER_TASK = 256
+
+
+class _Scales(ctypes.Structure):
+    """Mirror of ``lnf4_scales`` in the C file: fp32 absmax, or the double-quantized triple."""
+
+    _fields_ = [
+        ("absmax", ctypes.c_void_p),
+        ("qabsmax", ctypes.c_void_p),
+        ("nested_absmax", ctypes.c_void_p),
+        ("nested_code", ctypes.c_void_p),
+        ("offset", ctypes.c_float),
+        ("nested_blocksize", ctypes.c_int64),
+    ]
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LIGHTNING_NF4_DISABLE_CPU_KERNELS") == "1":
+        return None
+    spec = importlib.util.find_spec("lightning_nf4.kernels._cpu_kernels")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in _SUFFIX.values():
+        fn = getattr(lib, f"lnf4_quantize_4bit_{suffix}")
+        fn.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr, i64, i64]
+        fn.restype = None
+        fn = getattr(lib, f"lnf4_dequantize_4bit_{suffix}")
+        fn.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, i64, i64, ptr, i64, i64]
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lightning-nf4")
+
+
+def _run_blocks(fn, args: tuple, num_blocks: int) -> None:
+    """Call ``fn(*args, begin, end)`` over ``[0, num_blocks)``, split across the torch thread count."""
+    workers = max(1, min(torch.get_num_threads(), num_blocks // _MIN_BLOCKS_PER_TASK))
+    if workers == 1:
+        fn(*args, 0, num_blocks)
+        return
+    bounds = [num_blocks * k // workers for k in range(workers + 1)]
+    futures = [_pool().submit(fn, *args, bounds[k], bounds[k + 1]) for k in range(workers)]
+    for future in futures:
+        future.result()
+
+
+def quantize_4bit(weight: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib = _library()
+    assert lib is not None
+    weight = weight.contiguous()
+    n = weight.numel()
+    num_blocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks, dtype=torch.float32)
+    mids = midpoints(code.float().cpu()).contiguous()
+    zero_code = int((mids < 0).sum())
+    fn = getattr(lib, f"lnf4_quantize_4bit_{_SUFFIX[weight.dtype]}")
+    args = (weight.data_ptr(), n, blocksize, mids.data_ptr(), zero_code, packed.data_ptr(), absmax.data_ptr())
+    _run_blocks(fn, args, num_blocks)
+    return packed, absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    numel: int,
+    dtype: torch.dtype,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    lib = _library()
+    assert lib is not None
+    keep = [packed.contiguous(), absmax.contiguous(), code.float().contiguous()]  # alive during the call
+    scales = _Scales(nested_blocksize=nested_blocksize)
+    if nested_absmax is None:
+        keep[1] = keep[1].float()
+        scales.absmax = keep[1].data_ptr()
+    else:
+        keep += [nested_absmax.float().contiguous(), nested_code.float().contiguous()]
+        scales.qabsmax, scales.nested_absmax, scales.nested_code = keep[1].data_ptr(), keep[3].data_ptr(), keep[4].data_ptr()
+        scales.offset = float(offset)
+    out = torch.empty(numel, dtype=dtype)
+    fn = getattr(lib, f"lnf4_dequantize_4bit_{_SUFFIX[dtype]}")
+    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), numel, blocksize, out.data_ptr())
+    _run_blocks(fn, args, -(-numel // blocksize))
+    return out
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return available() and dtype in _SUFFIX

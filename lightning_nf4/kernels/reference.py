@@ -1,0 +1,77 @@
+"""Plain-PyTorch kernels: correct on every device, and the fallback where no faster kernel exists."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from lightning_nf4.format.codebooks import midpoints
+
+
+def quantize_4bit(weight: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax scaling, nearest code (ties to the lower), two codes per byte, even one high."""
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax_full = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    scaled = flat[:full].view(-1, blocksize) * (1.0 / absmax_full.clamp(min=1e-38)).unsqueeze(1)
+    scaled = scaled.reshape(-1)
+    absmax = absmax_full
+    if full < n:  # the partial last block is normalised by division, as bitsandbytes does
+        tail_max = flat[full:].abs().amax()
+        absmax = torch.cat([absmax_full, tail_max.view(1)])
+        scaled = torch.cat([scaled, flat[full:] / tail_max.clamp(min=1e-38)])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = torch.bucketize(scaled, midpoints(code)).to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``code[nibble] * absmax`` in fp32, then one rounding to ``dtype``; returns a flat tensor."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel].long()
+    values = code[codes]
+    scale = absmax.repeat_interleave(blocksize)[:numel]
+    return (values * scale).to(dtype)
+
+
+_LUT_SIZE = 65536
+
+
+@lru_cache(maxsize=8)
+def _nearest_code_lut(code_key: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # bitsandbytes' CPU reference maps a normalised value to one of 65536 evenly spaced grid points
+    # and takes the code nearest to that point. Reproducing the grid keeps nested codes bit-identical.
+    code = torch.tensor(code_key, dtype=torch.float32)
+    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints(code), grid).to(torch.uint8).to(device)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of fp32 statistics with a 256-entry ascending code table."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks / absmax.clamp(min=1e-38).unsqueeze(1)).reshape(-1)[:n].clamp(-1.0, 1.0)
+    grid_index = (((scaled + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).long()
+    lut = _nearest_code_lut(tuple(code.tolist()), flat.device)
+    q = lut[grid_index]
+    # An all-zero block normalises to 0/0 in bitsandbytes, which lands on code 0; any code decodes to 0.
+    zero_block = (absmax == 0).repeat_interleave(blocksize)[:n]
+    return torch.where(zero_block, torch.zeros_like(q), q), absmax
+
+
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
+) -> torch.Tensor:
+    """Rebuild fp32 statistics: ``code[q] * absmax[i // blocksize] + offset``."""
+    n = q.numel()
+    scale = absmax.repeat_interleave(blocksize)[:n]
+    return code[q.reshape(-1).long()] * scale + offset

@@ -1,0 +1,129 @@
+"""Triton kernels for GPUs (CUDA, and Intel XPU through Intel's Triton backend).
+
+Both kernels do one pass over memory: quantize reads the weight once and writes codes and absmax;
+dequantize reads codes (and, with double quantization, the 8-bit statistics) and writes the output,
+decoding the nested absmax in registers rather than in a separate launch.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nf4.format.codebooks import midpoints
+from lightning_nf4.kernels import reference
+
+DEVICE_TYPES = ("cuda", "xpu")
+
+
+@lru_cache(maxsize=1)
+def _kernels():
+    """Compile-on-import of the Triton code; None where Triton is missing (plain PyTorch then serves)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def dequantize_kernel(
+        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+        numel, nbytes, blocksize, nested_blocksize,
+        NESTED: tl.constexpr, BYTES: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BYTES + tl.arange(0, BYTES)
+        mask = offs < nbytes
+        byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+        high = tl.load(code_ptr + (byte >> 4))
+        low = tl.load(code_ptr + (byte & 15))
+        block = (offs * 2) // blocksize  # blocksize is even: both codes of a byte share one block
+        if NESTED:
+            qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(nested_code_ptr + qabs) * tl.load(nested_absmax_ptr + block // nested_blocksize, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        out_high = (high * scale).to(out_ptr.dtype.element_ty)
+        out_low = (low * scale).to(out_ptr.dtype.element_ty)
+        values = tl.interleave(out_high, out_low)
+        out_offs = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + out_offs, values, mask=out_offs < numel)
+
+    @triton.jit
+    def quantize_kernel(
+        x_ptr, mids_ptr, packed_ptr, absmax_ptr, numel, num_blocks,
+        BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCKSIZE)
+        idx = rows[:, None] * BLOCKSIZE + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
+        amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)  # NaN marks the block non-finite
+        safe = tl.maximum(amax, 1e-38)
+        partial = (rows + 1) * BLOCKSIZE > numel  # the tail block is normalised by division
+        scaled = tl.where(partial[:, None], x / safe[:, None], x * (1.0 / safe)[:, None])
+        q = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
+        for k in tl.static_range(15):
+            q += (scaled > tl.load(mids_ptr + k)).to(tl.int32)
+        even, odd = tl.split(tl.reshape(q, [ROWS, BLOCKSIZE // 2, 2]))
+        packed = ((even << 4) | odd).to(tl.uint8)
+        pidx = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        tl.store(packed_ptr + pidx, packed, mask=pidx < (numel + 1) // 2)
+        tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
+
+    return dequantize_kernel, quantize_kernel
+
+
+def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    kernels = _kernels()
+    if kernels is None:
+        return reference.quantize_4bit(weight, code, blocksize)
+    weight = weight.contiguous()
+    n = weight.numel()
+    num_blocks = -(-n // blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(num_blocks, dtype=torch.float32, device=weight.device)
+    mids = midpoints(code.float()).contiguous()
+    rows = max(1, 4096 // blocksize)
+    grid = (-(-num_blocks // rows),)
+    kernels[1][grid](weight, mids, packed, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4)
+    return packed, absmax
+
+
+_BYTES_PER_PROGRAM = 2048
+
+
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    numel: int,
+    dtype: torch.dtype,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    kernels = _kernels()
+    nested = nested_absmax is not None
+    if kernels is None:
+        if nested:
+            absmax = reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+        return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    nbytes = (numel + 1) // 2
+    grid = (-(-nbytes // _BYTES_PER_PROGRAM),)
+    kernels[0][grid](
+        packed, absmax, code,
+        nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
+        out, numel, nbytes, blocksize, nested_blocksize,
+        NESTED=nested, BYTES=_BYTES_PER_PROGRAM, num_warps=4,
+        enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
+    )
+    return out

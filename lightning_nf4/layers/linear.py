@@ -1,0 +1,236 @@
+"""``NF4Linear``: a frozen NF4 base weight, dequantized on the fly for each matmul.
+
+Only the packed codes are kept between forward and backward: backward dequantizes again rather than
+saving a float copy, which is what keeps QLoRA's activation memory at the bf16 LoRA level.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, quantize_nf4, to_bnb_tensors
+from lightning_nf4.format.bnb_state import is_bnb_quantized
+from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
+
+
+def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``device_type``, else ``default``."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """``x @ W.T`` with ``W`` dequantized in forward and again in backward; no weight gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, packed: Tensor, weight: NF4Weight, dtype: torch.dtype) -> Tensor:
+        ctx.weight = weight  # holds references to the packed tensors only, no float copy
+        ctx.dtype = dtype
+        w = weight.dequantize(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        w = ctx.weight.dequantize(ctx.dtype)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return torch.matmul(grad_out.to(ctx.dtype), w), None, None, None
+
+
+def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype: torch.dtype, device: Any) -> NF4Weight:
+    # Placeholder storage of the right layout (all-zero scales), to be filled by load_state_dict.
+    from lightning_nf4.format import code_table, dynamic_map
+
+    numel = out_features * in_features
+    blocks = -(-numel // blocksize)
+    packed = torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device)
+    nested = None
+    if double_quant:
+        absmax = torch.zeros(blocks, dtype=torch.uint8, device=device)
+        nested = NestedStats(
+            absmax=torch.zeros(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+            code=dynamic_map(device), offset=torch.zeros((), dtype=torch.float32, device=device),
+        )
+    else:
+        absmax = torch.zeros(blocks, dtype=torch.float32, device=device)
+    return NF4Weight(packed, absmax, code_table("nf4", device), torch.Size((out_features, in_features)), dtype, blocksize, nested)
+
+
+class NF4Linear(nn.Module):
+    """A drop-in for ``nn.Linear`` whose weight is stored in bitsandbytes' NF4 format and frozen.
+
+    ``weight`` is the packed uint8 parameter (``requires_grad=False``) so that optimizers, DDP and
+    ``.to()`` see it; the scales live in ``self.quant`` (an ``NF4Weight``) and follow it between devices.
+    The state dict uses bitsandbytes' ``Linear4bit`` keys; loading a float ``weight`` quantizes it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = check_blocksize(blocksize)
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        dtype = dtype or torch.get_default_dtype()
+        self._set_quant(_empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        *,
+        name: str = "linear",
+    ) -> "NF4Linear":
+        """Quantize ``linear`` on the device its weight is on; the bias is kept as is (same Parameter)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: from_linear expects an nn.Linear, got {type(linear).__name__}.")
+        weight = linear.weight
+        if weight.dim() != 2:
+            raise NF4FormatError(f"{name}.weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.blocksize, layer.double_quant, layer.compute_dtype = check_blocksize(blocksize), double_quant, compute_dtype
+        layer._set_quant(quantize_nf4(weight.detach(), blocksize, double_quant, name=f"{name}.weight"))
+        layer.bias = linear.bias
+        return layer
+
+    def _set_quant(self, quant: NF4Weight) -> None:
+        self.weight = nn.Parameter(quant.packed, requires_grad=False)
+        self.quant = quant.with_packed(self.weight)
+
+    # -- behaviour ----------------------------------------------------------------------------
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The float weight ``[out_features, in_features]`` (the original dtype unless ``dtype`` is given)."""
+        return self._synced_quant().dequantize(dtype)
+
+    def _synced_quant(self) -> NF4Weight:
+        # The packed Parameter may have been replaced or moved by code outside this class (e.g. a
+        # strategy's model.to(device)); the scales follow it here.
+        quant = self.quant
+        if quant.packed is not self.weight or quant.absmax.device != self.weight.device:
+            quant = self.quant = quant.with_packed(self.weight)
+        return quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = active_compute_dtype(x.device.type, self.compute_dtype)
+        quant = self._synced_quant()
+        out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
+        super()._apply(fn, recurse)
+        # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
+        self.quant = self.quant.with_packed(self.weight)
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the quantized weight, its statistics and the bias."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.quant.nbytes + bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+    # -- state dict (bitsandbytes keys) -------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        quant = self._synced_quant()
+        for suffix, tensor in to_bnb_tensors(quant).items():
+            key = prefix + "weight" + (f".{suffix}" if suffix else "")
+            destination[key] = self.weight if (not suffix and keep_vars) else tensor.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+        missing_keys: list, unexpected_keys: list, error_msgs: list,
+    ) -> None:
+        name = prefix + "weight"
+        if name not in state_dict:
+            missing_keys.append(name)
+        else:
+            tensors = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+            tensors[""] = state_dict[name]
+            try:
+                self._load_weight(tensors, name)
+            except NF4FormatError as err:
+                error_msgs.append(str(err))
+        self._load_bias(state_dict, prefix, missing_keys, error_msgs)
+
+    def _load_weight(self, tensors: dict[str, Tensor], name: str) -> None:
+        target = self.weight.device
+        if is_bnb_quantized(tensors):
+            quant = from_bnb_tensors(tensors, name)
+        elif tensors[""].is_floating_point():
+            extra = sorted(k for k in tensors if k)
+            if extra:
+                raise NF4FormatError(f"{name}: float weight given together with {extra} but no quant state; the checkpoint is corrupted.")
+            weight = tensors[""].detach()
+            if target.type != "meta":
+                weight = weight.to(target)
+            quant = quantize_nf4(weight, self.blocksize, self.double_quant, name=name)
+        else:
+            raise NF4FormatError(
+                f"{name} has dtype {tensors[''].dtype} but no '{name}.quant_state.bitsandbytes__nf4'; "
+                "a packed NF4 weight needs its quant state (absmax, quant_map, ...) saved alongside."
+            )
+        if tuple(quant.shape) != (self.out_features, self.in_features):
+            raise NF4FormatError(
+                f"size mismatch for {name}: checkpoint has shape {tuple(quant.shape)}, this layer is "
+                f"[{self.out_features}, {self.in_features}] (out_features, in_features)."
+            )
+        if target.type != "meta":
+            quant = quant.to(target)
+        self.blocksize, self.double_quant = quant.blocksize, quant.double_quant
+        self._set_quant(quant)
+
+    def _load_bias(self, state_dict: dict, prefix: str, missing_keys: list, error_msgs: list) -> None:
+        key = prefix + "bias"
+        if self.bias is None:
+            return
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        value = state_dict[key].detach()
+        if value.shape != self.bias.shape:
+            error_msgs.append(f"size mismatch for {key}: checkpoint has shape {tuple(value.shape)}, this layer has {tuple(self.bias.shape)}.")
+            return
+        if self.bias.device.type == "meta":
+            self.bias = nn.Parameter(value.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
+        else:
+            with torch.no_grad():
+                self.bias.copy_(value)
+

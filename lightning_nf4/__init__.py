@@ -5,4 +5,17 @@ from lightning_nf4.layers import NF4Linear
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4FormatError", "NF4Linear", "NF4Weight", "dequantize_nf4", "quantize_nf4"]
+__all__ = ["LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4", "quantize_nf4"]
+
+
+def __getattr__(name: str):
+    # Lightning and PEFT load lazily: the format and kernels stay importable without their start-up cost.
+    if name == "NF4Precision":
+        from lightning_nf4.plugins import NF4Precision
+
+        return NF4Precision
+    if name == "LoRACallback":
+        from lightning_nf4.callbacks import LoRACallback
+
+        return LoRACallback
+    raise AttributeError(f"module 'lightning_nf4' has no attribute {name!r}")

@@ -17,13 +17,6 @@ from lightning_nf4.format.bnb_state import is_bnb_quantized
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
 
 
-def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The autocast dtype when autocast is on for ``device_type``, else ``default``."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return default
-
-
 class _NF4Matmul(torch.autograd.Function):
     """``x @ W.T`` with ``W`` dequantized in forward and again in backward; no weight gradient."""
 
@@ -140,12 +133,15 @@ class NF4Linear(nn.Module):
         return quant
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = active_compute_dtype(x.device.type, self.compute_dtype)
+        """Under autocast: computes and returns the autocast dtype. Otherwise computes in
+        ``compute_dtype`` and returns the input's dtype, as ``bitsandbytes.nn.Linear4bit`` does."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         quant = self._synced_quant()
         out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
-        return out
+        return out if autocast else out.to(x.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
         super()._apply(fn, recurse)

@@ -1,0 +1,210 @@
+"""``LoRACallback``: inject PEFT LoRA adapters, freeze the base, keep checkpoints small, export.
+
+Lightning runs callbacks' ``setup`` before ``precision.convert_module``; the callback asks
+``NF4Precision`` to convert first, so LoRA wraps ``NF4Linear`` layers (never the reverse). For a model
+built later, in ``configure_model``, injection waits for the conversion through a one-shot hook.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.callbacks import Callback
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from lightning_nf4 import export
+from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.layers.lora import lora_config
+from lightning_nf4.plugins.convert import matches
+from lightning_nf4.plugins.precision import NF4Precision
+
+_CKPT_KEY = "lightning_nf4"
+
+
+class LoRACallback(Callback):
+    """Train LoRA adapters on a frozen (NF4 or float) base.
+
+    Args:
+        r, alpha, dropout: LoRA rank, scaling numerator (scaling = alpha / r) and dropout.
+        target_modules: ``"all-linear"`` (every linear but ``lm_head``/skipped ones), or names/patterns.
+        modules_to_save: modules trained in full (e.g. ``["lm_head"]``), saved with the adapter.
+        adapter_dtype: dtype of the LoRA matrices (float32 keeps optimizer updates precise).
+        save_dir: where to export ``adapter/`` and ``merged/`` at the end of fit (rank 0 only).
+        export_merged: also write the merged float model at the end of fit.
+        full_checkpoint: store the whole model in Lightning checkpoints instead of trainable weights only.
+    """
+
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        target_modules: Union[str, Sequence[str]] = "all-linear",
+        modules_to_save: Optional[Sequence[str]] = None,
+        adapter_dtype: torch.dtype = torch.float32,
+        save_dir: Optional[str] = None,
+        export_merged: bool = True,
+        merged_dtype: Optional[torch.dtype] = None,
+        full_checkpoint: bool = False,
+        adapter_name: str = "default",
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if isinstance(adapter_dtype, str):
+            adapter_dtype = getattr(torch, adapter_dtype.removeprefix("torch."))
+        if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}.")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = target_modules
+        self.modules_to_save = list(modules_to_save or [])
+        self.adapter_dtype = adapter_dtype
+        self.save_dir = save_dir
+        self.export_merged = export_merged
+        self.merged_dtype = merged_dtype
+        self.full_checkpoint = full_checkpoint
+        self.adapter_name = adapter_name
+        self._pending_state: Optional[dict[str, torch.Tensor]] = None
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.full_checkpoint:
+            pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
+        if self._injected(pl_module):
+            return
+        precision = trainer.precision_plugin
+        has_linears = any(isinstance(m, (nn.Linear, NF4Linear)) for m in pl_module.modules())
+        if isinstance(precision, NF4Precision):
+            if has_linears:
+                precision.convert_module(pl_module)
+                self.inject(pl_module)
+            else:  # model comes from configure_model: inject right after NF4Precision converts it
+                precision.add_post_convert_hook(self.inject)
+        elif has_linears:
+            self.inject(pl_module)
+        else:
+            raise RuntimeError(
+                f"LoRACallback found no linear layer in {type(pl_module).__name__} at setup. Without NF4Precision, "
+                "build the model in __init__ (models built in configure_model need NF4Precision, which converts them first)."
+            )
+
+    @staticmethod
+    def _injected(module: nn.Module) -> bool:
+        return any(isinstance(m, LoraLayer) for m in module.modules())
+
+    def _targets(self, module: nn.Module) -> list[str]:
+        skip = set(self.modules_to_save)
+        names = []
+        for name, sub in module.named_modules():
+            if not isinstance(sub, (nn.Linear, NF4Linear)) or ".lora_" in name or matches(name, list(skip)):
+                continue
+            if self.target_modules == "all-linear":
+                if not matches(name, ["lm_head", "classifier", "score"]) or isinstance(sub, NF4Linear):
+                    names.append(name)
+            elif matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
+                names.append(name)
+        if not names:
+            raise ValueError(
+                f"target_modules={self.target_modules!r} matched no linear layer of {type(module).__name__}. "
+                f"Linear layers found: {[n for n, m in module.named_modules() if isinstance(m, (nn.Linear, NF4Linear))][:8]}"
+            )
+        return names
+
+    def inject(self, module: nn.Module) -> None:
+        """Wrap the target layers with LoRA, freeze all else, cast adapters; idempotent."""
+        if self._injected(module):
+            return
+        config = lora_config(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=self._targets(module),
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
+        for name, param in module.named_parameters():
+            is_lora = ".lora_" in name
+            trainable = is_lora or any(matches(name.rsplit(".", 1)[0], [m]) for m in self.modules_to_save)
+            param.requires_grad_(trainable)
+            if is_lora and param.dtype != self.adapter_dtype:
+                param.data = param.data.to(self.adapter_dtype)
+        trainable, total = _count(module)
+        rank_zero_info(f"LoRACallback: trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%).")
+        if self._pending_state is not None:
+            self._apply_state(module, self._pending_state)
+            self._pending_state = None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.full_checkpoint:
+            return
+        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[_CKPT_KEY] = {"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(_CKPT_KEY, {})
+        if not meta.get("adapter_only"):
+            return
+        state = checkpoint["state_dict"]
+        if self._injected(pl_module):
+            # Lightning already loaded it non-strictly; make sure nothing was silently dropped.
+            self._apply_state(pl_module, state)
+        else:
+            self._pending_state = dict(state)
+
+    @staticmethod
+    def _apply_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(module.named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        missing = sorted(trainable - state.keys())
+        unexpected = sorted(state.keys() - params.keys())
+        if missing or unexpected:
+            raise RuntimeError(
+                f"The adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+                "Use the same LoRACallback settings (r, target_modules, modules_to_save) as the run that wrote it."
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if params[name].shape != value.shape:
+                    raise RuntimeError(f"size mismatch for {name}: checkpoint {tuple(value.shape)}, model {tuple(params[name].shape)}; was r different?")
+                params[name].copy_(value)
+
+    # -- export -----------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_dir is None or not trainer.is_global_zero:
+            return
+        adapter = self.save_adapter(pl_module, Path(self.save_dir) / "adapter")
+        rank_zero_info(f"LoRACallback: adapter written to {adapter}")
+        if self.export_merged:
+            merged = self.save_merged(pl_module, Path(self.save_dir) / "merged")
+            rank_zero_info(f"LoRACallback: merged model written to {merged}")
+
+    def save_adapter(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
+        """PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        return export.save_adapter(
+            pl_module, path, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            adapter_name=self.adapter_name, modules_to_save=self.modules_to_save or None,
+        )
+
+    def save_merged(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
+        """Dequantized, merged float model (HF folder for transformers models, safetensors otherwise)."""
+        return export.save_merged(pl_module, path, self.merged_dtype)
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    trainable = total = 0
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            n = sub.in_features * sub.out_features if (isinstance(sub, NF4Linear) and name == "weight") else p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+    return trainable, total

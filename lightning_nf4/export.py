@@ -1,0 +1,197 @@
+"""Standard artifacts from a QLoRA model: a PEFT adapter folder and a merged float model.
+
+Both are written into a temporary folder beside the target and renamed into place, so a crash or
+a full disk leaves either the previous artifact or the new one, never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.layers.lora import NF4LoraLinear
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_hf_model(module: nn.Module) -> tuple[str, Optional[nn.Module]]:
+    """The first Hugging Face ``PreTrainedModel`` inside ``module`` (itself included) and its prefix."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return "", None
+    for name, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel):
+            return (name + ".") if name else "", sub
+    return "", None
+
+
+def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _target_names(root: nn.Module) -> list[str]:
+    """Shortest PEFT ``target_modules`` that select exactly the LoRA layers present."""
+    targeted = {n for n, _ in lora_layers(root)}
+    leaves = {n.rsplit(".", 1)[-1] for n in targeted}
+    candidates = {n for n, m in root.named_modules() if n and n.rsplit(".", 1)[-1] in leaves and not _inside_lora(n, targeted)}
+    return sorted(leaves) if candidates == targeted else sorted(targeted)
+
+
+def _inside_lora(name: str, targeted: set[str]) -> bool:
+    return any(name.startswith(t + ".") for t in targeted)
+
+
+def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_save: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The adapter in PEFT's on-disk naming (``base_model.model.<path>.lora_A.weight`` ...)."""
+    out: dict[str, Tensor] = {}
+    tag = f".{adapter_name}."
+    for name, param in root.named_parameters():
+        if ".lora_" in name and tag in name:
+            out["base_model.model." + name.replace(tag, ".")] = param.detach().contiguous().cpu()
+        elif modules_to_save and param.requires_grad and ".lora_" not in name:
+            out["base_model.model." + name] = param.detach().contiguous().cpu()
+    return out
+
+
+def save_adapter(
+    module: nn.Module,
+    path: str | os.PathLike,
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    adapter_name: str = "default",
+    modules_to_save: Optional[list[str]] = None,
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``."""
+    prefix, hf = find_hf_model(module)
+    root = hf if hf is not None else module
+    tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
+    if not any(".lora_" in k for k in tensors):
+        raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
+        modules_to_save=modules_to_save or None, task_type=_task_type(hf),
+        base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
+    )
+    with atomic_directory(path) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(path)
+
+
+def _task_type(hf: Optional[nn.Module]) -> Optional[str]:
+    if hf is None:
+        return None
+    try:
+        from transformers import GenerationMixin
+    except ImportError:  # pragma: no cover
+        return None
+    return "CAUSAL_LM" if isinstance(hf, GenerationMixin) else None
+
+
+def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
+    """Float state dict with every NF4 base dequantized and every LoRA delta merged into it."""
+    out: dict[str, Tensor] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = _merged_weight(module, base)
+            out[prefix + "weight"] = weight.to(dtype or _original_dtype(base))
+            if getattr(base, "bias", None) is not None:
+                out[prefix + "bias"] = base.bias.detach().to(dtype or base.bias.dtype)
+            return
+        if isinstance(module, NF4Linear):
+            out[prefix + "weight"] = module.dequantize(dtype)
+            if module.bias is not None:
+                out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
+            return
+        for name, param in module.named_parameters(recurse=False):
+            out[prefix + name] = param.detach().to(dtype) if (dtype and param.is_floating_point()) else param.detach()
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                out[prefix + name] = buf.detach()
+        for name, child in module.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(root, "")
+    return out
+
+
+def _original_dtype(base: nn.Module) -> torch.dtype:
+    return base.quant.dtype if isinstance(base, NF4Linear) else base.weight.dtype
+
+
+def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
+    if isinstance(layer, NF4LoraLinear):
+        return layer.merged_weight(torch.float32)
+    weight = base.weight.detach().float()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            weight = weight + layer.get_delta_weight(name).float()
+    return weight
+
+
+def save_merged(module: nn.Module, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> Path:
+    """A float model with adapters merged: a Hugging Face folder (``save_pretrained``) for HF models,
+    else ``model.safetensors`` holding the module's state dict."""
+    prefix, hf = find_hf_model(module)
+    root = hf if hf is not None else module
+    with torch.no_grad():
+        state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
+    with atomic_directory(path) as tmp:
+        if hf is not None:
+            config = hf.config
+            saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
+            for k in saved:
+                delattr(config, k)
+            try:
+                hf.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            finally:
+                for k, v in saved.items():
+                    setattr(config, k, v)
+        else:
+            save_file(_untie(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(path)
+
+
+def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # safetensors refuses tensors that share memory; tied weights are stored once per key instead.
+    seen: dict[Any, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if key in seen else v
+        seen.setdefault(key, k)
+    return out

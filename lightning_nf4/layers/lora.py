@@ -1,0 +1,100 @@
+"""PEFT LoRA layer for ``NF4Linear``, registered through PEFT's custom-module dispatch.
+
+Without it PEFT would wrap an ``NF4Linear`` in its default ``lora.Linear``, whose merge adds a float
+delta onto the packed uint8 codes. Here the base stays packed; merging dequantizes, adds and
+re-quantizes (lossy, so it warns); ``merged_weight`` gives the float result without touching the base.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.lora import LoraConfig, LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import Tensor, nn
+
+from lightning_nf4.format import quantize_nf4
+from lightning_nf4.layers.linear import NF4Linear
+
+
+class NF4LoraLinear(nn.Module, LoraLayer):
+    """``NF4Linear`` base plus LoRA adapters ``B @ A * scaling`` (PEFT's parameter names and layout)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
+        if config.use_dora or getattr(config, "alora_invocation_tokens", None) is not None:
+            raise ValueError("NF4LoraLinear supports plain LoRA; DoRA and aLoRA are not implemented for NF4 bases.")
+        return None
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return (b.float() @ a.float()) * self.scaling[adapter]
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32, adapter_names: Optional[list[str]] = None) -> Tensor:
+        """Dequantized base plus the deltas of ``adapter_names`` (default: the active adapters), in ``dtype``."""
+        weight = self.get_base_layer().dequantize(torch.float32)
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.lora_A:
+                weight = weight + self.get_delta_weight(name)
+        return weight.to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        warnings.warn(
+            "Merging LoRA into an NF4 base re-quantizes the weight and loses precision; to keep it, export a "
+            "float merged model instead (lightning_nf4.export.save_merged).",
+            UserWarning,
+            stacklevel=2,
+        )
+        base: NF4Linear = self.get_base_layer()
+        merged = self.merged_weight(torch.float32, adapter_names)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights; adapters {adapter_names} seem broken.")
+        base._set_quant(quantize_nf4(merged.to(base.quant.dtype), base.blocksize, base.double_quant, name="merged weight"))
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        raise RuntimeError("An NF4 base cannot be unmerged exactly (merging re-quantized it); reload the base weights instead.")
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            # Under autocast the adapters run in the compute dtype; outside it, in their own dtype.
+            h = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
+            update = lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
+            result = result + update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def lora_config(**kwargs: Any) -> LoraConfig:
+    """A ``LoraConfig`` that dispatches ``NF4Linear`` targets to ``NF4LoraLinear``.
+
+    Register again before ``PeftModel.from_pretrained`` onto an NF4 model (PEFT's custom modules are
+    not saved with the adapter config).
+    """
+    config = LoraConfig(**kwargs)
+    register_nf4_lora(config)
+    return config
+
+
+def register_nf4_lora(config: LoraConfig) -> LoraConfig:
+    config._register_custom_module({NF4Linear: NF4LoraLinear})
+    return config

@@ -1,0 +1,69 @@
+"""Replacing a model's ``nn.Linear`` layers by ``NF4Linear``, one layer at a time."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_nf4.layers.linear import NF4Linear
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """A module name matches a pattern if the pattern equals the name, its last component(s), or
+    matches it as a glob or (when it starts with ``re:``) a regular expression."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def _is_lora_part(name: str, module: nn.Module) -> bool:
+    # PEFT's adapter matrices live under lora_A / lora_B (or other tuners' ModuleDicts).
+    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save") for part in name.split("."))
+
+
+def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """The plain ``nn.Linear`` layers that should become NF4 (not skipped, not LoRA, not converted)."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not _is_lora_part(name, module) and not matches(name, skip_modules):
+            found.append((name, module))
+    return found
+
+
+def convert_linears(
+    model: nn.Module,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: Sequence[str] = ("lm_head",),
+    device: Optional[torch.device] = None,
+) -> int:
+    """Quantize the convertible linears in place, each on ``device`` (default: where it is); returns how many.
+
+    Layers are moved, quantized and freed one by one, so peak memory grows by one float layer only.
+    Already-converted layers are left alone, so calling this twice is harmless.
+    """
+    count = 0
+    for name, linear in convertible_linears(model, skip_modules):
+        if device is not None and linear.weight.device.type != "meta":
+            linear.to(device)
+        layer = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, name=name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+        count += 1
+    return count
+
+
+def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]

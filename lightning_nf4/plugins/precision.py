@@ -1,0 +1,161 @@
+"""``NF4Precision``: a Lightning precision plugin that turns a model's linears into frozen NF4 layers.
+
+Lightning calls ``convert_module`` in ``strategy.setup``, before moving the model and before
+``configure_optimizers``; quantizing there means the optimizer never sees a float base weight. The
+autocast and gradient-scaling behaviour is Lightning's own ``MixedPrecision``, on the root device's
+type (cpu, cuda or xpu) rather than a hard-coded "cuda".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from lightning_nf4.format.quantized import check_blocksize
+from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.plugins.convert import convert_linears, convertible_linears, nf4_layers
+
+_PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
+
+
+class NF4PrecisionError(RuntimeError):
+    """A configuration NF4Precision cannot train with; the message says how to fix it."""
+
+
+class NF4Precision(MixedPrecision):
+    """QLoRA precision: NF4 base weights, computation in ``compute_dtype`` under autocast.
+
+    Args:
+        compute_dtype: dtype of the matmuls (bfloat16 default; float16 adds a GradScaler; float32 no autocast).
+        blocksize: NF4 block size (64 as in QLoRA and bitsandbytes).
+        double_quant: quantize the per-block scales too (about 0.37 bits per weight saved).
+        skip_modules: module names or patterns left in float (``lm_head`` by default, as transformers does).
+        device: where to quantize and autocast; by default the trainer's root device.
+    """
+
+    def __init__(
+        self,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        skip_modules: Sequence[str] = ("lm_head",),
+        device: Optional[str] = None,
+        scaler: Optional[torch.amp.GradScaler] = None,
+    ) -> None:
+        if isinstance(compute_dtype, str):
+            compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."), None)
+        if compute_dtype not in _PRECISION_NAMES:
+            raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
+        mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"
+        super().__init__(mixed, device=device or "cpu", scaler=scaler if compute_dtype == torch.float16 else None)
+        self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
+        self.compute_dtype = compute_dtype
+        self.blocksize = check_blocksize(blocksize)
+        self.double_quant = double_quant
+        self.skip_modules = tuple(skip_modules)
+        self._device_given = device is not None
+        self._post_convert: list[Callable[[nn.Module], None]] = []
+
+    # -- device -----------------------------------------------------------------------------
+    def _resolve_device(self, module: nn.Module) -> torch.device:
+        if self._device_given:
+            return torch.device(self.device)
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        param = next(module.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _bind_device(self, device: torch.device) -> None:
+        if device.type == "meta":
+            return
+        self.device = device.type
+        if self.compute_dtype == torch.float16 and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(device=device.type)
+        if self.compute_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise NF4PrecisionError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use NF4Precision(compute_dtype=torch.float16).")
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Quantize every convertible ``nn.Linear`` on the training device; idempotent."""
+        device = self._resolve_device(module)
+        self._bind_device(device)
+        pending = convertible_linears(module, self.skip_modules)
+        if not pending and not nf4_layers(module):
+            raise NF4PrecisionError(
+                f"{type(module).__name__} has no nn.Linear layer to quantize (skip_modules={list(self.skip_modules)}). "
+                "Build the model in __init__ or configure_model, or drop NF4Precision for this model."
+            )
+        if pending:
+            before = _param_bytes(module)
+            count = convert_linears(
+                module, blocksize=self.blocksize, double_quant=self.double_quant,
+                compute_dtype=self.compute_dtype, skip_modules=self.skip_modules, device=device,
+            )
+            after = _param_bytes(module)
+            rank_zero_info(f"NF4Precision: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
+        hooks, self._post_convert = self._post_convert, []
+        for hook in hooks:
+            hook(module)
+        return module
+
+    def add_post_convert_hook(self, hook: Callable[[nn.Module], None]) -> None:
+        """Run ``hook(module)`` once, right after the next conversion (used by LoRACallback)."""
+        self._post_convert.append(hook)
+
+    def autocast_context_manager(self) -> Any:
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device, dtype=self.compute_dtype, cache_enabled=False)
+
+    @contextmanager
+    def module_init_context(self) -> Generator[None, None, None]:
+        """Models built in ``configure_model`` start in the compute dtype, not float32."""
+        with _default_dtype(self.compute_dtype):
+            yield
+
+    @contextmanager
+    def tensor_init_context(self) -> Generator[None, None, None]:
+        with _default_dtype(self.compute_dtype):
+            yield
+
+    def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
+        """Refuse optimizers that hold a frozen NF4 weight (they would silently do nothing or fail)."""
+        packed = {id(layer.weight): name for name, layer in nf4_layers(model)}
+        for optimizer in optimizers:
+            for group in getattr(optimizer, "param_groups", []):
+                hits = [packed[id(p)] for p in group["params"] if id(p) in packed]
+                if hits:
+                    raise NF4PrecisionError(
+                        f"The optimizer holds the frozen NF4 weights of {hits[:3]}{'...' if len(hits) > 3 else ''}. "
+                        "Pass only trainable parameters, e.g. "
+                        "torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)."
+                    )
+        return super().connect(model, optimizers, lr_schedulers)
+
+
+def _param_bytes(module: nn.Module) -> int:
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, NF4Linear):
+            total += sub.memory_bytes
+            continue
+        for p in sub.parameters(recurse=False):
+            total += p.numel() * p.element_size()
+    return total
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Generator[None, None, None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

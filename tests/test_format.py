@@ -1,0 +1,147 @@
+"""Bit-exactness of the NF4 format against bitsandbytes, and the format's error handling."""
+
+import logging
+
+import pytest
+import torch
+
+import lightning_nf4 as L
+from lightning_nf4.format import NF4FormatError, code_table, dynamic_map, from_bnb_tensors, to_bnb_tensors
+from lightning_nf4.kernels import cpu, reference
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+F = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [(64, 64), (100, 70), (33, 17), (1, 1), (3, 5), (256, 1000)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [32, 64, 128, 256, 1024, 4096]
+
+
+def formula_dequantize(packed, absmax, blocksize, numel):
+    """The format's definition, written independently of the package: code[nibble] * absmax."""
+    flat = packed.reshape(-1)
+    nibbles = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel].long()
+    return code_table()[nibbles] * absmax.repeat_interleave(blocksize)[:numel]
+
+
+def bnb_absmax(state):
+    if state.nested:
+        return state.state2.code[state.absmax.long()] * state.state2.absmax.repeat_interleave(256)[: state.absmax.numel()] + state.offset
+    return state.absmax
+
+
+def test_code_tables_match_bitsandbytes():
+    assert torch.equal(code_table("nf4"), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_map(), F.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_is_bit_exact(shape, dtype, blocksize, double_quant):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    ours = L.quantize_nf4(w, blocksize, double_quant)
+    assert torch.equal(ours.packed, packed)
+    assert ours.packed.shape == packed.shape == ((w.numel() + 1) // 2, 1)
+    assert torch.equal(ours.absmax, state.absmax)
+    assert ours.dtype == dtype and ours.shape == w.shape
+    if double_quant:
+        assert torch.equal(ours.nested.absmax, state.state2.absmax)
+        assert torch.equal(ours.nested.offset, state.offset)
+        assert torch.equal(ours.nested.code, state.state2.code)
+    # dequantize equals the format's formula on bitsandbytes' own state, rounded once to dtype
+    expected = formula_dequantize(packed, bnb_absmax(state), blocksize, w.numel()).to(dtype).view(shape)
+    assert torch.equal(ours.dequantize(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_matches_bitsandbytes_default_blocksize(dtype, double_quant):
+    w = (torch.randn(300, 257) * 0.02).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    assert torch.equal(L.quantize_nf4(w, 64, double_quant).dequantize(), F.dequantize_4bit(packed, state))
+
+
+def test_native_and_reference_kernels_agree():
+    if not cpu.available():
+        pytest.skip("native CPU kernels not built")
+    for dtype in DTYPES:
+        w = (torch.randn(513, 129) * 3).to(dtype)
+        p_ref, a_ref = reference.quantize_4bit(w, code_table(), 64)
+        p_nat, a_nat = cpu.quantize_4bit(w, code_table(), 64)
+        assert torch.equal(p_ref, p_nat) and torch.equal(a_ref, a_nat)
+        for out_dtype in DTYPES:
+            ref = reference.dequantize_4bit(p_ref, a_ref, code_table(), 64, w.numel(), out_dtype)
+            assert torch.equal(cpu.dequantize_4bit(p_ref, a_ref, code_table(), 64, w.numel(), out_dtype), ref)
+
+
+def test_zero_blocks_dequantize_to_zero():
+    w = torch.randn(8, 64)
+    w[2:5] = 0
+    for double_quant in (False, True):
+        out = L.quantize_nf4(w, 64, double_quant).dequantize()
+        assert not out.isnan().any()
+        assert torch.equal(out[2:5], torch.zeros(3, 64))
+    assert torch.equal(L.quantize_nf4(torch.zeros(4, 64)).dequantize(), torch.zeros(4, 64))
+
+
+def test_error_is_nf4_sized():
+    w = torch.randn(512, 512) * 0.02
+    q = L.quantize_nf4(w)
+    err = (q.dequantize() - w).norm() / w.norm()
+    assert 0.05 < err < 0.12  # NF4 on normal weights: about 0.09 (bitsandbytes: 0.092)
+    assert q.nbytes * 8 / w.numel() < 4.2  # double quantization: about 4.13 bits per weight
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_named(bad):
+    w = torch.randn(4, 128)
+    w[3, 100] = bad
+    with pytest.raises(NF4FormatError, match=r"layer\.q_proj\.weight contains NaN or Inf.*elements 448\.\.511"):
+        L.quantize_nf4(w, name="layer.q_proj.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.complex64, torch.float64, torch.bool])
+def test_unsupported_dtype(dtype):
+    with pytest.raises(NF4FormatError, match=r"w has dtype .*float32, bfloat16 or float16"):
+        L.quantize_nf4(torch.zeros(4, 64, dtype=dtype), name="w")
+
+
+@pytest.mark.parametrize("blocksize", [0, 16, 48, 8192, 100, True])
+def test_bad_blocksize(blocksize):
+    with pytest.raises(NF4FormatError, match="blocksize must be a power of two between 32 and 4096"):
+        L.quantize_nf4(torch.randn(4, 64), blocksize)
+
+
+def test_empty_weight():
+    with pytest.raises(NF4FormatError, match="empty"):
+        L.quantize_nf4(torch.zeros(0, 64))
+
+
+def test_meta_device_quantize_gives_shapes_only():
+    q = L.quantize_nf4(torch.empty(100, 70, device="meta"))
+    assert q.packed.device.type == "meta" and q.packed.shape == (3500, 1)
+    assert q.absmax.shape == (110,) and q.nested.absmax.shape == (1,)
+
+
+def test_serialization_round_trip_and_corruption():
+    q = L.quantize_nf4(torch.randn(100, 70))
+    tensors = to_bnb_tensors(q)
+    back = from_bnb_tensors(dict(tensors))
+    assert torch.equal(back.dequantize(), q.dequantize())
+
+    missing = dict(tensors)
+    del missing["nested_absmax"]
+    with pytest.raises(NF4FormatError, match=r"Missing keys .*w\.nested_absmax"):
+        from_bnb_tensors(missing, "w")
+    truncated = dict(tensors, **{"": tensors[""][:-10]})
+    with pytest.raises(NF4FormatError, match="packed weight has 3490 bytes, expected 3500"):
+        from_bnb_tensors(truncated, "w")
+    garbage = dict(tensors, **{"quant_state.bitsandbytes__nf4": torch.tensor([0xFF, 0x00, 0x12], dtype=torch.uint8)})
+    with pytest.raises(NF4FormatError, match="corrupted"):
+        from_bnb_tensors(garbage, "w")
+    fp4 = {k.replace("nf4", "fp4"): v for k, v in tensors.items()}
+    with pytest.raises(NF4FormatError, match="only NF4"):
+        from_bnb_tensors(fp4, "w")

@@ -1,0 +1,152 @@
+"""NF4Linear: numerics against a float reference, bitsandbytes state-dict interchange, devices."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_nf4 as L
+from lightning_nf4 import NF4Linear
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def make(in_f=70, out_f=100, bias=True, **kw):
+    linear = nn.Linear(in_f, out_f, bias=bias)
+    return linear, NF4Linear.from_linear(linear, **kw)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_backward_match_dequantized_reference(compute_dtype):
+    linear, layer = make(compute_dtype=compute_dtype)
+    x = torch.randn(4, 7, 70, requires_grad=True)
+    out = layer(x.to(compute_dtype))
+    assert out.dtype == compute_dtype and out.shape == (4, 7, 100)
+    assert layer(x).dtype == torch.float32  # outside autocast the output keeps the input's dtype
+    w = layer.dequantize(compute_dtype).detach().requires_grad_(False)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref.to(compute_dtype), w, linear.bias.to(compute_dtype))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[compute_dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=tol, rtol=tol)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+    assert linear.bias.grad is not None  # the bias stays trainable unless a callback freezes it
+
+
+def test_backward_saves_no_float_weight():
+    _, layer = make(1024, 1024, compute_dtype=torch.float32)
+    x = torch.randn(2, 1024, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    assert all(t.numel() < 1024 * 1024 for t in saved), [tuple(t.shape) for t in saved]
+
+
+def test_autocast_sets_compute_dtype():
+    _, layer = make(compute_dtype=torch.float32)
+    x = torch.randn(3, 70)
+    assert layer(x).dtype == torch.float32
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_weight_is_a_frozen_parameter_not_a_buffer():
+    _, layer = make()
+    assert list(layer.buffers()) == []
+    names = {n: p.requires_grad for n, p in layer.named_parameters()}
+    assert names == {"weight": False, "bias": True}
+    assert layer.weight.dtype == torch.uint8
+
+
+def test_to_moves_scales_and_keeps_their_dtype():
+    _, layer = make()
+    before = layer.dequantize()
+    layer.to(torch.float16)  # a dtype cast must not touch the fp32 statistics
+    assert layer.quant.nested.absmax.dtype == torch.float32 and layer.bias.dtype == torch.float16
+    assert torch.equal(layer.dequantize(), before)
+    moved = copy.deepcopy(layer).to("meta")
+    assert moved.weight.device.type == "meta" and moved.quant.absmax.device.type == "meta"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bitsandbytes_state_dict_loads_into_nf4linear(double_quant, bias):
+    linear = nn.Linear(130, 48, bias=bias)
+    ref = bnb.nn.Linear4bit(130, 48, bias=bias, compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4")
+    ref.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, compress_statistics=double_quant, quant_type="nf4")._quantize("cpu")
+    if bias:
+        ref.bias = nn.Parameter(linear.bias.data.clone())
+    state = ref.state_dict()
+    ours = NF4Linear(130, 48, bias=bias, compute_dtype=torch.float32)
+    ours.load_state_dict(state)
+    assert ours.double_quant == double_quant
+    x = torch.randn(5, 130)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x)) or torch.allclose(ours(x), ref(x), atol=1e-6)
+    assert torch.equal(ours.dequantize(torch.float32), bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state))
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4linear_state_dict_loads_into_bitsandbytes(double_quant):
+    linear, ours = make(130, 48, double_quant=double_quant, compute_dtype=torch.float32)
+    state = ours.state_dict()
+    ref = bnb.nn.Linear4bit(130, 48, compute_dtype=torch.float32, quant_type="nf4")
+    quant_stats = {k[len("weight."):]: v for k, v in state.items() if k.startswith("weight.")}
+    ref.weight = bnb.nn.Params4bit.from_prequantized(state["weight"], quant_stats, device="cpu", module=ref)
+    ref.bias = nn.Parameter(state["bias"])
+    x = torch.randn(5, 130)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x), ours(x), atol=1e-6, rtol=0)
+    assert torch.equal(bnb.functional.dequantize_4bit(ref.weight.data, ref.weight.quant_state), ours.dequantize(torch.float32))
+
+
+def test_float_state_dict_is_quantized_on_load():
+    linear, expected = make()
+    layer = NF4Linear(70, 100)
+    layer.load_state_dict(linear.state_dict())
+    assert torch.equal(layer.weight, expected.weight)
+    assert torch.equal(layer.dequantize(), expected.dequantize())
+
+
+def test_meta_construction_then_assign_load():
+    _, source = make()
+    with torch.device("meta"):
+        layer = NF4Linear(70, 100)
+    assert layer.weight.device.type == "meta" and layer.bias.device.type == "meta"
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert layer.weight.device.type == "cpu" and layer.bias.device.type == "cpu"
+    x = torch.randn(2, 70)
+    assert torch.equal(layer(x), source(x))
+
+
+def test_load_errors_are_clear():
+    _, source = make()
+    state = source.state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for weight: checkpoint has shape \\(100, 70\\), this layer is \\[100, 71\\]"):
+        NF4Linear(71, 100).load_state_dict(state)
+    broken = {k: v for k, v in state.items() if k != "weight.absmax"}
+    with pytest.raises(RuntimeError, match="Missing keys for the NF4 weight weight: \\['weight.absmax'\\]"):
+        NF4Linear(70, 100).load_state_dict(broken)
+    no_state = {"weight": state["weight"], "bias": state["bias"]}
+    with pytest.raises(RuntimeError, match="no 'weight.quant_state.bitsandbytes__nf4'"):
+        NF4Linear(70, 100).load_state_dict(no_state)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        NF4Linear(70, 100).load_state_dict({"bias": state["bias"]})
+
+
+def test_from_linear_rejects_non_linear_and_bad_dtype():
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        NF4Linear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(L.NF4FormatError, match=r"model\.proj\.weight has dtype torch\.float64"):
+        NF4Linear.from_linear(nn.Linear(64, 64, dtype=torch.float64), name="model.proj")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        NF4Linear(64, 64, compute_dtype=torch.int8)

@@ -1,41 +1,39 @@
-"""Device-side debug helper: runs each Triton kernel alone, synchronously, over blocksizes and dtypes,
-and times the nested vs plain dequantize kernels (no L2 flush). Prints the first failure."""
+"""Sweep of the Triton dequantize kernel's launch settings on the GPU at hand (not a test).
 
-import sys
+Checks each setting's output against the default one, then times it with triton's do_bench (L2
+flushed per rep) on an 8192x8192 NF4 weight, double-quantized and not, and prints the fastest.
+
+    python benchmarks/debug_triton.py
+"""
+
+import itertools
 
 import torch
 import triton.testing
 
 import lightning_nf4 as L
-from lightning_nf4.kernels import ops
+from lightning_nf4.kernels import triton_kernels as tk
 
-for bs in (32, 64, 128, 256, 512, 1024, 4096):
-    for dtype in (torch.float32, torch.bfloat16):
-        for shape in ((64, 64), (100, 70), (33, 17)):
-            w = (torch.randn(shape) * 0.02).to(dtype).cuda()
-            try:
-                q = L.quantize_nf4(w, bs, False)
-                torch.cuda.synchronize()
-            except Exception as err:  # noqa: BLE001
-                print("QUANT FAIL", bs, dtype, shape, repr(err)[:200]); sys.exit(1)
-            try:
-                q.dequantize(dtype)
-                torch.cuda.synchronize()
-            except Exception as err:  # noqa: BLE001
-                print("DEQUANT FAIL", bs, dtype, shape, repr(err)[:200]); sys.exit(1)
-print("all kernels ran")
 w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
-for dq in (False, True):
+copy_src = torch.randn(2**29 // 2, device="cuda", dtype=torch.bfloat16)
+copy_dst = torch.empty_like(copy_src)
+copy_ms = triton.testing.do_bench(lambda: copy_dst.copy_(copy_src), return_mode="median")
+copy_gbs = 2 * copy_src.numel() * 2 / copy_ms / 1e6
+print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s")
+default = dict(tk.DEQUANT_CONFIG)
+rows = []
+for dq in (True, False):
     q = L.quantize_nf4(w, 64, dq)
-    n = q.nested
-    f = lambda: ops.dequantize_4bit(q.packed, q.absmax, q.code, 64, q.numel, torch.bfloat16, n.absmax if n else None, n.code if n else None, n.offset if n else None, 256)  # noqa: E731
-    g = lambda: torch.ops.lightning_nf4.dequantize_4bit(q.packed, q.absmax, q.code, 64, q.numel, torch.bfloat16, n.absmax if n else None, n.code if n else None, n.offset if n else None, 256)  # noqa: E731
-    from lightning_nf4.kernels import triton_kernels as tk
-    h = lambda: tk.dequantize_4bit(q.packed, q.absmax, q.code, 64, q.numel, torch.bfloat16, n.absmax if n else None, n.code if n else None, n.offset if n else None, 256)  # noqa: E731
-    print("double_quant", dq, "op ms", triton.testing.do_bench(f, return_mode="median"), "torch.ops ms", triton.testing.do_bench(g, return_mode="median"), "direct ms", triton.testing.do_bench(h, return_mode="median"))
-    print(torch.profiler.profile.__name__)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            f()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+    expected = q.dequantize(torch.bfloat16)
+    for outputs, warps, pack32 in itertools.product((2048, 4096, 8192, 16384), (4, 8), (True, False)):
+        tk.DEQUANT_CONFIG.update(outputs=outputs, num_warps=warps, pack32=pack32)
+        got = q.dequantize(torch.bfloat16)
+        ok = torch.equal(got, expected)
+        ms = triton.testing.do_bench(lambda: q.dequantize(torch.bfloat16), return_mode="median")
+        gbs = w.numel() * 2.5 / ms / 1e6
+        rows.append((dq, outputs, warps, pack32, ok, ms, gbs / copy_gbs))
+        print(f"dq={dq} outputs={outputs} warps={warps} pack32={pack32} ok={ok} {ms * 1e3:.1f} us {100 * gbs / copy_gbs:.1f}% of copy")
+    tk.DEQUANT_CONFIG.update(default)
+for dq in (True, False):
+    best = min((r for r in rows if r[0] == dq and r[4]), key=lambda r: r[5])
+    print(f"best dq={dq}: outputs={best[1]} warps={best[2]} pack32={best[3]}: {best[5] * 1e3:.1f} us ({100 * best[6]:.1f}%)")

@@ -53,3 +53,16 @@ def test_cuda_nf4linear_forward_backward_and_move():
     on_gpu = layer.dequantize().cpu()
     back = layer.to("cpu")
     assert back.quant.absmax.device.type == "cpu" and torch.equal(back.dequantize(), on_gpu)
+
+
+def test_cuda_nested_8bit_quantize_equals_reference():
+    device = cuda_or_skip()
+    from lightning_nf4.format import dynamic_map
+    from lightning_nf4.kernels import ops, reference
+
+    x = torch.randn(100_003) * 0.01
+    x[512:768] = 0  # an all-zero block
+    q_cpu, a_cpu = reference.quantize_blockwise_8bit(x, dynamic_map(), 256)
+    q_gpu, a_gpu = ops.quantize_blockwise_8bit(x.to(device), dynamic_map(device), 256)
+    assert torch.equal(a_gpu.cpu(), a_cpu)
+    assert torch.equal(q_gpu.cpu(), q_cpu)

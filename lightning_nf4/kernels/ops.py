@@ -99,6 +99,7 @@ def _register_triton() -> None:
     for device_type in triton_kernels.DEVICE_TYPES:
         quantize_4bit.register_kernel(device_type)(triton_kernels.quantize_4bit)
         dequantize_4bit.register_kernel(device_type)(triton_kernels.dequantize_4bit)
+        quantize_blockwise_8bit.register_kernel(device_type)(triton_kernels.quantize_blockwise_8bit)
 
 
 _register_triton()

@@ -52,6 +52,11 @@ def _nearest_code_lut(code_key: tuple[float, ...], device: torch.device) -> torc
     return torch.searchsorted(midpoints(code), grid).to(torch.uint8).to(device)
 
 
+def nearest_code_lut(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [65536]: the code nearest to each grid point of bitsandbytes' 8-bit rounding grid."""
+    return _nearest_code_lut(tuple(code.tolist()), torch.device(device))
+
+
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of fp32 statistics with a 256-entry ascending code table."""
     flat = x.reshape(-1).float()
@@ -61,8 +66,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks / absmax.clamp(min=1e-38).unsqueeze(1)).reshape(-1)[:n].clamp(-1.0, 1.0)
     grid_index = (((scaled + 1.0) * 0.5) * (_LUT_SIZE - 1) + 0.5).long()
-    lut = _nearest_code_lut(tuple(code.tolist()), flat.device)
-    q = lut[grid_index]
+    q = nearest_code_lut(code, flat.device)[grid_index]
     # An all-zero block normalises to 0/0 in bitsandbytes, which lands on code 0; any code decodes to 0.
     zero_block = (absmax == 0).repeat_interleave(blocksize)[:n]
     return torch.where(zero_block, torch.zeros_like(q), q), absmax

@@ -30,9 +30,9 @@ def _kernels():
 
     @triton.jit
     def dequantize_kernel(
-        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
+        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, out32_ptr,
         numel, num_blocks, blocksize, nested_blocksize,
-        NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
+        NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, PACK32: tl.constexpr,
     ):
         # Rows of HALF bytes (a whole quantization block, or a slice of one): the scale is decoded once
         # per row, never per element, and each row's output is one contiguous, vectorised store.
@@ -50,9 +50,17 @@ def _kernels():
         byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0).to(tl.int32)
         high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
         low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
-        out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-        tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
+        if PACK32:
+            # 16-bit outputs: the byte's two values form one 32-bit word (even element in the low half
+            # on little-endian), stored without a shuffle.
+            high_bits = high.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+            low_bits = low.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
+            words = (high_bits | (low_bits << 16)).to(tl.int32, bitcast=True)
+            tl.store(out32_ptr + byte_idx, words, mask=byte_idx < (numel + 1) // 2)
+        else:
+            values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
+            out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+            tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
 
     @triton.jit
     def quantize_kernel(
@@ -77,7 +85,25 @@ def _kernels():
         tl.store(packed_ptr + pidx, packed, mask=pidx < (numel + 1) // 2)
         tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
 
-    return dequantize_kernel, quantize_kernel
+    @triton.jit
+    def quantize_8bit_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, num_blocks, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr):
+        # bitsandbytes' CPU rounding: the normalised value picks one of 65536 grid points, whose
+        # nearest code comes from a lookup table; an all-zero block gets code 0.
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        ok = idx < n
+        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
+        amax = tl.max(tl.abs(x), axis=1)
+        scaled = x / tl.maximum(amax, 1e-38)[:, None]
+        scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+        grid_index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)
+        q = tl.load(lut_ptr + grid_index, mask=ok, other=0)
+        q = tl.where((amax == 0.0)[:, None], 0, q)
+        tl.store(q_ptr + idx, q.to(tl.uint8), mask=ok)
+        tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
+
+    return dequantize_kernel, quantize_kernel, quantize_8bit_kernel
 
 
 def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +122,8 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     return packed, absmax
 
 
-_OUTPUTS_PER_PROGRAM = 4096
+# Tuned on an H200 by benchmarks/debug_triton.py; mutable so that the sweep can try others.
+DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4, "pack32": True}
 
 
 def dequantize_4bit(
@@ -117,18 +144,35 @@ def dequantize_4bit(
         if nested:
             absmax = reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
         return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    pack32 = DEQUANT_CONFIG["pack32"] and dtype in (torch.bfloat16, torch.float16)
+    storage = torch.empty(numel + (numel & 1), dtype=dtype, device=packed.device)
+    out = storage[:numel]
     num_blocks = -(-numel // blocksize)
     # Rows of 32 bytes (64 outputs) at most: wider rows hit a misaligned-address fault in Triton 3.6's
-    # interleaved bf16 store (seen on an H200 at blocksize 256); narrower ones cost nothing measurable.
+    # interleaved store (seen on an H200 at blocksize 256); narrower ones cost nothing measurable.
     half = min(32, blocksize // 2)
-    rows = _OUTPUTS_PER_PROGRAM // (2 * half)
+    rows = DEQUANT_CONFIG["outputs"] // (2 * half)
     num_rows = -(-numel // (2 * half))
     kernels[0][(-(-num_rows // rows),)](
         packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, numel, num_blocks, blocksize, nested_blocksize,
-        NESTED=nested, HALF=half, ROWS=rows, num_warps=4,
+        out, storage.view(torch.int32) if pack32 else out, numel, num_blocks, blocksize, nested_blocksize,
+        NESTED=nested, HALF=half, ROWS=rows, PACK32=pack32, num_warps=DEQUANT_CONFIG["num_warps"],
         enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
     )
     return out
+
+
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    kernels = _kernels()
+    if kernels is None:
+        return reference.quantize_blockwise_8bit(x, code, blocksize)
+    x = x.reshape(-1).float().contiguous()
+    n = x.numel()
+    num_blocks = -(-n // blocksize)
+    q = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
+    lut = reference.nearest_code_lut(code, x.device)
+    rows = max(1, 4096 // blocksize)
+    kernels[2][(-(-num_blocks // rows),)](x, lut, q, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4, enable_fp_fusion=False)
+    return q, absmax

@@ -25,15 +25,15 @@ rows = []
 for dq in (True, False):
     q = L.quantize_nf4(w, 64, dq)
     expected = q.dequantize(torch.bfloat16)
-    for outputs, warps, pack32 in itertools.product((2048, 4096, 8192, 16384), (4, 8), (True, False)):
-        tk.DEQUANT_CONFIG.update(outputs=outputs, num_warps=warps, pack32=pack32)
+    for outputs, warps in itertools.product((2048, 4096, 8192, 16384), (4, 8)):
+        tk.DEQUANT_CONFIG.update(outputs=outputs, num_warps=warps)
         got = q.dequantize(torch.bfloat16)
         ok = torch.equal(got, expected)
         ms = triton.testing.do_bench(lambda: q.dequantize(torch.bfloat16), return_mode="median")
         gbs = w.numel() * 2.5 / ms / 1e6
-        rows.append((dq, outputs, warps, pack32, ok, ms, gbs / copy_gbs))
-        print(f"dq={dq} outputs={outputs} warps={warps} pack32={pack32} ok={ok} {ms * 1e3:.1f} us {100 * gbs / copy_gbs:.1f}% of copy")
+        rows.append((dq, outputs, warps, ok, ms, gbs / copy_gbs))
+        print(f"dq={dq} outputs={outputs} warps={warps} ok={ok} {ms * 1e3:.1f} us {100 * gbs / copy_gbs:.1f}% of copy")
     tk.DEQUANT_CONFIG.update(default)
 for dq in (True, False):
-    best = min((r for r in rows if r[0] == dq and r[4]), key=lambda r: r[5])
-    print(f"best dq={dq}: outputs={best[1]} warps={best[2]} pack32={best[3]}: {best[5] * 1e3:.1f} us ({100 * best[6]:.1f}%)")
+    best = min((r for r in rows if r[0] == dq and r[3]), key=lambda r: r[4])
+    print(f"best dq={dq}: outputs={best[1]} warps={best[2]}: {best[4] * 1e3:.1f} us ({100 * best[5]:.1f}%)")

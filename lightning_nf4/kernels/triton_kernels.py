@@ -30,9 +30,9 @@ def _kernels():
 
     @triton.jit
     def dequantize_kernel(
-        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, out32_ptr,
+        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
         numel, num_blocks, blocksize, nested_blocksize,
-        NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, PACK32: tl.constexpr,
+        NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
     ):
         # Rows of HALF bytes (a whole quantization block, or a slice of one): the scale is decoded once
         # per row, never per element, and each row's output is one contiguous, vectorised store.
@@ -50,17 +50,9 @@ def _kernels():
         byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0).to(tl.int32)
         high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
         low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        if PACK32:
-            # 16-bit outputs: the byte's two values form one 32-bit word (even element in the low half
-            # on little-endian), stored without a shuffle.
-            high_bits = high.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
-            low_bits = low.to(out_ptr.dtype.element_ty).to(tl.uint16, bitcast=True).to(tl.uint32)
-            words = (high_bits | (low_bits << 16)).to(tl.int32, bitcast=True)
-            tl.store(out32_ptr + byte_idx, words, mask=byte_idx < (numel + 1) // 2)
-        else:
-            values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
-            out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-            tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
+        values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
+        out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
 
     @triton.jit
     def quantize_kernel(
@@ -73,9 +65,10 @@ def _kernels():
         idx = rows[:, None] * BLOCKSIZE + cols[None, :]
         x = tl.load(x_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
         amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)  # NaN marks the block non-finite
-        safe = tl.maximum(amax, 1e-38)
+        safe = tl.maximum(amax, 1e-38).to(tl.float32)
         partial = (rows + 1) * BLOCKSIZE > numel  # the tail block is normalised by division
-        scaled = tl.where(partial[:, None], x / safe[:, None], x * (1.0 / safe)[:, None])
+        inverse = tl.math.div_rn(tl.zeros_like(safe) + 1.0, safe).to(tl.float32)  # IEEE, as torch's 1 / absmax
+        scaled = tl.where(partial[:, None], tl.math.div_rn(x, safe[:, None]), x * inverse[:, None])
         q = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
         for k in tl.static_range(15):
             q += (scaled > tl.load(mids_ptr + k)).to(tl.int32)
@@ -95,7 +88,7 @@ def _kernels():
         ok = idx < n
         x = tl.load(x_ptr + idx, mask=ok, other=0.0)
         amax = tl.max(tl.abs(x), axis=1)
-        scaled = x / tl.maximum(amax, 1e-38)[:, None]
+        scaled = tl.math.div_rn(x, tl.maximum(amax, 1e-38).to(tl.float32)[:, None])  # IEEE division, as the reference
         scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
         grid_index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)
         q = tl.load(lut_ptr + grid_index, mask=ok, other=0)
@@ -122,8 +115,10 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     return packed, absmax
 
 
-# Tuned on an H200 by benchmarks/debug_triton.py; mutable so that the sweep can try others.
-DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4, "pack32": True}
+# Chosen with benchmarks/debug_triton.py: on an H100, 4096 outputs with 4 warps is within noise of the
+# best setting (83% of copy bandwidth), and 8192/8 fell to 46% on an H200. Mutable so the sweep can vary it.
+# Storing 32-bit words instead of interleaving was slower on the H100.
+DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4}
 
 
 def dequantize_4bit(
@@ -144,9 +139,7 @@ def dequantize_4bit(
         if nested:
             absmax = reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
         return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
-    pack32 = DEQUANT_CONFIG["pack32"] and dtype in (torch.bfloat16, torch.float16)
-    storage = torch.empty(numel + (numel & 1), dtype=dtype, device=packed.device)
-    out = storage[:numel]
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
     num_blocks = -(-numel // blocksize)
     # Rows of 32 bytes (64 outputs) at most: wider rows hit a misaligned-address fault in Triton 3.6's
     # interleaved store (seen on an H200 at blocksize 256); narrower ones cost nothing measurable.
@@ -156,8 +149,8 @@ def dequantize_4bit(
     kernels[0][(-(-num_rows // rows),)](
         packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, storage.view(torch.int32) if pack32 else out, numel, num_blocks, blocksize, nested_blocksize,
-        NESTED=nested, HALF=half, ROWS=rows, PACK32=pack32, num_warps=DEQUANT_CONFIG["num_warps"],
+        out, numel, num_blocks, blocksize, nested_blocksize,
+        NESTED=nested, HALF=half, ROWS=rows, num_warps=DEQUANT_CONFIG["num_warps"],
         enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
     )
     return out

@@ -86,8 +86,8 @@ LNF4_CLONES void lnf4_quantize_4bit_f16(const _Float16* x, int64_t n, int64_t bl
 /* ---- 4-bit dequantize ---------------------------------------------------------------------- */
 /* Scales are either fp32 (absmax) or double-quantized: nested_code[q] * nested_absmax[b / nb] + offset,
  * two roundings as in the reference. Per block, the 16 possible outputs code[k] * scale are rounded
- * to the output type once; each byte then expands to two table lookups (or, with AVX-512, sixteen
- * bytes at a time through a 16-entry permute), which equals rounding code * scale per element. */
+ * to the output type once; each byte then expands to two table lookups, which equals rounding
+ * code * scale per element. 16-bit outputs take the AVX-512 path below where the CPU has it. */
 typedef struct {
     const float* absmax;        /* fp32 scales, or NULL when double-quantized */
     const uint8_t* qabsmax;     /* uint8 nested codes */
@@ -103,7 +103,7 @@ static inline float block_scale(const lnf4_scales* s, int64_t b) {
     return decoded + s->offset;
 }
 
-#define DEQUANT_BODY(T, STORE, WIDE)                                                                 \
+#define DEQUANT_BODY(T, STORE)                                                                              \
     for (int64_t b = block_begin; b < block_end; ++b) {                                              \
         const int64_t start = b * blocksize;                                                         \
         const int64_t stop = start + blocksize < n ? start + blocksize : n;                          \
@@ -113,7 +113,7 @@ static inline float block_scale(const lnf4_scales* s, int64_t b) {
         const uint8_t* src = packed + start / 2;                                                     \
         T* o = out + start;                                                                          \
         const int64_t pairs = (stop - start) / 2;                                                    \
-        int64_t j = WIDE(table, src, o, pairs);                                                      \
+        int64_t j = 0;                                                                               \
         for (; j < pairs; ++j) {                                                                     \
             const uint8_t byte = src[j];                                                             \
             o[2 * j] = table[byte >> 4];                                                             \
@@ -125,52 +125,86 @@ static inline float block_scale(const lnf4_scales* s, int64_t b) {
 #define STORE_F32(v) (v)
 #define STORE_BF16(v) f32_to_bf16(v)
 #define STORE_F16(v) ((_Float16)(v))
-#define NO_WIDE(table, src, o, pairs) 0
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-/* 16 bytes -> 32 16-bit outputs: each byte's two codes become one 32-bit word (even output low). */
-__attribute__((target("avx512f"))) static int64_t wide16_avx512(const uint16_t* table, const uint8_t* src,
-                                                                uint16_t* o, int64_t pairs) {
-    uint32_t t32[16];
-    for (int k = 0; k < 16; ++k) t32[k] = table[k];
-    const __m512i lut = _mm512_loadu_si512((const void*)t32);
+/* AVX-512 for 16-bit outputs, one block at a time: the 16 outputs code[k] * scale are rounded in one
+ * register (bf16: round-to-nearest-even on the bits; fp16: the hardware conversion), then every 16
+ * input bytes expand through two permutes into one 32-bit word per byte (even element low). */
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void dequant16_avx512(
+    const uint8_t* packed, const lnf4_scales* scales, const float* code, int64_t n, int64_t blocksize,
+    uint16_t* out, int64_t block_begin, int64_t block_end, int is_bf16) {
+    const __m512 code_v = _mm512_loadu_ps(code);
     const __m512i low_mask = _mm512_set1_epi32(15);
-    int64_t j = 0;
-    for (; j + 16 <= pairs; j += 16) {
-        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
-        __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), lut);
-        __m512i odd = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), lut);
-        _mm512_storeu_si512((void*)(o + 2 * j), _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    for (int64_t b = block_begin; b < block_end; ++b) {
+        const int64_t start = b * blocksize;
+        const int64_t stop = start + blocksize < n ? start + blocksize : n;
+        const __m512 prod = _mm512_mul_ps(code_v, _mm512_set1_ps(block_scale(scales, b)));
+        __m512i lut;
+        if (is_bf16) {
+            __m512i u = _mm512_castps_si512(prod);
+            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+            u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+            lut = _mm512_srli_epi32(u, 16);
+        } else {
+            lut = _mm512_cvtepu16_epi32(_mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+        const uint8_t* src = packed + start / 2;
+        uint16_t* o = out + start;
+        const int64_t pairs = (stop - start) / 2;
+        int64_t j = 0;
+        for (; j + 16 <= pairs; j += 16) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
+            __m512i even = _mm512_permutexvar_epi32(_mm512_srli_epi32(bytes, 4), lut);
+            __m512i odd = _mm512_permutexvar_epi32(_mm512_and_si512(bytes, low_mask), lut);
+            _mm512_storeu_si512((void*)(o + 2 * j), _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        }
+        if (j < pairs || ((stop - start) & 1)) { /* tail of a partial block: scalar */
+            uint32_t t[16];
+            _mm512_storeu_si512((void*)t, lut);
+            for (; j < pairs; ++j) {
+                o[2 * j] = (uint16_t)t[src[j] >> 4];
+                o[2 * j + 1] = (uint16_t)t[src[j] & 15];
+            }
+            if ((stop - start) & 1) o[2 * pairs] = (uint16_t)t[src[pairs] >> 4];
+        }
     }
-    return j;
 }
 static int lnf4_has_avx512 = -1;
-static inline int64_t wide16(const uint16_t* table, const uint8_t* src, uint16_t* o, int64_t pairs) {
-    if (lnf4_has_avx512 < 0) lnf4_has_avx512 = __builtin_cpu_supports("avx512f") ? 1 : 0;
-    return lnf4_has_avx512 ? wide16_avx512(table, src, o, pairs) : 0;
+static inline int has_avx512(void) {
+    if (lnf4_has_avx512 < 0)
+        lnf4_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+    return lnf4_has_avx512;
 }
-#define WIDE16(table, src, o, pairs) wide16((const uint16_t*)(table), src, (uint16_t*)(o), pairs)
+#define TRY_AVX512(is_bf16)                                                                          \
+    if (has_avx512()) {                                                                              \
+        dequant16_avx512(packed, scales, code, n, blocksize, (uint16_t*)out, block_begin, block_end, \
+                         is_bf16);                                                                   \
+        return;                                                                                      \
+    }
 #else
-#define WIDE16 NO_WIDE
+#define TRY_AVX512(is_bf16)
 #endif
 
 void lnf4_dequantize_4bit_f32(const uint8_t* packed, const lnf4_scales* scales, const float* code,
                               int64_t n, int64_t blocksize, float* out, int64_t block_begin,
                               int64_t block_end) {
-    DEQUANT_BODY(float, STORE_F32, NO_WIDE)
+    DEQUANT_BODY(float, STORE_F32)
 }
 
 void lnf4_dequantize_4bit_bf16(const uint8_t* packed, const lnf4_scales* scales, const float* code,
                                int64_t n, int64_t blocksize, uint16_t* out, int64_t block_begin,
                                int64_t block_end) {
-    DEQUANT_BODY(uint16_t, STORE_BF16, WIDE16)
+    TRY_AVX512(1)
+    DEQUANT_BODY(uint16_t, STORE_BF16)
 }
 
 void lnf4_dequantize_4bit_f16(const uint8_t* packed, const lnf4_scales* scales, const float* code,
                               int64_t n, int64_t blocksize, _Float16* out, int64_t block_begin,
                               int64_t block_end) {
-    DEQUANT_BODY(_Float16, STORE_F16, WIDE16)
+    TRY_AVX512(0)
+    DEQUANT_BODY(_Float16, STORE_F16)
 }
 
 /* Keeps the file a valid CPython extension, so setuptools builds and names it like any other. */

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
+import sys
 import re
 from collections.abc import Sequence
 from typing import Optional
@@ -62,7 +64,19 @@ def convert_linears(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer)
         count += 1
+    if count:
+        release_freed_host_memory()
     return count
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory freed by the float weights back to the OS (glibc keeps it in its arenas otherwise),
+    so that resident memory after conversion reflects the NF4 model."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:

@@ -1,0 +1,117 @@
+"""``lightning-nf4``: QLoRA fine-tuning from a YAML file (fit/validate/test/predict) plus ``export``.
+
+    lightning-nf4 fit --config configs/smollm2-pydoc.yaml
+    lightning-nf4 export --config configs/smollm2-pydoc.yaml --ckpt_path last.ckpt --out_dir outputs/export
+
+``NF4Precision`` and ``LoRACallback`` are configured as ``trainer.plugins`` / ``trainer.callbacks``; dtypes may
+be written as strings ("bfloat16"). Without ``--config``, the repository's SmolLM2-on-pydoc config is used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from jsonargparse.typing import register_type
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback
+from lightning_nf4.models.causal_lm import CausalLMModule
+from lightning_nf4.plugins.precision import NF4Precision
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-pydoc.yaml"
+
+
+def _dtype(value: Any) -> torch.dtype:
+    """YAML gives dtypes as strings: ``bfloat16`` or ``torch.bfloat16``."""
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{value!r} is not a torch dtype (e.g. bfloat16, float16, float32).")
+    return dtype
+
+
+register_type(torch.dtype, serializer=lambda d: str(d).removeprefix("torch."), deserializer=_dtype)
+
+
+class NF4Trainer(Trainer):
+    """Lightning's Trainer plus ``export``, so the CLI can offer it as a subcommand."""
+
+    def export(
+        self,
+        model: LightningModule,
+        datamodule: Optional[LightningDataModule] = None,
+        ckpt_path: Optional[str] = None,
+        out_dir: str = "outputs/export",
+    ) -> dict[str, Path]:
+        """Write a PEFT adapter and a merged float model from a checkpoint written by fit.
+
+        Args:
+            ckpt_path: an adapter-only (LoRACallback's default) or full Lightning checkpoint.
+            out_dir: receives ``adapter/`` and ``merged/``.
+        """
+        if ckpt_path is None:
+            raise ValueError("export needs --ckpt_path: a checkpoint written by fit.")
+        callback = next((c for c in self.callbacks if isinstance(c, LoRACallback)), None)
+        if callback is None:
+            raise ValueError("export needs lightning_nf4.LoRACallback in trainer.callbacks, with the settings of the run that wrote the checkpoint.")
+        build = getattr(model, "build", None)
+        build(self.strategy.root_device) if callable(build) else model.configure_model()
+        if isinstance(self.precision_plugin, NF4Precision):
+            self.precision_plugin.convert_module(model)  # no-op for a model the loader already quantized
+        callback.inject(model)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if checkpoint.get(_CKPT_KEY, {}).get("adapter_only"):
+            callback.on_load_checkpoint(self, model, checkpoint)  # checks that every trainable weight is there
+        else:
+            model.load_state_dict(checkpoint["state_dict"], strict=True)
+        out = Path(out_dir)
+        adapter = callback.save_adapter(model, out / "adapter")
+        merged = callback.save_merged(model, out / "merged")
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(merged))  # merged/ is then a complete model folder
+        rank_zero_info(f"export: adapter written to {adapter}, merged model to {merged}")
+        print(f"export: adapter -> {adapter}\nexport: merged -> {merged}", flush=True)
+        return {"adapter": adapter, "merged": merged}
+
+
+class NF4CLI(LightningCLI):
+    """LightningCLI for ``CausalLMModule`` with any datamodule, and an ``export`` subcommand."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+
+def _with_default_config(args: list[str]) -> list[str]:
+    """Add ``--config <default>`` to a subcommand given no config, when the repository's default exists."""
+    if not args or args[0] not in NF4CLI.subcommands() or not DEFAULT_CONFIG.is_file():
+        return args
+    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args[1:]):
+        return args
+    return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+
+
+def main(args: ArgsType = None) -> NF4CLI:
+    """Console entry point (``lightning-nf4``); ``args`` runs it in-process, as a list of CLI words or a dict."""
+    if args is None:
+        sys.argv[1:] = _with_default_config(sys.argv[1:])
+    elif isinstance(args, list):
+        args = _with_default_config([str(a) for a in args])
+    return NF4CLI(
+        CausalLMModule,
+        None,
+        trainer_class=NF4Trainer,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the module's AdamW sees only trainable (LoRA) parameters
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

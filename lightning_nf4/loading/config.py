@@ -1,0 +1,89 @@
+"""Reading transformers' ``BitsAndBytesConfig`` into the settings lightning-nf4 loads with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from lightning_nf4.format.quantized import NF4FormatError
+
+_DEFAULT_SKIP = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class NF4LoadConfig:
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    skip_modules: tuple[str, ...] = _DEFAULT_SKIP
+    blocksize: int = 64
+    prequantized: bool = False  # the checkpoint already holds bitsandbytes 4-bit tensors
+
+    def convert_kwargs(self) -> dict[str, Any]:
+        return dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules)
+
+    def to_bnb_dict(self) -> dict[str, Any]:
+        """The model's ``config.quantization_config``, as transformers writes it for bnb-4bit models."""
+        return {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": self.double_quant,
+            "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(self.skip_modules),
+        }
+
+
+def _as_dict(config: Any) -> Optional[dict[str, Any]]:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(f"quantization_config must be a transformers.BitsAndBytesConfig or a dict, got {type(config).__name__}.")
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value is None:
+        return torch.bfloat16
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise NF4FormatError(f"bnb_4bit_compute_dtype {value!r} is not supported; use bfloat16, float16 or float32.")
+    return dtype
+
+
+def _check(settings: dict[str, Any], where: str) -> None:
+    if settings.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        raise NF4FormatError(f"{where}: quant_method {settings['quant_method']!r} is not supported; lightning-nf4 reads bitsandbytes 4-bit configs.")
+    if settings.get("load_in_8bit"):
+        raise NF4FormatError(f"{where}: load_in_8bit (LLM.int8) is not supported. Use BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4').")
+    quant_type = settings.get("bnb_4bit_quant_type", "nf4")
+    if settings.get("load_in_4bit") and quant_type != "nf4":
+        raise NF4FormatError(f"{where}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' is.")
+
+
+def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadConfig]:
+    """What to load: ``requested`` (the caller's config) or ``saved`` (a pre-quantized checkpoint's)."""
+    requested_dict, saved_dict = _as_dict(requested), _as_dict(saved)
+    if requested_dict is not None:
+        _check(requested_dict, "quantization_config")
+    if saved_dict is not None and saved_dict.get("quant_method", "bitsandbytes") == "bitsandbytes":
+        _check(saved_dict, "the checkpoint's quantization_config")
+        if saved_dict.get("load_in_4bit"):
+            merged = {**saved_dict, **{k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}}
+            return _settings(merged, prequantized=True)
+    if requested_dict is None or not requested_dict.get("load_in_4bit"):
+        return None
+    return _settings(requested_dict, prequantized=False)
+
+
+def _settings(settings: dict[str, Any], prequantized: bool) -> NF4LoadConfig:
+    skip = settings.get("llm_int8_skip_modules") or []
+    return NF4LoadConfig(
+        double_quant=bool(settings.get("bnb_4bit_use_double_quant", False)),
+        compute_dtype=_dtype(settings.get("bnb_4bit_compute_dtype")),
+        skip_modules=tuple(dict.fromkeys([*_DEFAULT_SKIP, *skip])),
+        prequantized=prequantized,
+    )

@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse.typing import register_type
-from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -74,7 +73,6 @@ class NF4Trainer(Trainer):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(merged))  # merged/ is then a complete model folder
-        rank_zero_info(f"export: adapter written to {adapter}, merged model to {merged}")
         print(f"export: adapter -> {adapter}\nexport: merged -> {merged}", flush=True)
         return {"adapter": adapter, "merged": merged}
 

@@ -185,7 +185,9 @@ def _assign(model: nn.Module, key: str, tensor: Tensor, device: torch.device, dt
         raise CheckpointError(f"size mismatch for {key}: checkpoint has {tuple(tensor.shape)}, the model built from its config has {tuple(expected)}.")
     owner_name, _, attr = key.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+    # copy=True: safetensors hands out views of its memory-mapped file; keeping one would keep the whole
+    # shard mapped (and counted in resident memory) for the life of the model.
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True)
     if parameter:
         old = owner._parameters[attr]
         owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True)

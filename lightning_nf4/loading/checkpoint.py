@@ -7,11 +7,12 @@ every tensor is handed out on its own so that a caller can quantize it and let i
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 
@@ -47,38 +48,73 @@ def checkpoint_files(folder: Path) -> list[Path]:
     )
 
 
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _safetensors_header(file: Path, handle: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts, checked against the file size."""
+    size = file.stat().st_size
+    raw = handle.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{file} is truncated (no safetensors header); re-download it.")
+    length = struct.unpack("<Q", raw)[0]
+    if length > size - 8:
+        raise CheckpointError(f"{file} is truncated or not safetensors (header of {length} bytes in a {size}-byte file); re-download it.")
+    try:
+        header = json.loads(handle.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} has a corrupted safetensors header ({err}); re-download it.") from err
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if data_start + end > size:
+        raise CheckpointError(f"{file} is truncated: its header needs {data_start + end} bytes, the file has {size}. Re-download it.")
+    return header, data_start
+
+
 def count_tensors(files: list[Path]) -> int:
     total = 0
     for file in files:
         if file.suffix == ".safetensors":
-            with _open_safetensors(file) as handle:
-                total += len(handle.keys())
+            with open(file, "rb") as handle:
+                total += len(_safetensors_header(file, handle)[0])
         else:
             total += len(_load_bin(file))
     return total
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
-    """``(name, tensor)`` pairs on the CPU, one at a time, in file order."""
+    """``(name, tensor)`` pairs on the CPU, one at a time, in file order.
+
+    safetensors files are read tensor by tensor into fresh memory rather than memory-mapped, so the
+    process holds one tensor of the checkpoint at a time, not a whole shard.
+    """
     for file in files:
         if file.suffix == ".safetensors":
-            with _open_safetensors(file) as handle:
-                for key in handle.keys():
-                    try:
-                        yield key, handle.get_tensor(key)
-                    except SafetensorError as err:
-                        raise CheckpointError(f"{file} is corrupted at tensor {key!r} ({err}); re-download this shard.") from err
+            yield from _read_safetensors(file)
         else:
             state = _load_bin(file)
             for key in list(state):
                 yield key, state.pop(key)
 
 
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file} cannot be read as safetensors ({err}); it is truncated or corrupted. Re-download it.") from err
+def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    with open(file, "rb") as handle:
+        header, data_start = _safetensors_header(file, handle)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which lightning-nf4 cannot read.")
+            begin, stop = entry["data_offsets"]
+            buffer = torch.empty(stop - begin, dtype=torch.uint8)
+            handle.seek(data_start + begin)
+            if handle.readinto(memoryview(buffer.numpy())) != stop - begin:
+                raise CheckpointError(f"{file} ended inside tensor {name!r}; the file is truncated. Re-download it.")
+            yield name, buffer.view(dtype).reshape(entry["shape"])
 
 
 def _load_bin(file: Path) -> dict[str, Tensor]:

@@ -96,6 +96,7 @@ class CausalLMModule(pl.LightningModule):
             self.hparams.model_name_or_path, quantization_config=self.quantization_config(),
             device=device, dtype=self.compute_dtype, progress=progress,
         )
+        self.model.train()  # the loader returns eval mode; Lightning keeps submodule modes as it finds them
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_nf4 import export
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import lora_config
-from lightning_nf4.plugins.convert import matches
+from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches
 from lightning_nf4.plugins.precision import NF4Precision
 
 _CKPT_KEY = "lightning_nf4"
@@ -40,6 +40,8 @@ class LoRACallback(Callback):
         save_dir: where to export ``adapter/`` and ``merged/`` at the end of fit (rank 0 only).
         export_merged: also write the merged float model at the end of fit.
         full_checkpoint: store the whole model in Lightning checkpoints instead of trainable weights only.
+        init_seed: seed for the adapters' random init (LoRA A), drawn from a forked RNG so the run's
+            other randomness is untouched; the same seed gives the same adapters whatever the strategy.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LoRACallback(Callback):
         merged_dtype: Optional[torch.dtype] = None,
         full_checkpoint: bool = False,
         adapter_name: str = "default",
+        init_seed: Optional[int] = 0,
     ) -> None:
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}.")
@@ -73,6 +76,7 @@ class LoRACallback(Callback):
         self.merged_dtype = merged_dtype
         self.full_checkpoint = full_checkpoint
         self.adapter_name = adapter_name
+        self.init_seed = init_seed
         self._pending_state: Optional[dict[str, torch.Tensor]] = None
 
     # -- setup ------------------------------------------------------------------------------
@@ -127,8 +131,10 @@ class LoRACallback(Callback):
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=self._targets(module),
         )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=self.init_seed is not None):
             warnings.filterwarnings("ignore", message="Unsupported layer type")
+            if self.init_seed is not None:
+                torch.manual_seed(self.init_seed)
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
         for name, param in module.named_parameters():
             is_lora = ".lora_" in name
@@ -136,6 +142,7 @@ class LoRACallback(Callback):
             param.requires_grad_(trainable)
             if is_lora and param.dtype != self.adapter_dtype:
                 param.data = param.data.to(self.adapter_dtype)
+        exclude_nf4_from_ddp_sync(module)  # LoRA moved the NF4 weights under base_layer
         trainable, total = _count(module)
         rank_zero_info(f"LoRACallback: trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%).")
         if self._pending_state is not None:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -105,6 +105,9 @@ class CausalLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        precision_dtype = getattr(trainer.precision_plugin, "compute_dtype", None) if trainer is not None else None
+        if precision_dtype is not None and precision_dtype != self.compute_dtype:
+            rank_zero_warn(f"model.compute_dtype is {self.compute_dtype} but NF4Precision computes in {precision_dtype}; set both alike.")
         self.build(device, progress=trainer is None or trainer.is_global_zero)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Any:
@@ -153,8 +156,7 @@ class CausalLMModule(pl.LightningModule):
     def generate(self, prompts: list[str] | dict[str, Tensor]) -> list[str]:
         """Decode only the new tokens, with this module's generation settings."""
         if isinstance(prompts, (list, tuple)):
-            self.tokenizer.padding_side = "left"
-            prompts = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
+            prompts = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(self.device)
         hp = self.hparams
         sampling = dict(temperature=hp.temperature, top_p=hp.top_p) if hp.do_sample else dict(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(

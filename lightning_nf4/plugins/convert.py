@@ -79,5 +79,14 @@ def release_freed_host_memory() -> None:
             pass
 
 
+def exclude_nf4_from_ddp_sync(module: nn.Module) -> None:
+    """Keep the packed NF4 weights out of DDP's start-up broadcast: every rank quantizes the same float
+    weights to the same bytes and they are frozen, so sending them (4.5 GB for an 8B model) buys nothing.
+    Call again after anything renames layers (LoRA injection moves weights under ``base_layer``)."""
+    present = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    keep = [n for n in getattr(module, "_ddp_params_and_buffers_to_ignore", []) if n in present]
+    module._ddp_params_and_buffers_to_ignore = sorted(set(keep) | {f"{name}.weight" for name, _ in nf4_layers(module)})
+
+
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]

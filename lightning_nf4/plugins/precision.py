@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_nf4.format.quantized import check_blocksize
 from lightning_nf4.layers.linear import NF4Linear
-from lightning_nf4.plugins.convert import convert_linears, convertible_linears, nf4_layers
+from lightning_nf4.plugins.convert import convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
 
@@ -100,6 +100,7 @@ class NF4Precision(MixedPrecision):
             )
             after = _param_bytes(module)
             rank_zero_info(f"NF4Precision: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
+        exclude_nf4_from_ddp_sync(module)
         hooks, self._post_convert = self._post_convert, []
         for hook in hooks:
             hook(module)

@@ -1,0 +1,15 @@
+"""Lightning accelerators. Importing this registers "xpu" (``XPUAccelerator``) and the ``"ddp_xpu"`` family of
+strategies (``XPUDDPStrategy``), and teaches Lightning's accelerator connector to pick them for XPU, so that
+``Trainer(accelerator="xpu", devices=4, strategy="ddp")`` runs on Intel GPUs."""
+
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_nf4.accelerators.xpu import XPUAccelerator, XPUUnavailableError, _patch_accelerator_connector
+from lightning_nf4.strategies.xpu_ddp import XPUDDPStrategy
+
+XPUAccelerator.register_accelerators(AcceleratorRegistry)
+XPUDDPStrategy.register_strategies(StrategyRegistry)
+_patch_accelerator_connector()
+
+__all__ = ["XPUAccelerator", "XPUUnavailableError"]

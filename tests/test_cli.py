@@ -1,0 +1,195 @@
+"""The ``lightning-nf4`` CLI in-process on a tiny random Llama: fit (text and instruction data), export,
+predict, the shipped YAML configs, and the instruction data's errors and label masking."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_nf4.cli import DEFAULT_CONFIG, NF4CLI, _with_default_config, main
+from lightning_nf4.data.instruction import IGNORE_INDEX, InstructionDataError, InstructionDataModule, pad_collate, read_jsonl
+from lightning_nf4.models.causal_lm import CausalLMModule
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Python lists keep their items in order.",
+    "def add(a, b): return a + b",
+    "A dictionary maps keys to values.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+RECORDS = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a fruit.", "output": "An apple."},
+    {"instruction": "Reverse the word.", "input": "dog", "output": "god"},
+    {"instruction": "Say hello.", "output": "Hello!"},
+    {"instruction": "Count to three.", "output": "1, 2, 3"},
+    {"instruction": "Name a colour.", "output": "Blue."},
+]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, model_dir: Path, data: dict, **model) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 3, "num_sanity_val_steps": 0, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
+            "plugins": {"class_path": "lightning_nf4.NF4Precision", "init_args": {"compute_dtype": "bfloat16"}},
+            "callbacks": [{"class_path": "lightning_nf4.LoRACallback",
+                           "init_args": {"r": 4, "alpha": 8, "dropout": 0.0, "save_dir": str(tmp_path / "fit-out")}}],
+        },
+        "model": {"model_name_or_path": str(model_dir), "learning_rate": 1e-2, "warmup_steps": 2, "max_new_tokens": 4, **model},
+        "data": data,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def perplexities(out: str) -> tuple[float, float]:
+    before = re.search(r"perplexity before: ([0-9.]+)", out)
+    after = re.search(r"perplexity after: ([0-9.]+)", out)
+    assert before and after, out
+    return float(before.group(1)), float(after.group(1))
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])  # pytest's own arguments would make LightningCLI warn
+
+
+def test_fit_text_writes_artifacts_and_export_matches(tmp_path, model_dir, capsys):
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
+    config = write_config(tmp_path, model_dir, data, generation_prompts=["The quick"])
+
+    main(["fit", "--config", str(config)])
+    out = capsys.readouterr().out
+    before, after = perplexities(out)
+    assert math.isfinite(before) and math.isfinite(after)
+    assert "generation: 'The quick' ->" in out
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json"):
+        assert (tmp_path / "fit-out" / name).is_file(), name
+
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    assert not any("base_layer" in k for k in torch.load(ckpt, weights_only=False)["state_dict"])  # adapter-only
+    main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "export")])
+    exported = load_file(tmp_path / "export" / "adapter" / "adapter_model.safetensors")
+    at_fit_end = load_file(tmp_path / "fit-out" / "adapter" / "adapter_model.safetensors")
+    assert exported.keys() == at_fit_end.keys()
+    assert all(torch.equal(exported[k], at_fit_end[k]) for k in exported)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in exported.items())  # trained, not initial
+    assert (tmp_path / "export" / "merged" / "tokenizer.json").is_file()
+
+
+def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    data = {"class_path": "lightning_nf4.data.InstructionDataModule",
+            "init_args": {"train_file": str(jsonl), "batch_size": 2, "val_fraction": 0.34, "max_length": 96,
+                          "prompt_template": "Q: {instruction}\n{input}\nA: ", "prompt_template_no_input": "Q: {instruction}\nA: "}}
+    config = write_config(tmp_path, model_dir, data)
+
+    main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    perplexities(capsys.readouterr().out)
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    cli = main(["predict", "--config", str(config), "--ckpt_path", str(ckpt)])
+    predictions = [text for batch in cli.trainer.predict_loop.predictions for text in batch]
+    assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+def test_shipped_configs_parse():
+    class ParseOnly(NF4CLI):
+        def instantiate_classes(self) -> None:  # GPU configs must parse on a CPU machine
+            pass
+
+    configs = sorted(DEFAULT_CONFIG.parent.glob("*.yaml"))
+    assert {p.name for p in configs} >= {"smollm2-pydoc.yaml", "llama3-8b-gpu.yaml", "ddp-2gpu.yaml"}
+    for path in configs:
+        cli = ParseOnly(CausalLMModule, None, subclass_mode_data=True, run=False, auto_configure_optimizers=False, args=["--config", str(path)])
+        assert cli.config.trainer.plugins.class_path.endswith("NF4Precision"), path
+    assert _with_default_config(["fit"]) == ["fit", "--config", str(DEFAULT_CONFIG)]
+    assert _with_default_config(["fit", "-c", "x.yaml"]) == ["fit", "-c", "x.yaml"]
+
+
+# -- instruction data -------------------------------------------------------------------------------
+def test_instruction_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n\n{not json\n")
+    with pytest.raises(InstructionDataError, match=r"line 3: not valid JSON"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(InstructionDataError, match=r"line 2: missing key\(s\) \['output'\]"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"instruction": "x", "output": 3}) + "\n")
+    with pytest.raises(InstructionDataError, match=r"line 1: 'output' must be a string"):
+        read_jsonl(bad)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_labels_mask_the_prompt(chat):
+    dm = InstructionDataModule(train_file="unused.jsonl", use_chat_template=chat)
+    dm.tokenizer = tokenizer = tiny_tokenizer()
+    record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    prompt, response = dm.prompt_and_response(record)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+    example = dm.encode(record)
+    n = len(prompt_ids)
+    assert example["input_ids"][:n] == prompt_ids
+    assert example["labels"][:n] == [IGNORE_INDEX] * n
+    assert example["labels"][n:] == example["input_ids"][n:] and len(example["labels"]) > n
+    assert tokenizer.decode(example["labels"][n:]).startswith("5")
+    assert tokenizer.eos_token_id in example["labels"][n:]  # the model learns to stop
+
+    short = dm.encode({"instruction": "Hi.", "input": "", "output": "Yo"})
+    batch = pad_collate(tokenizer.pad_token_id)([example, short])
+    width = len(example["input_ids"])
+    assert batch["labels"].shape == (2, width)
+    assert (batch["labels"][1, len(short["labels"]):] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, len(short["input_ids"]):] == tokenizer.pad_token_id).all()
+    assert batch["attention_mask"][1].sum() == len(short["input_ids"])

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import types
 import warnings
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import pytest
@@ -480,7 +481,7 @@ def test_lightning_ddp_setup_model_uses_cuda_streams(no_cuda_streams):
 def test_setup_model_real_ddp_on_cpu_with_nf4(no_cuda_streams):
     """The same code path builds a real DistributedDataParallel (gloo, one process) around a model holding NF4 weights."""
     assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
     try:
         strategy = XPUDDPStrategy(parallel_devices=[torch.device("cpu")])
         model = nn.Sequential(NF4Linear.from_linear(nn.Linear(64, 32)), nn.Linear(32, 4))

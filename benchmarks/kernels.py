@@ -180,6 +180,18 @@ def bench_quant(w: torch.Tensor, timer: Timer, copy_gbs: Optional[float]) -> lis
     return table(header, rows)
 
 
+def _nf4_layer(w: torch.Tensor) -> torch.nn.Module:
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    return lightning_nf4.NF4Linear.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=w.dtype)
+
+
+def _no_grad(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return layer(x)
+
+
 def bench_matmul(w: torch.Tensor, tokens: int, timer: Timer) -> list[str]:
     torch.manual_seed(1)
     K = w.shape[1]
@@ -187,8 +199,10 @@ def bench_matmul(w: torch.Tensor, tokens: int, timer: Timer) -> list[str]:
           "1-token matvec": torch.randn(1, K, device=w.device).to(w.dtype)}
     impls: list[Peer] = [  # (name, unavailable-reason, prepare() -> q, call(q, x) -> y); the first is the baseline
         ("dense " + str(w.dtype).removeprefix("torch."), None, lambda: None, lambda _, x: F.linear(x, w)),
-        ("lightning-nf4 (dequantize + F.linear)", None, lambda: lightning_nf4.quantize_nf4(w, blocksize=64, double_quant=True),
-         lambda q, x: F.linear(x, q.dequantize(w.dtype))),
+        # NF4Linear as a model calls it, without autograd: 1 token reads NF4 directly (gemv),
+        # more tokens dequantize then matmul
+        ("lightning-nf4 NF4Linear", None, lambda: _nf4_layer(w),
+         lambda layer, x: _no_grad(layer, x)),
         ("bitsandbytes matmul_4bit", BNB_ERR,
          lambda: BNB.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
          lambda q, x: BNB.matmul_4bit(x, q[0].t(), quant_state=q[1])),

@@ -3,6 +3,10 @@
 from lightning_nf4.format import NF4FormatError, NF4Weight, dequantize_nf4, quantize_nf4
 from lightning_nf4.layers import NF4Linear
 
+# Registers accelerator "xpu" and the "ddp_xpu" strategies with Lightning, so Trainer(accelerator="xpu")
+# resolves after `import lightning_nf4`. This loads lightning.pytorch, which Trainer users load anyway.
+import lightning_nf4.accelerators  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 __all__ = ["LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4", "quantize_nf4"]

@@ -89,6 +89,8 @@ def test_compute_dtypes(tmp_path, dtype):
     assert torch.isfinite(t.callback_metrics["train_loss"])
     assert all(m.compute_dtype == dtype for m in model.modules() if isinstance(m, NF4Linear))
     assert (precision.scaler is not None) == (dtype == torch.float16)
+    if precision.scaler is not None:
+        assert precision.scaler._device == "cpu"  # built for the device the trainer trains on
     with precision.forward_context():
         out = model(next(iter(token_loader(n=4)))[0])
     assert out.dtype == (torch.float32 if dtype == torch.float32 else dtype)

@@ -92,6 +92,30 @@ def _(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return x.new_empty(n, dtype=torch.uint8), x.new_empty(-(-n // blocksize), dtype=torch.float32)
 
 
+@torch.library.custom_op("lightning_nf4::gemv_4bit", mutates_args=())
+def gemv_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """``W @ x`` for a single token ``x[in_features]`` (generation); GPUs read the packed weight directly."""
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    return w.view(out_features, in_features) @ x
+
+
+@gemv_4bit.register_fake
+def _(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    return x.new_empty(out_features)
+
+
 def _register_triton() -> None:
     """Attach the Triton kernels to the GPU device types; importing Triton is deferred to first use."""
     from lightning_nf4.kernels import triton_kernels
@@ -100,6 +124,7 @@ def _register_triton() -> None:
         quantize_4bit.register_kernel(device_type)(triton_kernels.quantize_4bit)
         dequantize_4bit.register_kernel(device_type)(triton_kernels.dequantize_4bit)
         quantize_blockwise_8bit.register_kernel(device_type)(triton_kernels.quantize_blockwise_8bit)
+        gemv_4bit.register_kernel(device_type)(triton_kernels.gemv_4bit)
 
 
 _register_triton()

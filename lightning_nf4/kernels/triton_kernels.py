@@ -96,7 +96,40 @@ def _kernels():
         tl.store(q_ptr + idx, q.to(tl.uint8), mask=ok)
         tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
 
-    return dequantize_kernel, quantize_kernel, quantize_8bit_kernel
+    @triton.jit
+    def gemv_kernel(
+        x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
+        nested_blocksize, NESTED: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once
+        # (a quarter of the bf16 bytes) and never writes a dequantized copy. K % BLOCKSIZE == 0.
+        pid = tl.program_id(0).to(tl.int64)
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < N
+        half: tl.constexpr = BLOCKSIZE // 2
+        acc = tl.zeros([ROWS], dtype=tl.float32)
+        for b0 in tl.static_range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):
+            blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+            block_ok = blocks < BLOCKS_PER_ROW
+            ok = row_ok[:, None, None] & block_ok[None, :, None]
+            byte_idx = (rows[:, None, None] * (K // 2) + blocks[None, :, None] * half + tl.arange(0, half)[None, None, :])
+            byte = tl.load(packed_ptr + byte_idx, mask=ok, other=0).to(tl.int32)
+            block_idx = rows[:, None] * BLOCKS_PER_ROW + blocks[None, :]
+            block_mask = row_ok[:, None] & block_ok[None, :]
+            if NESTED:
+                qabs = tl.load(absmax_ptr + block_idx, mask=block_mask, other=0).to(tl.int32)
+                scale = tl.load(nested_code_ptr + qabs) * tl.load(nested_absmax_ptr + block_idx // nested_blocksize, mask=block_mask, other=0.0)
+                scale = scale + tl.load(offset_ptr)
+            else:
+                scale = tl.load(absmax_ptr + block_idx, mask=block_mask, other=0.0)
+            k_even = blocks[:, None] * BLOCKSIZE + 2 * tl.arange(0, half)[None, :]
+            x_even = tl.load(x_ptr + k_even, mask=block_ok[:, None], other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + k_even + 1, mask=block_ok[:, None], other=0.0).to(tl.float32)
+            partial = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
+            acc += tl.sum(tl.sum(partial, axis=2) * scale, axis=1)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    return dequantize_kernel, quantize_kernel, quantize_8bit_kernel, gemv_kernel
 
 
 def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -169,3 +202,34 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Te
     rows = max(1, 4096 // blocksize)
     kernels[2][(-(-num_blocks // rows),)](x, lut, q, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4, enable_fp_fusion=False)
     return q, absmax
+
+
+def gemv_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """One token, ``W @ x``, read straight from NF4: the weight is read once (a quarter of the bf16 bytes)
+    and no dequantized copy is written. Falls back to dequantize + matmul where the layout does not fit."""
+    kernels = _kernels()
+    if kernels is None or in_features % blocksize:
+        w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
+        return w.view(out_features, in_features) @ x
+    nested = nested_absmax is not None
+    out = torch.empty(out_features, dtype=x.dtype, device=x.device)
+    rows, blocks_per_step = 16, max(1, 512 // blocksize)
+    kernels[3][(-(-out_features // rows),)](
+        x.contiguous(), packed, absmax, code,
+        nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
+        out, out_features, in_features, nested_blocksize, NESTED=nested,
+        BLOCKS_PER_ROW=in_features // blocksize, BLOCKSIZE=blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=4,
+    )
+    return out

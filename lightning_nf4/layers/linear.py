@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, quantize_nf4, to_bnb_tensors
+from lightning_nf4.kernels import ops
 from lightning_nf4.format.bnb_state import is_bnb_quantized
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
 
@@ -138,10 +139,22 @@ class NF4Linear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         quant = self._synced_quant()
-        out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
+        if x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            out = self._gemv(x.reshape(-1).to(dtype), quant).view(*x.shape[:-1], self.out_features)
+        else:
+            out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
+
+    def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
+        """One token without autograd (generation): a matrix-vector product read straight from NF4."""
+        nested = quant.nested
+        return ops.gemv_4bit(
+            x, quant.packed, quant.absmax, quant.code, quant.blocksize, self.out_features, self.in_features,
+            nested.absmax if nested else None, nested.code if nested else None,
+            nested.offset if nested else None, nested.blocksize if nested else NESTED_BLOCKSIZE,
+        )
 
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
         super()._apply(fn, recurse)

@@ -54,6 +54,7 @@ class NF4Precision(MixedPrecision):
             raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
         mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"
         super().__init__(mixed, device=device or "cpu", scaler=scaler if compute_dtype == torch.float16 else None)
+        self._user_scaler = scaler is not None
         self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
         self.compute_dtype = compute_dtype
         self.blocksize = check_blocksize(blocksize)
@@ -76,8 +77,8 @@ class NF4Precision(MixedPrecision):
         if device.type == "meta":
             return
         self.device = device.type
-        if self.compute_dtype == torch.float16 and self.scaler is None:
-            self.scaler = torch.amp.GradScaler(device=device.type)
+        if self.compute_dtype == torch.float16 and not self._user_scaler:
+            self.scaler = torch.amp.GradScaler(device=device.type)  # the default one follows the training device
         if self.compute_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise NF4PrecisionError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use NF4Precision(compute_dtype=torch.float16).")
 

@@ -152,6 +152,7 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
 # best setting (83% of copy bandwidth), and 8192/8 fell to 46% on an H200. Mutable so the sweep can vary it.
 # Storing 32-bit words instead of interleaving was slower on the H100.
 DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4}
+GEMV_CONFIG = {"rows": 16, "elements_per_step": 512, "num_warps": 4}  # swept by benchmarks/debug_triton.py
 
 
 def dequantize_4bit(
@@ -225,11 +226,12 @@ def gemv_4bit(
         return w.view(out_features, in_features) @ x
     nested = nested_absmax is not None
     out = torch.empty(out_features, dtype=x.dtype, device=x.device)
-    rows, blocks_per_step = 16, max(1, 512 // blocksize)
+    rows, warps = GEMV_CONFIG["rows"], GEMV_CONFIG["num_warps"]
+    blocks_per_step = max(1, GEMV_CONFIG["elements_per_step"] // blocksize)
     kernels[3][(-(-out_features // rows),)](
         x.contiguous(), packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
         out, out_features, in_features, nested_blocksize, NESTED=nested,
-        BLOCKS_PER_ROW=in_features // blocksize, BLOCKSIZE=blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=4,
+        BLOCKS_PER_ROW=in_features // blocksize, BLOCKSIZE=blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=warps,
     )
     return out

@@ -152,7 +152,7 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
 # best setting (83% of copy bandwidth), and 8192/8 fell to 46% on an H200. Mutable so the sweep can vary it.
 # Storing 32-bit words instead of interleaving was slower on the H100.
 DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4}
-GEMV_CONFIG = {"rows": 16, "elements_per_step": 512, "num_warps": 4}  # swept by benchmarks/debug_triton.py
+GEMV_CONFIG = {"rows": 4, "elements_per_step": 1024, "num_warps": 4}  # best of a small H100 sweep (benchmarks/NOTES.md)
 
 
 def dequantize_4bit(

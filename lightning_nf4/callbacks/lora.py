@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lightning_nf4 import export
+from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import lora_config
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches
@@ -63,10 +64,9 @@ class LoRACallback(Callback):
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-        if isinstance(adapter_dtype, str):
-            adapter_dtype = getattr(torch, adapter_dtype.removeprefix("torch."))
-        if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype}.")
+        if float_dtype(adapter_dtype) is None:
+            raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype!r}.")
+        adapter_dtype = float_dtype(adapter_dtype)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = target_modules
         self.modules_to_save = list(modules_to_save or [])

@@ -24,6 +24,14 @@ class NF4FormatError(ValueError):
     """A weight or checkpoint that cannot be (de)quantized; the message names the tensor and the fix."""
 
 
+def float_dtype(value: object) -> Optional[torch.dtype]:
+    """``torch.bfloat16``, ``"bfloat16"`` or ``"torch.bfloat16"`` -> the dtype, when it is one NF4 computes
+    in (float32, bfloat16, float16); None otherwise, for the caller to report in its own terms."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if value in SUPPORTED_DTYPES else None
+
+
 def check_blocksize(blocksize: int) -> int:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 32 or blocksize > 4096 or (blocksize & (blocksize - 1)):
         raise NF4FormatError(f"blocksize must be a power of two between 32 and 4096 (as in bitsandbytes), got {blocksize!r}.")
@@ -96,6 +104,12 @@ class NF4Weight:
         packed = self.packed if stats_only else move(self.packed)
         return replace(self, packed=packed, absmax=move(self.absmax), code=move(self.code), nested=nested)
 
+    def nested_args(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], int]:
+        """``(nested_absmax, nested_code, offset, nested_blocksize)`` as the custom ops take them."""
+        if self.nested is None:
+            return None, None, None, NESTED_BLOCKSIZE
+        return self.nested.absmax, self.nested.code, self.nested.offset, self.nested.blocksize
+
     def with_packed(self, packed: Tensor) -> "NF4Weight":
         """The same weight with ``packed`` as its codes; the statistics follow ``packed``'s device."""
         return replace(self.to(packed.device, stats_only=True), packed=packed)
@@ -159,10 +173,5 @@ def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> Te
     dtype = dtype or weight.dtype
     if dtype not in SUPPORTED_DTYPES:
         raise NF4FormatError(f"Cannot dequantize to {dtype}; choose one of float32, bfloat16, float16.")
-    nested = weight.nested
-    flat = ops.dequantize_4bit(
-        weight.packed, weight.absmax, weight.code, weight.blocksize, weight.numel, dtype,
-        nested.absmax if nested else None, nested.code if nested else None,
-        nested.offset if nested else None, nested.blocksize if nested else NESTED_BLOCKSIZE,
-    )
+    flat = ops.dequantize_4bit(weight.packed, weight.absmax, weight.code, weight.blocksize, weight.numel, dtype, *weight.nested_args())
     return flat.view(weight.shape)

@@ -13,9 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, quantize_nf4, to_bnb_tensors
-from lightning_nf4.kernels import ops
 from lightning_nf4.format.bnb_state import is_bnb_quantized
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
+from lightning_nf4.kernels import ops
+
+
+def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
+    if compute_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -78,8 +83,7 @@ class NF4Linear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
+        _check_compute_dtype(compute_dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.blocksize = check_blocksize(blocksize)
@@ -108,8 +112,7 @@ class NF4Linear(nn.Module):
             raise NF4FormatError(f"{name}.weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        if compute_dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
+        _check_compute_dtype(compute_dtype)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.blocksize, layer.double_quant, layer.compute_dtype = check_blocksize(blocksize), double_quant, compute_dtype
         layer._set_quant(quantize_nf4(weight.detach(), blocksize, double_quant, name=f"{name}.weight"))
@@ -149,11 +152,8 @@ class NF4Linear(nn.Module):
 
     def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
         """One token without autograd (generation): a matrix-vector product read straight from NF4."""
-        nested = quant.nested
         return ops.gemv_4bit(
-            x, quant.packed, quant.absmax, quant.code, quant.blocksize, self.out_features, self.in_features,
-            nested.absmax if nested else None, nested.code if nested else None,
-            nested.offset if nested else None, nested.blocksize if nested else NESTED_BLOCKSIZE,
+            x, quant.packed, quant.absmax, quant.code, quant.blocksize, self.out_features, self.in_features, *quant.nested_args()
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":

@@ -149,13 +149,11 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
 
 def _match_key(key: str, known: set[str], layers: dict[str, NF4Linear]) -> str:
     """Checkpoints of the bare model (``layers.0...``) load into ``*ForCausalLM`` (``model.layers.0...``)."""
-    if key in known or _NF4_KEY.match(key) and _NF4_KEY.match(key)["layer"] in layers:
-        return key
-    for prefixed in (f"model.{key}", key.removeprefix("model.")):
-        match = _NF4_KEY.match(prefixed)
-        if prefixed in known or (match and match["layer"] in layers):
-            return prefixed
-    return key
+    def fits(candidate: str) -> bool:
+        match = _NF4_KEY.match(candidate)
+        return candidate in known or bool(match and match["layer"] in layers)
+
+    return next((c for c in (key, f"model.{key}", key.removeprefix("model.")) if fits(c)), key)
 
 
 def _complete(parts: dict[str, Tensor]) -> bool:

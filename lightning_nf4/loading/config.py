@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_nf4.format.quantized import NF4FormatError
+from lightning_nf4.format.quantized import NF4FormatError, float_dtype
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -44,12 +44,10 @@ def _as_dict(config: Any) -> Optional[dict[str, Any]]:
 
 
 def _dtype(value: Any) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
     if value is None:
         return torch.bfloat16
-    dtype = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    dtype = float_dtype(value)
+    if dtype is None:
         raise NF4FormatError(f"bnb_4bit_compute_dtype {value!r} is not supported; use bfloat16, float16 or float32.")
     return dtype
 

@@ -17,15 +17,13 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_nf4.data.text import load_tokenizer
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
+from lightning_nf4.format.quantized import float_dtype
 
 def parse_dtype(name: str) -> torch.dtype:
     """``"bfloat16"``/``"torch.bfloat16"`` -> ``torch.bfloat16`` (configs hold strings)."""
-    dtype = _DTYPES.get(str(name).removeprefix("torch."))
+    dtype = float_dtype(name)
     if dtype is None:
-        raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {name!r}.")
+        raise ValueError(f"compute_dtype must be one of ['bfloat16', 'float16', 'float32'], got {name!r}.")
     return dtype
 
 

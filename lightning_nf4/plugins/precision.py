@@ -17,7 +17,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from lightning_nf4.format.quantized import check_blocksize
+from lightning_nf4.format.quantized import check_blocksize, float_dtype
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.plugins.convert import convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
 
@@ -48,8 +48,7 @@ class NF4Precision(MixedPrecision):
         device: Optional[str] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
     ) -> None:
-        if isinstance(compute_dtype, str):
-            compute_dtype = getattr(torch, compute_dtype.removeprefix("torch."), None)
+        compute_dtype = float_dtype(compute_dtype) or compute_dtype
         if compute_dtype not in _PRECISION_NAMES:
             raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
         mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"

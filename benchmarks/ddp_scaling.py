@@ -9,6 +9,7 @@ with identical adapters and that DDP skipped the packed NF4 weights, and prints 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -24,22 +25,48 @@ from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 
 
 class Probe(pl.Callback):
-    """Times steps and, at the end, compares the ranks' adapters."""
+    """Times steps, profiles one (``profile_step``) and, at the end, compares the ranks' adapters."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_step: int = -1, gc_freeze: bool = False) -> None:
         self.times: list[float] = []
+        self.profile_step = profile_step
+        self.kernels: dict[str, float] = {}
+        self.gc_freeze = gc_freeze
+        self.gc_pauses: list[float] = []  # seconds spent in each garbage collection while training
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif hasattr(self, "_gc_start"):
+            self.gc_pauses.append(time.perf_counter() - self._gc_start)
 
     def on_train_start(self, trainer, pl_module):
+        if self.gc_freeze:  # the model's objects are long-lived: keep the collector from scanning them
+            gc.collect()
+            gc.freeze()
+        self.gc_pauses.clear()
         self.ignored = len(getattr(trainer.strategy.model, "parameters_to_ignore", []))
         self.nf4 = sum(1 for n, _ in pl_module.named_parameters() if n.endswith("base_layer.weight"))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.profile_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CUDA])
+            self._prof.__enter__()
         torch.cuda.synchronize()
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t)
+        if batch_idx == self.profile_step:
+            self._prof.__exit__(None, None, None)
+            for event in self._prof.events():
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    label = "nccl" if "nccl" in event.name.lower() else "compute"
+                    self.kernels[label] = self.kernels.get(label, 0.0) + event.device_time / 1e3
 
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().float().flatten() for p in pl_module.parameters() if p.requires_grad])
@@ -72,12 +99,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--static-graph", action="store_true", help="DDP(static_graph=True)")
     parser.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step: compute vs NCCL kernel time")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the model's objects at train start")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
     batch, seq = preset.pop("batch"), preset.pop("seq")
-    steps = args.warmup + args.steps
+    steps = args.warmup + args.steps + (1 if args.profile else 0)
     data = torch.randint(0, preset["vocab_size"], (steps * batch * args.devices, seq), generator=torch.Generator().manual_seed(0))
-    probe = Probe()
+    probe = Probe(profile_step=args.warmup + args.steps if args.profile else -1, gc_freeze=args.gc_freeze)
     strategy: object = "auto"
     if args.devices > 1:
         from lightning.pytorch.strategies import DDPStrategy
@@ -92,10 +121,13 @@ def main() -> None:
         module = Module(preset, seq)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=batch))
     if trainer.is_global_zero:
-        step = statistics.median(probe.times[args.warmup:])
+        timed = sorted(probe.times[args.warmup:args.warmup + args.steps])
+        step = statistics.median(timed)
         tokens = args.devices * batch * seq / step
-        print(f"| {args.devices} x {torch.cuda.get_device_name()} | {step:.3f} | {tokens:.0f} | "
-              f"{probe.identical} | {probe.ignored}/{probe.nf4} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB |", flush=True)
+        kernels = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(probe.kernels.items()))
+        kernels += f"; gc: {len(probe.gc_pauses)} collections, {1e3 * sum(probe.gc_pauses) / len(probe.times):.1f} ms/step, longest {1e3 * max(probe.gc_pauses, default=0):.0f} ms"
+        print(f"| {args.devices} x {torch.cuda.get_device_name()} | {step:.3f} | {timed[0]:.3f}-{timed[-1]:.3f} | {tokens:.0f} | "
+              f"{probe.identical} | {probe.ignored}/{probe.nf4} | {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB | {kernels} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,58 @@ def test_from_linear_rejects_non_linear_and_bad_dtype():
         NF4Linear.from_linear(nn.Linear(64, 64, dtype=torch.float64), name="model.proj")
     with pytest.raises(ValueError, match="compute_dtype"):
         NF4Linear(64, 64, compute_dtype=torch.int8)
+
+
+def _count_dequantize(monkeypatch, layer):
+    calls = []
+    original = type(layer.quant).dequantize
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(layer.quant), "dequantize", counting)
+    return calls
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recompute_serves_backward(monkeypatch, use_reentrant):
+    """Under non-reentrant checkpointing the recompute's dequantized weight serves the backward (2 passes
+    instead of 3); gradients equal the plain path's exactly either way."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer = make(256, 128, compute_dtype=torch.float32)
+    x = torch.randn(5, 256, requires_grad=True)
+    grad = torch.randn(5, 128)
+    layer(x).backward(grad)
+    expected, x.grad = x.grad.clone(), None
+    calls = _count_dequantize(monkeypatch, layer)
+    checkpoint(layer, x, use_reentrant=use_reentrant).backward(grad)
+    assert torch.equal(x.grad, expected)
+    assert len(calls) == (3 if use_reentrant else 2)
+    calls.clear()
+    layer(x).backward(grad)  # without checkpointing backward dequantizes again
+    assert len(calls) == 2
+
+
+def test_checkpoint_first_pass_keeps_no_float_weight(monkeypatch):
+    """The checkpointed forward must not hold its dequantized weight until backward."""
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer = make(1024, 1024, compute_dtype=torch.float32)
+    x = torch.randn(2, 1024, requires_grad=True)
+    made = []
+    original = type(layer.quant).dequantize
+
+    def tracking(self, *args, **kwargs):
+        w = original(self, *args, **kwargs)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(type(layer.quant), "dequantize", tracking)
+    out = checkpoint(layer, x, use_reentrant=False)
+    assert len(made) == 1 and made[0]() is None
+    out.sum().backward()
+    assert len(made) == 2 and x.grad is not None

@@ -3,38 +3,97 @@
 Each op has a plain-PyTorch body that works on any device, a fake (meta) implementation so that
 ``torch.compile`` can trace it, and faster kernels registered per device type: native C on CPU,
 Triton on CUDA and Intel XPU (see ``triton_kernels``). Callers never branch on the device.
+
+Callers use the module-level functions (``ops.dequantize_4bit(...)``). In eager mode, for plain
+tensors, these call the registered device kernel directly: a Python custom op's dispatcher round trip
+costs 10-40 us per call, longer than a small dequantize runs on a GPU, and a QLoRA step makes
+hundreds of calls. Under ``torch.compile``, and for tensor subclasses (fake, meta, functional), they
+go through ``torch.ops.lightning_nf4.*`` as usual.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_nf4.kernels import cpu, reference
 
+# Per op, the kernels registered for each device type; the eager fast path reads them.
+_KERNELS: dict[object, dict[str, Callable]] = {}
 
+
+def _register(op: torch.library.CustomOpDef, device_type: str, kernel: Callable) -> None:
+    op.register_kernel(device_type)(kernel)
+    _KERNELS.setdefault(op, {})[device_type] = kernel
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter adds no dispatch behaviour; subclasses such as FakeTensor do
+
+
+def _direct(op: torch.library.CustomOpDef, tensor: Tensor) -> Callable:
+    """The device kernel to call without the dispatcher, or the op itself where tracing needs it."""
+    if type(tensor) in _PLAIN and not torch.compiler.is_compiling():
+        kernel = _KERNELS.get(op, {}).get(tensor.device.type)
+        if kernel is not None:
+            return kernel
+    return op
+
+
+# -- quantize_4bit ---------------------------------------------------------------------------------
 @torch.library.custom_op("lightning_nf4::quantize_4bit", mutates_args=())
-def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """Packed uint8 codes ``[(numel + 1) // 2]`` and fp32 absmax ``[ceil(numel / blocksize)]``."""
+def _quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return reference.quantize_4bit(weight, code, blocksize)
 
 
-@quantize_4bit.register_fake
+@_quantize_4bit.register_fake
 def _(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     n = weight.numel()
     return weight.new_empty((n + 1) // 2, dtype=torch.uint8), weight.new_empty(-(-n // blocksize), dtype=torch.float32)
 
 
-@quantize_4bit.register_kernel("cpu")
-def _(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+def _quantize_4bit_cpu(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     if cpu.supports(weight.dtype):
         return cpu.quantize_4bit(weight, code, blocksize)
     return reference.quantize_4bit(weight, code, blocksize)
 
 
+def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """Packed uint8 codes ``[(numel + 1) // 2]`` and fp32 absmax ``[ceil(numel / blocksize)]``."""
+    return _direct(_quantize_4bit, weight)(weight, code, blocksize)
+
+
+# -- dequantize_4bit -------------------------------------------------------------------------------
 @torch.library.custom_op("lightning_nf4::dequantize_4bit", mutates_args=())
+def _dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    numel: int,
+    dtype: torch.dtype,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+
+
+@_dequantize_4bit.register_fake
+def _(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+def _dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    if cpu.supports(dtype):
+        return cpu.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+
+
 def dequantize_4bit(
     packed: Tensor,
     absmax: Tensor,
@@ -49,21 +108,7 @@ def dequantize_4bit(
 ) -> Tensor:
     """Flat ``[numel]`` tensor of ``dtype``. With ``nested_*`` given, ``absmax`` holds uint8 codes
     of the double-quantized statistics and is decoded first (fused into one pass on GPU)."""
-    absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
-
-
-@dequantize_4bit.register_fake
-def _(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
-    return packed.new_empty(numel, dtype=dtype)
-
-
-@dequantize_4bit.register_kernel("cpu")
-def _(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
-    if cpu.supports(dtype):
-        return cpu.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
-    absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+    return _direct(_dequantize_4bit, packed)(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
 
 
 def _decode_absmax(
@@ -80,19 +125,47 @@ def _decode_absmax(
     return reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
 
 
+# -- quantize_blockwise_8bit (double quantization of the absmax) ------------------------------------
 @torch.library.custom_op("lightning_nf4::quantize_blockwise_8bit", mutates_args=())
-def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """8-bit codes (same shape as ``x``, flattened) and fp32 absmax per ``blocksize`` values."""
+def _quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return reference.quantize_blockwise_8bit(x, code, blocksize)
 
 
-@quantize_blockwise_8bit.register_fake
+@_quantize_blockwise_8bit.register_fake
 def _(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     n = x.numel()
     return x.new_empty(n, dtype=torch.uint8), x.new_empty(-(-n // blocksize), dtype=torch.float32)
 
 
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """8-bit codes (same shape as ``x``, flattened) and fp32 absmax per ``blocksize`` values."""
+    return _direct(_quantize_blockwise_8bit, x)(x, code, blocksize)
+
+
+# -- gemv_4bit (one token, straight from NF4) ---------------------------------------------------------
 @torch.library.custom_op("lightning_nf4::gemv_4bit", mutates_args=())
+def _gemv_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Tensor:
+    w = _dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    return w.view(out_features, in_features) @ x
+
+
+@_gemv_4bit.register_fake
+def _(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    return x.new_empty(out_features)
+
+
 def gemv_4bit(
     x: Tensor,
     packed: Tensor,
@@ -107,24 +180,21 @@ def gemv_4bit(
     nested_blocksize: int = 256,
 ) -> Tensor:
     """``W @ x`` for a single token ``x[in_features]`` (generation); GPUs read the packed weight directly."""
-    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
-    return w.view(out_features, in_features) @ x
+    return _direct(_gemv_4bit, x)(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize)
 
 
-@gemv_4bit.register_fake
-def _(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
-    return x.new_empty(out_features)
-
-
-def _register_triton() -> None:
-    """Attach the Triton kernels to the GPU device types; importing Triton is deferred to first use."""
+# -- registration ------------------------------------------------------------------------------------
+def _register_all() -> None:
+    """CPU kernels now; Triton for the GPU device types (importing Triton waits for first use)."""
     from lightning_nf4.kernels import triton_kernels
 
+    _register(_quantize_4bit, "cpu", _quantize_4bit_cpu)
+    _register(_dequantize_4bit, "cpu", _dequantize_4bit_cpu)
     for device_type in triton_kernels.DEVICE_TYPES:
-        quantize_4bit.register_kernel(device_type)(triton_kernels.quantize_4bit)
-        dequantize_4bit.register_kernel(device_type)(triton_kernels.dequantize_4bit)
-        quantize_blockwise_8bit.register_kernel(device_type)(triton_kernels.quantize_blockwise_8bit)
-        gemv_4bit.register_kernel(device_type)(triton_kernels.gemv_4bit)
+        _register(_quantize_4bit, device_type, triton_kernels.quantize_4bit)
+        _register(_dequantize_4bit, device_type, triton_kernels.dequantize_4bit)
+        _register(_quantize_blockwise_8bit, device_type, triton_kernels.quantize_blockwise_8bit)
+        _register(_gemv_4bit, device_type, triton_kernels.gemv_4bit)
 
 
-_register_triton()
+_register_all()

@@ -32,10 +32,11 @@ def _kernels():
     def dequantize_kernel(
         packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
         numel, num_blocks, blocksize, nested_blocksize,
-        NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
+        NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr,
     ):
         # Rows of HALF bytes (a whole quantization block, or a slice of one): the scale is decoded once
         # per row, never per element, and each row's output is one contiguous, vectorised store.
+        ROWS: tl.constexpr = OUTPUTS // (2 * HALF)
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * ROWS + tl.arange(0, ROWS)
         block = (rows * (2 * HALF)) // blocksize
@@ -99,21 +100,34 @@ def _kernels():
     @triton.jit
     def gemv_kernel(
         x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
-        nested_blocksize, NESTED: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr,
+        nested_blocksize, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
+        BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr,
     ):
         # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once
         # (a quarter of the bf16 bytes) and never writes a dequantized copy. K % BLOCKSIZE == 0.
+        # Products accumulate element-wise and are reduced once at the end, not per step.
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * ROWS + tl.arange(0, ROWS)
         row_ok = rows < N
-        half: tl.constexpr = BLOCKSIZE // 2
-        acc = tl.zeros([ROWS], dtype=tl.float32)
-        for b0 in tl.static_range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):
+        HALF: tl.constexpr = BLOCKSIZE // 2
+        acc = tl.zeros([ROWS, BLOCKS_PER_STEP, HALF], dtype=tl.float32)
+        for b0 in range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
             blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
             block_ok = blocks < BLOCKS_PER_ROW
+            pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
+            if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2p] in the low half, x[2p + 1] in the high half
+                word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
+                x_even = (word << 16).to(tl.float32, bitcast=True)
+                x_odd = (word & -65536).to(tl.float32, bitcast=True)
+            elif X_PAIRS == 2:  # fp16 x, the same words
+                word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
+                x_even = (word & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                x_even = tl.load(x_ptr + 2 * pair, mask=block_ok[:, None], other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + 2 * pair + 1, mask=block_ok[:, None], other=0.0).to(tl.float32)
             ok = row_ok[:, None, None] & block_ok[None, :, None]
-            byte_idx = (rows[:, None, None] * (K // 2) + blocks[None, :, None] * half + tl.arange(0, half)[None, None, :])
-            byte = tl.load(packed_ptr + byte_idx, mask=ok, other=0).to(tl.int32)
+            byte = tl.load(packed_ptr + rows[:, None, None] * (K // 2) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
             block_idx = rows[:, None] * BLOCKS_PER_ROW + blocks[None, :]
             block_mask = row_ok[:, None] & block_ok[None, :]
             if NESTED:
@@ -122,12 +136,9 @@ def _kernels():
                 scale = scale + tl.load(offset_ptr)
             else:
                 scale = tl.load(absmax_ptr + block_idx, mask=block_mask, other=0.0)
-            k_even = blocks[:, None] * BLOCKSIZE + 2 * tl.arange(0, half)[None, :]
-            x_even = tl.load(x_ptr + k_even, mask=block_ok[:, None], other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + k_even + 1, mask=block_ok[:, None], other=0.0).to(tl.float32)
-            partial = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
-            acc += tl.sum(tl.sum(partial, axis=2) * scale, axis=1)
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+            products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
+            acc += products * scale[:, :, None]
+        tl.store(out_ptr + rows, tl.sum(tl.sum(acc, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
     return dequantize_kernel, quantize_kernel, quantize_8bit_kernel, gemv_kernel
 
@@ -148,11 +159,33 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     return packed, absmax
 
 
-# Chosen with benchmarks/debug_triton.py: on an H100, 4096 outputs with 4 warps is within noise of the
-# best setting (83% of copy bandwidth), and 8192/8 fell to 46% on an H200. Mutable so the sweep can vary it.
-# Storing 32-bit words instead of interleaving was slower on the H100.
-DEQUANT_CONFIG = {"outputs": 4096, "num_warps": 4}
-GEMV_CONFIG = {"rows": 4, "elements_per_step": 1024, "num_warps": 4}  # best of a small H100 sweep (benchmarks/NOTES.md)
+# Dequantize launch settings (outputs per program, warps). Each card and size class times the
+# candidates once, on first use: 4096/4 was best on an H100 but reached only 46-60% of copy bandwidth on
+# an H200. Rows are capped at 32 bytes (64 outputs): wider rows hit a misaligned-address fault in
+# Triton 3.6's interleaved store (seen on an H200 at blocksize 256). DEQUANT_CONFIG forces one setting.
+DEQUANT_CANDIDATES = ((4096, 4), (8192, 8), (2048, 4), (16384, 8))
+DEQUANT_CONFIG: Optional[dict] = None  # e.g. {"outputs": 4096, "num_warps": 4}; None: timed per card
+GEMV_CONFIG = {"rows": 8, "elements_per_step": 1024, "num_warps": 4}  # see benchmarks/NOTES.md
+_dequantize_choice: dict[tuple, tuple[int, int]] = {}
+
+
+def _dequantize_key(device: torch.device, numel: int, nested: bool, half: int, dtype: torch.dtype) -> tuple:
+    return device.type, device.index, max(numel, 1).bit_length(), nested, half, dtype
+
+
+def _choose(key: tuple, device: torch.device, launch) -> tuple[int, int]:
+    """The fastest candidate for ``key``, timed once; the first one while a CUDA graph is captured."""
+    if DEQUANT_CONFIG is not None:
+        return DEQUANT_CONFIG["outputs"], DEQUANT_CONFIG["num_warps"]
+    choice = _dequantize_choice.get(key)
+    if choice is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return DEQUANT_CANDIDATES[0]
+        from triton.testing import do_bench
+
+        times = {c: do_bench(lambda c=c: launch(c), warmup=5, rep=20, return_mode="median") for c in DEQUANT_CANDIDATES}
+        choice = _dequantize_choice[key] = min(times, key=times.get)
+    return choice
 
 
 def dequantize_4bit(
@@ -174,20 +207,29 @@ def dequantize_4bit(
             absmax = reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
         return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
     out = torch.empty(numel, dtype=dtype, device=packed.device)
-    num_blocks = -(-numel // blocksize)
-    # Rows of 32 bytes (64 outputs) at most: wider rows hit a misaligned-address fault in Triton 3.6's
-    # interleaved store (seen on an H200 at blocksize 256); narrower ones cost nothing measurable.
     half = min(32, blocksize // 2)
-    rows = DEQUANT_CONFIG["outputs"] // (2 * half)
     num_rows = -(-numel // (2 * half))
-    kernels[0][(-(-num_rows // rows),)](
+    args = (
         packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, numel, num_blocks, blocksize, nested_blocksize,
-        NESTED=nested, HALF=half, ROWS=rows, num_warps=DEQUANT_CONFIG["num_warps"],
-        enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
+        out, numel, -(-numel // blocksize), blocksize, nested_blocksize,
     )
+
+    def launch(setting: tuple[int, int]) -> None:
+        outputs, warps = setting
+        kernels[0][(-(-num_rows // (outputs // (2 * half))),)](
+            *args, NESTED=nested, HALF=half, OUTPUTS=outputs, num_warps=warps,
+            enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
+        )
+
+    launch(_choose(_dequantize_key(packed.device, numel, nested, half, dtype), packed.device, launch))
     return out
+
+
+def dequantize_launch_config(device: torch.device, numel: int, nested: bool, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> Optional[dict]:
+    """The setting timed best for this size class on ``device`` (None before its first dequantize)."""
+    choice = _dequantize_choice.get(_dequantize_key(torch.device(device), numel, nested, min(32, blocksize // 2), dtype))
+    return None if choice is None else {"outputs": choice[0], "num_warps": choice[1]}
 
 
 def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -226,12 +268,16 @@ def gemv_4bit(
         return w.view(out_features, in_features) @ x
     nested = nested_absmax is not None
     out = torch.empty(out_features, dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
+    if pairs:
+        x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
     rows, warps = GEMV_CONFIG["rows"], GEMV_CONFIG["num_warps"]
     blocks_per_step = max(1, GEMV_CONFIG["elements_per_step"] // blocksize)
     kernels[3][(-(-out_features // rows),)](
-        x.contiguous(), packed, absmax, code,
+        x, packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, out_features, in_features, nested_blocksize, NESTED=nested,
-        BLOCKS_PER_ROW=in_features // blocksize, BLOCKSIZE=blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=warps,
+        out, out_features, in_features, nested_blocksize, NESTED=nested, X_PAIRS=pairs,
+        BLOCKSIZE=blocksize, BLOCKS_PER_ROW=in_features // blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=warps,
     )
     return out

@@ -1,7 +1,8 @@
 """``NF4Linear``: a frozen NF4 base weight, dequantized on the fly for each matmul.
 
 Only the packed codes are kept between forward and backward: backward dequantizes again rather than
-saving a float copy, which is what keeps QLoRA's activation memory at the bf16 LoRA level.
+saving a float copy, which is what keeps QLoRA's activation memory at the bf16 LoRA level (under
+gradient checkpointing, the recompute's copy serves the backward that follows it).
 """
 
 from __future__ import annotations
@@ -23,12 +24,25 @@ def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
         raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
 
 
+def _recorded_by_checkpoint() -> bool:
+    """True while ``torch.utils.checkpoint`` (non-reentrant) runs this forward. Tensors saved then are
+    dropped in the first pass and kept only by the recompute, whose backward follows at once, so the
+    dequantized weight may be saved: one dequantization less per layer and step. Under torch.compile
+    the compiler plans what is saved, so this answers False there."""
+    if torch.compiler.is_compiling():
+        return False
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top_hooks(False) if top_hooks is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 class _NF4Matmul(torch.autograd.Function):
-    """``x @ W.T`` with ``W`` dequantized in forward and again in backward; no weight gradient."""
+    """``x @ W.T`` with ``W`` dequantized in forward and again in backward: no float copy of ``W``
+    outlives the forward, and there is no weight gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, packed: Tensor, weight: NF4Weight, dtype: torch.dtype) -> Tensor:
-        ctx.weight = weight  # holds references to the packed tensors only, no float copy
+        ctx.weight = weight  # holds references to the packed tensors only
         ctx.dtype = dtype
         w = weight.dequantize(dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -142,10 +156,15 @@ class NF4Linear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         quant = self._synced_quant()
-        if x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if x.numel() == self.in_features and not needs_grad:
             out = self._gemv(x.reshape(-1).to(dtype), quant).view(*x.shape[:-1], self.out_features)
-        else:
+        elif needs_grad and not _recorded_by_checkpoint():
             out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
+        else:
+            # Nothing to save (no grad), or checkpointing drops what is saved: plain autograd, whose
+            # C++ backward node costs less host time than a Python Function.
+            out = torch.nn.functional.linear(x.to(dtype), quant.dequantize(dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)

@@ -42,8 +42,7 @@ def main() -> None:
     rows = [
         ("torch.empty (the output)", lambda: torch.empty(q.numel, dtype=torch.bfloat16, device="cuda")),
         ("dense F.linear, 1 token", lambda: torch.nn.functional.linear(x1, linear.weight)),
-        ("dequantize: Triton's kernel[grid](...) launch", lambda: kernels[0].fn[(q.numel // 4096,)](*raw, **meta)),
-        ("dequantize: the compiled-kernel launch (_Launcher)", lambda: kernels[0][(q.numel // 4096,)](*raw, **meta)),
+        ("dequantize: Triton's kernel[grid](...) launch", lambda: kernels[0][(q.numel // 4096,)](*raw, **meta)),
         ("dequantize: triton_kernels.dequantize_4bit", lambda: tk.dequantize_4bit(*args)),
         ("dequantize: through the custom op (dispatcher)", lambda: ops._dequantize_4bit(*args)),
         ("dequantize: ops.dequantize_4bit (eager direct)", lambda: ops.dequantize_4bit(*args)),

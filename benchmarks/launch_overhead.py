@@ -37,12 +37,12 @@ def main() -> None:
     gemv_args = (x1.view(-1), packed, q.absmax, q.code, q.blocksize, n, k, *q.nested_args())
     kernels = tk._kernels()
     out = torch.empty(q.numel, dtype=torch.bfloat16, device="cuda")
-    raw = (packed, q.absmax, q.code, q.nested.absmax, q.nested.code, q.nested.offset, out, q.numel, q.numel // 64, 64, 256)
+    raw = (packed, q.absmax, q.code, q.nested.absmax, q.nested.code, q.nested.offset, out, q.numel, 64, 256)
     meta = dict(NESTED=True, HALF=32, OUTPUTS=4096, num_warps=4, enable_fp_fusion=False)
     rows = [
         ("torch.empty (the output)", lambda: torch.empty(q.numel, dtype=torch.bfloat16, device="cuda")),
         ("dense F.linear, 1 token", lambda: torch.nn.functional.linear(x1, linear.weight)),
-        ("dequantize: Triton's kernel[grid](...) launch", lambda: kernels[0][(q.numel // 4096,)](*raw, **meta)),
+        ("dequantize: Triton's kernel[grid](...) launch", lambda: kernels.dequantize_kernel[(q.numel // 4096,)](*raw, **meta)),
         ("dequantize: triton_kernels.dequantize_4bit", lambda: tk.dequantize_4bit(*args)),
         ("dequantize: through the custom op (dispatcher)", lambda: ops._dequantize_4bit(*args)),
         ("dequantize: ops.dequantize_4bit (eager direct)", lambda: ops.dequantize_4bit(*args)),

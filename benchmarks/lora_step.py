@@ -26,6 +26,7 @@ PRESETS = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048),
 }
 CONFIGS = ("bf16 LoRA", "lightning-nf4 QLoRA", "bitsandbytes NF4-DQ + PEFT LoRA", "torchao NF4 + PEFT LoRA")
+UNGROUPED = "lightning-nf4 QLoRA, one dequantize launch per weight"  # --ablation: NF4Precision(group_dequantize=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -98,7 +99,7 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 f.write("5")  # resets VmHWM, the peak resident set
 
     times: list[float] = []
-    if name in ("bf16 LoRA", "lightning-nf4 QLoRA"):
+    if name in ("bf16 LoRA", "lightning-nf4 QLoRA", UNGROUPED):
         from lightning_nf4 import LoRACallback, NF4Precision
 
         class StepTimer(pl.Callback):
@@ -125,7 +126,7 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-4)
 
         lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
-        kw = dict(precision="bf16-mixed") if name == "bf16 LoRA" else dict(plugins=NF4Precision())
+        kw = dict(precision="bf16-mixed") if name == "bf16 LoRA" else dict(plugins=NF4Precision(group_dequantize=name != UNGROUPED))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
@@ -171,11 +172,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peers", action="store_true", help="also bitsandbytes and torchao (plain loops), where installed")
+    parser.add_argument("--ablation", action="store_true", help="also lightning-nf4 without grouped dequantization")
     args = vars(parser.parse_args())
     args["preset"] = args["preset"] or ("small" if args["device"] == "cpu" else "llama3-8b")
     ctx = mp.get_context("spawn")
     results = []
-    for name in CONFIGS[: 4 if args["peers"] else 2]:
+    names = list(CONFIGS[: 4 if args["peers"] else 2]) + ([UNGROUPED] if args["ablation"] else [])
+    for name in names:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_config, args=(name, args, queue))
         proc.start()

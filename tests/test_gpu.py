@@ -81,3 +81,42 @@ def test_cuda_one_token_gemv_matches_dequantized_matmul(double_quant, shape):
         ref = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
     assert out.shape == (1, 1, shape[0])
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_group_dequantize_equals_one_weight_at_a_time(double_quant, dtype):
+    """One launch for several weights (the group kernel) gives the single-weight kernel's bytes; a set with
+    a weight the kernel cannot take (numel not a multiple of 64) falls back to one launch per weight."""
+    from lightning_nf4.kernels import ops
+
+    device = cuda_or_skip()
+    torch.manual_seed(0)
+    shapes = [(4096, 1024), (1024, 1024), (3584, 1024), (256, 64), (100, 70)]
+    qs = [L.quantize_nf4((torch.randn(*s, device=device) * 0.02).to(torch.bfloat16), 64, double_quant) for s in shapes]
+    for subset in (qs[:4], qs):
+        nested = [q.nested for q in subset] if double_quant else []
+        flat = ops.dequantize_4bit_group(
+            [q.packed for q in subset], [q.absmax for q in subset], subset[0].code, 64, [q.numel for q in subset], dtype,
+            [n.absmax for n in nested], nested[0].code if nested else None, [n.offset for n in nested],
+        )
+        assert torch.equal(flat, torch.cat([q.dequantize(dtype).reshape(-1) for q in subset]))
+
+
+def test_cuda_grouped_checkpointed_step_equals_ungrouped():
+    from tests.lightning_models import tiny_llama
+
+    device = cuda_or_skip()
+    ids = torch.randint(0, 128, (2, 32), device=device)
+    results = []
+    for group in (True, False):
+        torch.manual_seed(0)
+        model = tiny_llama().to(device)
+        L.NF4Precision(device="cuda", group_dequantize=group).convert_module(model)
+        model.model.embed_tokens.weight.requires_grad_(True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), model.model.embed_tokens.weight.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -131,7 +131,9 @@ def dequantize_4bit(
     nested_code: Optional[torch.Tensor] = None,
     offset: Optional[torch.Tensor] = None,
     nested_blocksize: int = 256,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """Into ``out`` (a contiguous ``[numel]`` tensor of ``dtype``) when given, else a new tensor."""
     lib = _library()
     assert lib is not None
     keep = [packed.contiguous(), absmax.contiguous(), code.float().contiguous()]  # alive during the call
@@ -143,8 +145,9 @@ def dequantize_4bit(
         keep += [nested_absmax.float().contiguous(), nested_code.float().contiguous()]
         scales.qabsmax, scales.nested_absmax, scales.nested_code = keep[1].data_ptr(), keep[3].data_ptr(), keep[4].data_ptr()
         scales.offset = float(offset)
-    out = torch.empty(numel, dtype=dtype)
-    _prefer_huge_pages(out)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype)
+        _prefer_huge_pages(out)
     fn = getattr(lib, f"lnf4_dequantize_4bit_{_SUFFIX[dtype]}")
     args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), numel, blocksize, out.data_ptr())
     _run_blocks(fn, args, -(-numel // blocksize))

@@ -125,6 +125,67 @@ def _decode_absmax(
     return reference.dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize, offset)
 
 
+# -- dequantize_4bit_group (several weights in one launch) -------------------------------------------
+@torch.library.custom_op("lightning_nf4::dequantize_4bit_group", mutates_args=())
+def _dequantize_4bit_group(
+    packed: list[Tensor],
+    absmax: list[Tensor],
+    code: Tensor,
+    blocksize: int,
+    numels: list[int],
+    dtype: torch.dtype,
+    nested_absmax: list[Tensor],
+    nested_code: Optional[Tensor],
+    offsets: list[Tensor],
+    nested_blocksize: int = 256,
+) -> Tensor:
+    return _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
+
+
+def _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize):
+    parts = []
+    for i, (p, a, n) in enumerate(zip(packed, absmax, numels)):
+        nested = (nested_absmax[i], nested_code, offsets[i]) if nested_absmax else (None, None, None)
+        a = _decode_absmax(a, *nested, nested_blocksize)
+        parts.append(reference.dequantize_4bit(p, a, code, blocksize, n, dtype))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=code.device)
+
+
+@_dequantize_4bit_group.register_fake
+def _(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize=256):
+    return code.new_empty(sum(numels), dtype=dtype)
+
+
+def _dequantize_4bit_group_cpu(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize=256):
+    if not cpu.supports(dtype):
+        return _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
+    out = torch.empty(sum(numels), dtype=dtype)
+    start = 0
+    for i, (p, a, n) in enumerate(zip(packed, absmax, numels)):
+        nested = (nested_absmax[i], nested_code, offsets[i]) if nested_absmax else (None, None, None)
+        cpu.dequantize_4bit(p, a, code, blocksize, n, dtype, *nested, nested_blocksize, out=out[start:start + n])
+        start += n
+    return out
+
+
+def dequantize_4bit_group(
+    packed: list[Tensor],
+    absmax: list[Tensor],
+    code: Tensor,
+    blocksize: int,
+    numels: list[int],
+    dtype: torch.dtype,
+    nested_absmax: list[Tensor],
+    nested_code: Optional[Tensor],
+    offsets: list[Tensor],
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """Several NF4 weights of one blocksize and kind dequantized into one flat ``dtype`` tensor, in order
+    (one kernel launch on GPU). With double quantization ``nested_absmax`` and ``offsets`` hold one
+    entry per weight; without, they are empty and ``nested_code`` is None."""
+    return _direct(_dequantize_4bit_group, packed[0])(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
+
+
 # -- quantize_blockwise_8bit (double quantization of the absmax) ------------------------------------
 @torch.library.custom_op("lightning_nf4::quantize_blockwise_8bit", mutates_args=())
 def _quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -190,9 +251,11 @@ def _register_all() -> None:
 
     _register(_quantize_4bit, "cpu", _quantize_4bit_cpu)
     _register(_dequantize_4bit, "cpu", _dequantize_4bit_cpu)
+    _register(_dequantize_4bit_group, "cpu", _dequantize_4bit_group_cpu)
     for device_type in triton_kernels.DEVICE_TYPES:
         _register(_quantize_4bit, device_type, triton_kernels.quantize_4bit)
         _register(_dequantize_4bit, device_type, triton_kernels.dequantize_4bit)
+        _register(_dequantize_4bit_group, device_type, triton_kernels.dequantize_4bit_group)
         _register(_quantize_blockwise_8bit, device_type, triton_kernels.quantize_blockwise_8bit)
         _register(_gemv_4bit, device_type, triton_kernels.gemv_4bit)
 

@@ -1,9 +1,5 @@
-"""Triton kernels for GPUs (CUDA, and Intel XPU through Intel's Triton backend).
-
-Both kernels do one pass over memory: quantize reads the weight once and writes codes and absmax;
-dequantize reads codes (and, with double quantization, the 8-bit statistics) and writes the output,
-decoding the nested absmax in registers rather than in a separate launch.
-"""
+"""Host side of the Triton kernels for GPUs (CUDA, and Intel XPU through Intel's Triton backend):
+output allocation, launch settings and grids. The kernels themselves are in ``triton_jit``."""
 
 from __future__ import annotations
 
@@ -21,126 +17,12 @@ DEVICE_TYPES = ("cuda", "xpu")
 
 @lru_cache(maxsize=1)
 def _kernels():
-    """Compile-on-import of the Triton code; None where Triton is missing (plain PyTorch then serves)."""
+    """The Triton kernels, imported on first use; None where Triton is missing (plain PyTorch serves)."""
     try:
-        import triton
-        import triton.language as tl
+        from lightning_nf4.kernels import triton_jit
     except ImportError:
         return None
-
-    @triton.jit
-    def dequantize_kernel(
-        packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-        numel, num_blocks, blocksize, nested_blocksize,
-        NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr,
-    ):
-        # Rows of HALF bytes (a whole quantization block, or a slice of one): the scale is decoded once
-        # per row, never per element, and each row's output is one contiguous, vectorised store.
-        ROWS: tl.constexpr = OUTPUTS // (2 * HALF)
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        block = (rows * (2 * HALF)) // blocksize
-        row_ok = block < num_blocks
-        if NESTED:
-            qabs = tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + qabs) * tl.load(nested_absmax_ptr + block // nested_blocksize, mask=row_ok, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
-        byte_idx = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0).to(tl.int32)
-        high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-        low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-        values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
-        out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-        tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
-
-    @triton.jit
-    def quantize_kernel(
-        x_ptr, mids_ptr, packed_ptr, absmax_ptr, numel, num_blocks,
-        BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCKSIZE)
-        idx = rows[:, None] * BLOCKSIZE + cols[None, :]
-        x = tl.load(x_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
-        amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)  # NaN marks the block non-finite
-        safe = tl.maximum(amax, 1e-38).to(tl.float32)
-        partial = (rows + 1) * BLOCKSIZE > numel  # the tail block is normalised by division
-        inverse = tl.math.div_rn(tl.zeros_like(safe) + 1.0, safe).to(tl.float32)  # IEEE, as torch's 1 / absmax
-        scaled = tl.where(partial[:, None], tl.math.div_rn(x, safe[:, None]), x * inverse[:, None])
-        q = tl.zeros([ROWS, BLOCKSIZE], dtype=tl.int32)
-        for k in tl.static_range(15):
-            q += (scaled > tl.load(mids_ptr + k)).to(tl.int32)
-        even, odd = tl.split(tl.reshape(q, [ROWS, BLOCKSIZE // 2, 2]))
-        packed = ((even << 4) | odd).to(tl.uint8)
-        pidx = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-        tl.store(packed_ptr + pidx, packed, mask=pidx < (numel + 1) // 2)
-        tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
-
-    @triton.jit
-    def quantize_8bit_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, num_blocks, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr):
-        # bitsandbytes' CPU rounding: the normalised value picks one of 65536 grid points, whose
-        # nearest code comes from a lookup table; an all-zero block gets code 0.
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        ok = idx < n
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0)
-        amax = tl.max(tl.abs(x), axis=1)
-        scaled = tl.math.div_rn(x, tl.maximum(amax, 1e-38).to(tl.float32)[:, None])  # IEEE division, as the reference
-        scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
-        grid_index = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)
-        q = tl.load(lut_ptr + grid_index, mask=ok, other=0)
-        q = tl.where((amax == 0.0)[:, None], 0, q)
-        tl.store(q_ptr + idx, q.to(tl.uint8), mask=ok)
-        tl.store(absmax_ptr + rows, amax, mask=rows < num_blocks)
-
-    @triton.jit
-    def gemv_kernel(
-        x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
-        nested_blocksize, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
-        BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr,
-    ):
-        # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once
-        # (a quarter of the bf16 bytes) and never writes a dequantized copy. K % BLOCKSIZE == 0.
-        # Products accumulate element-wise and are reduced once at the end, not per step.
-        pid = tl.program_id(0).to(tl.int64)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < N
-        HALF: tl.constexpr = BLOCKSIZE // 2
-        acc = tl.zeros([ROWS, BLOCKS_PER_STEP, HALF], dtype=tl.float32)
-        for b0 in range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
-            blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
-            block_ok = blocks < BLOCKS_PER_ROW
-            pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
-            if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2p] in the low half, x[2p + 1] in the high half
-                word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
-                x_even = (word << 16).to(tl.float32, bitcast=True)
-                x_odd = (word & -65536).to(tl.float32, bitcast=True)
-            elif X_PAIRS == 2:  # fp16 x, the same words
-                word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
-                x_even = (word & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            else:
-                x_even = tl.load(x_ptr + 2 * pair, mask=block_ok[:, None], other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + 2 * pair + 1, mask=block_ok[:, None], other=0.0).to(tl.float32)
-            ok = row_ok[:, None, None] & block_ok[None, :, None]
-            byte = tl.load(packed_ptr + rows[:, None, None] * (K // 2) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
-            block_idx = rows[:, None] * BLOCKS_PER_ROW + blocks[None, :]
-            block_mask = row_ok[:, None] & block_ok[None, :]
-            if NESTED:
-                qabs = tl.load(absmax_ptr + block_idx, mask=block_mask, other=0).to(tl.int32)
-                scale = tl.load(nested_code_ptr + qabs) * tl.load(nested_absmax_ptr + block_idx // nested_blocksize, mask=block_mask, other=0.0)
-                scale = scale + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + block_idx, mask=block_mask, other=0.0)
-            products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
-            acc += products * scale[:, :, None]
-        tl.store(out_ptr + rows, tl.sum(tl.sum(acc, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
-
-    return dequantize_kernel, quantize_kernel, quantize_8bit_kernel, gemv_kernel
+    return triton_jit
 
 
 def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
@@ -155,7 +37,7 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     mids = midpoints(code.float()).contiguous()
     rows = max(1, 4096 // blocksize)
     grid = (-(-num_blocks // rows),)
-    kernels[1][grid](weight, mids, packed, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4)
+    kernels.quantize_kernel[grid](weight, mids, packed, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4)
     return packed, absmax
 
 
@@ -212,17 +94,95 @@ def dequantize_4bit(
     args = (
         packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, numel, -(-numel // blocksize), blocksize, nested_blocksize,
+        out, numel, blocksize, nested_blocksize,
     )
 
     def launch(setting: tuple[int, int]) -> None:
         outputs, warps = setting
-        kernels[0][(-(-num_rows // (outputs // (2 * half))),)](
+        kernels.dequantize_kernel[(-(-num_rows // (outputs // (2 * half))),)](
             *args, NESTED=nested, HALF=half, OUTPUTS=outputs, num_warps=warps,
             enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
         )
 
     launch(_choose(_dequantize_key(packed.device, numel, nested, half, dtype), packed.device, launch))
+    return out
+
+
+_group_tables: dict[tuple, Tensor] = {}
+GROUP_MAX_MEMBERS = 16  # one kernel specialization per member count
+
+
+def _groupable(packed: list[Tensor], absmax: list[Tensor], nested_absmax: list[Tensor], numels: list[int]) -> bool:
+    # The group kernel is told (and relies on) 16-byte aligned statistics and numels that are multiples
+    # of 64: true of every LLM projection; anything else takes one launch per weight.
+    tensors = [*packed, *absmax, *nested_absmax]
+    return (
+        0 < len(packed) <= GROUP_MAX_MEMBERS and all(n % 64 == 0 for n in numels)
+        and all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors)
+    )
+
+
+def _group_table(device: torch.device, packed, absmax, nested_absmax, offsets, numels) -> Optional[Tensor]:
+    """Per weight: addresses of packed, absmax, nested absmax and offset, output start, numel; built once
+    per set of weights (their addresses do not change while they train) and kept on the device."""
+    nested = bool(nested_absmax)
+    addresses = tuple(
+        (p.data_ptr(), a.data_ptr(), nested_absmax[i].data_ptr() if nested else a.data_ptr(), offsets[i].data_ptr() if nested else a.data_ptr())
+        for i, (p, a) in enumerate(zip(packed, absmax))
+    )
+    key = (device, addresses, tuple(numels))
+    table = _group_tables.get(key)
+    if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # building the table copies from the host, which a graph capture forbids
+        starts = [0]
+        for n in numels[:-1]:
+            starts.append(starts[-1] + n)
+        rows = [[*a, start, n] for a, start, n in zip(addresses, starts, numels)]
+        if len(_group_tables) > 1024:
+            _group_tables.clear()
+        table = _group_tables[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table
+
+
+def dequantize_4bit_group(
+    packed: list[Tensor],
+    absmax: list[Tensor],
+    code: Tensor,
+    blocksize: int,
+    numels: list[int],
+    dtype: torch.dtype,
+    nested_absmax: list[Tensor],
+    nested_code: Optional[Tensor],
+    offsets: list[Tensor],
+    nested_blocksize: int = 256,
+) -> Tensor:
+    """All weights in one launch: a QLoRA step is bound by host time per launch, not by the GPU."""
+    kernels = _kernels()
+    device = packed[0].device
+    table = None
+    if kernels is not None and _groupable(packed, absmax, nested_absmax, numels):
+        table = _group_table(device, packed, absmax, nested_absmax, offsets, numels)
+    if table is None:
+        parts = [
+            dequantize_4bit(p, a, code, blocksize, n, dtype, *((nested_absmax[i], nested_code, offsets[i]) if nested_absmax else ()), nested_blocksize=nested_blocksize)
+            for i, (p, a, n) in enumerate(zip(packed, absmax, numels))
+        ]
+        return torch.cat(parts)
+    nested = bool(nested_absmax)
+    out = torch.empty(sum(numels), dtype=dtype, device=device)
+    half = min(32, blocksize // 2)
+
+    def launch(setting: tuple[int, int]) -> None:
+        outputs, warps = setting
+        rows = outputs // (2 * half)
+        programs = sum(-(-(-(-n // (2 * half))) // rows) for n in numels)
+        kernels.dequantize_group_kernel[(programs,)](
+            table, code, nested_code if nested else code, out, blocksize, nested_blocksize,
+            MEMBERS=len(numels), NESTED=nested, HALF=half, OUTPUTS=outputs, num_warps=warps, enable_fp_fusion=False,
+        )
+
+    launch(_choose(_dequantize_key(device, max(numels), nested, half, dtype), device, launch))
     return out
 
 
@@ -243,7 +203,7 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Te
     absmax = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
     lut = reference.nearest_code_lut(code, x.device)
     rows = max(1, 4096 // blocksize)
-    kernels[2][(-(-num_blocks // rows),)](x, lut, q, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4, enable_fp_fusion=False)
+    kernels.quantize_8bit_kernel[(-(-num_blocks // rows),)](x, lut, q, absmax, n, num_blocks, BLOCKSIZE=blocksize, ROWS=rows, num_warps=4, enable_fp_fusion=False)
     return q, absmax
 
 
@@ -274,7 +234,7 @@ def gemv_4bit(
         x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
     rows, warps = GEMV_CONFIG["rows"], GEMV_CONFIG["num_warps"]
     blocks_per_step = max(1, GEMV_CONFIG["elements_per_step"] // blocksize)
-    kernels[3][(-(-out_features // rows),)](
+    kernels.gemv_kernel[(-(-out_features // rows),)](
         x, packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
         out, out_features, in_features, nested_blocksize, NESTED=nested, X_PAIRS=pairs,

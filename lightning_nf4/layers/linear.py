@@ -17,6 +17,7 @@ from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, qu
 from lightning_nf4.format.bnb_state import is_bnb_quantized
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
 from lightning_nf4.kernels import ops
+from lightning_nf4.layers.group import DequantGroup
 
 
 def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
@@ -37,24 +38,23 @@ def _recorded_by_checkpoint() -> bool:
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """``x @ W.T`` with ``W`` dequantized in forward and again in backward: no float copy of ``W``
-    outlives the forward, and there is no weight gradient."""
+    """``x @ W.T`` with ``w``, the dequantized ``W``, dequantized again in backward: no float copy of
+    ``W`` outlives the forward, and there is no weight gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, packed: Tensor, weight: NF4Weight, dtype: torch.dtype) -> Tensor:
+    def forward(ctx: Any, x: Tensor, packed: Tensor, weight: NF4Weight, dtype: torch.dtype, w: Tensor) -> Tensor:
         ctx.weight = weight  # holds references to the packed tensors only
         ctx.dtype = dtype
-        w = weight.dequantize(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.linear(x, w)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         w = ctx.weight.dequantize(ctx.dtype)
         with torch.autocast(grad_out.device.type, enabled=False):
-            return torch.matmul(grad_out.to(ctx.dtype), w), None, None, None
+            return torch.matmul(grad_out.to(ctx.dtype), w), None, None, None, None
 
 
 def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant: bool, dtype: torch.dtype, device: Any) -> NF4Weight:
@@ -97,6 +97,7 @@ class NF4Linear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        self._group: Optional[DequantGroup] = None
         _check_compute_dtype(compute_dtype)
         self.in_features = in_features
         self.out_features = out_features
@@ -126,6 +127,7 @@ class NF4Linear(nn.Module):
             raise NF4FormatError(f"{name}.weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer._group = None
         _check_compute_dtype(compute_dtype)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.blocksize, layer.double_quant, layer.compute_dtype = check_blocksize(blocksize), double_quant, compute_dtype
@@ -136,6 +138,9 @@ class NF4Linear(nn.Module):
     def _set_quant(self, quant: NF4Weight) -> None:
         self.weight = nn.Parameter(quant.packed, requires_grad=False)
         self.quant = quant.with_packed(self.weight)
+        group = self.__dict__.get("_group")
+        if group is not None:
+            group.clear()  # weights dequantized from the old codes must not be handed out
 
     # -- behaviour ----------------------------------------------------------------------------
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -160,14 +165,22 @@ class NF4Linear(nn.Module):
         if x.numel() == self.in_features and not needs_grad:
             out = self._gemv(x.reshape(-1).to(dtype), quant).view(*x.shape[:-1], self.out_features)
         elif needs_grad and not _recorded_by_checkpoint():
-            out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype)
+            out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype, self._dequantized(quant, dtype))
         else:
             # Nothing to save (no grad), or checkpointing drops what is saved: plain autograd, whose
             # C++ backward node costs less host time than a Python Function.
-            out = torch.nn.functional.linear(x.to(dtype), quant.dequantize(dtype))
+            out = torch.nn.functional.linear(x.to(dtype), self._dequantized(quant, dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
+
+    def _dequantized(self, quant: NF4Weight, dtype: torch.dtype) -> Tensor:
+        """The float weight for one matmul: from this layer's group (one launch for the whole block) when
+        it has one, else its own dequantize."""
+        group = self.__dict__.get("_group")
+        if group is not None and not torch.compiler.is_compiling():
+            return group.weight(self, dtype)
+        return quant.dequantize(dtype)
 
     def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
         """One token without autograd (generation): a matrix-vector product read straight from NF4."""
@@ -179,6 +192,9 @@ class NF4Linear(nn.Module):
         super()._apply(fn, recurse)
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
         self.quant = self.quant.with_packed(self.weight)
+        group = self.__dict__.get("_group")
+        if group is not None:
+            group.clear()  # a round's weights are on the old device
         return self
 
     @property

@@ -136,3 +136,30 @@ def test_group_op_equals_one_weight_at_a_time(double_quant):
     flat = ops.dequantize_4bit_group(*args)
     assert torch.equal(flat, torch.cat([q.dequantize(torch.bfloat16).reshape(-1) for q in qs]))
     torch.library.opcheck(ops._dequantize_4bit_group, tuple(a if not isinstance(a, list) else [t.reshape(-1) if isinstance(t, torch.Tensor) else t for t in a] for a in args))
+
+
+def test_auto_groups_on_gpus_only():
+    model = tiny_llama()
+    NF4Precision(device="cpu").convert_module(model)  # "auto": no launch cost to save on CPU
+    assert all(m._group is None for m in model.modules() if isinstance(m, NF4Linear))
+    assert not ops.launches_kernels("cpu") and ops.launches_kernels("cuda") and ops.launches_kernels("xpu")
+    from lightning_nf4.plugins.precision import NF4PrecisionError
+
+    with pytest.raises(NF4PrecisionError, match="group_dequantize must be True, False or .auto."):
+        NF4Precision(group_dequantize="yes")
+
+
+def test_groups_survive_pickling_and_deepcopy():
+    """ddp_spawn pickles the model into each process; copies keep one group per decoder layer."""
+    import pickle
+
+    model = nf4_llama(True).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        layers = [m for m in clone.modules() if isinstance(m, NF4Linear)]
+        assert len({id(m._group) for m in layers}) == 2
+        assert all(m in m._group.layers for m in layers)
+        with torch.no_grad():
+            assert torch.equal(clone(input_ids=ids).logits, expected)

@@ -244,6 +244,12 @@ def gemv_4bit(
     return _direct(_gemv_4bit, x)(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize)
 
 
+def launches_kernels(device_type: str) -> bool:
+    """Whether dequantizing on ``device_type`` is a kernel launch with host cost of its own (GPUs), so
+    that batching several weights into one call pays; on CPU the work is the same either way."""
+    return device_type in _KERNELS.get(_dequantize_4bit_group, {}) and device_type != "cpu"
+
+
 # -- registration ------------------------------------------------------------------------------------
 def _register_all() -> None:
     """CPU kernels now; Triton for the GPU device types (importing Triton waits for first use)."""

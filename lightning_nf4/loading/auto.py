@@ -25,6 +25,7 @@ from lightning_nf4.loading.checkpoint import CheckpointError, checkpoint_files, 
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.devices import resolve_device
 from lightning_nf4.loading.packaged import resolve_model_path
+from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.plugins.convert import convert_linears, nf4_layers, release_freed_host_memory
 
@@ -84,7 +85,8 @@ def _finish(model: nn.Module, nf4: Optional[NF4LoadConfig]) -> nn.Module:
         packed = sum(layer.memory_bytes for _, layer in layers)
         floats = sum(layer.in_features * layer.out_features * layer.quant.dtype.itemsize for _, layer in layers)
         rank_zero_info(f"lightning-nf4: {len(layers)} linear layers in NF4: {floats / 2**20:.1f} MiB in float -> {packed / 2**20:.1f} MiB.")
-        group_nf4_layers(model)  # one dequantize launch per decoder layer
+        if layers and ops.launches_kernels(layers[0][1].weight.device.type):
+            group_nf4_layers(model)  # one dequantize launch per decoder layer
     release_freed_host_memory()
     return model.eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from lightning_nf4.format.quantized import check_blocksize, float_dtype
+from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.plugins.convert import convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
@@ -39,7 +40,8 @@ class NF4Precision(MixedPrecision):
         skip_modules: module names or patterns left in float (``lm_head`` by default, as transformers does).
         device: where to quantize and autocast; by default the trainer's root device.
         group_dequantize: dequantize the NF4 weights of each decoder layer together, in one kernel launch
-            (``lightning_nf4.layers.group``); results are identical either way.
+            (``lightning_nf4.layers.group``); results are identical either way. "auto" (default): on GPUs,
+            where each launch costs host time, not on CPU, where it only holds a layer's weights longer.
     """
 
     def __init__(
@@ -50,7 +52,7 @@ class NF4Precision(MixedPrecision):
         skip_modules: Sequence[str] = ("lm_head",),
         device: Optional[str] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
-        group_dequantize: bool = True,
+        group_dequantize: Union[bool, str] = "auto",
     ) -> None:
         compute_dtype = float_dtype(compute_dtype) or compute_dtype
         if compute_dtype not in _PRECISION_NAMES:
@@ -64,6 +66,8 @@ class NF4Precision(MixedPrecision):
         self.double_quant = double_quant
         self.skip_modules = tuple(skip_modules)
         self._device_given = device is not None
+        if group_dequantize not in (True, False, "auto"):
+            raise NF4PrecisionError(f"group_dequantize must be True, False or 'auto', got {group_dequantize!r}.")
         self.group_dequantize = group_dequantize
         self._post_convert: list[Callable[[nn.Module], None]] = []
 
@@ -106,7 +110,7 @@ class NF4Precision(MixedPrecision):
             after = _param_bytes(module)
             rank_zero_info(f"NF4Precision: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
         exclude_nf4_from_ddp_sync(module)
-        if self.group_dequantize:
+        if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)
         hooks, self._post_convert = self._post_convert, []
         for hook in hooks:

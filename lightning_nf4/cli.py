@@ -94,6 +94,12 @@ def _with_default_config(args: list[str]) -> list[str]:
     return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
 
 
+def run() -> None:
+    """The ``lightning-nf4`` console script. Returns None: a console script's return value becomes the
+    exit status, and returning the CLI object made every successful run exit with status 1."""
+    main()
+
+
 def main(args: ArgsType = None) -> NF4CLI:
     """Console entry point (``lightning-nf4``); ``args`` runs it in-process, as a list of CLI words or a dict."""
     if args is None:

@@ -141,6 +141,24 @@ def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
 
 
+def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch):
+    """``lightning-nf4 fit ...`` as the shell runs it: the entry point's return value is the exit status."""
+    import subprocess
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-nf4"]
+    assert script.value == "lightning_nf4.cli:run"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
+    config = write_config(tmp_path, model_dir, data)
+    code = f"import sys; sys.argv = ['lightning-nf4', 'fit', '--config', {str(config)!r}, '--trainer.max_steps', '1']; " \
+           f"from {script.module} import {script.attr}; sys.exit({script.attr}())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_shipped_configs_parse():
     class ParseOnly(NF4CLI):
         def instantiate_classes(self) -> None:  # GPU configs must parse on a CPU machine

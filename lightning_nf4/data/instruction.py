@@ -11,13 +11,12 @@ import random
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_nf4.data.text import left_pad_collate, load_tokenizer, tokenizer_source
+from lightning_nf4.data.text import HeldOutDataModule, left_pad_collate, load_tokenizer, tokenizer_source
 
 IGNORE_INDEX = -100
 
@@ -82,7 +81,7 @@ def pad_collate(pad_id: int) -> Any:
     return collate
 
 
-class InstructionDataModule(pl.LightningDataModule):
+class InstructionDataModule(HeldOutDataModule):
     """Supervised fine-tuning data: ``{"instruction", "input"?, "output"}`` per JSONL line.
 
     Args:
@@ -179,15 +178,6 @@ class InstructionDataModule(pl.LightningDataModule):
     def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=pad_collate(self.tokenizer.pad_token_id or 0), persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """The held-out prompts, to compare generations with their reference outputs."""

@@ -124,7 +124,27 @@ def left_pad_collate(pad_id: int) -> Callable[[list[list[int]]], dict[str, Tenso
     return collate
 
 
-class TextDataModule(pl.LightningDataModule):
+class HeldOutDataModule(pl.LightningDataModule):
+    """A training set and a held-out set (built in ``setup``); the held-out set serves validation and
+    test. Subclasses say how a set becomes a loader (``_loader``) and what ``predict`` reads."""
+
+    train_set: Any
+    val_set: Any
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class TextDataModule(HeldOutDataModule):
     """Causal-LM blocks from plain text, with a held-out split for perplexity.
 
     Args:
@@ -179,15 +199,6 @@ class TextDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_prompts:

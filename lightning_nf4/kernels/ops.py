@@ -143,11 +143,10 @@ def _dequantize_4bit_group(
 
 
 def _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize):
-    parts = []
-    for i, (p, a, n) in enumerate(zip(packed, absmax, numels)):
-        nested = (nested_absmax[i], nested_code, offsets[i]) if nested_absmax else (None, None, None)
-        a = _decode_absmax(a, *nested, nested_blocksize)
-        parts.append(reference.dequantize_4bit(p, a, code, blocksize, n, dtype))
+    parts = [
+        reference.dequantize_4bit(p, _decode_absmax(a, *nested, nested_blocksize), code, blocksize, n, dtype)
+        for p, a, n, nested in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets)
+    ]
     return torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=code.device)
 
 
@@ -161,8 +160,7 @@ def _dequantize_4bit_group_cpu(packed, absmax, code, blocksize, numels, dtype, n
         return _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
     out = torch.empty(sum(numels), dtype=dtype)
     start = 0
-    for i, (p, a, n) in enumerate(zip(packed, absmax, numels)):
-        nested = (nested_absmax[i], nested_code, offsets[i]) if nested_absmax else (None, None, None)
+    for p, a, n, nested in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):
         cpu.dequantize_4bit(p, a, code, blocksize, n, dtype, *nested, nested_blocksize, out=out[start:start + n])
         start += n
     return out

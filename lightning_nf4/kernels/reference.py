@@ -79,3 +79,10 @@ def dequantize_blockwise_8bit(
     n = q.numel()
     scale = absmax.repeat_interleave(blocksize)[:n]
     return code[q.reshape(-1).long()] * scale + offset
+
+
+def group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):
+    """Per weight of a ``dequantize_4bit_group`` call: ``(packed, absmax, numel, nested)``, where
+    ``nested`` is ``(nested_absmax, nested_code, offset)``, or three Nones without double quantization."""
+    for i, (p, a, n) in enumerate(zip(packed, absmax, numels)):
+        yield p, a, n, ((nested_absmax[i], nested_code, offsets[i]) if nested_absmax else (None, None, None))

@@ -165,8 +165,8 @@ def dequantize_4bit_group(
         table = _group_table(device, packed, absmax, nested_absmax, offsets, numels)
     if table is None:
         parts = [
-            dequantize_4bit(p, a, code, blocksize, n, dtype, *((nested_absmax[i], nested_code, offsets[i]) if nested_absmax else ()), nested_blocksize=nested_blocksize)
-            for i, (p, a, n) in enumerate(zip(packed, absmax, numels))
+            dequantize_4bit(p, a, code, blocksize, n, dtype, *nested, nested_blocksize)
+            for p, a, n, nested in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets)
         ]
         return torch.cat(parts)
     nested = bool(nested_absmax)

@@ -7,7 +7,6 @@ gradient checkpointing, the recompute's copy serves the backward that follows it
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -138,9 +137,7 @@ class NF4Linear(nn.Module):
     def _set_quant(self, quant: NF4Weight) -> None:
         self.weight = nn.Parameter(quant.packed, requires_grad=False)
         self.quant = quant.with_packed(self.weight)
-        group = self.__dict__.get("_group")
-        if group is not None:
-            group.clear()  # weights dequantized from the old codes must not be handed out
+        self._drop_group_round()  # weights dequantized from the old codes must not be handed out
 
     # -- behaviour ----------------------------------------------------------------------------
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -182,6 +179,11 @@ class NF4Linear(nn.Module):
             return group.weight(self, dtype)
         return quant.dequantize(dtype)
 
+    def _drop_group_round(self) -> None:
+        group = self.__dict__.get("_group")
+        if group is not None:
+            group.clear()
+
     def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
         """One token without autograd (generation): a matrix-vector product read straight from NF4."""
         return ops.gemv_4bit(
@@ -192,9 +194,7 @@ class NF4Linear(nn.Module):
         super()._apply(fn, recurse)
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
         self.quant = self.quant.with_packed(self.weight)
-        group = self.__dict__.get("_group")
-        if group is not None:
-            group.clear()  # a round's weights are on the old device
+        self._drop_group_round()  # a round's weights are on the old device
         return self
 
     @property

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 

@@ -6,5 +6,5 @@ set -uo pipefail
 out="${OUT:-.}"
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 200 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3
-timeout 120 python3 benchmarks/kernels.py --device cuda --out "$out/kernels.md" > /dev/null 2>&1; cat "$out/kernels.md"
+timeout 150 python3 benchmarks/kernels.py --device cuda --out "$out/kernels.md" > /dev/null 2>&1; cat "$out/kernels.md"
 timeout 400 python3 benchmarks/lora_step.py --device cuda --peers --ablation --steps 8 --warmup 3 2>&1 | tail -10 | tee "$out/lora_step.md"

@@ -70,17 +70,22 @@ def test_cuda_nested_8bit_quantize_equals_reference():
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape", [(4096, 1024), (1000, 320), (64, 100)])
-def test_cuda_one_token_gemv_matches_dequantized_matmul(double_quant, shape):
+@pytest.mark.parametrize("shape", [(4096, 1024), (1000, 320), (1001, 256), (64, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_one_token_gemv_matches_dequantized_matmul(double_quant, shape, dtype):
+    """The fused gemv (warp-shuffle code lookups) against dequantize + matmul in fp32: rows that do not
+    fill the last program (1001), rows of 5 blocks (320) and a width that is not whole blocks (100)."""
     device = cuda_or_skip()
+    torch.manual_seed(0)
     linear = nn.Linear(shape[1], shape[0], bias=True, device=device)
-    layer = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=torch.float32)
-    x = torch.randn(1, 1, shape[1], device=device)
+    layer = NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=dtype)
+    x = torch.randn(1, 1, shape[1], device=device).to(dtype)
     with torch.no_grad():
         out = layer(x)  # one token without autograd: the fused gemv path
-        ref = torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias)
-    assert out.shape == (1, 1, shape[0])
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        ref = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
+    assert out.shape == (1, 1, shape[0]) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # a half-precision output rounds once
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

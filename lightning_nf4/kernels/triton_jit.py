@@ -22,41 +22,87 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bloc
 
 
 @triton.jit
+def lane_code(code_ptr):
+    """code[lane % 16] in each lane of the warp: the table ``code_pair_shuffle`` reads."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 lane; .reg .b64 a; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
+        "mad.wide.u32 a, lane, 4, $1; ld.global.nc.f32 $0, [a]; }",
+        "=r,l", [code_ptr], dtype=tl.float32, is_pure=True, pack=1,
+    )
+
+
+@triton.jit
+def code_pair_shuffle(table, byte):
+    # Four bytes per call, each nibble's value fetched by a warp shuffle from the lane that holds it:
+    # no address arithmetic and no memory access per element, where a gather costs both and made Triton
+    # move the bytes through shared memory. A shuffle takes its source lane from the low 5 bits of the
+    # operand, and lanes 16-31 repeat the table, so a nibble needs no masking, only a shift.
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 s; "
+        "shr.u32 s, $8, 4; shfl.sync.idx.b32 $0, $9, s, 0x1f, -1; shfl.sync.idx.b32 $4, $9, $8, 0x1f, -1; "
+        "shr.u32 s, $8, 12; shfl.sync.idx.b32 $1, $9, s, 0x1f, -1; shr.u32 s, $8, 8; shfl.sync.idx.b32 $5, $9, s, 0x1f, -1; "
+        "shr.u32 s, $8, 20; shfl.sync.idx.b32 $2, $9, s, 0x1f, -1; shr.u32 s, $8, 16; shfl.sync.idx.b32 $6, $9, s, 0x1f, -1; "
+        "shr.u32 s, $8, 28; shfl.sync.idx.b32 $3, $9, s, 0x1f, -1; shr.u32 s, $8, 24; shfl.sync.idx.b32 $7, $9, s, 0x1f, -1; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [byte, table], dtype=(tl.float32, tl.float32), is_pure=True, pack=4,
+    )
+
+
+@triton.jit
+def code_pair(code_ptr, byte, SHUFFLE: tl.constexpr):
+    """(code[byte >> 4], code[byte & 15]) for a uint8 tensor: by warp shuffles on NVIDIA GPUs (SHUFFLE,
+    inline PTX), by gathers from the 16-entry table elsewhere (Intel XPU, the interpreter)."""
+    if SHUFFLE:
+        return code_pair_shuffle(lane_code(code_ptr), byte)
+    else:
+        wide = byte.to(tl.int32)
+        return tl.load(code_ptr + (wide >> 4)), tl.load(code_ptr + (wide & 15))
+
+
+@triton.jit
 def dequantize_rows(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-    numel, blocksize, nested_blocksize, pid, NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr,
+    numel, blocksize, nested_blocksize, pid,
+    NESTED: tl.constexpr, HALF: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr,
 ):
     # Rows of HALF bytes (a whole quantization block, or a slice of one): the scale is decoded once per
-    # row, never per element, and each row's output is one contiguous, vectorised store.
+    # row, never per element, and each row's output is one contiguous, vectorised store. EVEN: the
+    # program's rows are all inside the weight, so no masks (and no per-element compares).
     rows = pid * ROWS + tl.arange(0, ROWS)
     block = (rows * (2 * HALF)) // blocksize
-    row_ok = block < (numel + blocksize - 1) // blocksize
-    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, row_ok, nested_blocksize, NESTED)
     byte_idx = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0).to(tl.int32)
-    high = tl.load(code_ptr + (byte >> 4)) * scale[:, None]
-    low = tl.load(code_ptr + (byte & 15)) * scale[:, None]
-    values = tl.interleave(high.to(out_ptr.dtype.element_ty), low.to(out_ptr.dtype.element_ty))
     out_idx = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
-    tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
+    if EVEN:
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, block >= 0, nested_blocksize, NESTED)
+        byte = tl.load(packed_ptr + byte_idx)
+    else:
+        row_ok = block < (numel + blocksize - 1) // blocksize
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, row_ok, nested_blocksize, NESTED)
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0)
+    high, low = code_pair(code_ptr, byte, SHUFFLE)
+    values = tl.interleave((high * scale[:, None]).to(out_ptr.dtype.element_ty), (low * scale[:, None]).to(out_ptr.dtype.element_ty))
+    if EVEN:
+        tl.store(out_ptr + out_idx, values)
+    else:
+        tl.store(out_ptr + out_idx, values, mask=out_idx < numel)
 
 
 @triton.jit
 def dequantize_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
     numel, blocksize, nested_blocksize,
-    NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr,
+    NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr,
 ):
     dequantize_rows(
         packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
-        numel, blocksize, nested_blocksize, tl.program_id(0).to(tl.int64), NESTED, HALF, OUTPUTS // (2 * HALF),
+        numel, blocksize, nested_blocksize, tl.program_id(0).to(tl.int64), NESTED, HALF, OUTPUTS // (2 * HALF), SHUFFLE, EVEN,
     )
 
 
 @triton.jit
 def dequantize_group_kernel(
     table_ptr, code_ptr, nested_code_ptr, out_ptr, blocksize, nested_blocksize,
-    MEMBERS: tl.constexpr, NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr,
+    MEMBERS: tl.constexpr, NESTED: tl.constexpr, HALF: tl.constexpr, OUTPUTS: tl.constexpr, SHUFFLE: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Several weights in one launch, each into its own slice of ``out``. ``table`` holds one row of six
     # int64 per weight: the addresses of packed, absmax, nested absmax and offset, the weight's first
@@ -87,6 +133,7 @@ def dequantize_group_kernel(
     dequantize_rows(
         packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
         out_ptr + out_start, tl.multiple_of(tl.load(row + 5), 64), blocksize, nested_blocksize, pid - first, NESTED, HALF, ROWS,
+        SHUFFLE, EVEN,
     )
 
 
@@ -135,38 +182,43 @@ def quantize_8bit_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, num_blocks, BLOCK
 
 @triton.jit
 def gemv_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N,
     nested_blocksize, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
-    BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once
-    # (a quarter of the bf16 bytes) and never writes a dequantized copy. K % BLOCKSIZE == 0.
-    # Products accumulate element-wise and are reduced once at the end, not per step.
+    # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once (a
+    # quarter of the bf16 bytes) and writes no dequantized copy. BLOCKS_PER_ROW % BLOCKS_PER_STEP == 0;
+    # EVEN: N % ROWS == 0. Products are summed within each quantization block and scaled once per block.
+    # x is loaded per row, in the layout of the packed bytes (it stays in L1): a shared x would be moved
+    # through shared memory to that layout at every step.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     HALF: tl.constexpr = BLOCKSIZE // 2
-    acc = tl.zeros([ROWS, BLOCKS_PER_STEP, HALF], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCKS_PER_STEP], dtype=tl.float32)
     for b0 in range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
         blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
-        block_ok = blocks < BLOCKS_PER_ROW
         pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
+        x_at = pair[None, :, :] + 0 * rows[:, None, None]
         if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2p] in the low half, x[2p + 1] in the high half
-            word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
+            word = tl.load(x_ptr + x_at)
             x_even = (word << 16).to(tl.float32, bitcast=True)
             x_odd = (word & -65536).to(tl.float32, bitcast=True)
         elif X_PAIRS == 2:  # fp16 x, the same words
-            word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
+            word = tl.load(x_ptr + x_at)
             x_even = (word & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         else:
-            x_even = tl.load(x_ptr + 2 * pair, mask=block_ok[:, None], other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + 2 * pair + 1, mask=block_ok[:, None], other=0.0).to(tl.float32)
-        ok = row_ok[:, None, None] & block_ok[None, :, None]
-        byte = tl.load(packed_ptr + rows[:, None, None] * (K // 2) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
+            x_even = tl.load(x_ptr + 2 * x_at).to(tl.float32)
+            x_odd = tl.load(x_ptr + 2 * x_at + 1).to(tl.float32)
+        byte_at = packed_ptr + rows[:, None, None] * (BLOCKS_PER_ROW * HALF) + pair[None, :, :]
         block_idx = rows[:, None] * BLOCKS_PER_ROW + blocks[None, :]
-        block_mask = row_ok[:, None] & block_ok[None, :]
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, block_mask, nested_blocksize, NESTED)
-        products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
-        acc += products * scale[:, :, None]
-    tl.store(out_ptr + rows, tl.sum(tl.sum(acc, axis=2), axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+        if EVEN:
+            byte = tl.load(byte_at)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, block_idx >= 0, nested_blocksize, NESTED)
+        else:
+            byte = tl.load(byte_at, mask=row_ok[:, None, None], other=0)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, row_ok[:, None], nested_blocksize, NESTED)
+        high, low = code_pair(code_ptr, byte, SHUFFLE)
+        acc += tl.sum(high * x_even + low * x_odd, axis=2) * scale
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)

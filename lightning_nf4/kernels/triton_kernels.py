@@ -42,13 +42,19 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
 
 
 # Dequantize launch settings (outputs per program, warps). Each card and size class times the
-# candidates once, on first use: 4096/4 was best on an H100 but reached only 46-60% of copy bandwidth on
-# an H200. Rows are capped at 32 bytes (64 outputs): wider rows hit a misaligned-address fault in
-# Triton 3.6's interleaved store (seen on an H200 at blocksize 256). DEQUANT_CONFIG forces one setting.
-DEQUANT_CANDIDATES = ((4096, 4), (8192, 8), (2048, 4), (16384, 8))
+# candidates once, on first use (one setting is not best everywhere: benchmarks/NOTES.md). Rows are
+# capped at 32 bytes (64 outputs): wider rows hit a misaligned-address fault in Triton 3.6's interleaved
+# store (seen on an H200 at blocksize 256). DEQUANT_CONFIG forces one setting.
+DEQUANT_CANDIDATES = ((4096, 4), (8192, 8), (4096, 8), (8192, 4))
 DEQUANT_CONFIG: Optional[dict] = None  # e.g. {"outputs": 4096, "num_warps": 4}; None: timed per card
-GEMV_CONFIG = {"rows": 8, "elements_per_step": 1024, "num_warps": 4}  # see benchmarks/NOTES.md
+GEMV_CONFIG = {"rows": 4, "blocks_per_step": 16, "num_warps": 4}  # swept on an H100: benchmarks/NOTES.md
 _dequantize_choice: dict[tuple, tuple[int, int]] = {}
+
+
+def shuffles(device: torch.device) -> bool:
+    """Whether the kernels look NF4 codes up with warp shuffles (inline PTX: NVIDIA GPUs only) rather
+    than with gathers from the code table (Intel XPU, AMD)."""
+    return device.type == "cuda" and torch.version.hip is None
 
 
 def _dequantize_key(device: torch.device, numel: int, nested: bool, half: int, dtype: torch.dtype) -> tuple:
@@ -97,10 +103,12 @@ def dequantize_4bit(
         out, numel, blocksize, nested_blocksize,
     )
 
+    shuffle = shuffles(packed.device)
+
     def launch(setting: tuple[int, int]) -> None:
         outputs, warps = setting
         kernels.dequantize_kernel[(-(-num_rows // (outputs // (2 * half))),)](
-            *args, NESTED=nested, HALF=half, OUTPUTS=outputs, num_warps=warps,
+            *args, NESTED=nested, HALF=half, OUTPUTS=outputs, SHUFFLE=shuffle, EVEN=numel % outputs == 0, num_warps=warps,
             enable_fp_fusion=False,  # code * nested_absmax + offset rounds twice, as the reference does
         )
 
@@ -172,6 +180,7 @@ def dequantize_4bit_group(
     nested = bool(nested_absmax)
     out = torch.empty(sum(numels), dtype=dtype, device=device)
     half = min(32, blocksize // 2)
+    shuffle = shuffles(device)
 
     def launch(setting: tuple[int, int]) -> None:
         outputs, warps = setting
@@ -179,7 +188,8 @@ def dequantize_4bit_group(
         programs = sum(-(-(-(-n // (2 * half))) // rows) for n in numels)
         kernels.dequantize_group_kernel[(programs,)](
             table, code, nested_code if nested else code, out, blocksize, nested_blocksize,
-            MEMBERS=len(numels), NESTED=nested, HALF=half, OUTPUTS=outputs, num_warps=warps, enable_fp_fusion=False,
+            MEMBERS=len(numels), NESTED=nested, HALF=half, OUTPUTS=outputs, SHUFFLE=shuffle,
+            EVEN=all(n % outputs == 0 for n in numels), num_warps=warps, enable_fp_fusion=False,
         )
 
     launch(_choose(_dequantize_key(device, max(numels), nested, half, dtype), device, launch))
@@ -233,11 +243,15 @@ def gemv_4bit(
     if pairs:
         x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
     rows, warps = GEMV_CONFIG["rows"], GEMV_CONFIG["num_warps"]
-    blocks_per_step = max(1, GEMV_CONFIG["elements_per_step"] // blocksize)
+    blocks_per_row = in_features // blocksize
+    blocks_per_step = GEMV_CONFIG["blocks_per_step"]
+    while blocks_per_row % blocks_per_step:  # the kernel has no mask along K
+        blocks_per_step //= 2
     kernels.gemv_kernel[(-(-out_features // rows),)](
         x, packed, absmax, code,
         nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, out_features, in_features, nested_blocksize, NESTED=nested, X_PAIRS=pairs,
-        BLOCKSIZE=blocksize, BLOCKS_PER_ROW=in_features // blocksize, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, num_warps=warps,
+        out, out_features, nested_blocksize, NESTED=nested, X_PAIRS=pairs, BLOCKSIZE=blocksize,
+        BLOCKS_PER_ROW=blocks_per_row, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, SHUFFLE=shuffles(x.device),
+        EVEN=out_features % rows == 0, num_warps=warps,
     )
     return out

@@ -1,0 +1,19 @@
+"""The Triton kernels on the CPU, through Triton's interpreter (a subprocess: the switch is read at import)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_triton_kernels_under_the_interpreter_match_the_cpu_kernels():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "tests" / "interpreter_check.py")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interpreter kernels match" in done.stdout

@@ -38,7 +38,10 @@ def main() -> None:
     kernels = tk._kernels()
     out = torch.empty(q.numel, dtype=torch.bfloat16, device="cuda")
     raw = (packed, q.absmax, q.code, q.nested.absmax, q.nested.code, q.nested.offset, out, q.numel, 64, 256)
-    meta = dict(NESTED=True, HALF=32, OUTPUTS=4096, num_warps=4, enable_fp_fusion=False)
+    meta = dict(NESTED=True, HALF=32, OUTPUTS=4096, SHUFFLE=True, EVEN=True, num_warps=4, enable_fp_fusion=False)
+    gout = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    graw = (x1.view(-1).view(torch.int32), packed, q.absmax, q.code, q.nested.absmax, q.nested.code, q.nested.offset, gout, n, 256)
+    gmeta = dict(NESTED=True, X_PAIRS=1, BLOCKSIZE=64, BLOCKS_PER_ROW=k // 64, BLOCKS_PER_STEP=16, ROWS=4, SHUFFLE=True, EVEN=True, num_warps=4)
     rows = [
         ("torch.empty (the output)", lambda: torch.empty(q.numel, dtype=torch.bfloat16, device="cuda")),
         ("dense F.linear, 1 token", lambda: torch.nn.functional.linear(x1, linear.weight)),
@@ -47,6 +50,7 @@ def main() -> None:
         ("dequantize: through the custom op (dispatcher)", lambda: ops._dequantize_4bit(*args)),
         ("dequantize: ops.dequantize_4bit (eager direct)", lambda: ops.dequantize_4bit(*args)),
         ("dequantize: NF4Weight.dequantize", lambda: q.dequantize(torch.bfloat16)),
+        ("gemv: Triton's kernel[grid](...) launch", lambda: kernels.gemv_kernel[(n // 4,)](*graw, **gmeta)),
         ("gemv: triton_kernels.gemv_4bit", lambda: tk.gemv_4bit(*gemv_args)),
         ("gemv: through the custom op (dispatcher)", lambda: ops._gemv_4bit(*gemv_args)),
         ("gemv: ops.gemv_4bit (eager direct)", lambda: ops.gemv_4bit(*gemv_args)),

@@ -70,15 +70,27 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            # Under autocast the adapters run in the compute dtype; outside it, in their own dtype.
-            h = x if torch.is_autocast_enabled(x.device.type) else x.to(lora_a.weight.dtype)
+            if autocast and lora_b.bias is None:
+                result = self._add_update(result, lora_a(self.lora_dropout[name](x)), lora_b.weight, self.scaling[name])
+                continue
+            # Outside autocast the adapters run in their own dtype, and the update is cast to the output's.
+            h = x if autocast else x.to(lora_a.weight.dtype)
             update = lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
             result = result + update.to(result.dtype)
         return result
+
+    @staticmethod
+    def _add_update(result: Tensor, down: Tensor, lora_b_weight: Tensor, scaling: float) -> Tensor:
+        """``result + scaling * down @ B.T`` as one matmul: the scaling goes onto B (``[out, r]``) and the sum
+        into the matmul's epilogue (``addmm``), instead of two passes over the ``[tokens, out]`` output, and
+        their backward, per layer. ``lora_B``'s module hooks do not run here (PEFT's forward calls them)."""
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), (lora_b_weight * scaling).t())
+        return flat.view(result.shape)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

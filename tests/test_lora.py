@@ -1,0 +1,81 @@
+"""``NF4LoraLinear``'s forward: the fused update under autocast against the plain LoRA formula."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nf4 import NF4Linear
+from lightning_nf4.layers.lora import NF4LoraLinear, lora_config
+
+
+def _layer(lora_bias: bool = False, dropout: float = 0.0) -> NF4LoraLinear:
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(128, 96, bias=True))
+    kwargs = dict(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["x"])
+    if lora_bias:
+        kwargs["lora_bias"] = True
+    layer = NF4LoraLinear(base, "default", lora_config(**kwargs), r=8, lora_alpha=16, lora_dropout=dropout, lora_bias=lora_bias)
+    with torch.no_grad():  # B starts at zero; a non-zero B makes the update visible
+        layer.lora_B["default"].weight.normal_(std=0.1)
+        if lora_bias:
+            layer.lora_B["default"].bias.normal_(std=0.1)
+    return layer
+
+
+def _reference(layer: NF4LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + scaling * B(A(x)) in fp32 from the same bf16-rounded operands autocast uses."""
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    base = layer.base_layer
+    bf = lambda t: t.bfloat16().float()  # noqa: E731
+    out = bf(x) @ bf(base.dequantize(torch.bfloat16)).t() + bf(base.bias)
+    update = bf(bf(bf(x) @ bf(a.weight).t()) @ bf(b.weight * layer.scaling["default"]).t())
+    if b.bias is not None:
+        update = update + b.bias.float() * layer.scaling["default"]
+    return out + update
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_forward_under_autocast_matches_lora_formula(lora_bias):
+    layer = _layer(lora_bias)
+    x = torch.randn(2, 5, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.shape == (2, 5, 96) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(layer, x), atol=3e-2, rtol=3e-2)
+
+
+def test_fused_update_gradients_match_the_unfused_formula():
+    layer = _layer()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 7, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same computation, written as PEFT's lora.Linear does
+        ref = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    ref.float().square().sum().backward()
+    for got, want in zip(grads, (x.grad, a.grad, b.grad)):  # bf16 operands rounded in another order: compare norms
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert layer.base_layer.weight.grad is None
+
+
+def test_outside_autocast_adapters_run_in_their_dtype():
+    layer = _layer()
+    x = torch.randn(4, 128)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    h = x.to(a.dtype)
+    expected = layer.base_layer(x) + ((h @ a.t() @ b.t()) * layer.scaling["default"]).float()
+    torch.testing.assert_close(out, expected)
+
+
+def test_disabled_adapters_give_the_base_output():
+    layer = _layer()
+    x = torch.randn(4, 128)
+    layer.enable_adapters(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x), layer.base_layer(x))

@@ -27,6 +27,7 @@ PRESETS = {
 }
 CONFIGS = ("bf16 LoRA", "lightning-nf4 QLoRA", "bitsandbytes NF4-DQ + PEFT LoRA", "torchao NF4 + PEFT LoRA")
 UNGROUPED = "lightning-nf4 QLoRA, one dequantize launch per weight"  # --ablation: NF4Precision(group_dequantize=False)
+UNFUSED = "lightning-nf4 QLoRA, LoRA update as PEFT computes it (mul + add)"  # --ablation: NF4LoraLinear.fuse_update = False
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -99,8 +100,11 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 f.write("5")  # resets VmHWM, the peak resident set
 
     times: list[float] = []
-    if name in ("bf16 LoRA", "lightning-nf4 QLoRA", UNGROUPED):
+    if name in ("bf16 LoRA", "lightning-nf4 QLoRA", UNGROUPED, UNFUSED):
         from lightning_nf4 import LoRACallback, NF4Precision
+        from lightning_nf4.layers.lora import NF4LoraLinear
+
+        NF4LoraLinear.fuse_update = name != UNFUSED
 
         class StepTimer(pl.Callback):
             def on_train_start(self, trainer, pl_module):
@@ -172,12 +176,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peers", action="store_true", help="also bitsandbytes and torchao (plain loops), where installed")
-    parser.add_argument("--ablation", action="store_true", help="also lightning-nf4 without grouped dequantization")
+    parser.add_argument("--ablation", action="store_true", help="also lightning-nf4 without grouped dequantization, and without the fused LoRA update")
     args = vars(parser.parse_args())
     args["preset"] = args["preset"] or ("small" if args["device"] == "cpu" else "llama3-8b")
     ctx = mp.get_context("spawn")
     results = []
-    names = list(CONFIGS[: 4 if args["peers"] else 2]) + ([UNGROUPED] if args["ablation"] else [])
+    names = list(CONFIGS[: 4 if args["peers"] else 2]) + ([UNGROUPED, UNFUSED] if args["ablation"] else [])
     for name in names:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_config, args=(name, args, queue))

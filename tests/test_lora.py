@@ -79,3 +79,13 @@ def test_disabled_adapters_give_the_base_output():
     layer.enable_adapters(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_unfused_update_gives_the_fused_result(monkeypatch):
+    layer = _layer()
+    x = torch.randn(2, 6, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = layer(x).float()
+        monkeypatch.setattr(NF4LoraLinear, "fuse_update", False)
+        unfused = layer(x).float()
+    assert ((fused - unfused).norm() / unfused.norm()).item() < 1e-2

@@ -22,6 +22,8 @@ from lightning_nf4.layers.linear import NF4Linear
 class NF4LoraLinear(nn.Module, LoraLayer):
     """``NF4Linear`` base plus LoRA adapters ``B @ A * scaling`` (PEFT's parameter names and layout)."""
 
+    fuse_update: bool = True  # under autocast, the update as one addmm (see _add_update); False: PEFT's mul + add
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
@@ -75,7 +77,7 @@ class NF4LoraLinear(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            if autocast and lora_b.bias is None:
+            if autocast and self.fuse_update and lora_b.bias is None:
                 result = self._add_update(result, lora_a(self.lora_dropout[name](x)), lora_b.weight, self.scaling[name])
                 continue
             # Outside autocast the adapters run in their own dtype, and the update is cast to the output's.

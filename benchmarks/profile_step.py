@@ -5,7 +5,8 @@
 Same model, adapters, optimizer and autocast as ``lora_step.py`` (a plain loop, no Trainer). For each
 setup it prints the wall time per step, the summed kernel time, and kernel time by class (matmul,
 NF4 dequantize, attention, other), and the top kernels. ``lightning-nf4 (3 dequantizations)`` turns
-off the reuse of the checkpoint recompute's weight in backward, to measure what that reuse gives.
+off the reuse of the checkpoint recompute's weight in backward, to measure what that reuse gives;
+``(LoRA update unfused)`` computes the LoRA update as PEFT does (mul + add) instead of one addmm.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lora_step import PRESETS, TARGETS, _build_model  # noqa: E402
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from lightning_nf4.layers import linear as nf4_linear  # noqa: E402
 
-CLASSES = (("NF4 dequantize", ("dequantize_kernel",)), ("NF4 gemv", ("gemv_kernel",)),
+CLASSES = (("NF4 dequantize", ("dequantize_kernel", "dequantize_group_kernel")), ("NF4 gemv", ("gemv_kernel",)),
            ("attention", ("flash", "fmha", "attention", "sdpa")),
            ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "sm90", "sm80")))
 
@@ -102,14 +103,18 @@ def main() -> None:
     preset = dict(PRESETS[args.preset], num_hidden_layers=args.layers)
     batch, seq = preset.pop("batch"), preset.pop("seq")
     results = []
-    for setup in ("bf16 LoRA", "lightning-nf4", "lightning-nf4 (3 dequantizations)"):
+    from lightning_nf4.layers.lora import NF4LoraLinear
+
+    for setup in ("bf16 LoRA", "lightning-nf4", "lightning-nf4 (LoRA update unfused)", "lightning-nf4 (3 dequantizations)"):
         original = nf4_linear._recorded_by_checkpoint
         if "3 dequantizations" in setup:
             nf4_linear._recorded_by_checkpoint = lambda: False
+        NF4LoraLinear.fuse_update = "unfused" not in setup
         try:
             results.append(run(setup, preset, batch, seq, args.steps, args.trace_dir, args.device))
         finally:
             nf4_linear._recorded_by_checkpoint = original
+            NF4LoraLinear.fuse_update = True
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; {args.preset} shape with {args.layers} layers, batch {batch} x {seq}, "
           f"LoRA r=16 on {','.join(TARGETS)}; wall = median of {args.steps} steps; kernel times from one profiled step (ms)")
     labels = ["matmul", "attention", "NF4 dequantize", "NF4 gemv", "other"]

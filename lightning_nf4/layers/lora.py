@@ -22,7 +22,7 @@ from lightning_nf4.layers.linear import NF4Linear
 class NF4LoraLinear(nn.Module, LoraLayer):
     """``NF4Linear`` base plus LoRA adapters ``B @ A * scaling`` (PEFT's parameter names and layout)."""
 
-    fuse_update: bool = True  # under autocast, the update as one addmm (see _add_update); False: PEFT's mul + add
+    fuse_update: bool = True  # under autocast, the update added by the matmul itself (_forward_fused); False: PEFT's mul + add
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()
@@ -69,30 +69,34 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         raise RuntimeError("An NF4 base cannot be unmerged exactly (merging re-quantized it); reload the base weights instead.")
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        names = [name for name in self.active_adapters if name in self.lora_A]
+        if autocast and self.fuse_update and all(self.lora_B[name].bias is None for name in names):
+            return self._forward_fused(x, names, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            if autocast and self.fuse_update and lora_b.bias is None:
-                result = self._add_update(result, lora_a(self.lora_dropout[name](x)), lora_b.weight, self.scaling[name])
-                continue
             # Outside autocast the adapters run in their own dtype, and the update is cast to the output's.
             h = x if autocast else x.to(lora_a.weight.dtype)
             update = lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
             result = result + update.to(result.dtype)
         return result
 
-    @staticmethod
-    def _add_update(result: Tensor, down: Tensor, lora_b_weight: Tensor, scaling: float) -> Tensor:
-        """``result + scaling * down @ B.T`` as one matmul: the scaling goes onto B (``[out, r]``) and the sum
-        into the matmul's epilogue (``addmm``), instead of two passes over the ``[tokens, out]`` output, and
-        their backward, per layer. ``lora_B``'s module hooks do not run here (PEFT's forward calls them)."""
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), (lora_b_weight * scaling).t())
-        return flat.view(result.shape)
+    def _forward_fused(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        """``base(x) + scaling * B(A(x))`` with the update added by the matmul itself: ``addmm_`` into the base
+        output (``beta=1``), the scaling applied to ``B`` (``[out, r]``) rather than to the ``[tokens, out]``
+        update. That saves the multiply and the add passes over the output, and their backward, per layer.
+        The base sees ``x`` flattened to 2-D (in-place on a fresh 2-D tensor needs no view bookkeeping), and
+        ``lora_B``'s module hooks do not run (PEFT's forward calls them)."""
+        flat = x.reshape(-1, x.shape[-1])
+        result = self.base_layer(flat, *args, **kwargs)
+        for name in names:
+            down = self.lora_A[name](self.lora_dropout[name](flat))
+            up = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)
+            result.addmm_(down.to(result.dtype), up.t())
+        return result.view(*x.shape[:-1], result.shape[-1])
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

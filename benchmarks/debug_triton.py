@@ -74,7 +74,7 @@ def per_call_us(fns, calls: int = 192) -> tuple[float, float]:
 
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192))  # (out, in): q/o, gate/up, down, the 8192 square
-CONFIGS = ((4, 1024, 4), (2, 1024, 4), (8, 1024, 4), (4, 512, 4), (4, 2048, 8), (1, 2048, 4))
+CONFIGS = ((4, 16, 4), (2, 16, 2), (2, 32, 4), (4, 32, 8), (8, 16, 4), (1, 16, 2))  # rows, blocks per step, warps
 layers, dense_ms = {}, {}
 torch.manual_seed(0)
 for n, k in SHAPES:
@@ -82,11 +82,11 @@ for n, k in SHAPES:
     layers[n, k] = (linear, L.NF4Linear.from_linear(linear, compute_dtype=torch.bfloat16), torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
     dense_ms[n, k] = bench(lambda: torch.nn.functional.linear(layers[n, k][2], linear.weight))
 default = dict(tk.GEMV_CONFIG)
-print("gemv settings (rows, elements/step, warps) x shape (out x in): us (x dense bf16), L2 flushed")
+print("gemv settings (rows, blocks/step, warps) x shape (out x in): us (x dense bf16), L2 flushed")
 print("dense: " + ", ".join(f"{n}x{k} {dense_ms[n, k] * 1e3:.1f} us" for n, k in SHAPES))
 with torch.no_grad():
-    for rows_, elems, warps in CONFIGS:
-        tk.GEMV_CONFIG.update(rows=rows_, elements_per_step=elems, num_warps=warps)
+    for rows_, blocks, warps in CONFIGS:
+        tk.GEMV_CONFIG.update(rows=rows_, blocks_per_step=blocks, num_warps=warps)
         cells = []
         for n, k in SHAPES:
             linear, layer, x = layers[n, k]
@@ -94,7 +94,7 @@ with torch.no_grad():
             ok = torch.allclose(layer(x).float(), expected, atol=2e-2, rtol=2e-2)
             ms = bench(lambda: layer(x))
             cells.append(f"{ms * 1e3:.1f} ({ms / dense_ms[n, k]:.2f}x){'' if ok else ' WRONG'}")
-        print(f"{rows_}/{elems}/{warps}: " + " | ".join(cells), flush=True)
+        print(f"{rows_}/{blocks}/{warps}: " + " | ".join(cells), flush=True)
     tk.GEMV_CONFIG.update(default)
     print(f"per call with {default}: eager back to back / CUDA graph replay, us")
     for n, k in SHAPES:

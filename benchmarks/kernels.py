@@ -6,7 +6,8 @@ Measures, on one weight matrix drawn from N(0, 0.02):
     ||deq - w|| / ||w||; on CUDA also that bandwidth as % of a device-to-device copy
     (``dst.copy_(src)`` of 1 GiB, read + write bytes) measured in the same run;
   * on CUDA (or with ``--matmul``): a ``--tokens`` x K matmul and a 1-token matvec against W.T with
-    the dense weight, lightning-nf4 (dequantize, then ``F.linear``) and ``bitsandbytes.matmul_4bit``.
+    the dense weight, lightning-nf4 (dequantize, then ``F.linear``) and ``bitsandbytes.matmul_4bit``;
+    on CUDA the matvec also replayed from a CUDA graph (GPU time without the host's launch cost).
 
 Timing: CUDA uses ``torch.cuda.Event`` pairs, one per rep, after warm-up, with L2 flushed (a
 256 MiB buffer zeroed) before every rep, as ``triton.testing.do_bench`` does; CPU uses

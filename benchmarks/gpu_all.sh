@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Everything one GPU lease should check, in one command (device time is scarce): the GPU tests, the
-# kernel table, and the 8B-shape step with peers and the grouping ablation. Outputs go to ${OUT:-.}.
+# kernel table, the 8B-shape step with peers, and bf16 LoRA against lightning-nf4 in three alternating
+# rounds (the ratio's spread between processes). Outputs go to ${OUT:-.}. About 10 minutes of machine time.
 #   bash benchmarks/gpu_all.sh            # on the GPU machine, from the repository root
 set -uo pipefail
 out="${OUT:-.}"
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 200 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -3
 timeout 150 python3 benchmarks/kernels.py --device cuda --out "$out/kernels.md" > /dev/null 2>&1; cat "$out/kernels.md"
-timeout 400 python3 benchmarks/lora_step.py --device cuda --peers --ablation --steps 8 --warmup 3 2>&1 | tail -10 | tee "$out/lora_step.md"
+timeout 330 python3 benchmarks/lora_step.py --device cuda --peers --steps 8 --warmup 3 2>&1 | tail -9 | tee "$out/lora_step.md"
+timeout 330 python3 benchmarks/lora_step.py --device cuda --rounds 3 --steps 8 --warmup 3 2>&1 | tail -4 | tee "$out/lora_step_rounds.md"

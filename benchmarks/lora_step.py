@@ -160,6 +160,21 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
     queue.put(dict(name=name, step=statistics.median(timed), tokens=batch * seq, peak=peak))
 
 
+def _combine(rounds: list[list[dict]]) -> list[dict]:
+    """Per configuration: the median step over the rounds, and each round's ratio to that round's bf16 LoRA
+    step (the ratio's median and range). The first configuration is the baseline."""
+    combined = []
+    for i, first in enumerate(rounds[0]):
+        runs = [r[i] for r in rounds if "error" not in r[i] and "error" not in r[0]]
+        if not runs:
+            combined.append(first if "error" in first else dict(name=first["name"], error="the baseline failed"))
+            continue
+        ratios = [r[i]["step"] / r[0]["step"] for r in rounds if "error" not in r[i] and "error" not in r[0]]
+        combined.append(dict(name=first["name"], step=statistics.median(x["step"] for x in runs), tokens=first["tokens"],
+                             peak=max(x["peak"] for x in runs), ratio=statistics.median(ratios), ratios=ratios))
+    return combined
+
+
 def _vm_hwm() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -176,32 +191,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peers", action="store_true", help="also bitsandbytes and torchao (plain loops), where installed")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, in turn (A B C A B C ...); the table gives the median "
+                             "of the rounds and the range of each ratio, so that drift of the host between processes shows")
     parser.add_argument("--ablation", action="store_true", help="also lightning-nf4 without grouped dequantization, and without the fused LoRA update")
     args = vars(parser.parse_args())
     args["preset"] = args["preset"] or ("small" if args["device"] == "cpu" else "llama3-8b")
     ctx = mp.get_context("spawn")
-    results = []
     names = list(CONFIGS[: 4 if args["peers"] else 2]) + ([UNGROUPED, UNFUSED] if args["ablation"] else [])
-    for name in names:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=run_config, args=(name, args, queue))
-        proc.start()
-        proc.join()
-        results.append(queue.get() if not queue.empty() else dict(name=name, error=f"process exited with {proc.exitcode}"))
+    rounds: list[list[dict]] = []
+    for _ in range(args["rounds"]):
+        rounds.append([])
+        for name in names:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=run_config, args=(name, args, queue))
+            proc.start()
+            proc.join()
+            rounds[-1].append(queue.get() if not queue.empty() else dict(name=name, error=f"process exited with {proc.exitcode}"))
+    results = _combine(rounds)
     import torch
 
     where = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} ({args['threads']} threads)"
     memory = "peak GPU memory in training" if args["device"] == "cuda" else "peak RSS in training"
     print(f"Device: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}")
     print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up\n")
-    print(f"| configuration | step (s) | tokens/s | vs bf16 LoRA | {memory} |")
-    print("|---|---|---|---|---|")
-    base = results[0]["step"]
+    spread = args["rounds"] > 1
+    print(f"| configuration | step (s) | tokens/s | vs bf16 LoRA |{' ratio range over rounds |' if spread else ''} {memory} |")
+    print("|---|---|---|---|" + ("---|" if spread else "") + "---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | n/a ({r['error']}) | | | |")
+            print(f"| {r['name']} | n/a ({r['error']}) | | |{' |' if spread else ''} |")
             continue
-        print(f"| {r['name']} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | {r['step'] / base:.2f} | {r['peak'] / 2**30:.2f} GiB |")
+        extra = f" {min(r['ratios']):.2f}-{max(r['ratios']):.2f} |" if spread else ""
+        print(f"| {r['name']} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | {r['ratio']:.2f} |{extra} {r['peak'] / 2**30:.2f} GiB |")
 
 
 if __name__ == "__main__":

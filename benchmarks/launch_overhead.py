@@ -59,11 +59,13 @@ def main() -> None:
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rows.append(("NF4Linear forward, 16 tokens, grad on", lambda: layer(x)))
     rows.append(("dense F.linear forward, 16 tokens, grad on", lambda: torch.nn.functional.linear(x, linear.weight)))
+    rows.append(("NF4Linear forward + backward, 16 tokens", lambda: layer(x).sum().backward()))
+    rows.append(("dense F.linear forward + backward, 16 tokens", lambda: torch.nn.functional.linear(x, linear.weight).sum().backward()))
     print(f"{torch.cuda.get_device_name()}: host time per call, {n}x{k} weight (us)")
     with torch.no_grad():
-        for label, fn in rows[:-2]:
+        for label, fn in rows[:-4]:
             print(f"  {per_call_us(fn):7.1f}  {label}", flush=True)
-    for label, fn in rows[-2:]:
+    for label, fn in rows[-4:]:
         print(f"  {per_call_us(fn):7.1f}  {label}", flush=True)
 
 

@@ -205,3 +205,33 @@ def test_checkpoint_first_pass_keeps_no_float_weight(monkeypatch):
     assert len(made) == 1 and made[0]() is None
     out.sum().backward()
     assert len(made) == 2 and x.grad is not None
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_plain_forward_keeps_no_float_weight_and_backward_rebuilds_it(monkeypatch, grouped):
+    """Without checkpointing, the forward's dequantized weight dies with the forward (autograd keeps how to
+    rebuild it, not the tensor), and backward dequantizes once more; gradients equal dense autograd's."""
+    import weakref
+
+    from lightning_nf4.layers import DequantGroup
+
+    _, layer = make(512, 256, compute_dtype=torch.float32)
+    if grouped:  # a group of one member still hands out a view of the round's flat buffer
+        layer._group = DequantGroup([layer])
+    x = torch.randn(3, 512, requires_grad=True)
+    dense = layer.dequantize(torch.float32).clone()
+    made = []
+    original = type(layer.quant).dequantize
+
+    def tracking(self, *args, **kwargs):
+        w = original(self, *args, **kwargs)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(type(layer.quant), "dequantize", tracking)
+    out = layer(x)
+    assert all(ref() is None for ref in made)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert len(made) == (1 if grouped else 2)  # the group's launch is not NF4Weight.dequantize
+    torch.testing.assert_close(x.grad, grad @ dense)

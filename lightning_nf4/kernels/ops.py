@@ -225,6 +225,12 @@ def _(x, packed, absmax, code, blocksize, out_features, in_features, nested_absm
     return x.new_empty(out_features)
 
 
+def _gemv_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    # The CPU has no fused kernel: its dequantize, then a matvec (one call each, no dispatcher between).
+    w = _dequantize_4bit_cpu(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    return w.view(out_features, in_features) @ x
+
+
 def gemv_4bit(
     x: Tensor,
     packed: Tensor,
@@ -256,6 +262,7 @@ def _register_all() -> None:
     _register(_quantize_4bit, "cpu", _quantize_4bit_cpu)
     _register(_dequantize_4bit, "cpu", _dequantize_4bit_cpu)
     _register(_dequantize_4bit_group, "cpu", _dequantize_4bit_group_cpu)
+    _register(_gemv_4bit, "cpu", _gemv_4bit_cpu)
     for device_type in triton_kernels.DEVICE_TYPES:
         _register(_quantize_4bit, device_type, triton_kernels.quantize_4bit)
         _register(_dequantize_4bit, device_type, triton_kernels.dequantize_4bit)

@@ -235,3 +235,26 @@ def test_plain_forward_keeps_no_float_weight_and_backward_rebuilds_it(monkeypatc
     out.backward(grad)
     assert len(made) == (1 if grouped else 2)  # the group's launch is not NF4Weight.dequantize
     torch.testing.assert_close(x.grad, grad @ dense)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_token_gemv_on_cpu_matches_dequantized_matvec(double_quant, blocksize, dtype):
+    """The fused CPU gemv (reads the packed codes, no float weight) against dequantize + matvec in fp32,
+    through NF4Linear's 1-token path; a layout it does not take (in_features not whole blocks) falls back."""
+    from lightning_nf4.kernels import cpu
+
+    torch.manual_seed(0)
+    for out_features, in_features in ((96, 512), (7, 256), (40, 100)):
+        layer = NF4Linear.from_linear(nn.Linear(in_features, out_features), blocksize=blocksize,
+                                      double_quant=double_quant, compute_dtype=dtype)
+        x = torch.randn(1, 1, in_features).to(dtype)
+        with torch.no_grad():
+            out = layer(x)
+        ref = x.float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
+        assert out.shape == (1, 1, out_features) and out.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+        if cpu.available() and in_features % blocksize == 0:
+            assert cpu.has_gemv(in_features, blocksize)

@@ -207,6 +207,66 @@ void lnf4_dequantize_4bit_f16(const uint8_t* packed, const lnf4_scales* scales, 
     DEQUANT_BODY(_Float16, STORE_F16)
 }
 
+/* ---- 1-token gemv, straight from the packed codes ---------------------------------------------- */
+/* out[r] = sum over blocks b of row r: scale(b) * sum_j code[q_j] * x_j, in fp32. x comes split into its
+ * even and odd elements (x_even[p] = x[2p]), the two nibbles of byte p. Rows [row_begin, row_end);
+ * in_features is a whole number of blocks and blocksize a multiple of 32. Decoding reads a quarter of
+ * the bytes a bf16 matvec does and writes no dequantized copy. */
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_avx512(
+    const uint8_t* packed, const lnf4_scales* scales, const float* code, const float* x_even,
+    const float* x_odd, int64_t in_features, int64_t blocksize, float* out, int64_t row_begin,
+    int64_t row_end) {
+    const __m512 table = _mm512_loadu_ps(code);
+    const __m512i low_mask = _mm512_set1_epi32(15);
+    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
+            const int64_t b = r * blocks_per_row + bb;
+            const uint8_t* src = packed + b * half;
+            const float* xe = x_even + bb * half;
+            const float* xo = x_odd + bb * half;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < half; j += 16) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
+                const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
+                sum = _mm512_fmadd_ps(high, _mm512_loadu_ps(xe + j), sum);
+                sum = _mm512_fmadd_ps(low, _mm512_loadu_ps(xo + j), sum);
+            }
+            acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(block_scale(scales, b)), acc);
+        }
+        out[r] = _mm512_reduce_add_ps(acc);
+    }
+}
+#endif
+
+void lnf4_gemv_4bit(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                    const float* x_even, const float* x_odd, int64_t in_features, int64_t blocksize,
+                    float* out, int64_t row_begin, int64_t row_end) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (has_avx512()) {
+        gemv_avx512(packed, scales, code, x_even, x_odd, in_features, blocksize, out, row_begin, row_end);
+        return;
+    }
+#endif
+    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        float acc = 0.f;
+        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
+            const int64_t b = r * blocks_per_row + bb;
+            const uint8_t* src = packed + b * half;
+            const float* xe = x_even + bb * half;
+            const float* xo = x_odd + bb * half;
+            float sum = 0.f;
+            for (int64_t j = 0; j < half; ++j) sum += code[src[j] >> 4] * xe[j] + code[src[j] & 15] * xo[j];
+            acc += sum * block_scale(scales, b);
+        }
+        out[r] = acc;
+    }
+}
+
 /* Keeps the file a valid CPython extension, so setuptools builds and names it like any other. */
 #ifdef LNF4_PYTHON_MODULE
 #include <Python.h>

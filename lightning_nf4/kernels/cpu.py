@@ -52,6 +52,9 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"lnf4_dequantize_4bit_{suffix}")
         fn.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, i64, i64, ptr, i64, i64]
         fn.restype = None
+    if hasattr(lib, "lnf4_gemv_4bit"):  # a library built before the gemv was added lacks it
+        lib.lnf4_gemv_4bit.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, ptr, ptr, i64, i64, ptr, i64, i64]
+        lib.lnf4_gemv_4bit.restype = None
     return lib
 
 
@@ -90,10 +93,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="lightning-nf4")
 
 
-def _run_blocks(fn, args: tuple, num_blocks: int) -> None:
+def _run_blocks(fn, args: tuple, num_blocks: int, min_per_task: int = _MIN_BLOCKS_PER_TASK) -> None:
     """Call ``fn(*args, begin, end)`` over ``[0, num_blocks)``, split across the torch thread count;
     the calling thread takes the first share itself."""
-    workers = max(1, min(torch.get_num_threads(), num_blocks // _MIN_BLOCKS_PER_TASK))
+    workers = max(1, min(torch.get_num_threads(), num_blocks // min_per_task))
     if workers == 1:
         fn(*args, 0, num_blocks)
         return
@@ -136,7 +139,19 @@ def dequantize_4bit(
     """Into ``out`` (a contiguous ``[numel]`` tensor of ``dtype``) when given, else a new tensor."""
     lib = _library()
     assert lib is not None
-    keep = [packed.contiguous(), absmax.contiguous(), code.float().contiguous()]  # alive during the call
+    keep, scales = _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype)
+        _prefer_huge_pages(out)
+    fn = getattr(lib, f"lnf4_dequantize_4bit_{_SUFFIX[dtype]}")
+    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), numel, blocksize, out.data_ptr())
+    _run_blocks(fn, args, -(-numel // blocksize))
+    return out
+
+
+def _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize) -> tuple[list, _Scales]:
+    """The C scale descriptor, and the contiguous tensors it points into (kept alive by the caller)."""
+    keep = [packed.contiguous(), absmax.contiguous(), code.float().contiguous()]
     scales = _Scales(nested_blocksize=nested_blocksize)
     if nested_absmax is None:
         keep[1] = keep[1].float()
@@ -145,13 +160,40 @@ def dequantize_4bit(
         keep += [nested_absmax.float().contiguous(), nested_code.float().contiguous()]
         scales.qabsmax, scales.nested_absmax, scales.nested_code = keep[1].data_ptr(), keep[3].data_ptr(), keep[4].data_ptr()
         scales.offset = float(offset)
-    if out is None:
-        out = torch.empty(numel, dtype=dtype)
-        _prefer_huge_pages(out)
-    fn = getattr(lib, f"lnf4_dequantize_4bit_{_SUFFIX[dtype]}")
-    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), numel, blocksize, out.data_ptr())
-    _run_blocks(fn, args, -(-numel // blocksize))
-    return out
+    return keep, scales
+
+
+def has_gemv(in_features: int, blocksize: int) -> bool:
+    """Whether the fused 1-token kernel takes this layout (whole blocks per row, blocks of 32+ values)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "lnf4_gemv_4bit") and in_features % blocksize == 0 and blocksize % 32 == 0
+
+
+def gemv_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """``W @ x`` for one token read straight from the packed codes, in fp32, returned in ``x``'s dtype:
+    generation on a CPU reads a quarter of the bytes of a bf16 matvec and writes no float weight."""
+    lib = _library()
+    assert lib is not None and has_gemv(in_features, blocksize)
+    keep, scales = _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize)
+    xf = x.reshape(-1).float()
+    x_even, x_odd = xf[0::2].contiguous(), xf[1::2].contiguous()
+    out = torch.empty(out_features, dtype=torch.float32)
+    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), x_even.data_ptr(), x_odd.data_ptr(),
+            in_features, blocksize, out.data_ptr())
+    _run_blocks(lib.lnf4_gemv_4bit, args, out_features, min_per_task=max(1, (1 << 19) // in_features))
+    return out.to(x.dtype)
 
 
 def supports(dtype: torch.dtype) -> bool:

@@ -226,7 +226,8 @@ def _(x, packed, absmax, code, blocksize, out_features, in_features, nested_absm
 
 
 def _gemv_4bit_cpu(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
-    # The CPU has no fused kernel: its dequantize, then a matvec (one call each, no dispatcher between).
+    if cpu.has_gemv(in_features, blocksize):
+        return cpu.gemv_4bit(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize)
     w = _dequantize_4bit_cpu(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
     return w.view(out_features, in_features) @ x
 

@@ -240,9 +240,21 @@ def test_plain_forward_keeps_no_float_weight_and_backward_rebuilds_it(monkeypatc
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_one_token_gemv_on_cpu_matches_dequantized_matvec(double_quant, blocksize, dtype):
+@pytest.mark.parametrize("simd", [None, False])
+def test_one_token_gemv_on_cpu_matches_dequantized_matvec(double_quant, blocksize, dtype, simd):
     """The fused CPU gemv (reads the packed codes, no float weight) against dequantize + matvec in fp32,
-    through NF4Linear's 1-token path; a layout it does not take (in_features not whole blocks) falls back."""
+    through NF4Linear's 1-token path, with the AVX-512 path where the CPU has it and the portable one;
+    a layout it does not take (in_features not whole blocks) falls back."""
+    from lightning_nf4.kernels import cpu
+
+    cpu.set_simd(simd)
+    try:
+        _check_cpu_gemv(double_quant, blocksize, dtype)
+    finally:
+        cpu.set_simd(None)
+
+
+def _check_cpu_gemv(double_quant, blocksize, dtype):
     from lightning_nf4.kernels import cpu
 
     torch.manual_seed(0)

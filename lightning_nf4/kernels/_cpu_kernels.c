@@ -171,6 +171,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) static void dequant16_
     }
 }
 static int lnf4_has_avx512 = -1;
+/* Tests call this with 0 to run the portable paths on a machine that has AVX-512, -1 to detect again. */
+void lnf4_set_avx512(int enabled) { lnf4_has_avx512 = enabled; }
 static inline int has_avx512(void) {
     if (lnf4_has_avx512 < 0)
         lnf4_has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -261,6 +263,63 @@ void lnf4_gemv_4bit(const uint8_t* packed, const lnf4_scales* scales, const floa
             const float* xo = x_odd + bb * half;
             float sum = 0.f;
             for (int64_t j = 0; j < half; ++j) sum += code[src[j] >> 4] * xe[j] + code[src[j] & 15] * xo[j];
+            acc += sum * block_scale(scales, b);
+        }
+        out[r] = acc;
+    }
+}
+
+/* The same for a bf16 x, read as 32-bit words: x[2p] is the low half of word p and x[2p + 1] the high
+ * half, so the split into even and odd elements is a shift and a mask, with no copy of x. */
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_bf16x_avx512(
+    const uint8_t* packed, const lnf4_scales* scales, const float* code, const uint32_t* x_pairs,
+    int64_t in_features, int64_t blocksize, float* out, int64_t row_begin, int64_t row_end) {
+    const __m512 table = _mm512_loadu_ps(code);
+    const __m512i low_mask = _mm512_set1_epi32(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
+    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
+            const int64_t b = r * blocks_per_row + bb;
+            const uint8_t* src = packed + b * half;
+            const uint32_t* xp = x_pairs + bb * half;
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t j = 0; j < half; j += 16) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
+                const __m512i words = _mm512_loadu_si512((const void*)(xp + j));
+                const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
+                sum = _mm512_fmadd_ps(high, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)), sum);
+                sum = _mm512_fmadd_ps(low, _mm512_castsi512_ps(_mm512_and_si512(words, high_half)), sum);
+            }
+            acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(block_scale(scales, b)), acc);
+        }
+        out[r] = _mm512_reduce_add_ps(acc);
+    }
+}
+#endif
+
+void lnf4_gemv_4bit_bf16x(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                          const uint32_t* x_pairs, int64_t in_features, int64_t blocksize, float* out,
+                          int64_t row_begin, int64_t row_end) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (has_avx512()) {
+        gemv_bf16x_avx512(packed, scales, code, x_pairs, in_features, blocksize, out, row_begin, row_end);
+        return;
+    }
+#endif
+    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        float acc = 0.f;
+        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
+            const int64_t b = r * blocks_per_row + bb;
+            const uint8_t* src = packed + b * half;
+            const uint32_t* xp = x_pairs + bb * half;
+            float sum = 0.f;
+            for (int64_t j = 0; j < half; ++j)
+                sum += code[src[j] >> 4] * bf16_to_f32((uint16_t)(xp[j] & 0xFFFFu)) +
+                       code[src[j] & 15] * bf16_to_f32((uint16_t)(xp[j] >> 16));
             acc += sum * block_scale(scales, b);
         }
         out[r] = acc;

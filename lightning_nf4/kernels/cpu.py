@@ -52,9 +52,11 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"lnf4_dequantize_4bit_{suffix}")
         fn.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, i64, i64, ptr, i64, i64]
         fn.restype = None
-    if hasattr(lib, "lnf4_gemv_4bit"):  # a library built before the gemv was added lacks it
+    if hasattr(lib, "lnf4_gemv_4bit_bf16x"):  # a library built before the gemv was added lacks it
         lib.lnf4_gemv_4bit.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, ptr, ptr, i64, i64, ptr, i64, i64]
-        lib.lnf4_gemv_4bit.restype = None
+        lib.lnf4_gemv_4bit_bf16x.argtypes = [ptr, ctypes.POINTER(_Scales), ptr, ptr, i64, i64, ptr, i64, i64]
+        for fn in (lib.lnf4_gemv_4bit, lib.lnf4_gemv_4bit_bf16x):
+            fn.restype = None
     return lib
 
 
@@ -163,10 +165,17 @@ def _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blo
     return keep, scales
 
 
+def set_simd(enabled: Optional[bool]) -> None:
+    """Force the portable (False) or detected (None) code paths of the C kernels; for tests."""
+    lib = _library()
+    if lib is not None and hasattr(lib, "lnf4_set_avx512"):
+        lib.lnf4_set_avx512(ctypes.c_int(-1 if enabled is None else int(enabled)))
+
+
 def has_gemv(in_features: int, blocksize: int) -> bool:
     """Whether the fused 1-token kernel takes this layout (whole blocks per row, blocks of 32+ values)."""
     lib = _library()
-    return lib is not None and hasattr(lib, "lnf4_gemv_4bit") and in_features % blocksize == 0 and blocksize % 32 == 0
+    return lib is not None and hasattr(lib, "lnf4_gemv_4bit_bf16x") and in_features % blocksize == 0 and blocksize % 32 == 0
 
 
 def gemv_4bit(
@@ -187,12 +196,20 @@ def gemv_4bit(
     lib = _library()
     assert lib is not None and has_gemv(in_features, blocksize)
     keep, scales = _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize)
-    xf = x.reshape(-1).float()
-    x_even, x_odd = xf[0::2].contiguous(), xf[1::2].contiguous()
     out = torch.empty(out_features, dtype=torch.float32)
-    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), x_even.data_ptr(), x_odd.data_ptr(),
-            in_features, blocksize, out.data_ptr())
-    _run_blocks(lib.lnf4_gemv_4bit, args, out_features, min_per_task=max(1, (1 << 19) // in_features))
+    if x.dtype == torch.bfloat16:  # read in place, two elements per 32-bit word
+        x = x.reshape(-1).contiguous()
+        if x.data_ptr() % 4:
+            x = x.clone()
+        keep.append(x)
+        fn, x_args = lib.lnf4_gemv_4bit_bf16x, (x.data_ptr(),)
+    else:
+        xf = x.reshape(-1).float()
+        x_even, x_odd = xf[0::2].contiguous(), xf[1::2].contiguous()
+        keep += [x_even, x_odd]
+        fn, x_args = lib.lnf4_gemv_4bit, (x_even.data_ptr(), x_odd.data_ptr())
+    args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), *x_args, in_features, blocksize, out.data_ptr())
+    _run_blocks(fn, args, out_features, min_per_task=max(1, (1 << 19) // in_features))
     return out.to(x.dtype)
 
 

@@ -130,7 +130,7 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-4)
 
         lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
-        kw = dict(precision="bf16-mixed") if name == "bf16 LoRA" else dict(plugins=NF4Precision(group_dequantize=name != UNGROUPED))
+        kw = dict(precision="bf16-mixed") if name == "bf16 LoRA" else dict(plugins=NF4Precision(group_dequantize=False if name == UNGROUPED else "auto"))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,

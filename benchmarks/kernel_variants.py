@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 import lightning_nf4 as L
-from lightning_nf4.kernels.triton_jit import block_scale
+from lightning_nf4.kernels.triton_jit import block_scale, lane_code
+from lightning_nf4.kernels.triton_jit import code_pair_shuffle as code_pair_shfl  # the variant that won, now in the package
 
 CHECK_ONLY = "--check" in sys.argv
 DEVICE = "cpu" if CHECK_ONLY else "cuda"
@@ -238,29 +239,6 @@ def gemv_pf_kernel(
         if PREFETCH:
             byte = byte_next
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def lane_code(code_ptr):
-    """code[lane % 16] in every lane: the table that ``code_pair_shfl`` reads with warp shuffles."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 lane; .reg .b64 a; mov.u32 lane, %laneid; and.b32 lane, lane, 15; "
-        "mad.wide.u32 a, lane, 4, $1; ld.global.nc.f32 $0, [a]; }",
-        "=r,l", [code_ptr], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def code_pair_shfl(table, byte):
-    """(code[byte >> 4], code[byte & 15]) for a uint8 tensor, four bytes per call, by warp shuffles from
-    the lanes holding the table: no address arithmetic and no loads. A shuffle takes its source lane from
-    the low 5 bits, and lanes 16-31 repeat the table, so a nibble needs no mask."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 s; "
-        "shr.u32 s, $8, 4; shfl.sync.idx.b32 $0, $9, s, 0x1f, -1; shfl.sync.idx.b32 $4, $9, $8, 0x1f, -1; "
-        "shr.u32 s, $8, 12; shfl.sync.idx.b32 $1, $9, s, 0x1f, -1; shr.u32 s, $8, 8; shfl.sync.idx.b32 $5, $9, s, 0x1f, -1; "
-        "shr.u32 s, $8, 20; shfl.sync.idx.b32 $2, $9, s, 0x1f, -1; shr.u32 s, $8, 16; shfl.sync.idx.b32 $6, $9, s, 0x1f, -1; "
-        "shr.u32 s, $8, 28; shfl.sync.idx.b32 $3, $9, s, 0x1f, -1; shr.u32 s, $8, 24; shfl.sync.idx.b32 $7, $9, s, 0x1f, -1; }",
-        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [byte, table], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
 
 
 @triton.jit

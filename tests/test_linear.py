@@ -152,6 +152,22 @@ def test_from_linear_rejects_non_linear_and_bad_dtype():
         NF4Linear(64, 64, compute_dtype=torch.int8)
 
 
+def _track_dequantize(monkeypatch, layer):
+    """Weak references to every weight ``NF4Weight.dequantize`` returns from now on."""
+    import weakref
+
+    made = []
+    original = type(layer.quant).dequantize
+
+    def tracking(self, *args, **kwargs):
+        w = original(self, *args, **kwargs)
+        made.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(type(layer.quant), "dequantize", tracking)
+    return made
+
+
 def _count_dequantize(monkeypatch, layer):
     calls = []
     original = type(layer.quant).dequantize
@@ -186,21 +202,11 @@ def test_checkpoint_recompute_serves_backward(monkeypatch, use_reentrant):
 
 def test_checkpoint_first_pass_keeps_no_float_weight(monkeypatch):
     """The checkpointed forward must not hold its dequantized weight until backward."""
-    import weakref
-
     from torch.utils.checkpoint import checkpoint
 
     _, layer = make(1024, 1024, compute_dtype=torch.float32)
     x = torch.randn(2, 1024, requires_grad=True)
-    made = []
-    original = type(layer.quant).dequantize
-
-    def tracking(self, *args, **kwargs):
-        w = original(self, *args, **kwargs)
-        made.append(weakref.ref(w))
-        return w
-
-    monkeypatch.setattr(type(layer.quant), "dequantize", tracking)
+    made = _track_dequantize(monkeypatch, layer)
     out = checkpoint(layer, x, use_reentrant=False)
     assert len(made) == 1 and made[0]() is None
     out.sum().backward()
@@ -211,8 +217,6 @@ def test_checkpoint_first_pass_keeps_no_float_weight(monkeypatch):
 def test_plain_forward_keeps_no_float_weight_and_backward_rebuilds_it(monkeypatch, grouped):
     """Without checkpointing, the forward's dequantized weight dies with the forward (autograd keeps how to
     rebuild it, not the tensor), and backward dequantizes once more; gradients equal dense autograd's."""
-    import weakref
-
     from lightning_nf4.layers import DequantGroup
 
     _, layer = make(512, 256, compute_dtype=torch.float32)
@@ -220,15 +224,7 @@ def test_plain_forward_keeps_no_float_weight_and_backward_rebuilds_it(monkeypatc
         layer._group = DequantGroup([layer])
     x = torch.randn(3, 512, requires_grad=True)
     dense = layer.dequantize(torch.float32).clone()
-    made = []
-    original = type(layer.quant).dequantize
-
-    def tracking(self, *args, **kwargs):
-        w = original(self, *args, **kwargs)
-        made.append(weakref.ref(w))
-        return w
-
-    monkeypatch.setattr(type(layer.quant), "dequantize", tracking)
+    made = _track_dequantize(monkeypatch, layer)
     out = layer(x)
     assert all(ref() is None for ref in made)
     grad = torch.randn_like(out)

@@ -27,10 +27,8 @@ def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
 def _recorded_by_checkpoint() -> bool:
     """True while ``torch.utils.checkpoint`` (non-reentrant) runs this forward. Tensors saved then are
     dropped in the first pass and kept only by the recompute, whose backward follows at once, so the
-    dequantized weight may be saved: one dequantization less per layer and step. Under torch.compile
-    the compiler plans what is saved, so this answers False there."""
-    if torch.compiler.is_compiling():
-        return False
+    dequantized weight may be saved: one dequantization less per layer and step. Eager only: under
+    torch.compile the forward takes ``_NF4Matmul`` before asking."""
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = top_hooks(False) if top_hooks is not None else None
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"

@@ -210,71 +210,42 @@ void lnf4_dequantize_4bit_f16(const uint8_t* packed, const lnf4_scales* scales, 
 }
 
 /* ---- 1-token gemv, straight from the packed codes ---------------------------------------------- */
-/* out[r] = sum over blocks b of row r: scale(b) * sum_j code[q_j] * x_j, in fp32. x comes split into its
- * even and odd elements (x_even[p] = x[2p]), the two nibbles of byte p. Rows [row_begin, row_end);
- * in_features is a whole number of blocks and blocksize a multiple of 32. Decoding reads a quarter of
- * the bytes a bf16 matvec does and writes no dequantized copy. */
-#if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_avx512(
-    const uint8_t* packed, const lnf4_scales* scales, const float* code, const float* x_even,
-    const float* x_odd, int64_t in_features, int64_t blocksize, float* out, int64_t row_begin,
-    int64_t row_end) {
-    const __m512 table = _mm512_loadu_ps(code);
-    const __m512i low_mask = _mm512_set1_epi32(15);
-    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
-            const int64_t b = r * blocks_per_row + bb;
-            const uint8_t* src = packed + b * half;
-            const float* xe = x_even + bb * half;
-            const float* xo = x_odd + bb * half;
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < half; j += 16) {
-                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
-                const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
-                sum = _mm512_fmadd_ps(high, _mm512_loadu_ps(xe + j), sum);
-                sum = _mm512_fmadd_ps(low, _mm512_loadu_ps(xo + j), sum);
-            }
-            acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(block_scale(scales, b)), acc);
-        }
-        out[r] = _mm512_reduce_add_ps(acc);
-    }
-}
-#endif
+/* out[r] = sum over blocks b of row r: scale(b) * sum_j code[q_j] * x_j, in fp32. Byte p of a row holds
+ * the codes of x[2p] (high nibble) and x[2p + 1] (low nibble). x comes in one of two layouts:
+ *  - x_pairs (a bf16 x read in place as 32-bit words): x[2p] is the low half of word p, x[2p + 1] the
+ *    high half, so even and odd elements are a shift and a mask apart;
+ *  - x_even / x_odd (any other dtype, converted to fp32 and split by the caller).
+ * Rows [row_begin, row_end); in_features is a whole number of blocks and blocksize a multiple of 32.
+ * Decoding reads a quarter of the bytes a bf16 matvec does and writes no dequantized copy. Each layout
+ * has its own entry point; both share the bodies below, inlined with the layout fixed. */
+#define GEMV_ARGS                                                                                  \
+    const uint8_t *packed, const lnf4_scales *scales, const float *code, const uint32_t *x_pairs, \
+        const float *x_even, const float *x_odd, int64_t in_features, int64_t blocksize, float *out,  \
+        int64_t row_begin, int64_t row_end
+#define GEMV_PASS packed, scales, code, x_pairs, x_even, x_odd, in_features, blocksize, out, row_begin, row_end
 
-void lnf4_gemv_4bit(const uint8_t* packed, const lnf4_scales* scales, const float* code,
-                    const float* x_even, const float* x_odd, int64_t in_features, int64_t blocksize,
-                    float* out, int64_t row_begin, int64_t row_end) {
-#if defined(__GNUC__) && defined(__x86_64__)
-    if (has_avx512()) {
-        gemv_avx512(packed, scales, code, x_even, x_odd, in_features, blocksize, out, row_begin, row_end);
-        return;
-    }
-#endif
+static inline __attribute__((always_inline)) void gemv_rows(GEMV_ARGS) {
     const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
     for (int64_t r = row_begin; r < row_end; ++r) {
         float acc = 0.f;
         for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
             const int64_t b = r * blocks_per_row + bb;
             const uint8_t* src = packed + b * half;
-            const float* xe = x_even + bb * half;
-            const float* xo = x_odd + bb * half;
             float sum = 0.f;
-            for (int64_t j = 0; j < half; ++j) sum += code[src[j] >> 4] * xe[j] + code[src[j] & 15] * xo[j];
+            for (int64_t j = 0, p = bb * half; j < half; ++j, ++p) {
+                const float even = x_pairs ? bf16_to_f32((uint16_t)(x_pairs[p] & 0xFFFFu)) : x_even[p];
+                const float odd = x_pairs ? bf16_to_f32((uint16_t)(x_pairs[p] >> 16)) : x_odd[p];
+                sum += code[src[j] >> 4] * even + code[src[j] & 15] * odd;
+            }
             acc += sum * block_scale(scales, b);
         }
         out[r] = acc;
     }
 }
 
-/* The same for a bf16 x, read as 32-bit words: x[2p] is the low half of word p and x[2p + 1] the high
- * half, so the split into even and odd elements is a shift and a mask, with no copy of x. */
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_bf16x_avx512(
-    const uint8_t* packed, const lnf4_scales* scales, const float* code, const uint32_t* x_pairs,
-    int64_t in_features, int64_t blocksize, float* out, int64_t row_begin, int64_t row_end) {
+/* AVX-512: the 16-entry table in one register, 16 bytes (32 elements) per permute pair. */
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline void gemv_rows_avx512(GEMV_ARGS) {
     const __m512 table = _mm512_loadu_ps(code);
     const __m512i low_mask = _mm512_set1_epi32(15), high_half = _mm512_set1_epi32((int)0xFFFF0000u);
     const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
@@ -283,47 +254,58 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_bf16x_avx5
         for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
             const int64_t b = r * blocks_per_row + bb;
             const uint8_t* src = packed + b * half;
-            const uint32_t* xp = x_pairs + bb * half;
             __m512 sum = _mm512_setzero_ps();
-            for (int64_t j = 0; j < half; j += 16) {
+            for (int64_t j = 0, p = bb * half; j < half; j += 16, p += 16) {
+                __m512 even, odd;
+                if (x_pairs) {
+                    const __m512i words = _mm512_loadu_si512((const void*)(x_pairs + p));
+                    even = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+                    odd = _mm512_castsi512_ps(_mm512_and_si512(words, high_half));
+                } else {
+                    even = _mm512_loadu_ps(x_even + p);
+                    odd = _mm512_loadu_ps(x_odd + p);
+                }
                 const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + j)));
-                const __m512i words = _mm512_loadu_si512((const void*)(xp + j));
-                const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table);
-                sum = _mm512_fmadd_ps(high, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)), sum);
-                sum = _mm512_fmadd_ps(low, _mm512_castsi512_ps(_mm512_and_si512(words, high_half)), sum);
+                sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), even, sum);
+                sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_mask), table), odd, sum);
             }
             acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(block_scale(scales, b)), acc);
         }
         out[r] = _mm512_reduce_add_ps(acc);
     }
 }
+/* One specialisation per layout (x_pairs a constant NULL or not), so the layout test leaves the loops. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_avx512_pairs(GEMV_ARGS) {
+    (void)x_even, (void)x_odd;
+    gemv_rows_avx512(packed, scales, code, x_pairs, NULL, NULL, in_features, blocksize, out, row_begin, row_end);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void gemv_avx512_split(GEMV_ARGS) {
+    (void)x_pairs;
+    gemv_rows_avx512(packed, scales, code, NULL, x_even, x_odd, in_features, blocksize, out, row_begin, row_end);
+}
+#define GEMV_TRY_AVX512(fn)   \
+    if (has_avx512()) {       \
+        fn(GEMV_PASS);        \
+        return;               \
+    }
+#else
+#define GEMV_TRY_AVX512(fn)
 #endif
+
+void lnf4_gemv_4bit(const uint8_t* packed, const lnf4_scales* scales, const float* code,
+                    const float* x_even, const float* x_odd, int64_t in_features, int64_t blocksize,
+                    float* out, int64_t row_begin, int64_t row_end) {
+    const uint32_t* x_pairs = NULL;
+    GEMV_TRY_AVX512(gemv_avx512_split)
+    gemv_rows(packed, scales, code, NULL, x_even, x_odd, in_features, blocksize, out, row_begin, row_end);
+}
 
 void lnf4_gemv_4bit_bf16x(const uint8_t* packed, const lnf4_scales* scales, const float* code,
                           const uint32_t* x_pairs, int64_t in_features, int64_t blocksize, float* out,
                           int64_t row_begin, int64_t row_end) {
-#if defined(__GNUC__) && defined(__x86_64__)
-    if (has_avx512()) {
-        gemv_bf16x_avx512(packed, scales, code, x_pairs, in_features, blocksize, out, row_begin, row_end);
-        return;
-    }
-#endif
-    const int64_t blocks_per_row = in_features / blocksize, half = blocksize / 2;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        float acc = 0.f;
-        for (int64_t bb = 0; bb < blocks_per_row; ++bb) {
-            const int64_t b = r * blocks_per_row + bb;
-            const uint8_t* src = packed + b * half;
-            const uint32_t* xp = x_pairs + bb * half;
-            float sum = 0.f;
-            for (int64_t j = 0; j < half; ++j)
-                sum += code[src[j] >> 4] * bf16_to_f32((uint16_t)(xp[j] & 0xFFFFu)) +
-                       code[src[j] & 15] * bf16_to_f32((uint16_t)(xp[j] >> 16));
-            acc += sum * block_scale(scales, b);
-        }
-        out[r] = acc;
-    }
+    const float *x_even = NULL, *x_odd = NULL;
+    GEMV_TRY_AVX512(gemv_avx512_pairs)
+    gemv_rows(packed, scales, code, x_pairs, NULL, NULL, in_features, blocksize, out, row_begin, row_end);
 }
 
 /* Keeps the file a valid CPython extension, so setuptools builds and names it like any other. */

@@ -27,6 +27,23 @@ DEVICE = "cpu" if CHECK_ONLY else "cuda"
 
 
 @triton.jit
+def gather_step(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                nested_blocksize, rows, row_ok, blocks, block_ok, blocks_per_row, NESTED: tl.constexpr, HALF: tl.constexpr):
+    """One step of the gather kernels: [ROWS, blocks] sums of code * x per block, each scaled once."""
+    pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
+    x_even = (word << 16).to(tl.float32, bitcast=True)
+    x_odd = (word & -65536).to(tl.float32, bitcast=True)
+    ok = row_ok[:, None, None] & block_ok[None, :, None]
+    byte = tl.load(packed_ptr + rows[:, None, None] * (blocks_per_row * HALF) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
+    block_idx = rows[:, None] * blocks_per_row + blocks[None, :]
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx,
+                        row_ok[:, None] & block_ok[None, :], nested_blocksize, NESTED)
+    products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
+    return tl.sum(products, axis=2) * scale
+
+
+@triton.jit
 def gemv_reduce_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
     nested_blocksize, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, blocks_per_row: tl.constexpr,
@@ -43,17 +60,8 @@ def gemv_reduce_kernel(
     for b0 in tl.range(0, blocks_per_row, BLOCKS_PER_STEP, num_stages=STAGES):
         blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
         block_ok = blocks < blocks_per_row
-        pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
-        x_even = (word << 16).to(tl.float32, bitcast=True)
-        x_odd = (word & -65536).to(tl.float32, bitcast=True)
-        ok = row_ok[:, None, None] & block_ok[None, :, None]
-        byte = tl.load(packed_ptr + rows[:, None, None] * (blocks_per_row * HALF) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
-        block_idx = rows[:, None] * blocks_per_row + blocks[None, :]
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx,
-                            row_ok[:, None] & block_ok[None, :], nested_blocksize, NESTED)
-        products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
-        acc += tl.sum(products, axis=2) * scale
+        acc += gather_step(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                           nested_blocksize, rows, row_ok, blocks, block_ok, blocks_per_row, NESTED, HALF)
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -77,17 +85,8 @@ def gemv_splitk_kernel(
     for i in range(0, PER_PART, BLOCKS_PER_STEP):
         blocks = lo + i + tl.arange(0, BLOCKS_PER_STEP)
         block_ok = blocks < hi
-        pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        word = tl.load(x_ptr + pair, mask=block_ok[:, None], other=0)
-        x_even = (word << 16).to(tl.float32, bitcast=True)
-        x_odd = (word & -65536).to(tl.float32, bitcast=True)
-        ok = row_ok[:, None, None] & block_ok[None, :, None]
-        byte = tl.load(packed_ptr + rows[:, None, None] * (blocks_per_row * HALF) + pair[None, :, :], mask=ok, other=0).to(tl.int32)
-        block_idx = rows[:, None] * blocks_per_row + blocks[None, :]
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx,
-                            row_ok[:, None] & block_ok[None, :], nested_blocksize, NESTED)
-        products = tl.load(code_ptr + (byte >> 4)) * x_even[None, :, :] + tl.load(code_ptr + (byte & 15)) * x_odd[None, :, :]
-        acc += tl.sum(products, axis=2) * scale
+        acc += gather_step(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                           nested_blocksize, rows, row_ok, blocks, block_ok, blocks_per_row, NESTED, HALF)
     tl.atomic_add(out_ptr + rows, tl.sum(acc, axis=1), mask=row_ok, sem="relaxed")
 
 

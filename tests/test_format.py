@@ -147,6 +147,90 @@ def test_serialization_round_trip_and_corruption():
         from_bnb_tensors(fp4, "w")
 
 
+_DROP = object()
+
+
+def _with_meta(tensors, **changes):
+    """A copy of the bnb suffix dict whose quant-state JSON has ``changes`` applied (``_DROP`` deletes a field)."""
+    import json
+
+    key = "quant_state.bitsandbytes__nf4"
+    meta = json.loads(bytes(tensors[key].tolist()).decode("utf-8"))
+    for field, value in changes.items():
+        if value is _DROP:
+            meta.pop(field, None)
+        else:
+            meta[field] = value
+    return dict(tensors, **{key: torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("nested_offset", _DROP), ("nested_offset", float("nan")), ("nested_offset", float("inf")),
+        ("nested_offset", "0.01"), ("nested_offset", None), ("nested_offset", True), ("nested_offset", -1.0),
+        ("blocksize", "abc"), ("blocksize", None), ("blocksize", 0), ("blocksize", 64.0), ("blocksize", True), ("blocksize", 48),
+        ("shape", "x"), ("shape", None), ("shape", []), ("shape", [100, "70"]), ("shape", [100, 70.0]), ("shape", [-100, -70]),
+        ("shape", [7000, 0]), ("shape", {"a": 1}),
+        ("nested_blocksize", 0), ("nested_blocksize", -256), ("nested_blocksize", "256"), ("nested_blocksize", None),
+        ("nested_blocksize", 255), ("nested_blocksize", _DROP),
+        ("nested_dtype", _DROP), ("nested_dtype", "int8"), ("nested_dtype", 5),
+        ("dtype", ["float32"]), ("dtype", 5), ("dtype", _DROP), ("quant_type", 4), ("quant_type", None),
+    ],
+)
+def test_damaged_quant_state_field_is_named(field, value):
+    """Every JSON field of the quant state is type- and range-checked: a damaged one is an NF4FormatError naming
+    the field and the fix, never a silently wrong weight or a raw ValueError/TypeError/ZeroDivisionError."""
+    tensors = to_bnb_tensors(L.quantize_nf4(torch.randn(100, 70), 64, double_quant=True))
+    with pytest.raises(NF4FormatError, match=rf"w\.quant_state\.bitsandbytes__nf4.*'{field}'.*re-(export|quantize)"):
+        from_bnb_tensors(_with_meta(tensors, **{field: value}), "w")
+
+
+def test_quant_state_must_match_the_tensors_present():
+    """Double quantization is told by the tensors and the JSON together; when they disagree the blob is refused."""
+    dq = to_bnb_tensors(L.quantize_nf4(torch.randn(100, 70), 64, double_quant=True))
+    plain = to_bnb_tensors(L.quantize_nf4(torch.randn(100, 70), 64, double_quant=False))
+    nested_fields = ("nested_blocksize", "nested_dtype", "nested_offset")
+    # uint8 absmax (scale codes) with every nested field gone: was read as float scales, off by up to 200
+    no_nested_meta = _with_meta(dq, **dict.fromkeys(nested_fields, _DROP))
+    with pytest.raises(NF4FormatError, match=r"w\.absmax is uint8.*nested"):
+        from_bnb_tensors(no_nested_meta, "w")
+    no_nested_tensors = {k: v for k, v in no_nested_meta.items() if not k.startswith("nested_")}
+    with pytest.raises(NF4FormatError, match=r"w\.absmax is uint8.*nested"):
+        from_bnb_tensors(no_nested_tensors, "w")
+    # nested tensors beside a blob that does not describe them
+    stray = dict(plain, nested_absmax=dq["nested_absmax"], nested_quant_map=dq["nested_quant_map"])
+    with pytest.raises(NF4FormatError, match=r"nested_absmax.*nested_quant_map.*not double-quantized"):
+        from_bnb_tensors(stray, "w")
+    # a blob that says double-quantized over float scales
+    fake_nested = _with_meta(dict(plain, nested_absmax=dq["nested_absmax"], nested_quant_map=dq["nested_quant_map"]),
+                             nested_blocksize=256, nested_dtype="float32", nested_offset=0.01)
+    with pytest.raises(NF4FormatError, match=r"w\.absmax .*float32.*uint8"):
+        from_bnb_tensors(fake_nested, "w")
+    # sizes: nested_absmax and both code tables
+    with pytest.raises(NF4FormatError, match=r"nested_absmax has 2 entries, expected 1"):
+        from_bnb_tensors(dict(dq, nested_absmax=torch.ones(2)), "w")
+    with pytest.raises(NF4FormatError, match=r"quant_map has 15 entries, expected 16"):
+        from_bnb_tensors(dict(dq, quant_map=dq["quant_map"][:15]), "w")
+    with pytest.raises(NF4FormatError, match=r"nested_quant_map has 255 entries, expected 256"):
+        from_bnb_tensors(dict(dq, nested_quant_map=dq["nested_quant_map"][:255]), "w")
+    # a shape that disagrees with the packed bytes
+    with pytest.raises(NF4FormatError, match="packed weight has 3500 bytes, expected 3550"):
+        from_bnb_tensors(_with_meta(dq, shape=[100, 71]), "w")
+    # the valid blobs still load, to the same weight
+    assert torch.equal(from_bnb_tensors(dq, "w").dequantize(), from_bnb_tensors(dict(dq), "w").dequantize())
+    assert from_bnb_tensors(plain, "w").nested is None and from_bnb_tensors(dq, "w").nested is not None
+
+
+def test_quant_state_from_bitsandbytes_loads():
+    """A blob bitsandbytes itself writes (nested_dtype 'float32', shape as a list) passes the checks."""
+    w = torch.randn(100, 70)
+    for double_quant in (False, True):
+        packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        tensors = {"": packed, **state.as_dict(packed=True)}
+        assert torch.equal(from_bnb_tensors(tensors, "w").dequantize(), L.quantize_nf4(w, 64, double_quant).dequantize())
+
+
 def test_custom_ops_pass_opcheck_and_compile():
     """The ops stay traceable: schema, fake kernels and autograd registration check out (opcheck), and
     torch.compile(fullgraph=True) of an NF4Linear forward matches eager."""

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, NF4FormatError, NF4Weight, check_blocksize
+from lightning_nf4.format.quantized import NestedStats, NF4FormatError, NF4Weight
 
 QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 QUANT_STATE_KEY = QUANT_STATE_PREFIX + "nf4"
@@ -57,6 +57,76 @@ def _decode_meta(raw: Tensor, name: str) -> dict:
     return meta
 
 
+_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
+_NESTED_TENSORS = ("nested_absmax", "nested_quant_map")
+_FIX = "the checkpoint is corrupted or from an unknown writer; re-export it (or re-quantize the float model)."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_blocksize(value: object) -> bool:
+    return _is_int(value) and 32 <= value <= 4096 and not value & (value - 1)
+
+
+def _is_offset(value: object) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
+
+
+_FIELD_CHECKS = {
+    "quant_type": (lambda v: isinstance(v, str), "a string ('nf4')"),
+    "blocksize": (_is_blocksize, "a power-of-two integer between 32 and 4096"),
+    "dtype": (lambda v: isinstance(v, str) and v in _DTYPES, f"one of {sorted(_DTYPES)}"),
+    "shape": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(d) and d > 0 for d in v), "a non-empty list of positive integers"),
+    "nested_blocksize": (_is_blocksize, "a power-of-two integer between 32 and 4096 (bitsandbytes writes 256)"),
+    "nested_dtype": (lambda v: v == "float32", "'float32'"),
+    "nested_offset": (_is_offset, "a finite number >= 0 (the mean of the original absmax)"),
+}
+
+
+def _check_fields(meta: dict, fields: tuple[str, ...], name: str) -> None:
+    """Each of ``fields`` is present in the quant-state JSON and of the right type and range."""
+    for field in fields:
+        if field not in meta:
+            raise NF4FormatError(f"{name}.{QUANT_STATE_KEY} lacks the field '{field}'; {_FIX}")
+        valid, expected = _FIELD_CHECKS[field]
+        if not valid(meta[field]):
+            raise NF4FormatError(f"{name}.{QUANT_STATE_KEY}: field '{field}' is {meta[field]!r}, expected {expected}; {_FIX}")
+
+
+def _is_nested(meta: dict, tensors: dict[str, Tensor], name: str) -> bool:
+    """Whether the weight is double-quantized; the JSON, the absmax dtype and the nested tensors must agree."""
+    absmax_dtype = tensors["absmax"].dtype
+    if any(k in meta for k in _NESTED_FIELDS):
+        _check_fields(meta, _NESTED_FIELDS, name)
+        if absmax_dtype != torch.uint8:
+            raise NF4FormatError(
+                f"{name}.absmax is {absmax_dtype}, but {name}.{QUANT_STATE_KEY} says double-quantized, which stores "
+                f"absmax as uint8 codes; {_FIX}"
+            )
+        return True
+    if absmax_dtype == torch.uint8:
+        raise NF4FormatError(
+            f"{name}.absmax is uint8 (double-quantized scale codes), but {name}.{QUANT_STATE_KEY} lacks the nested "
+            f"fields {list(_NESTED_FIELDS)} needed to decode them; {_FIX}"
+        )
+    stray = [f"{name}.{k}" for k in _NESTED_TENSORS if k in tensors]
+    if stray:
+        raise NF4FormatError(
+            f"{name}: found {stray}, but {name}.{QUANT_STATE_KEY} has no nested fields and {name}.absmax is "
+            f"{absmax_dtype}, so the weight is not double-quantized; the tensors come from different weights: {_FIX}"
+        )
+    if not absmax_dtype.is_floating_point:
+        raise NF4FormatError(f"{name}.absmax is {absmax_dtype}; a weight without double quantization stores float scales. {_FIX}")
+    return False
+
+
 def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Weight:
     """Rebuild an ``NF4Weight`` from the suffix dict of ``to_bnb_tensors`` (or of a bitsandbytes state dict)."""
     state_keys = [k for k in tensors if k.startswith(QUANT_STATE_PREFIX)]
@@ -68,21 +138,25 @@ def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Wei
             "Re-quantize the float model with bnb_4bit_quant_type='nf4'."
         )
     meta = _decode_meta(tensors[QUANT_STATE_KEY], name)
-    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
-    if missing:
-        raise NF4FormatError(f"{name}.{QUANT_STATE_KEY} lacks {missing}; the checkpoint is corrupted or from an unknown writer.")
+    _check_fields(meta, ("quant_type", "blocksize", "dtype", "shape"), name)
     if meta["quant_type"] != "nf4":
-        raise NF4FormatError(f"{name}: quant_type {meta['quant_type']!r} is not supported; only 'nf4' is.")
-    if meta["dtype"] not in _DTYPES:
-        raise NF4FormatError(f"{name}: unsupported original dtype {meta['dtype']!r} in the quant state.")
-    nested = "nested_offset" in meta
-    required = ["", "absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if nested else [])
-    absent = [f"{name}.{k}" if k else name for k in required if k not in tensors]
-    if absent:
-        raise NF4FormatError(f"Missing keys for the NF4 weight {name}: {absent}. The checkpoint is incomplete.")
+        raise NF4FormatError(
+            f"{name}.{QUANT_STATE_KEY}: field 'quant_type' is {meta['quant_type']!r}; only 'nf4' is supported. "
+            "Re-quantize the float model with bnb_4bit_quant_type='nf4'."
+        )
 
-    blocksize = check_blocksize(int(meta["blocksize"]))
-    shape = torch.Size(int(d) for d in meta["shape"])
+    def check_present(required: list[str]) -> None:
+        absent = [f"{name}.{k}" if k else name for k in required if k not in tensors]
+        if absent:
+            raise NF4FormatError(f"Missing keys for the NF4 weight {name}: {absent}. The checkpoint is incomplete.")
+
+    check_present(["", "absmax", "quant_map"])
+    nested = _is_nested(meta, tensors, name)
+    if nested:
+        check_present(list(_NESTED_TENSORS))
+
+    blocksize = meta["blocksize"]
+    shape = torch.Size(meta["shape"])
     numel = math.prod(shape)
     num_blocks = -(-numel // blocksize)
     packed = tensors[""].detach()
@@ -101,11 +175,11 @@ def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Wei
     expect(code.numel() == 16, f"quant_map has {code.numel()} entries, expected 16")
     stats = None
     if nested:
-        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
+        nested_blocksize = meta["nested_blocksize"]
         nested_absmax = tensors["nested_absmax"].detach().reshape(-1).float()
         nested_code = tensors["nested_quant_map"].detach().reshape(-1).float()
-        expect(absmax.dtype == torch.uint8, f"double-quantized absmax must be uint8, got {absmax.dtype}")
-        expect(nested_absmax.numel() == -(-num_blocks // nested_blocksize), f"nested_absmax has {nested_absmax.numel()} entries")
+        num_nested = -(-num_blocks // nested_blocksize)
+        expect(nested_absmax.numel() == num_nested, f"nested_absmax has {nested_absmax.numel()} entries, expected {num_nested}")
         expect(nested_code.numel() == 256, f"nested_quant_map has {nested_code.numel()} entries, expected 256")
         offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
         stats = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset, blocksize=nested_blocksize)

@@ -143,6 +143,39 @@ def test_load_errors_are_clear():
         NF4Linear(70, 100).load_state_dict({"bias": state["bias"]})
 
 
+@pytest.mark.parametrize("stray", ["0.weight.bogus", "0.lora_A.default.weight", "0.bogus", "0.bias.extra", "0._extra_state"])
+@pytest.mark.parametrize("quantized_source", [True, False])
+def test_unexpected_keys_are_reported_as_nn_linear_does(stray, quantized_source):
+    """A key under an NF4Linear's prefix that it does not own is an unexpected key, as for nn.Linear: strict
+    loading raises; non-strict loading loads the weight and returns the key among unexpected_keys."""
+    linear, layer = make()
+    float_model, nf4_model = nn.Sequential(linear), nn.Sequential(layer)
+    source = nf4_model if quantized_source else float_model
+    state = dict(source.state_dict(), **{stray: torch.zeros(3)})
+    unexpected = rf"Unexpected key\(s\) in state_dict: \"{stray}\""
+    if not quantized_source:
+        with pytest.raises(RuntimeError, match=unexpected):
+            nn.Sequential(nn.Linear(70, 100)).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=unexpected):
+        nn.Sequential(NF4Linear(70, 100)).load_state_dict(state)
+    target = nn.Sequential(NF4Linear(70, 100))
+    result = target.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == [stray] and result.missing_keys == []
+    if not quantized_source:
+        assert nn.Sequential(nn.Linear(70, 100)).load_state_dict(state, strict=False).unexpected_keys == [stray]
+    assert torch.equal(target[0].dequantize(), layer.dequantize())
+    # the bitsandbytes keys themselves are expected: a strict load of the real state dict reports nothing
+    assert not any(nn.Sequential(NF4Linear(70, 100)).load_state_dict(nf4_model.state_dict()))
+
+
+def test_unexpected_bias_without_a_bias_is_reported():
+    linear, layer = make(bias=True)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"bias\""):
+        NF4Linear(70, 100, bias=False).load_state_dict(layer.state_dict())
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"bias\""):
+        nn.Linear(70, 100, bias=False).load_state_dict(linear.state_dict())
+
+
 def test_from_linear_rejects_non_linear_and_bad_dtype():
     with pytest.raises(TypeError, match="expects an nn.Linear"):
         NF4Linear.from_linear(nn.Conv1d(3, 3, 1))

@@ -253,16 +253,32 @@ class NF4Linear(nn.Module):
         missing_keys: list, unexpected_keys: list, error_msgs: list,
     ) -> None:
         name = prefix + "weight"
+        if strict:  # as nn.Module does: a key under this prefix that no parameter or bnb tensor claims
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and not self._owns_key(k[len(prefix):]))
         if name not in state_dict:
             missing_keys.append(name)
         else:
-            tensors = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+            tensors = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".") and self._owns_key(k[len(prefix):])}
             tensors[""] = state_dict[name]
             try:
                 self._load_weight(tensors, name)
             except NF4FormatError as err:
                 error_msgs.append(str(err))
         self._load_bias(state_dict, prefix, missing_keys, error_msgs)
+
+    def _owns_key(self, key: str) -> bool:
+        """Whether ``key`` (relative to this layer) is one this layer loads: ``weight``, the bitsandbytes tensors
+        under ``weight.`` (any ``quant_state.bitsandbytes__*`` blob, so a non-NF4 one gets its own error), and
+        ``bias`` when the layer has one; keys of child modules are theirs, as in nn.Module."""
+        from lightning_nf4.format.bnb_state import QUANT_STATE_PREFIX
+
+        if key == "weight" or (key == "bias" and self.bias is not None):
+            return True
+        if key.startswith("weight."):
+            suffix = key[len("weight."):]
+            return suffix in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") or suffix.startswith(QUANT_STATE_PREFIX)
+        head, dot, _ = key.partition(".")
+        return bool(dot) and head in self._modules
 
     def _load_weight(self, tensors: dict[str, Tensor], name: str) -> None:
         target = self.weight.device

@@ -96,3 +96,68 @@ def test_unfused_update_gives_the_fused_result(monkeypatch):
         monkeypatch.setattr(NF4LoraLinear, "fuse_update", False)
         unfused = layer(x).float()
     assert ((fused - unfused).norm() / unfused.norm()).item() < 1e-2
+
+
+# -- LoRACallback: argument checks and the parameter count -------------------------------------
+
+
+def _fit(tmp_path, callback, precision=None):
+    import lightning.pytorch as pl
+
+    from lightning_nf4 import NF4Precision
+    from tests.lightning_models import Regressor, regression_loader
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, max_steps=1, default_root_dir=str(tmp_path),
+        plugins=precision or NF4Precision(compute_dtype=torch.float32), callbacks=[callback],
+    )
+    module = Regressor()
+    trainer.fit(module, regression_loader())
+    return module
+
+
+def test_modules_to_save_must_match_a_module(tmp_path):
+    from lightning_nf4 import LoRACallback
+
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'nope' matched no module of Regressor"):
+        _fit(tmp_path, LoRACallback(r=2, modules_to_save=["nope"]))
+
+
+def test_modules_to_save_on_an_nf4_layer_says_to_skip_it(tmp_path):
+    from lightning_nf4 import LoRACallback, NF4Precision
+
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'net\.0' names the NF4 layer 'net\.0'.*skip_modules=\('lm_head', 'net\.0'\)"):
+        _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]))
+    # the fix the message gives: the module stays float and trains in full, beside LoRA on the others
+    module = _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]), NF4Precision(compute_dtype=torch.float32, skip_modules=("lm_head", "net.0")))
+    assert type(module.net[0]) is nn.Linear and module.net[0].weight.requires_grad and module.net[0].bias.requires_grad
+    assert isinstance(module.net[2].base_layer, NF4Linear) and not module.net[2].base_layer.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=2.5), r"LoRA rank r must be a positive integer, got 2\.5"),
+        (dict(r="8"), r"LoRA rank r must be a positive integer, got '8'"),
+        (dict(r=True), r"LoRA rank r must be a positive integer, got True"),
+        (dict(r=0), r"LoRA rank r must be a positive integer, got 0"),
+        (dict(dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0\.1'"),
+        (dict(alpha="16"), r"alpha must be a number \(scaling = alpha / r\), got '16'"),
+        (dict(target_modules=["re:q_proj("]), r"target_modules: 're:q_proj\(' is not a valid regular expression"),
+        (dict(target_modules=[3]), r"target_modules must be 'all-linear', a name or pattern, or a list of them; got \[3\]"),
+        (dict(modules_to_save=["re:*"]), r"modules_to_save: 're:\*' is not a valid regular expression"),
+        (dict(modules_to_save=[None]), r"modules_to_save must be a list of module names or patterns; got \[None\]"),
+    ],
+)
+def test_bad_lora_arguments_name_the_argument(kwargs, message):
+    from lightning_nf4 import LoRACallback
+
+    with pytest.raises(ValueError, match=message):
+        LoRACallback(**kwargs)
+
+
+def test_modules_to_save_as_one_string_is_one_name():
+    from lightning_nf4 import LoRACallback
+
+    assert LoRACallback(modules_to_save="lm_head").modules_to_save == ["lm_head"]

@@ -7,6 +7,8 @@ built later, in ``configure_model``, injection waits for the conversion through 
 
 from __future__ import annotations
 
+import numbers
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,14 +62,24 @@ class LoRACallback(Callback):
         adapter_name: str = "default",
         init_seed: Optional[int] = 0,
     ) -> None:
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+        if not _is_number(r, integral=True) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
+        if not _is_number(alpha):
+            raise ValueError(f"LoRA alpha must be a number (scaling = alpha / r), got {alpha!r}.")
+        if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
+        if not (isinstance(target_modules, str) or _is_names(target_modules)) or not target_modules:
+            raise ValueError(f"target_modules must be 'all-linear', a name or pattern, or a list of them; got {target_modules!r}.")
+        if isinstance(modules_to_save, str):
+            modules_to_save = [modules_to_save]
+        if modules_to_save is not None and not _is_names(modules_to_save):
+            raise ValueError(f"modules_to_save must be a list of module names or patterns; got {modules_to_save!r}.")
+        _check_patterns("target_modules", [target_modules] if isinstance(target_modules, str) else target_modules)
+        _check_patterns("modules_to_save", modules_to_save or [])
         if float_dtype(adapter_dtype) is None:
             raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype!r}.")
         adapter_dtype = float_dtype(adapter_dtype)
-        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.r, self.alpha, self.dropout = int(r), alpha, dropout
         self.target_modules = target_modules
         self.modules_to_save = list(modules_to_save or [])
         self.adapter_dtype = adapter_dtype
@@ -105,7 +117,27 @@ class LoRACallback(Callback):
     def _injected(module: nn.Module) -> bool:
         return any(isinstance(m, LoraLayer) for m in module.modules())
 
+    def _check_modules_to_save(self, module: nn.Module) -> None:
+        """Each ``modules_to_save`` entry names a module, and none holds frozen NF4 weights (those cannot be
+        trained in full; NF4Precision must leave such a module in float)."""
+        named = [(n, m) for n, m in module.named_modules() if n and ".lora_" not in n]
+        for pattern in self.modules_to_save:
+            found = [(n, m) for n, m in named if matches(n, [pattern])]
+            if not found:
+                raise ValueError(
+                    f"modules_to_save entry {pattern!r} matched no module of {type(module).__name__}. "
+                    f"Modules found: {[n for n, _ in named][:8]}"
+                )
+            nf4 = [".".join(filter(None, (n, c))) for n, m in found for c, sub in m.named_modules() if isinstance(sub, NF4Linear)]
+            if nf4:
+                raise ValueError(
+                    f"modules_to_save entry {pattern!r} names the NF4 layer {nf4[0]!r}, whose packed 4-bit weights are "
+                    f"frozen and cannot be trained in full. Keep it in float by adding it to NF4Precision's skip_modules, "
+                    f"e.g. NF4Precision(skip_modules=('lm_head', {pattern!r})), or train it through LoRA (target_modules) instead."
+                )
+
     def _targets(self, module: nn.Module) -> list[str]:
+        self._check_modules_to_save(module)
         skip = set(self.modules_to_save)
         names = []
         for name, sub in module.named_modules():
@@ -205,6 +237,23 @@ class LoRACallback(Callback):
     def save_merged(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
         """Dequantized, merged float model (HF folder for transformers models, safetensors otherwise)."""
         return export.save_merged(pl_module, path, self.merged_dtype)
+
+
+def _is_number(value: object, integral: bool = False) -> bool:
+    return isinstance(value, numbers.Integral if integral else numbers.Real) and not isinstance(value, bool)
+
+
+def _is_names(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(v, str) and v for v in value)
+
+
+def _check_patterns(argument: str, patterns: Sequence[str]) -> None:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"{argument}: {pattern!r} is not a valid regular expression ({err}).") from err
 
 
 def _count(module: nn.Module) -> tuple[int, int]:

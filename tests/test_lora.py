@@ -161,3 +161,31 @@ def test_modules_to_save_as_one_string_is_one_name():
     from lightning_nf4 import LoRACallback
 
     assert LoRACallback(modules_to_save="lm_head").modules_to_save == ["lm_head"]
+
+
+def test_trainable_count_counts_tied_weights_once(caplog):
+    """The logged "trainable parameters X of Y" counts a tied embedding / lm_head once (and an NF4 weight as the
+    float weight it stands for)."""
+    import logging
+    import re
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    NF4Precision().convert_module(model)
+    with caplog.at_level(logging.INFO):
+        LoRACallback(r=2).inject(model)
+    logged = re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", caplog.text)
+    trainable, total = (int(g.replace(",", "")) for g in logged.groups())
+    unique = {id(p): p for p in model.parameters()}.values()
+    nf4 = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear)}
+    assert total == sum(nf4.get(id(p), p.numel()) for p in unique)
+    assert trainable == sum(p.numel() for p in unique if p.requires_grad) > 0
+    every_name = sum(nf4.get(id(p), p.numel()) for _, p in model.named_parameters(remove_duplicate=False))
+    assert every_name - total == 128 * 64  # the tied matrix, once

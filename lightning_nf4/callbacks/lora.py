@@ -257,9 +257,15 @@ def _check_patterns(argument: str, patterns: Sequence[str]) -> None:
 
 
 def _count(module: nn.Module) -> tuple[int, int]:
+    """Trainable and total parameters, each tensor once (a tied embedding / lm_head is one tensor); an NF4 weight
+    counts as the float weight it stands for."""
     trainable = total = 0
+    seen: set[int] = set()
     for sub in module.modules():
         for name, p in sub.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             n = sub.in_features * sub.out_features if (isinstance(sub, NF4Linear) and name == "weight") else p.numel()
             total += n
             trainable += n if p.requires_grad else 0

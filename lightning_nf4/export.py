@@ -77,10 +77,16 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
     tag = f".{adapter_name}."
     for name, param in root.named_parameters():
         if ".lora_" in name and tag in name:
-            out["base_model.model." + name.replace(tag, ".")] = param.detach().contiguous().cpu()
+            out["base_model.model." + name.replace(tag, ".")] = _whole(param).contiguous().cpu()
         elif modules_to_save and param.requires_grad and ".lora_" not in name:
-            out["base_model.model." + name] = param.detach().contiguous().cpu()
+            out["base_model.model." + name] = _whole(param).contiguous().cpu()
     return out
+
+
+def _whole(param: Tensor) -> Tensor:
+    """The parameter's full value; for an FSDP-sharded one, gathered (a collective: every rank must ask)."""
+    full_tensor = getattr(param, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else param).detach()
 
 
 def save_adapter(
@@ -92,11 +98,15 @@ def save_adapter(
     lora_dropout: float,
     adapter_name: str = "default",
     modules_to_save: Optional[list[str]] = None,
-) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``."""
+    write: bool = True,
+) -> Optional[Path]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``.
+    For a sharded model every rank calls it (the adapters are gathered) and only the one with ``write`` writes."""
     prefix, hf = find_hf_model(module)
     root = hf if hf is not None else module
     tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
+    if not write:
+        return None
     if not any(".lora_" in k for k in tensors):
         raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
     config = LoraConfig(
@@ -120,8 +130,9 @@ def _task_type(hf: Optional[nn.Module]) -> Optional[str]:
     return "CAUSAL_LM" if isinstance(hf, GenerationMixin) else None
 
 
-def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
-    """Float state dict with every NF4 base dequantized and every LoRA delta merged into it."""
+def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop: Optional[Any] = None) -> dict[str, Tensor]:
+    """Float state dict with every NF4 base dequantized and every LoRA delta merged into it. ``stop(child)``:
+    submodules to leave out (the nested sharding units when one FSDP unit is merged at a time)."""
     out: dict[str, Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -143,10 +154,67 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None) -> d
             if name not in module._non_persistent_buffers_set:
                 out[prefix + name] = buf.detach()
         for name, child in module.named_children():
-            visit(child, prefix + name + ".")
+            if stop is None or not stop(child):
+                visit(child, prefix + name + ".")
 
     visit(root, "")
     return out
+
+
+def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optional[torch.dtype] = None, *, write: bool) -> Optional[Path]:
+    """The merged float model of an FSDP2-sharded module, one sharding unit at a time: every rank gathers the
+    unit (a collective), the writer merges it and writes it as one safetensors file, the unit is freed. No
+    rank or host ever holds more than one unit in float. Writes a Hugging Face folder with a sharded index
+    for transformers models."""
+    import json
+
+    from torch.distributed.fsdp import FSDPModule
+
+    prefix, hf = find_hf_model(module)
+    owners = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
+    tied = set(getattr(hf, "_tied_weights_keys", None) or []) if hf is not None and getattr(hf.config, "tie_word_embeddings", False) else set()
+    with atomic_directory(path) if write else _nowhere() as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for index, (name, owner) in enumerate(owners):
+            owner.unshard()
+            try:
+                with torch.no_grad():
+                    local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule))
+                full_prefix = (name + "." if name else "")
+                state = {}
+                for key, value in local.items():
+                    key = full_prefix + key
+                    if key.startswith(prefix) and key[len(prefix):] not in tied:
+                        state[key[len(prefix):]] = value.contiguous().cpu()
+            finally:
+                owner.reshard()
+            if write and state:
+                file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
+                save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(state, file))
+                total += sum(v.numel() * v.element_size() for v in state.values())
+        if write:
+            index_name = "model.safetensors.index.json" if hf is not None else "model.safetensors.index.json"
+            (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            if hf is not None:
+                config = hf.config
+                saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
+                for k in saved:
+                    delattr(config, k)
+                try:
+                    config.save_pretrained(str(tmp))
+                    if getattr(hf, "generation_config", None) is not None:
+                        hf.generation_config.save_pretrained(str(tmp))
+                finally:
+                    for k, v in saved.items():
+                        setattr(config, k, v)
+    return Path(path) if write else None
+
+
+@contextmanager
+def _nowhere() -> Iterator[None]:
+    yield None
 
 
 def _original_dtype(base: nn.Module) -> torch.dtype:

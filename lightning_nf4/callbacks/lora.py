@@ -215,11 +215,28 @@ class LoRACallback(Callback):
             for name, value in state.items():
                 if params[name].shape != value.shape:
                     raise RuntimeError(f"size mismatch for {name}: checkpoint {tuple(value.shape)}, model {tuple(params[name].shape)}; was r different?")
-                params[name].copy_(value)
+                if hasattr(params[name], "device_mesh"):  # an FSDP-sharded parameter: each rank keeps its rows
+                    from lightning_nf4.strategies.fsdp import copy_full_into
+
+                    copy_full_into(params[name], value, name)
+                else:
+                    params[name].copy_(value)
 
     # -- export -----------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_dir is None or not trainer.is_global_zero:
+        if self.save_dir is None:
+            return
+        if _sharded(pl_module):  # every rank gathers; rank 0 writes
+            adapter = export.save_adapter(
+                pl_module, Path(self.save_dir) / "adapter", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                adapter_name=self.adapter_name, modules_to_save=self.modules_to_save or None, write=trainer.is_global_zero,
+            )
+            if self.export_merged:
+                export.save_merged_sharded(pl_module, Path(self.save_dir) / "merged", self.merged_dtype, write=trainer.is_global_zero)
+            rank_zero_info(f"LoRACallback: adapter{' and merged model' if self.export_merged else ''} written to {self.save_dir}")
+            trainer.strategy.barrier()
+            return
+        if not trainer.is_global_zero:
             return
         adapter = self.save_adapter(pl_module, Path(self.save_dir) / "adapter")
         rank_zero_info(f"LoRACallback: adapter written to {adapter}")
@@ -254,6 +271,14 @@ def _check_patterns(argument: str, patterns: Sequence[str]) -> None:
                 re.compile(pattern[3:])
             except re.error as err:
                 raise ValueError(f"{argument}: {pattern!r} is not a valid regular expression ({err}).") from err
+
+
+def _sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _count(module: nn.Module) -> tuple[int, int]:

@@ -7,13 +7,21 @@ gradient checkpointing, the recompute's copy serves the backward that follows it
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
 from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, quantize_nf4, to_bnb_tensors
 from lightning_nf4.format.bnb_state import is_bnb_quantized
+from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import DequantGroup
@@ -159,6 +167,29 @@ class NF4Linear(nn.Module):
         layer.bias = linear.bias
         return layer
 
+    def reset_parameters(self) -> None:
+        """Draw a float weight as ``nn.Linear`` does and quantize it: how a layer built on the meta device gets
+        values once it has storage (``module.to_empty(device=...)``), with one float weight alive at a time."""
+        device = self.weight.device
+        if device.type == "meta":
+            return
+        weight = torch.empty(self.out_features, self.in_features, dtype=self.quant.dtype, device=device)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self._set_quant(quantize_nf4(weight, self.blocksize, self.double_quant))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+
+    def to_nf4_tensor(self) -> None:
+        """Hold the weight as one ``NF4Tensor`` parameter (codes and scales together): the form FSDP2
+        shards by rows and all-gathers. Same bytes, same results; idempotent."""
+        if not isinstance(self.weight, NF4Tensor):
+            quant = self._synced_quant()
+            self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)
+            self.quant = quant
+            self._drop_group_round()
+
     def _set_quant(self, quant: NF4Weight) -> None:
         self.weight = nn.Parameter(quant.packed, requires_grad=False)
         self.quant = quant.with_packed(self.weight)
@@ -171,7 +202,16 @@ class NF4Linear(nn.Module):
 
     def _synced_quant(self) -> NF4Weight:
         # The packed Parameter may have been replaced or moved by code outside this class (e.g. a
-        # strategy's model.to(device)); the scales follow it here.
+        # strategy's model.to(device)); the scales follow it here. An NF4Tensor weight (the form FSDP2
+        # shards and all-gathers) carries its own scales.
+        weight = self.weight
+        if isinstance(weight, NF4Tensor):
+            return weight.quant
+        if isinstance(weight, DTensor):
+            raise RuntimeError(
+                "This NF4Linear's weight is sharded across ranks (FSDP2) and not gathered now; its full weight exists "
+                "only inside the module's forward/backward, or under NF4FSDPStrategy.gathered(module)."
+            )
         quant = self.quant
         if quant.packed is not self.weight or quant.absmax.device != self.weight.device:
             quant = self.quant = quant.with_packed(self.weight)
@@ -223,7 +263,14 @@ class NF4Linear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
         super()._apply(fn, recurse)
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
-        self.quant = self.quant.with_packed(self.weight)
+        weight = self.weight
+        if isinstance(weight, NF4Tensor):
+            self.quant = weight.quant
+        elif self.quant.absmax.is_meta and not weight.is_meta:  # to_empty() of a meta-built layer: scales to fill
+            empty = _empty_nf4(self.out_features, self.in_features, self.blocksize, self.double_quant, self.quant.dtype, weight.device)
+            self.quant = empty.with_packed(weight)
+        else:
+            self.quant = self.quant.with_packed(weight)
         self._drop_group_round()  # a round's weights are on the old device
         return self
 

@@ -1,0 +1,302 @@
+"""``NF4Tensor``: an ``NF4Weight`` as a ``torch.Tensor`` subclass, so FSDP2 can shard and all-gather it.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards a parameter by calling tensor ops on it (``chunk``,
+``new_zeros``, ``narrow``, ``copy_``, ``view``) and all-gathers it through the parameter's own
+``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` hooks when it has them. This class answers those ops
+on the NF4 layout itself: a row shard of the ``[out, in]`` weight is a slice of the packed codes, of the
+absmax codes and of the nested absmax, while the code tables and the nested offset stay whole on every
+rank. The packed bytes never become a float tensor, whatever mixed-precision policy FSDP is given: the
+outer dtype is only the dtype the weight dequantizes to.
+
+Rows shard evenly or not at all: a shard must hold whole quantization blocks (``blocksize`` elements)
+and, with double quantization, whole groups of scales (``blocksize * 256`` elements). A layout that
+cannot split is refused with ``NF4ShardingError`` naming the weight and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_nf4.format.quantized import NF4FormatError, NF4Weight, NestedStats
+
+aten = torch.ops.aten
+
+
+class NF4ShardingError(NF4FormatError):
+    """An NF4 weight that cannot be split into the row shards asked for; the message says how to fix it."""
+
+
+def shard_granularity(quant: NF4Weight) -> int:
+    """Elements a row shard must be a multiple of: whole blocks, and whole groups of nested scales."""
+    unit = quant.blocksize * (quant.nested.blocksize if quant.nested is not None else 1)
+    return math.lcm(unit, 2)  # two codes per byte
+
+
+def check_shardable(quant: NF4Weight, world_size: int, name: str = "weight") -> None:
+    """Raise ``NF4ShardingError`` unless ``quant`` splits into ``world_size`` equal row shards on whole
+    blocks and scale groups."""
+    rows, cols = quant.shape[0], math.prod(quant.shape[1:])
+    if rows % world_size:
+        raise NF4ShardingError(
+            f"{name}: {rows} rows do not split evenly across {world_size} ranks. NF4 weights shard by rows in equal "
+            "parts; use a world size that divides the layer's out_features, or keep this layer in float "
+            "(NF4Precision(skip_modules=[...]))."
+        )
+    per_rank = rows // world_size * cols
+    unit = shard_granularity(quant)
+    if per_rank % unit:
+        dq = f" x {quant.nested.blocksize} nested scales" if quant.nested is not None else ""
+        hint = " NF4Precision(double_quant=False) lowers the unit to one block;" if quant.nested is not None else ""
+        raise NF4ShardingError(
+            f"{name}: a shard of {per_rank} elements ({rows // world_size} of {rows} rows) would split a scale group: "
+            f"the scales of {quant.blocksize}-element blocks{dq} need shards of a multiple of {unit} elements.{hint} "
+            "use fewer ranks, or keep this layer in float (NF4Precision(skip_modules=[...]))."
+        )
+
+
+def _row_slices(quant: NF4Weight, row_ranges: list[tuple[int, int]]) -> list[NF4Weight]:
+    """Row ranges of ``quant`` as ``NF4Weight`` views (no copy); every range must split on whole scale groups."""
+    cols = math.prod(quant.shape[1:])
+    unit = shard_granularity(quant)
+    out = []
+    for start, end in row_ranges:
+        first, count = start * cols, (end - start) * cols
+        if first % unit or (count % unit and end != quant.shape[0]):
+            raise NF4ShardingError(
+                f"rows {start}:{end} of an NF4 weight of shape {tuple(quant.shape)} do not fall on whole scale groups "
+                f"({unit} elements); shard it with check_shardable first."
+            )
+        block0, blocks = first // quant.blocksize, -(-count // quant.blocksize)
+        nested = quant.nested
+        if nested is not None:
+            g0, groups = block0 // nested.blocksize, -(-blocks // nested.blocksize)
+            nested = replace(nested, absmax=nested.absmax[g0:g0 + groups])
+        out.append(replace(
+            quant, packed=quant.packed[first // 2:(first + count + 1) // 2], absmax=quant.absmax[block0:block0 + blocks],
+            shape=torch.Size((end - start, *quant.shape[1:])), nested=nested,
+        ))
+    return out
+
+
+class NF4Tensor(Tensor):
+    """A frozen NF4 weight that behaves as a tensor of its logical shape and dequantized dtype.
+
+    Holds an ``NF4Weight`` (``.quant``). Supports the ops FSDP2 uses to shard, pad, move and all-gather a
+    parameter; any other op raises, rather than silently working on the packed bytes.
+    """
+
+    quant: NF4Weight
+
+    @staticmethod
+    def __new__(cls, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
+        shape = torch.Size(shape if shape is not None else quant.shape)
+        return Tensor._make_wrapper_subclass(cls, shape, dtype=dtype or quant.dtype, device=quant.device, requires_grad=False)
+
+    def __init__(self, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> None:
+        self.quant = quant
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self) -> str:  # no tensor ops: printing must work on any rank, sharded or not
+        return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant={self.quant!r})"
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return self.quant.dequantize(dtype or self.dtype)
+
+    def _alias(self, quant: Optional[NF4Weight] = None, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
+        quant = quant or self.quant
+        return NF4Tensor(quant, shape if shape is not None else quant.shape, dtype or self.dtype)
+
+    # -- torch.compile: the inner tensors are the packed codes and the statistics ---------------
+    def __tensor_flatten__(self) -> tuple[list[str], Any]:
+        names = ["packed", "absmax", "code"] + (["nested_absmax", "nested_code", "nested_offset"] if self.quant.nested is not None else [])
+        return names, (self.quant.shape, self.quant.dtype, self.quant.blocksize, self.quant.nested.blocksize if self.quant.nested else None, self.shape, self.dtype)
+
+    def __getattr__(self, name: str) -> Tensor:
+        quant = self.__dict__.get("quant")
+        if quant is not None:
+            if name in ("packed", "absmax", "code"):
+                return getattr(quant, name)
+            if name in ("nested_absmax", "nested_code", "nested_offset") and quant.nested is not None:
+                return getattr(quant.nested, name[len("nested_"):])
+        raise AttributeError(name)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, Tensor], meta: Any, outer_size: Any, outer_stride: Any) -> "NF4Tensor":
+        shape, dtype, blocksize, nested_blocksize, outer_shape, outer_dtype = meta
+        nested = None
+        if nested_blocksize is not None:
+            nested = NestedStats(inner["nested_absmax"], inner["nested_code"], inner["nested_offset"], nested_blocksize)
+        quant = NF4Weight(inner["packed"], inner["absmax"], inner["code"], shape, dtype, blocksize, nested)
+        return NF4Tensor(quant, outer_shape, outer_dtype)
+
+    # -- FSDP2 all-gather hooks ----------------------------------------------------------------
+    def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
+        """Send this rank's row shard as its raw parts (uint8 codes, scales); tables travel as metadata."""
+        q = self.quant
+        inputs: tuple[Tensor, ...] = (q.packed.view(-1), q.absmax)
+        if q.nested is not None:
+            inputs += (q.nested.absmax,)
+        return inputs, (q, math.prod(outer_size[1:]))
+
+    def fsdp_post_all_gather(
+        self, outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype, *, out: Optional[Tensor] = None
+    ) -> Optional[tuple["NF4Tensor", tuple[Tensor, ...]]]:
+        """The whole weight, built on the all-gather buffers themselves (no copy). When FSDP gathers again
+        into the same buffers (``out``), the weight built the first time already sees the new bytes."""
+        shard, cols = metadata
+        packed, absmax, *rest = outputs
+        if out is not None:
+            if not (isinstance(out, NF4Tensor) and out.quant.packed.untyped_storage() is packed.untyped_storage()):
+                raise RuntimeError("FSDP re-gathered an NF4 weight into buffers its unsharded tensor does not view")
+            return None
+        nested = replace(shard.nested, absmax=rest[0]) if shard.nested is not None else None
+        rows = packed.numel() * 2 // cols
+        quant = replace(shard, packed=packed.view(-1, 1), absmax=absmax, nested=nested, shape=torch.Size((rows, *shard.shape[1:])))
+        return NF4Tensor(quant, dtype=param_dtype), tuple(outputs)
+
+    # -- the ops table ---------------------------------------------------------------------------
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        handler = _OPS.get(func)
+        if handler is None:
+            raise NotImplementedError(
+                f"NF4Tensor does not support {func}: a frozen NF4 weight supports the ops FSDP2 uses to shard and move it "
+                "(split, narrow, new_zeros, copy_, view, to, detach). Dequantize it first (layer.dequantize()) for math on it."
+            )
+        return handler(*args, **kwargs)
+
+
+_OPS: dict[Any, Callable[..., Any]] = {}
+
+
+def _implements(*ops: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for op in ops:
+            _OPS[op] = fn
+        return fn
+    return register
+
+
+def _map_tensors(quant: NF4Weight, fn: Callable[[Tensor], Tensor]) -> NF4Weight:
+    nested = quant.nested
+    if nested is not None:
+        nested = replace(nested, absmax=fn(nested.absmax), code=fn(nested.code), offset=fn(nested.offset))
+    return replace(quant, packed=fn(quant.packed), absmax=fn(quant.absmax), code=fn(quant.code), nested=nested)
+
+
+@_implements(aten.detach.default, aten.alias.default)
+def _detach(t: NF4Tensor) -> NF4Tensor:
+    return t._alias(shape=t.shape)
+
+
+@_implements(aten.clone.default)
+def _clone(t: NF4Tensor, memory_format: Any = None) -> NF4Tensor:
+    return t._alias(_map_tensors(t.quant, torch.clone), shape=t.shape)
+
+
+def _check_rows(t: NF4Tensor, dim: int, op: str) -> None:
+    if dim not in (0, -t.dim()) or t.shape != t.quant.shape:
+        raise NotImplementedError(f"NF4Tensor.{op} works on dim 0 of the [out_features, in_features] weight only, got dim {dim}.")
+
+
+@_implements(aten.split.Tensor)
+def _split(t: NF4Tensor, split_size: int, dim: int = 0) -> list[NF4Tensor]:
+    _check_rows(t, dim, "split")
+    rows = t.shape[0]
+    ranges = [(s, min(s + split_size, rows)) for s in range(0, rows, split_size)]
+    return [t._alias(q) for q in _row_slices(t.quant, ranges)]
+
+
+@_implements(aten.split_with_sizes.default)
+def _split_with_sizes(t: NF4Tensor, sizes: list[int], dim: int = 0) -> list[NF4Tensor]:
+    _check_rows(t, dim, "split")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [t._alias(q) for q in _row_slices(t.quant, [(s, s + n) for s, n in zip(starts, sizes)])]
+
+
+@_implements(aten.slice.Tensor)
+def _slice(t: NF4Tensor, dim: int = 0, start: Optional[int] = None, end: Optional[int] = None, step: int = 1) -> NF4Tensor:
+    _check_rows(t, dim, "narrow")
+    if step != 1:
+        raise NotImplementedError("NF4Tensor slices rows with step 1 only.")
+    rows = t.shape[0]
+    start, end = max(0, min(start or 0, rows)), max(0, min(rows if end is None else end, rows))
+    return t._alias(_row_slices(t.quant, [(start, end)])[0])
+
+
+@_implements(aten.new_zeros.default)
+def _new_zeros(t: NF4Tensor, size: list[int], dtype: Any = None, layout: Any = None, device: Any = None, pin_memory: Any = None) -> NF4Tensor:
+    """Zeroed storage of ``size`` rows in ``t``'s layout (FSDP pads shards with it; all-zero scales)."""
+    q = t.quant
+    if len(size) != len(q.shape) or tuple(size[1:]) != tuple(q.shape[1:]):
+        raise NotImplementedError(f"NF4Tensor.new_zeros keeps the row length {tuple(q.shape[1:])}, got size {tuple(size)}.")
+    numel = math.prod(size)
+    blocks = -(-numel // q.blocksize)
+    device = device or q.device
+    zeros = lambda n, like: torch.zeros(n, dtype=like.dtype, device=device)  # noqa: E731
+    nested = q.nested
+    if nested is not None:
+        nested = replace(nested, absmax=zeros(-(-blocks // nested.blocksize), nested.absmax), code=nested.code.to(device), offset=nested.offset.to(device))
+    quant = replace(
+        q, packed=torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device), absmax=zeros(blocks, q.absmax),
+        code=q.code.to(device), shape=torch.Size(size), nested=nested,
+    )
+    return NF4Tensor(quant, dtype=t.dtype)
+
+
+@_implements(aten.copy_.default)
+def _copy(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
+    if not isinstance(src, NF4Tensor):
+        raise NotImplementedError("An NF4Tensor can only be copied from another NF4Tensor; quantize a float tensor with quantize_nf4 first.")
+    a, b = dst.quant, src.quant
+    if a.shape != b.shape or a.blocksize != b.blocksize or a.double_quant != b.double_quant:
+        raise NF4ShardingError(f"cannot copy an NF4 weight of shape {tuple(b.shape)} (blocksize {b.blocksize}) into one of shape {tuple(a.shape)} (blocksize {a.blocksize}).")
+    for d, s in zip(a.tensors(), b.tensors()):
+        d.copy_(s, non_blocking=non_blocking)
+    return dst
+
+
+@_implements(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def _view(t: NF4Tensor, size: list[int]) -> NF4Tensor:
+    numel = t.numel()
+    shape = [numel // max(1, -math.prod(size)) if s == -1 else s for s in size] if -1 in size else list(size)
+    if math.prod(shape) != numel:
+        raise RuntimeError(f"shape {list(size)} is invalid for an NF4 weight of {numel} elements")
+    # A flat view (FSDP keeps one of each shard) shares the weight; the layout stays [rows, cols].
+    return t._alias(shape=torch.Size(shape))
+
+
+@_implements(aten.as_strided.default)
+def _as_strided(t: NF4Tensor, size: list[int], stride: list[int], storage_offset: Optional[int] = None) -> NF4Tensor:
+    contiguous = [math.prod(size[i + 1:]) for i in range(len(size))]
+    if list(size) != list(t.quant.shape) or list(stride) != contiguous or (storage_offset or 0) != 0:
+        raise NotImplementedError(f"NF4Tensor.as_strided only re-states the whole contiguous weight {tuple(t.quant.shape)}, got {tuple(size)}.")
+    return t._alias()
+
+
+@_implements(aten._to_copy.default)
+def _to_copy(t: NF4Tensor, dtype: Optional[torch.dtype] = None, device: Any = None, non_blocking: bool = False, **_: Any) -> NF4Tensor:
+    """Device moves carry the NF4 bytes; a dtype changes only what the weight dequantizes to."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise NotImplementedError(f"NF4Tensor cannot become {dtype}; it dequantizes to a float dtype.")
+    quant = t.quant
+    if device is not None and torch.device(device) != quant.device:
+        quant = _map_tensors(quant, lambda x: x.to(device, non_blocking=non_blocking))
+    return NF4Tensor(quant, t.shape, dtype or t.dtype)
+
+
+@_implements(aten.is_pinned.default)
+def _is_pinned(t: NF4Tensor, device: Any = None) -> bool:
+    return bool(t.quant.packed.is_pinned())
+
+
+@_implements(aten._pin_memory.default)
+def _pin_memory(t: NF4Tensor, device: Any = None) -> NF4Tensor:
+    return NF4Tensor(_map_tensors(t.quant, lambda x: x.pin_memory()), t.shape, t.dtype)

@@ -1,0 +1,366 @@
+"""``NF4FSDPStrategy``: sharded QLoRA, FSDP2 (``fully_shard``) over NF4 base weights, under Lightning.
+
+Built on Lightning's ``ModelParallelStrategy`` (FSDP2), not ``FSDPStrategy`` (FSDP1): FSDP1 flattens each
+unit's parameters into one float ``FlatParameter``, which cannot hold packed uint8 codes with their scales
+(bitsandbytes #1424/#1945), while FSDP2 keeps parameters separate and lets a parameter's type shard and
+all-gather itself. Here every NF4 weight becomes an ``NF4Tensor`` (``lightning_nf4.format.tensor``): rows
+shard with their scales, the packed bytes are gathered as bytes, never cast by a mixed-precision policy.
+
+What it does in ``setup``, after the precision plugin has converted the model and ``LoRACallback`` has
+injected its adapters: for each sharding unit (by default a transformers model's decoder layer class),
+materialize it if it was built on the meta device (quantizing as it goes), move it to this rank's device
+and ``fully_shard`` it, so at most one unit is ever whole on a rank; then the root (embeddings, norms,
+``lm_head``). Checkpoints hold the trainable weights, consolidated on rank 0 (adapter-only by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from lightning_nf4.format.tensor import check_shardable
+from lightning_nf4.layers.linear import NF4Linear
+
+
+class NF4ShardingConfigError(MisconfigurationException):
+    """A sharded-QLoRA configuration that cannot run; the message names the fix."""
+
+
+def _sharded_parameters(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def find_sharding_units(module: nn.Module, units: Union[str, Sequence[Union[str, type]]] = "auto") -> list[nn.Module]:
+    """The submodules to shard one by one, outermost first and in module order.
+
+    ``"auto"``: the classes a transformers model lists in ``_no_split_modules`` (its decoder layer), else the
+    elements of the model's outermost ``nn.ModuleList``. Otherwise class names or classes.
+    """
+    if units == "auto":
+        names: set[str] = set()
+        for sub in module.modules():
+            names.update(getattr(sub, "_no_split_modules", None) or [])
+        found = [m for m in module.modules() if type(m).__name__ in names] if names else []
+        if not found:
+            from lightning_nf4.layers.group import _outermost_list_elements
+
+            found = _outermost_list_elements(module)
+        return _outermost(found)
+    wanted = [units] if isinstance(units, (str, type)) else list(units)
+    found = [m for m in module.modules() if any(type(m).__name__ == w if isinstance(w, str) else isinstance(m, w) for w in wanted)]
+    if not found:
+        classes = sorted({type(m).__name__ for m in module.modules()})
+        raise NF4ShardingConfigError(
+            f"sharding_units={[w if isinstance(w, str) else w.__name__ for w in wanted]} matched no module of "
+            f"{type(module).__name__}. Module classes present: {classes[:20]}. Name the decoder layer class, or use 'auto'."
+        )
+    return _outermost(found)
+
+
+def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
+    inner = {id(m) for outer in modules for m in outer.modules() if m is not outer}
+    return [m for m in modules if id(m) not in inner]
+
+
+class NF4FSDPStrategy(ModelParallelStrategy):
+    """Fully sharded data parallel QLoRA (FSDP2): each rank holds 1/N of every NF4 weight and float part.
+
+    Args:
+        sharding_units: modules sharded (and all-gathered) one at a time: ``"auto"`` (a transformers model's
+            decoder layer class, else the outermost ``ModuleList``'s elements), or class names / classes.
+        activation_checkpointing: recompute each unit's activations in backward (FSDP all-gathers the unit's
+            shards again for the recompute and frees them after).
+        cpu_offload: keep the sharded parameters (the NF4 bytes and the LoRA weights) in host memory between
+            uses; FSDP copies them in for each unit's forward and backward, and steps the optimizer on the CPU.
+        reshard_after_forward: free each unit's gathered weights after its forward (True: least memory) or keep
+            them for the backward (False: one all-gather less per unit and step).
+        mixed_precision: an FSDP2 ``MixedPrecisionPolicy`` for the float parameters; default none (LoRA weights
+            are gathered in float32 and computed under the precision plugin's autocast, as on one device).
+        process_group_backend: default ``nccl`` on CUDA, ``xccl`` on XPU, ``gloo`` on CPU.
+    """
+
+    strategy_name = "nf4_fsdp"
+
+    def __init__(
+        self,
+        sharding_units: Union[str, Sequence[Union[str, type]]] = "auto",
+        activation_checkpointing: bool = False,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+        mixed_precision: Optional[Any] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend, timeout=timeout,
+        )
+        self.sharding_units = sharding_units
+        self.activation_checkpointing = activation_checkpointing
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+        self.mixed_precision = mixed_precision
+        self._units: list[nn.Module] = []
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        description = "FSDP2 over NF4 base weights (sharded QLoRA)"
+        strategy_registry.register("nf4_fsdp", cls, description=description, override=True)
+        strategy_registry.register("fsdp2", cls, description=description, override=True)
+        strategy_registry.register(
+            "nf4_fsdp_cpu_offload", cls, description=description + ", sharded weights offloaded to the CPU", cpu_offload=True, override=True
+        )
+
+    # -- processes and mesh ----------------------------------------------------------------------
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend:
+            return self._process_group_backend
+        if self.root_device.type == "xpu":
+            from lightning_nf4.strategies.xpu_ddp import check_xccl
+
+            check_xccl()
+            return "xccl"
+        return super()._get_process_group_backend()
+
+    def setup_environment(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._setup_distributed()
+        self._data_parallel_size, self._tensor_parallel_size = self.world_size, 1
+        # Not set on the LightningModule yet (Lightning's ModelParallelStrategy does): PEFT reads a model's
+        # ``_device_mesh`` as a tensor-parallel plan while injecting LoRA. ``setup`` sets it once injected.
+        self._device_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("data_parallel",))
+
+    # -- sharding --------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self._check_precision()
+        if not _sharded_parameters(self.model):
+            self.model = self.precision_plugin.convert_module(self.model)
+            self.shard(self.model)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _check_precision(self) -> None:
+        from lightning.pytorch.plugins.precision import BitsandbytesPrecision, FSDPPrecision
+
+        if isinstance(self.precision_plugin, (BitsandbytesPrecision, FSDPPrecision)):
+            raise NF4ShardingConfigError(
+                f"NF4FSDPStrategy does not run with {type(self.precision_plugin).__name__}: use "
+                "plugins=NF4Precision() for NF4 base weights (or precision='bf16-mixed' for a float base)."
+            )
+
+    def shard(self, module: nn.Module) -> nn.Module:
+        """Materialize (if on meta), move and ``fully_shard`` each unit in turn, then the root."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh
+        world = mesh.size()
+        device = self.root_device
+        units = find_sharding_units(module, self.sharding_units)
+        for name, layer in module.named_modules():
+            if isinstance(layer, NF4Linear):
+                check_shardable(layer._synced_quant(), world, name=f"{name}.weight")
+        kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
+        kwargs["mp_policy"] = self.mixed_precision or MixedPrecisionPolicy()
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        for unit in units:
+            _materialize(unit, device)
+            _prepare_nf4(unit)
+            if self.activation_checkpointing:
+                from torch.distributed._composable import checkpoint
+
+                checkpoint(unit)
+            fully_shard(unit, **kwargs)
+        # The roots are the LightningModule's children, not the LightningModule itself: FSDP2 gathers a root's
+        # own parameters in its forward, and Lightning calls training_step, not forward.
+        if any(True for _ in module.parameters(recurse=False)):
+            raise NF4ShardingConfigError(
+                f"{type(module).__name__} holds parameters directly ({[n for n, _ in module.named_parameters(recurse=False)][:3]}); "
+                "NF4FSDPStrategy shards the LightningModule's submodules. Move them into a submodule (e.g. self.model)."
+            )
+        for child in module.children():
+            if next(child.parameters(), None) is None or isinstance(child, FSDPModule):
+                continue
+            _materialize(child, device)
+            _prepare_nf4(child)
+            fully_shard(child, **kwargs)
+        self._units = units
+        rank_zero_info(f"NF4FSDPStrategy: sharded {len(units)} {type(units[0]).__name__ if units else ''} units and the root across {world} ranks.")
+        return module
+
+    # -- checkpoints: the trainable weights, consolidated --------------------------------------
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable parameters, whole, on rank 0 (every rank takes part in the gathers)."""
+        assert self.lightning_module is not None
+        state = full_trainable_state(self.lightning_module)
+        return state if self.global_rank == 0 else {}
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """The optimizer state, whole and keyed by parameter name, on rank 0 (a collective)."""
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        assert self.model is not None
+        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        from lightning.pytorch.strategies.strategy import Strategy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = Strategy.load_checkpoint(self, path, weights_only=weights_only)
+        assert self.lightning_module is not None
+        load_full_state(self.lightning_module, checkpoint["state_dict"], strict=False)
+        if self.lightning_restore_optimizer is False and "optimizer_states" in checkpoint and self.optimizers:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                set_optimizer_state_dict(self.model, optimizer, state, options=options)
+        return checkpoint
+
+
+def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole, on the CPU: a collective, so every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            value = param.full_tensor() if isinstance(param, DTensor) else param
+            out[name] = value.detach().cpu()
+    return out
+
+
+def load_full_state(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy whole tensors into (possibly sharded) parameters: each rank keeps its own rows. No communication."""
+    params = dict(module.named_parameters())
+    unexpected = sorted(set(state) - set(params))
+    if strict and unexpected:
+        raise RuntimeError(f"unexpected keys in the checkpoint: {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params:
+                copy_full_into(params[name], value, name)
+
+
+def copy_full_into(param: torch.Tensor, value: torch.Tensor, name: str = "parameter") -> None:
+    """``param.copy_(value)`` for a plain or FSDP-sharded ``param`` and a whole ``value``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if tuple(param.shape) != tuple(value.shape):
+        raise RuntimeError(f"size mismatch for {name}: checkpoint {tuple(value.shape)}, model {tuple(param.shape)}")
+    if isinstance(param, DTensor):
+        local = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(value)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give a meta-built module (not its already-sharded children) storage on ``device`` and initial values:
+    ``reset_parameters`` where a module has it (an ``NF4Linear`` draws a float weight and quantizes it),
+    PEFT's LoRA init for adapters. Modules already holding data are only moved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    own = list(_own_modules(module, FSDPModule))
+    meta = any(t.is_meta for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+    for sub in own:
+        for key, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            moved = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
+            if moved is not param:
+                sub._parameters[key] = nn.Parameter(moved, requires_grad=param.requires_grad)
+        for key, buf in list(sub._buffers.items()):
+            if buf is not None:
+                sub._buffers[key] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
+        if isinstance(sub, NF4Linear):
+            sub._apply(lambda t: t, recurse=False)  # the scales follow the packed weight
+    if not meta:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    from lightning_nf4.export import find_hf_model
+
+    hf = find_hf_model(module)[1] or next((m for m in module.modules() if callable(getattr(m, "_init_weights", None))), None)
+    lora_parts = {id(m) for sub in own if isinstance(sub, LoraLayer) for m in sub.modules() if m is not sub and not isinstance(m, NF4Linear)}
+    with torch.no_grad():
+        for sub in own:
+            if isinstance(sub, LoraLayer):
+                for adapter in sub.lora_A:
+                    sub.reset_lora_parameters(adapter, True)
+            elif id(sub) in lora_parts:
+                continue
+            elif isinstance(sub, NF4Linear) or hf is None:
+                if callable(getattr(sub, "reset_parameters", None)):
+                    sub.reset_parameters()
+            else:  # a transformers model's own init: also norms and rotary tables, which have no reset_parameters
+                hf._init_weights(sub)
+
+
+def _own_modules(module: nn.Module, fsdp_type: type) -> Iterable[nn.Module]:
+    """``module`` and its descendants, stopping at submodules already sharded."""
+    yield module
+    for child in module.children():
+        if isinstance(child, fsdp_type):
+            continue
+        yield from _own_modules(child, fsdp_type)
+
+
+def _prepare_nf4(module: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in _own_modules(module, FSDPModule):
+        if isinstance(sub, NF4Linear):
+            sub.to_nf4_tensor()
+
+
+def patch_fsdp_precision_check() -> None:
+    """``Trainer(strategy="fsdp", plugins=NF4Precision())`` fails at construction, naming ``"nf4_fsdp"``,
+    instead of with Lightning's TypeError about FSDPPrecision (Lightning #20855)."""
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+    from lightning.pytorch.trainer.connectors import accelerator_connector as module
+
+    connector = module._AcceleratorConnector
+    if getattr(connector, "_lightning_nf4_fsdp_checked", False) or not hasattr(connector, "_check_strategy_and_fallback"):
+        return
+    original = connector._check_strategy_and_fallback
+
+    def _check_strategy_and_fallback(self: Any) -> None:
+        from lightning_nf4.plugins.precision import NF4Precision, NF4PrecisionError
+
+        flag = self._strategy_flag
+        entry = dict.get(StrategyRegistry, flag) if isinstance(flag, str) else None
+        is_fsdp1 = isinstance(flag, FSDPStrategy) or (entry is not None and entry["strategy"] is FSDPStrategy)
+        if is_fsdp1 and isinstance(self._precision_plugin_flag, NF4Precision):
+            raise NF4PrecisionError(
+                f"strategy={flag if isinstance(flag, str) else type(flag).__name__!r} (FSDP1) cannot shard NF4 weights: it flattens "
+                "parameters into one float buffer. Use strategy='nf4_fsdp' (lightning_nf4.strategies.NF4FSDPStrategy, FSDP2), "
+                "or strategy='ddp' for models that fit on one device."
+            )
+        original(self)
+
+    connector._check_strategy_and_fallback = _check_strategy_and_fallback
+    connector._lightning_nf4_fsdp_checked = True

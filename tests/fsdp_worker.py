@@ -1,0 +1,101 @@
+"""A QLoRA fit under NF4FSDPStrategy (FSDP2) or DDP on CPU (gloo); used by tests/test_fsdp.py.
+
+    python tests/fsdp_worker.py OUT_DIR STRATEGY DEVICES BATCH_SIZE [EPOCHS] [RESUME_CKPT]
+
+Each rank writes OUT_DIR/rank<r>.pt at the end of fit: its trainable weights gathered whole, and what it
+held between steps (the local shapes and bytes of every NF4 weight and float parameter).
+"""
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
+from tests.lightning_models import CausalLM, token_loader  # noqa: E402
+
+
+def shardable_llama():
+    """A Llama whose every projection splits into 2 row shards on whole NF4 scale groups (16384 elements)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+class Dump(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from torch.distributed.tensor import DTensor
+
+        from lightning_nf4.format.tensor import NF4Tensor
+
+        if batch_idx != 0 or trainer.current_epoch != 0:
+            return
+        held = {}
+        for name, p in pl_module.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(local, NF4Tensor):
+                held[name] = {"rows": local.shape[0], "bytes": local.quant.nbytes, "full_rows": p.shape[0], "dtype": str(local.quant.packed.dtype)}
+            else:
+                held[name] = {"rows": local.shape[0], "bytes": local.numel() * local.element_size(), "full_rows": p.shape[0], "dtype": str(local.dtype)}
+        self.held = held
+
+    def on_fit_end(self, trainer, pl_module):
+        from lightning_nf4.strategies.fsdp import full_trainable_state
+
+        state = full_trainable_state(pl_module)
+        torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__},
+                   self.out / f"rank{trainer.global_rank}.pt")
+
+
+class OrderedData(pl.LightningDataModule):
+    """The same global batches in every configuration: rank r takes samples r, r + W, ..."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        dataset = token_loader(n=16).dataset
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+        )
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "") -> None:
+    pl.seed_everything(0)
+    model = CausalLM(shardable_llama(), lr=1e-2)
+    if strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+    elif strategy.startswith("nf4_fsdp"):
+        from lightning_nf4.strategies import NF4FSDPStrategy
+
+        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60), activation_checkpointing=strategy.endswith("_ac"))
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        plugins=NF4Precision(compute_dtype=torch.float32),
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=False), Dump(out), checkpoint],
+    )
+    trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run(out_dir, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *(int(a) if i == 0 else a for i, a in enumerate(sys.argv[5:])))

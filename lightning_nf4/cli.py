@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback
+from lightning_nf4.checkpoint_io import load_checkpoint
 from lightning_nf4.models.causal_lm import CausalLMModule
 from lightning_nf4.plugins.precision import NF4Precision
 
@@ -62,7 +63,7 @@ class NF4Trainer(Trainer):
         if isinstance(self.precision_plugin, NF4Precision):
             self.precision_plugin.convert_module(model)  # no-op for a model the loader already quantized
         callback.inject(model)
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(ckpt_path)  # weights-only: a shared file cannot run code here
         if checkpoint.get(_CKPT_KEY, {}).get("adapter_only"):
             callback.on_load_checkpoint(self, model, checkpoint)  # checks that every trainable weight is there
         else:

@@ -1,0 +1,59 @@
+"""Reading Lightning checkpoints without running code from them.
+
+``torch.load(weights_only=False)`` unpickles arbitrary objects, so a checkpoint someone shared can run code on
+the machine that loads it. Everything here loads with ``weights_only=True``: tensors, containers, numbers,
+strings and the few types torch allows by default (dtypes, devices, ``torch.Size`` ...), plus
+``CHECKPOINT_GLOBALS``. The package's own checkpoints (Lightning's, adapter-only or full, written with
+``NF4Precision`` and ``LoRACallback``) need nothing more today; a type the package starts to store in its
+checkpoints goes into ``CHECKPOINT_GLOBALS``, and only a type whose unpickling cannot run code belongs there.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+CHECKPOINT_GLOBALS: list[Any] = []
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """The file needs objects a weights-only load refuses: not a checkpoint of this package, treat it as untrusted."""
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
+    """A Lightning checkpoint, loaded weights-only; raises ``UntrustedCheckpointError`` for a file that would need more."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file).")
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise untrusted_error(path, err) from err
+    except (RuntimeError, EOFError, ValueError) as err:  # not a torch.save zip, truncated, ...
+        raise ValueError(f"{str(path)!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]}).") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint: it has no 'state_dict' (found {type(checkpoint).__name__}).")
+    return checkpoint
+
+
+def untrusted_error(path: Union[str, os.PathLike], err: BaseException) -> UntrustedCheckpointError:
+    """The error for a file whose weights-only load failed, naming what it asked to construct when that is known."""
+    if not zipfile.is_zipfile(path):
+        what = "it is not the zip archive torch.save writes but an old-style pickle or another file"
+    else:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+        needs = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.DOTALL)
+        what = f"it needs {needs}" if needs else f"the weights-only unpickler refused it: {(detail.group(1) if detail else str(err))[:200].strip()}"
+    return UntrustedCheckpointError(
+        f"{str(path)!r} was not loaded: it is not a checkpoint written by lightning-nf4 ({what}; unpickling it "
+        "unrestricted can run arbitrary code). Treat the file as untrusted. If you wrote it yourself and trust it, "
+        "load it once with torch.load(path, weights_only=False) and save only its 'state_dict' and plain data again."
+    )

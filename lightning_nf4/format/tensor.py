@@ -137,20 +137,37 @@ class NF4Tensor(Tensor):
 
     # -- FSDP2 all-gather hooks ----------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
-        """Send this rank's row shard as its raw parts (uint8 codes, scales); tables travel as metadata."""
+        """Send this rank's row shard as its raw parts (uint8 codes, scales); tables travel as metadata.
+        On a mesh of one rank FSDP2 copies a single input only, so the parts go as one byte buffer."""
         q = self.quant
-        inputs: tuple[Tensor, ...] = (q.packed.view(-1), q.absmax)
-        if q.nested is not None:
-            inputs += (q.nested.absmax,)
-        return inputs, (q, math.prod(outer_size[1:]))
+        parts: tuple[Tensor, ...] = (q.packed.view(-1), q.absmax) + ((q.nested.absmax,) if q.nested is not None else ())
+        cols = math.prod(outer_size[1:])
+        if mesh.size() == 1:
+            # float parts first, so each stays 4-byte aligned inside the buffer
+            ordered = sorted(parts, key=lambda t: -t.element_size())
+            buffer = torch.cat([t.contiguous().view(torch.uint8).view(-1) for t in ordered])
+            layout = [(next(i for i, p in enumerate(parts) if p is t), t.dtype, t.numel()) for t in ordered]
+            return (buffer,), (q, cols, layout)
+        return parts, (q, cols, None)
 
     def fsdp_post_all_gather(
         self, outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype, *, out: Optional[Tensor] = None
     ) -> Optional[tuple["NF4Tensor", tuple[Tensor, ...]]]:
         """The whole weight, built on the all-gather buffers themselves (no copy). When FSDP gathers again
         into the same buffers (``out``), the weight built the first time already sees the new bytes."""
-        shard, cols = metadata
-        packed, absmax, *rest = outputs
+        shard, cols, layout = metadata
+        if layout is not None:  # one rank: the parts are views into the single buffer
+            (buffer,) = outputs
+            views: list[Optional[Tensor]] = [None] * len(layout)
+            offset = 0
+            for index, dtype, numel in layout:
+                size = numel * torch.empty((), dtype=dtype).element_size()
+                views[index] = buffer[offset:offset + size].view(dtype)
+                offset += size
+            parts = tuple(v for v in views if v is not None)
+        else:
+            parts = tuple(outputs)
+        packed, absmax, *rest = parts
         if out is not None:
             if not (isinstance(out, NF4Tensor) and out.quant.packed.untyped_storage() is packed.untyped_storage()):
                 raise RuntimeError("FSDP re-gathered an NF4 weight into buffers its unsharded tensor does not view")

@@ -173,7 +173,7 @@ class NF4Linear(nn.Module):
         device = self.weight.device
         if device.type == "meta":
             return
-        weight = torch.empty(self.out_features, self.in_features, dtype=self.quant.dtype, device=device)
+        weight = torch.empty(self.out_features, self.in_features, dtype=self._quant.dtype, device=device)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self._set_quant(quantize_nf4(weight, self.blocksize, self.double_quant))
         if self.bias is not None:
@@ -187,15 +187,24 @@ class NF4Linear(nn.Module):
         if not isinstance(self.weight, NF4Tensor):
             quant = self._synced_quant()
             self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)
-            self.quant = quant
+            self._quant = None  # the NF4Tensor holds the layout: no second reference to the whole weight
             self._drop_group_round()
 
     def _set_quant(self, quant: NF4Weight) -> None:
         self.weight = nn.Parameter(quant.packed, requires_grad=False)
-        self.quant = quant.with_packed(self.weight)
+        self._quant = quant.with_packed(self.weight)
         self._drop_group_round()  # weights dequantized from the old codes must not be handed out
 
     # -- behaviour ----------------------------------------------------------------------------
+    @property
+    def quant(self) -> NF4Weight:
+        """The weight's NF4 layout (codes, scales, tables), following the packed parameter wherever it is."""
+        return self._synced_quant()
+
+    @quant.setter
+    def quant(self, value: NF4Weight) -> None:
+        self._quant = value
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight ``[out_features, in_features]`` (the original dtype unless ``dtype`` is given)."""
         return self._synced_quant().dequantize(dtype)
@@ -212,9 +221,9 @@ class NF4Linear(nn.Module):
                 "This NF4Linear's weight is sharded across ranks (FSDP2) and not gathered now; its full weight exists "
                 "only inside the module's forward/backward, or under NF4FSDPStrategy.gathered(module)."
             )
-        quant = self.quant
+        quant = self._quant
         if quant.packed is not self.weight or quant.absmax.device != self.weight.device:
-            quant = self.quant = quant.with_packed(self.weight)
+            quant = self._quant = quant.with_packed(self.weight)
         return quant
 
     def forward(self, x: Tensor) -> Tensor:
@@ -265,12 +274,12 @@ class NF4Linear(nn.Module):
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
         weight = self.weight
         if isinstance(weight, NF4Tensor):
-            self.quant = weight.quant
-        elif self.quant.absmax.is_meta and not weight.is_meta:  # to_empty() of a meta-built layer: scales to fill
-            empty = _empty_nf4(self.out_features, self.in_features, self.blocksize, self.double_quant, self.quant.dtype, weight.device)
-            self.quant = empty.with_packed(weight)
+            self._quant = None
+        elif self._quant.absmax.is_meta and not weight.is_meta:  # to_empty() of a meta-built layer: scales to fill
+            empty = _empty_nf4(self.out_features, self.in_features, self.blocksize, self.double_quant, self._quant.dtype, weight.device)
+            self._quant = empty.with_packed(weight)
         else:
-            self.quant = self.quant.with_packed(weight)
+            self._quant = self._quant.with_packed(weight)
         self._drop_group_round()  # a round's weights are on the old device
         return self
 

@@ -1,0 +1,174 @@
+"""Sharded QLoRA (NF4FSDPStrategy) against one GPU and against DDP: step time, tokens/s, peak memory.
+
+    python benchmarks/fsdp_scaling.py --rounds 3 --steps 8            # the table (driver)
+    python benchmarks/fsdp_scaling.py --one 70b:nf4_fsdp:2 --steps 8  # one configuration (what the driver runs)
+
+Random Llama weights of the named shape, built on the meta device in ``configure_model`` (the DDP baseline
+builds on the GPU, as it must), batch 1 x ``--seq`` tokens per GPU, HF gradient checkpointing, LoRA r=16 on
+all 7 projections, AdamW. Each configuration runs in its own processes; the driver takes them in turn,
+``--rounds`` times, and prints medians with ranges. All-gather time per step comes from a profiled step
+(rank 0's NCCL all-gather kernels). Host RAM peak is each rank's max RSS when training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
+    import lightning.pytorch as pl
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from lightning_nf4.strategies import NF4FSDPStrategy
+
+    shape, strategy_name, devices = spec.split(":")
+    devices = int(devices)
+    vocab = 128 if shape == "tiny" else 128256
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(seq, 64), tie_word_embeddings=False, **SHAPES[shape])
+    on_gpu = torch.cuda.is_available()
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = None
+
+        def configure_model(self) -> None:
+            if self.model is not None:
+                return
+            build = "meta" if strategy_name.startswith("nf4_fsdp") else self.trainer.strategy.root_device
+            with torch.device(build):
+                self.model = LlamaForCausalLM(config)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.gather_ms = float("nan")
+
+        def on_train_start(self, trainer, pl_module):
+            self.rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            if on_gpu:
+                self.build_peak = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if on_gpu:
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+            if batch_idx == warmup + steps and strategy_name != "ddp":
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA] if on_gpu else [torch.profiler.ProfilerActivity.CPU])
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if on_gpu:
+                torch.cuda.synchronize()
+            if warmup <= batch_idx < warmup + steps:
+                self.times.append(time.perf_counter() - self.t0)
+            if getattr(self, "prof", None) is not None and batch_idx == warmup + steps:
+                self.prof.__exit__(None, None, None)
+                events = self.prof.key_averages()
+                self.gather_ms = sum(e.device_time_total for e in events if "allgather" in e.key.lower().replace("_", "")) / 1e3
+                self.prof = None
+
+    n = warmup + steps + (1 if strategy_name != "ddp" else 0)
+    data = torch.randint(0, vocab, (n * devices, seq))
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    if strategy_name.startswith("nf4_fsdp"):
+        strategy = NF4FSDPStrategy()
+    else:
+        strategy = strategy_name if devices > 1 else "auto"
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator="gpu" if on_gpu else "cpu", devices=devices, strategy=strategy, max_steps=n, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        plugins=NF4Precision(), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), timer],
+    )
+    trainer.fit(Module(), train_dataloaders=loader)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
+    result = {
+        "spec": spec, "times": timer.times, "peak_gib": peak, "build_peak_gib": getattr(timer, "build_peak", float("nan")),
+        "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int) -> None:
+    results: dict[str, list[dict]] = {s: [] for s in specs}
+    for r in range(rounds):
+        for spec in specs:
+            tag = out / f"round{r}"
+            env = dict(os.environ)
+            if spec.endswith(":1"):
+                env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag)],
+                                  env=env, capture_output=True, text=True, timeout=timeout)
+            if done.returncode != 0:
+                print(f"{spec} round {r} failed ({done.returncode}):\n{done.stderr[-2500:]}", flush=True)
+                continue
+            ranks = [json.loads(p.read_text()) for p in sorted(tag.glob(f"{spec.replace(':', '_')}_rank*.json"))]
+            results[spec].append({
+                "step": statistics.median(ranks[0]["times"]), "fastest": min(ranks[0]["times"]),
+                "peak": max(x["peak_gib"] for x in ranks), "rss": max(x["rss_gib"] for x in ranks),
+                "gather_ms": ranks[0]["gather_ms"], "tokens": ranks[0]["tokens_per_step"], "device": ranks[0]["device"],
+                "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
+            })
+            print(f"round {r} {spec}: {results[spec][-1]}", flush=True)
+    print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds\n")
+    print("| configuration | step s (median of rounds, range) | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")
+    print("|---|---|---|---|---|---|---|")
+    summary = {}
+    for spec, rows in results.items():
+        if not rows:
+            print(f"| {spec} | failed | | | | | |")
+            continue
+        steps_ = [x["step"] for x in rows]
+        med = statistics.median(steps_)
+        summary[spec] = {"step": med, "tokens_s": rows[0]["tokens"] / med, "peak": max(x["peak"] for x in rows), "fastest": min(x["fastest"] for x in rows), "tokens": rows[0]["tokens"]}
+        print(f"| {spec} | {med:.3f} ({min(steps_):.3f}-{max(steps_):.3f}) | {rows[0]['tokens'] / med:.0f} | {max(x['peak'] for x in rows):.2f} | "
+              f"{max(x['build_peak'] for x in rows):.2f} | {max(x['rss'] for x in rows):.2f} | {statistics.median(x['gather_ms'] for x in rows):.1f} |")
+    (out / "summary.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one")
+    parser.add_argument("--specs", default="70b:nf4_fsdp:2,70b:nf4_fsdp:1,8b:nf4_fsdp:2,8b:ddp:2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--out", default=os.environ.get("OUT", "outputs/fsdp_scaling"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.one:
+        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out))
+    else:
+        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout)

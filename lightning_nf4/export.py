@@ -186,7 +186,8 @@ def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optio
                 for key, value in local.items():
                     key = full_prefix + key
                     if key.startswith(prefix) and key[len(prefix):] not in tied:
-                        state[key[len(prefix):]] = value.contiguous().cpu()
+                        # a copy: views of the gathered parameters die with reshard() below
+                        state[key[len(prefix):]] = value.detach().to("cpu", copy=True).contiguous()
             finally:
                 owner.reshard()
             if write and state:
@@ -195,8 +196,7 @@ def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optio
                 weight_map.update(dict.fromkeys(state, file))
                 total += sum(v.numel() * v.element_size() for v in state.values())
         if write:
-            index_name = "model.safetensors.index.json" if hf is not None else "model.safetensors.index.json"
-            (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
             if hf is not None:
                 config = hf.config
                 saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}

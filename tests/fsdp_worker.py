@@ -46,9 +46,12 @@ class Dump(pl.Callback):
         for name, p in pl_module.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             if isinstance(local, NF4Tensor):
-                held[name] = {"rows": local.shape[0], "bytes": local.quant.nbytes, "full_rows": p.shape[0], "dtype": str(local.quant.packed.dtype)}
+                q = local.quant
+                held[name] = {"rows": local.shape[0], "bytes": q.nbytes, "full_rows": p.shape[0], "dtype": str(q.packed.dtype),
+                              "packed": q.packed.numel(), "absmax": q.absmax.numel(), "nested": q.nested.absmax.numel()}
             else:
-                held[name] = {"rows": local.shape[0], "bytes": local.numel() * local.element_size(), "full_rows": p.shape[0], "dtype": str(local.dtype)}
+                held[name] = {"rows": local.shape[0], "bytes": local.numel() * local.element_size(), "full_rows": p.shape[0], "dtype": str(local.dtype),
+                              "packed": local.numel()}
         self.held = held
 
     def on_fit_end(self, trainer, pl_module):
@@ -90,7 +93,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         plugins=NF4Precision(compute_dtype=torch.float32),
-        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=False), Dump(out), checkpoint],
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
 

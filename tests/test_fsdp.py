@@ -1,0 +1,227 @@
+"""Sharded QLoRA: the NF4Tensor ops FSDP2 uses, checked byte for byte against the unsharded weight, and
+NF4FSDPStrategy runs on CPU (gloo, two processes, each run a subprocess with a timeout) against one process
+and against DDP. The XPU part is simulated at the device boundary only (see test_strategy_builds_its_mesh_on_xpu)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch import nn
+
+import lightning_nf4  # noqa: F401  (registers the strategies)
+from lightning_nf4 import NF4Linear, NF4Precision, quantize_nf4
+from lightning_nf4.format.tensor import NF4ShardingError, NF4Tensor, check_shardable
+from lightning_nf4.plugins.precision import NF4PrecisionError
+from lightning_nf4.strategies import NF4FSDPStrategy, NF4ShardingConfigError
+from lightning_nf4.strategies.fsdp import find_sharding_units
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+class OneRankMesh:
+    """What the all-gather hooks read from FSDP's mesh: its size."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+
+def _parts(q):
+    return [q.packed, q.absmax, q.code] + ([q.nested.absmax, q.nested.code, q.nested.offset] if q.nested is not None else [])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_and_all_gather_rebuild_the_weight_byte_for_byte(double_quant, world):
+    weight = torch.randn(256, 512, dtype=torch.bfloat16)
+    quant = quantize_nf4(weight, double_quant=double_quant)
+    tensor = NF4Tensor(quant)
+    shards = torch.chunk(tensor, world, dim=0)  # what fully_shard does
+    assert all(type(s) is NF4Tensor and s.shape == (256 // world, 512) for s in shards)
+    rows = 256 // world
+    for r, shard in enumerate(shards):  # each shard is exactly its rows of every row-indexed part
+        torch.testing.assert_close(shard.dequantize(torch.float32), quant.dequantize(torch.float32)[r * rows:(r + 1) * rows], rtol=0, atol=0)
+        padded = tensor.new_zeros(shard.shape)  # FSDP pads into fresh storage, then copies the shard in
+        padded.narrow(0, 0, rows).copy_(shard)
+        assert all(torch.equal(a, b) for a, b in zip(_parts(padded.quant), _parts(shard.quant)))
+    # the all-gather: each rank's inputs, concatenated per part (what the collective returns), then the post hook
+    inputs = [s.fsdp_pre_all_gather(OneRankMesh(world), tensor.shape, (512, 1), None, None) for s in shards]
+    gathered = tuple(torch.cat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0])))
+    assert all(t.dtype in (torch.uint8, torch.float32) for t in gathered)  # bytes and fp32 scales, never cast
+    whole, inner = shards[0].fsdp_post_all_gather(gathered, inputs[0][1], torch.bfloat16)
+    assert isinstance(whole, NF4Tensor) and whole.shape == weight.shape and whole.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(_parts(whole.quant), _parts(quant)))
+    # a second gather into the same buffers: the first weight sees the new bytes without a rebuild
+    for t in inner:
+        t.zero_()
+    assert shards[0].fsdp_post_all_gather(gathered, inputs[0][1], torch.bfloat16, out=whole) is None
+    assert int(whole.quant.packed.sum()) == 0
+
+
+def test_one_rank_gathers_one_buffer():
+    quant = quantize_nf4(torch.randn(128, 256))
+    tensor = NF4Tensor(quant)
+    (buffer,), meta = tensor.fsdp_pre_all_gather(OneRankMesh(1), tensor.shape, (256, 1), None, None)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == sum(t.numel() * t.element_size() for t in _parts(quant)[:2] + [quant.nested.absmax])
+    whole, _ = tensor.fsdp_post_all_gather((buffer.clone(),), meta, torch.float32)
+    torch.testing.assert_close(whole.dequantize(), quant.dequantize(), rtol=0, atol=0)
+
+
+def test_moves_and_casts_keep_the_bytes():
+    quant = quantize_nf4(torch.randn(128, 256))
+    tensor = NF4Tensor(quant)
+    half = tensor.to(torch.float16)  # a mixed-precision cast changes what it dequantizes to, not the codes
+    assert type(half) is NF4Tensor and half.dtype == torch.float16 and half.quant.packed is quant.packed
+    assert tensor.view(-1).shape == (128 * 256,) and tensor.detach().quant is quant
+    with pytest.raises(NotImplementedError, match="aten.add"):
+        tensor + 1
+
+
+def test_layer_with_nf4_tensor_weight_computes_the_same():
+    linear = nn.Linear(256, 128)
+    plain, sharded_form = NF4Linear.from_linear(linear), NF4Linear.from_linear(linear)
+    sharded_form.to_nf4_tensor()
+    assert isinstance(sharded_form.weight, NF4Tensor) and sharded_form._quant is None  # no second reference
+    x = torch.randn(3, 256, requires_grad=True)
+    torch.testing.assert_close(sharded_form(x), plain(x), rtol=0, atol=0)
+
+
+def test_unshardable_layouts_are_named():
+    with pytest.raises(NF4ShardingError, match=r"q_proj.weight: 10 rows do not split evenly across 4 ranks"):
+        check_shardable(quantize_nf4(torch.randn(10, 64)), 4, name="q_proj.weight")
+    with pytest.raises(NF4ShardingError, match=r"multiple of 16384 elements.*double_quant=False"):
+        check_shardable(quantize_nf4(torch.randn(64, 256)), 2, name="k_proj.weight")
+    check_shardable(quantize_nf4(torch.randn(64, 256), double_quant=False), 2)  # blocks of 64 alone split
+
+
+def test_fsdp1_with_nf4_fails_at_construction_naming_the_strategy():
+    with pytest.raises(NF4PrecisionError, match="strategy='nf4_fsdp'"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy="fsdp", plugins=NF4Precision(), logger=False)
+
+
+@pytest.mark.parametrize("name", ["nf4_fsdp", "fsdp2", "nf4_fsdp_cpu_offload"])
+def test_strategy_names_resolve(name):
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=name, plugins=NF4Precision(), logger=False)
+    assert isinstance(trainer.strategy, NF4FSDPStrategy)
+    assert trainer.strategy.cpu_offload is name.endswith("offload")
+
+
+def test_sharding_units_default_to_the_decoder_layer():
+    from tests.lightning_models import tiny_llama
+
+    model = tiny_llama()
+    units = find_sharding_units(model)
+    assert [type(u).__name__ for u in units] == ["LlamaDecoderLayer"] * 2
+    with pytest.raises(NF4ShardingConfigError, match="matched no module.*LlamaDecoderLayer"):
+        find_sharding_units(model, ["GPTBlock"])
+
+
+def test_strategy_builds_its_mesh_on_xpu(monkeypatch):
+    """Simulated: the process group is not made (this CPU torch has no XPU and no xccl); what is checked is the
+    strategy's own choices at that boundary: the xccl backend and a device mesh of type "xpu", no CUDA call."""
+    import torch.distributed.device_mesh as device_mesh
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_nf4.strategies import XCCLUnavailableError
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda touched on the XPU path")
+
+    for name in ("current_device", "set_device", "is_available", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    calls = []
+    monkeypatch.setattr(device_mesh, "init_device_mesh", lambda *a, **k: calls.append((a, k)) or "mesh")
+    strategy = NF4FSDPStrategy()
+    strategy.parallel_devices = [torch.device("xpu", 0), torch.device("xpu", 1)]
+    env = LightningEnvironment()
+    env.set_world_size(2)
+    strategy.cluster_environment = env
+    with pytest.raises(XCCLUnavailableError):
+        strategy._get_process_group_backend()
+    monkeypatch.setattr(dist, "is_xccl_available", lambda: True)
+    assert strategy._get_process_group_backend() == "xccl"
+    monkeypatch.setattr(strategy, "_setup_distributed", lambda: None)
+    strategy.setup_environment()
+    assert calls == [(("xpu", (2,)), {"mesh_dim_names": ("data_parallel",)})]
+
+
+# -- real runs: two gloo processes per run, each in a subprocess with a timeout ----------------------------
+def run_worker(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "", timeout: int = 300):
+    args = [sys.executable, str(WORKER), str(out), strategy, str(devices), str(batch_size), str(epochs)] + ([resume] if resume else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return {
+        "single": run_worker(root / "single", "auto", 1, 4),
+        "fsdp": run_worker(root / "fsdp", "nf4_fsdp", 2, 2),  # 2 ranks x 2 = the single run's batch of 4
+        "ddp": run_worker(root / "ddp", "ddp", 2, 2),
+        "root": root,
+    }
+
+
+def test_sharded_run_matches_one_process_and_ddp(runs):
+    single, fsdp, ddp = runs["single"][0], runs["fsdp"], runs["ddp"][0]
+    assert fsdp[0]["strategy"] == "NF4FSDPStrategy" and fsdp[0]["trainable"].keys() == single["trainable"].keys()
+    for name, value in fsdp[0]["trainable"].items():
+        assert torch.equal(value, fsdp[1]["trainable"][name]), name
+        assert not torch.equal(value, torch.zeros_like(value)) or "lora_B" not in name, name  # it trained
+        torch.testing.assert_close(value, ddp["trainable"][name], rtol=0, atol=0)  # same reductions as DDP here
+        # fp32 on CPU; the sum over the global batch is reduced in another order than one process adds it
+        torch.testing.assert_close(value, single["trainable"][name], atol=1e-4, rtol=1e-3)
+
+
+def test_each_rank_holds_half_of_every_weight_between_steps(runs):
+    for rank in runs["fsdp"]:
+        held = rank["held"]
+        nf4 = {n: h for n, h in held.items() if h["dtype"] == "torch.uint8"}
+        assert len(nf4) == 14  # 7 projections x 2 layers, packed bytes kept as bytes
+        for name, h in held.items():
+            assert h["rows"] * 2 == h["full_rows"], name  # NF4 codes and scales, LoRA, embeddings, norms, lm_head
+    single = runs["single"][0]["held"]
+    for name, h in runs["fsdp"][0]["held"].items():
+        if h["dtype"] == "torch.uint8":  # codes, absmax codes and nested absmax halve (tables stay whole)
+            elements = single[name]["packed"] * 2
+            assert h["packed"] * 2 == single[name]["packed"], name
+            assert h["absmax"] * 2 == elements // 64 and h["nested"] * 2 == elements // (64 * 256), name
+
+
+def test_sharded_exports_match_the_single_process_ones(runs):
+    root = runs["root"]
+    a = load_file(root / "fsdp" / "export" / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "single" / "export" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    merged = root / "fsdp" / "export" / "merged"
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) == 3  # two decoder layers and the rest, written one unit at a time
+    from transformers import AutoModelForCausalLM
+
+    sharded = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    whole = AutoModelForCausalLM.from_pretrained(root / "single" / "export" / "merged").state_dict()
+    assert sharded.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(sharded[k], whole[k], atol=1e-4, rtol=1e-3)
+
+
+def test_sharded_resume_continues_exactly(runs, tmp_path):
+    ckpt = next((runs["root"] / "fsdp" / "ckpt").glob("epoch=0-*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)
+    assert all(".lora_" in k for k in state["state_dict"])  # adapter-only, consolidated
+    resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt))
+    for name, value in runs["fsdp"][0]["trainable"].items():
+        torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)

@@ -198,23 +198,29 @@ def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optio
         if write:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
             if hf is not None:
-                config = hf.config
-                saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
-                for k in saved:
-                    delattr(config, k)
-                try:
-                    config.save_pretrained(str(tmp))
-                    if getattr(hf, "generation_config", None) is not None:
-                        hf.generation_config.save_pretrained(str(tmp))
-                finally:
-                    for k, v in saved.items():
-                        setattr(config, k, v)
+                with _float_config(hf.config):
+                    hf.config.save_pretrained(str(tmp))
+                if getattr(hf, "generation_config", None) is not None:
+                    hf.generation_config.save_pretrained(str(tmp))
     return Path(path) if write else None
 
 
 @contextmanager
 def _nowhere() -> Iterator[None]:
     yield None
+
+
+@contextmanager
+def _float_config(config: Any) -> Iterator[None]:
+    """The config without its ``quantization_config`` while a merged (float) model is saved, restored after."""
+    saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
+    for k in saved:
+        delattr(config, k)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
 
 
 def _original_dtype(base: nn.Module) -> torch.dtype:
@@ -240,15 +246,8 @@ def save_merged(module: nn.Module, path: str | os.PathLike, dtype: Optional[torc
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     with atomic_directory(path) as tmp:
         if hf is not None:
-            config = hf.config
-            saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
-            for k in saved:
-                delattr(config, k)
-            try:
+            with _float_config(hf.config):
                 hf.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            finally:
-                for k, v in saved.items():
-                    setattr(config, k, v)
         else:
             save_file(_untie(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(path)

@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
-from tests.lightning_models import CausalLM, token_loader  # noqa: E402
+from tests.ddp_worker import OrderedData  # noqa: E402  (the same global batches in every configuration)
+from tests.lightning_models import CausalLM  # noqa: E402
 
 
 def shardable_llama():
@@ -60,21 +61,6 @@ class Dump(pl.Callback):
         state = full_trainable_state(pl_module)
         torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__},
                    self.out / f"rank{trainer.global_rank}.pt")
-
-
-class OrderedData(pl.LightningDataModule):
-    """The same global batches in every configuration: rank r takes samples r, r + W, ..."""
-
-    def __init__(self, batch_size: int) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        dataset = token_loader(n=16).dataset
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-        )
-        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "") -> None:

@@ -52,9 +52,13 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A tiny random Llama with its tokenizer, saved as a Hugging Face folder at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)

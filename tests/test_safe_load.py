@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import tiny_tokenizer, write_config
+from tests.test_cli import save_tiny_llama, write_config
 
 
 class _WritesMarker:
@@ -89,19 +89,7 @@ def test_the_package_checkpoints_load_weights_only(tmp_path, full_checkpoint):
 
 @pytest.fixture
 def model_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path / "tiny-llama"
-    tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path / "tiny-llama")
 
 
 def test_export_does_not_run_a_shared_checkpoint(tmp_path, model_dir):

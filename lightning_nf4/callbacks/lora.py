@@ -28,6 +28,7 @@ from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import lora_config
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches
 from lightning_nf4.plugins.precision import NF4Precision
+from lightning_nf4.strategies.fsdp import has_sharded_parameters
 
 _CKPT_KEY = "lightning_nf4"
 
@@ -226,7 +227,7 @@ class LoRACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_dir is None:
             return
-        if _sharded(pl_module):  # every rank gathers; rank 0 writes
+        if has_sharded_parameters(pl_module):  # every rank gathers; rank 0 writes
             adapter = export.save_adapter(
                 pl_module, Path(self.save_dir) / "adapter", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                 adapter_name=self.adapter_name, modules_to_save=self.modules_to_save or None, write=trainer.is_global_zero,
@@ -271,14 +272,6 @@ def _check_patterns(argument: str, patterns: Sequence[str]) -> None:
                 re.compile(pattern[3:])
             except re.error as err:
                 raise ValueError(f"{argument}: {pattern!r} is not a valid regular expression ({err}).") from err
-
-
-def _sharded(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _count(module: nn.Module) -> tuple[int, int]:

@@ -144,10 +144,9 @@ class NF4Tensor(Tensor):
         cols = math.prod(outer_size[1:])
         if mesh.size() == 1:
             # float parts first, so each stays 4-byte aligned inside the buffer
-            ordered = sorted(parts, key=lambda t: -t.element_size())
-            buffer = torch.cat([t.contiguous().view(torch.uint8).view(-1) for t in ordered])
-            layout = [(next(i for i, p in enumerate(parts) if p is t), t.dtype, t.numel()) for t in ordered]
-            return (buffer,), (q, cols, layout)
+            order = sorted(range(len(parts)), key=lambda i: -parts[i].element_size())
+            buffer = torch.cat([parts[i].contiguous().view(torch.uint8).view(-1) for i in order])
+            return (buffer,), (q, cols, [(i, parts[i].dtype, parts[i].numel()) for i in order])
         return parts, (q, cols, None)
 
     def fsdp_post_all_gather(

@@ -38,7 +38,8 @@ class NF4ShardingConfigError(MisconfigurationException):
     """A sharded-QLoRA configuration that cannot run; the message names the fix."""
 
 
-def _sharded_parameters(module: nn.Module) -> bool:
+def has_sharded_parameters(module: nn.Module) -> bool:
+    """True once FSDP2 has sharded any of ``module``'s parameters (they are DTensors)."""
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
@@ -114,7 +115,6 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
         self.mixed_precision = mixed_precision
-        self._units: list[nn.Module] = []
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -127,14 +127,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
     # -- processes and mesh ----------------------------------------------------------------------
     def _get_process_group_backend(self) -> str:
-        if self._process_group_backend:
-            return self._process_group_backend
-        if self.root_device.type == "xpu":
-            from lightning_nf4.strategies.xpu_ddp import check_xccl
+        from lightning_nf4.strategies.xpu_ddp import xccl_backend
 
-            check_xccl()
-            return "xccl"
-        return super()._get_process_group_backend()
+        return self._process_group_backend or xccl_backend(self.root_device) or super()._get_process_group_backend()
 
     def setup_environment(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -150,7 +145,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
         self._check_precision()
-        if not _sharded_parameters(self.model):
+        if not has_sharded_parameters(self.model):
             self.model = self.precision_plugin.convert_module(self.model)
             self.shard(self.model)
         assert self.lightning_module is not None
@@ -184,14 +179,6 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         kwargs["mp_policy"] = self.mixed_precision or MixedPrecisionPolicy()
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-        for unit in units:
-            _materialize(unit, device)
-            _prepare_nf4(unit)
-            if self.activation_checkpointing:
-                from torch.distributed._composable import checkpoint
-
-                checkpoint(unit)
-            fully_shard(unit, **kwargs)
         # The roots are the LightningModule's children, not the LightningModule itself: FSDP2 gathers a root's
         # own parameters in its forward, and Lightning calls training_step, not forward.
         if any(True for _ in module.parameters(recurse=False)):
@@ -199,14 +186,22 @@ class NF4FSDPStrategy(ModelParallelStrategy):
                 f"{type(module).__name__} holds parameters directly ({[n for n, _ in module.named_parameters(recurse=False)][:3]}); "
                 "NF4FSDPStrategy shards the LightningModule's submodules. Move them into a submodule (e.g. self.model)."
             )
+        def shard_one(target: nn.Module, checkpointed: bool) -> None:
+            _materialize(target, device)
+            _prepare_nf4(target)
+            if checkpointed:
+                from torch.distributed._composable import checkpoint
+
+                checkpoint(target)
+            fully_shard(target, **kwargs)
+
+        unit_class = type(units[0]).__name__ if units else "no"
+        for unit in units:
+            shard_one(unit, self.activation_checkpointing)
         for child in module.children():
-            if next(child.parameters(), None) is None or isinstance(child, FSDPModule):
-                continue
-            _materialize(child, device)
-            _prepare_nf4(child)
-            fully_shard(child, **kwargs)
-        self._units = units
-        rank_zero_info(f"NF4FSDPStrategy: sharded {len(units)} {type(units[0]).__name__ if units else ''} units and the root across {world} ranks.")
+            if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
+                shard_one(child, False)
+        rank_zero_info(f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units and the root across {world} ranks.")
         return module
 
     # -- checkpoints: the trainable weights, consolidated --------------------------------------
@@ -234,7 +229,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         checkpoint = Strategy.load_checkpoint(self, path, weights_only=weights_only)
         assert self.lightning_module is not None
         load_full_state(self.lightning_module, checkpoint["state_dict"], strict=False)
-        if self.lightning_restore_optimizer is False and "optimizer_states" in checkpoint and self.optimizers:
+        if "optimizer_states" in checkpoint and self.optimizers:  # Lightning leaves this to the strategy here
             options = StateDictOptions(full_state_dict=True, cpu_offload=False)
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
                 set_optimizer_state_dict(self.model, optimizer, state, options=options)

@@ -60,6 +60,14 @@ def check_xccl() -> None:
         )
 
 
+def xccl_backend(device: torch.device) -> Optional[str]:
+    """``"xccl"`` for an XPU device (checked to be usable), None for any other: the caller's default applies."""
+    if device.type != "xpu":
+        return None
+    check_xccl()
+    return "xccl"
+
+
 class XPUDDPStrategy(DDPStrategy):
     """DDP that works on Intel XPU: ``xccl`` backend, no CUDA streams, comm hooks registered.
 
@@ -69,12 +77,7 @@ class XPUDDPStrategy(DDPStrategy):
     strategy_name = "ddp_xpu"
 
     def _get_process_group_backend(self) -> str:
-        if self._process_group_backend:
-            return self._process_group_backend
-        if self.root_device.type == "xpu":
-            check_xccl()
-            return "xccl"
-        return super()._get_process_group_backend()
+        return self._process_group_backend or xccl_backend(self.root_device) or super()._get_process_group_backend()
 
     def _setup_model(self, model: Module) -> DistributedDataParallel:
         if self.root_device.type == "cuda":

@@ -32,12 +32,28 @@ def _is_lora_part(name: str, module: nn.Module) -> bool:
     return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save") for part in name.split("."))
 
 
+_KEEP_FLOAT = "_nf4_keep_float"
+
+
+def logical_name(name: str) -> str:
+    """The name a layer had before a wrapper moved it: PEFT puts the original layer at ``<name>.base_layer``."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
 def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    """The plain ``nn.Linear`` layers that should become NF4 (not skipped, not LoRA, not converted)."""
+    """The plain ``nn.Linear`` layers that should become NF4 (not skipped, not LoRA, not converted).
+
+    A skipped layer stays skipped however it is wrapped later: it matches by its name without PEFT's
+    ``base_layer`` parts, and a layer once found skipped is marked so that no later conversion takes it
+    (Lightning converts again after ``LoRACallback`` wrapped it)."""
     found = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and not _is_lora_part(name, module) and not matches(name, skip_modules):
-            found.append((name, module))
+        if type(module) is not nn.Linear or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
+            continue
+        if matches(name, skip_modules) or matches(logical_name(name), skip_modules):
+            setattr(module, _KEEP_FLOAT, True)
+            continue
+        found.append((name, module))
     return found
 
 

@@ -2,10 +2,16 @@
 
     python tests/fsdp_worker.py OUT_DIR STRATEGY DEVICES BATCH_SIZE [EPOCHS] [RESUME_CKPT]
 
-Each rank writes OUT_DIR/rank<r>.pt at the end of fit: its trainable weights gathered whole, and what it
-held between steps (the local shapes and bytes of every NF4 weight and float parameter).
+Each rank writes OUT_DIR/rank<r>.pt at the end of fit: its trainable weights gathered whole, what it
+held between steps (the local shapes and bytes of every NF4 weight and float parameter), its frozen base
+shards as they were before the first step, and its first loss.
+
+With FSDP_WORKER_CHECKPOINT=<folder> the model is loaded from that Hugging Face folder with
+``lightning_nf4.loading.AutoModelForCausalLM``: on ``meta`` (filled unit by unit on each rank) under
+NF4FSDPStrategy, on the CPU otherwise.
 """
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -32,9 +38,39 @@ def shardable_llama():
     return LlamaForCausalLM(config)
 
 
+def load_checkpoint_model(folder: str, deferred: bool):
+    from transformers import BitsAndBytesConfig
+
+    from lightning_nf4.loading import AutoModelForCausalLM
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device="meta" if deferred else "cpu", dtype=torch.float32, progress=False)
+    if deferred:
+        assert all(p.is_meta for p in model.parameters())
+    return model.train()
+
+
+def local_parts(param):
+    """A parameter's bytes on this rank: an NF4 weight's codes and scales, or a float tensor's values."""
+    from torch.distributed.tensor import DTensor
+
+    from lightning_nf4.format.tensor import NF4Tensor
+
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if isinstance(local, NF4Tensor):
+        q = local.quant
+        return [q.packed.clone(), q.absmax.clone(), q.nested.absmax.clone(), q.nested.offset.clone()]
+    return [local.detach().clone()]
+
+
 class Dump(pl.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.base = {}
+        self.first_loss = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.base = {n: local_parts(p) for n, p in pl_module.named_parameters() if not p.requires_grad}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         from torch.distributed.tensor import DTensor
@@ -43,6 +79,7 @@ class Dump(pl.Callback):
 
         if batch_idx != 0 or trainer.current_epoch != 0:
             return
+        self.first_loss = outputs["loss"].detach().clone()
         held = {}
         for name, p in pl_module.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
@@ -59,13 +96,16 @@ class Dump(pl.Callback):
         from lightning_nf4.strategies.fsdp import full_trainable_state
 
         state = full_trainable_state(pl_module)
-        torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__},
+        torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__,
+                    "base": self.base, "first_loss": self.first_loss},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
 def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "") -> None:
     pl.seed_everything(0)
-    model = CausalLM(shardable_llama(), lr=1e-2)
+    folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
+    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama()
+    model = CausalLM(base, lr=1e-2)
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

@@ -3,6 +3,7 @@ NF4FSDPStrategy runs on CPU (gloo, two processes, each run a subprocess with a t
 and against DDP. The XPU part is simulated at the device boundary only (see test_strategy_builds_its_mesh_on_xpu)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,7 @@ def test_unshardable_layouts_are_named():
     with pytest.raises(NF4ShardingError, match=r"multiple of 16384 elements.*double_quant=False"):
         check_shardable(quantize_nf4(torch.randn(64, 256)), 2, name="k_proj.weight")
     check_shardable(quantize_nf4(torch.randn(64, 256), double_quant=False), 2)  # blocks of 64 alone split
+    check_shardable(quantize_nf4(torch.randn(10, 64)), 1)  # one rank holds the whole weight: any layout
 
 
 def test_fsdp1_with_nf4_fails_at_construction_naming_the_strategy():
@@ -154,9 +156,10 @@ def test_strategy_builds_its_mesh_on_xpu(monkeypatch):
 
 
 # -- real runs: two gloo processes per run, each in a subprocess with a timeout ----------------------------
-def run_worker(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "", timeout: int = 300):
+def run_worker(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "", timeout: int = 300, checkpoint: str = ""):
     args = [sys.executable, str(WORKER), str(out), strategy, str(devices), str(batch_size), str(epochs)] + ([resume] if resume else [])
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "FSDP_WORKER_CHECKPOINT": checkpoint} if checkpoint else None
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
 
@@ -225,3 +228,37 @@ def test_sharded_resume_continues_exactly(runs, tmp_path):
     resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt))
     for name, value in runs["fsdp"][0]["trainable"].items():
         torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)
+
+
+def test_checkpoint_streams_into_shards_each_rank_keeping_its_rows(tmp_path):
+    """from_pretrained(..., device="meta") under NF4FSDPStrategy: each rank reads the checkpoint one unit at a
+    time and keeps only its rows, byte for byte the rows of the same checkpoint loaded whole."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    folder = tmp_path / "hf"
+    worker.shardable_llama().save_pretrained(folder)
+    sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(folder))
+    whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(folder))[0]
+    loaded = worker.load_checkpoint_model(str(folder), deferred=False)
+    reference = {n: worker.local_parts(p) for n, p in loaded.named_parameters()}
+    for n, layer in loaded.named_modules():
+        if isinstance(layer, NF4Linear):
+            q = layer.quant
+            reference[f"{n}.weight"] = [q.packed, q.absmax, q.nested.absmax, q.nested.offset]
+    assert len(sharded[0]["base"]) == len(whole["base"]) == 14 + 2 * 2 + 3  # 14 NF4 weights, 4 layer norms, embed/norm/lm_head
+    for rank, result in enumerate(sharded):
+        for name, parts in result["base"].items():
+            full = reference[name.removeprefix("model.").replace(".base_layer", "")]
+            if len(full) == 1:  # a float tensor: this rank's rows
+                expected = [full[0].chunk(2)[rank]]
+            else:  # codes, absmax codes and nested absmax by rows; the nested offset whole
+                expected = [t.chunk(2)[rank] for t in full[:3]] + [full[3]]
+            assert len(parts) == len(expected), name
+            for got, want in zip(parts, expected):
+                assert torch.equal(got, want), (rank, name)
+    # LoRA B starts at zero, so the first loss is the base model's: the same as from the whole checkpoint
+    sharded_loss = (sharded[0]["first_loss"] + sharded[1]["first_loss"]) / 2
+    torch.testing.assert_close(sharded_loss, whole["first_loss"], atol=1e-5, rtol=1e-5)

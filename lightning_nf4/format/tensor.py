@@ -39,7 +39,9 @@ def shard_granularity(quant: NF4Weight) -> int:
 
 def check_shardable(quant: NF4Weight, world_size: int, name: str = "weight") -> None:
     """Raise ``NF4ShardingError`` unless ``quant`` splits into ``world_size`` equal row shards on whole
-    blocks and scale groups."""
+    blocks and scale groups. One rank holds the whole weight: any layout."""
+    if world_size <= 1:
+        return
     rows, cols = quant.shape[0], math.prod(quant.shape[1:])
     if rows % world_size:
         raise NF4ShardingError(

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY
 from lightning_nf4.layers.linear import NF4Linear
-from lightning_nf4.loading.checkpoint import CheckpointError, checkpoint_files, count_tensors, iter_tensors
+from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex, checkpoint_files, count_tensors, iter_tensors
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
+from lightning_nf4.loading.deferred import attach
 from lightning_nf4.loading.devices import resolve_device
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
@@ -53,11 +54,20 @@ class AutoModelForCausalLM:
         ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``; None loads in float unless the checkpoint
         itself is a bitsandbytes 4-bit one. ``dtype`` is the dtype of everything left in float
         (default: the quantization compute dtype, else bfloat16).
+
+        ``device="meta"`` reads no weight: the model comes back on ``meta``, remembering its checkpoint, and
+        ``NF4FSDPStrategy`` fills it one sharding unit at a time on each rank, keeping only that rank's
+        shard (``lightning_nf4.loading.materialize(model, device)`` fills it whole, for one device).
         """
         import transformers
 
         path = resolve_model_path(str(pretrained_model_name_or_path))
         target = resolve_device(device)
+        if gguf_file is not None and target.type == "meta":
+            raise ValueError(
+                "device='meta' defers reading safetensors/.bin checkpoints; a GGUF file is dequantized whole by "
+                "transformers as it loads. Load it on a device, or convert it once with save_pretrained()."
+            )
         config = transformers.AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, **config_kwargs)
         saved = getattr(config, "quantization_config", None)
         nf4 = parse_quantization_config(quantization_config, saved)
@@ -74,6 +84,11 @@ class AutoModelForCausalLM:
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs())  # NF4Linear placeholders on meta
         files = checkpoint_files(path)
+        if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
+            attach(model, CheckpointIndex(files), dtype)
+            if nf4 is not None:
+                model.config.quantization_config = nf4.to_bnb_dict()
+            return model.eval()
         _stream_into(model, files, target, dtype, progress, prequantized=nf4 is not None and nf4.prequantized)
         return _finish(model, nf4)
 

@@ -117,6 +117,52 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
             yield name, buffer.view(dtype).reshape(entry["shape"])
 
 
+class CheckpointIndex:
+    """Where every tensor of a checkpoint lies, so that any one can be read on its own, in any order: what a
+    rank needs to fill one sharding unit at a time from a model built on ``meta``.
+
+    safetensors tensors are read from their byte range into fresh memory; ``.bin`` files are memory-mapped.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+        self._bins: dict[Path, dict[str, Tensor]] = {}
+        for file in files:
+            if file.suffix == ".safetensors":
+                with open(file, "rb") as handle:
+                    header, data_start = _safetensors_header(file, handle)
+                for name, entry in header.items():
+                    self._where[name] = (file, entry, data_start)
+            else:
+                for name in _load_bin(file):
+                    self._where[name] = (file, {}, -1)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def read(self, name: str) -> Tensor:
+        """The tensor ``name`` on the CPU, in fresh memory (no view of a mapped file)."""
+        file, entry, data_start = self._where[name]
+        if data_start < 0:
+            if file not in self._bins:
+                self._bins[file] = _load_bin(file)
+            return self._bins[file][name].clone()
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which lightning-nf4 cannot read.")
+        begin, stop = entry["data_offsets"]
+        buffer = torch.empty(stop - begin, dtype=torch.uint8)
+        with open(file, "rb") as handle:
+            handle.seek(data_start + begin)
+            if handle.readinto(memoryview(buffer.numpy())) != stop - begin:
+                raise CheckpointError(f"{file} ended inside tensor {name!r}; the file is truncated. Re-download it.")
+        return buffer.view(dtype).reshape(entry["shape"])
+
+
 def _load_bin(file: Path) -> dict[str, Tensor]:
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)

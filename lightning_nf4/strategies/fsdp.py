@@ -172,9 +172,10 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         world = mesh.size()
         device = self.root_device
         units = find_sharding_units(module, self.sharding_units)
-        for name, layer in module.named_modules():
-            if isinstance(layer, NF4Linear):
-                check_shardable(layer._synced_quant(), world, name=f"{name}.weight")
+        if world > 1:
+            for name, layer in module.named_modules():
+                if isinstance(layer, NF4Linear):
+                    check_shardable(layer._synced_quant(), world, name=f"{name}.weight")
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
         kwargs["mp_policy"] = self.mixed_precision or MixedPrecisionPolicy()
         if self.cpu_offload:
@@ -186,8 +187,12 @@ class NF4FSDPStrategy(ModelParallelStrategy):
                 f"{type(module).__name__} holds parameters directly ({[n for n, _ in module.named_parameters(recurse=False)][:3]}); "
                 "NF4FSDPStrategy shards the LightningModule's submodules. Move them into a submodule (e.g. self.model)."
             )
+        from lightning_nf4.export import find_hf_model
+
+        hf = find_hf_model(module)[1]
+
         def shard_one(target: nn.Module, checkpointed: bool) -> None:
-            _materialize(target, device)
+            _materialize(target, device, hf)
             _prepare_nf4(target)
             if checkpointed:
                 from torch.distributed._composable import checkpoint
@@ -273,21 +278,24 @@ def copy_full_into(param: torch.Tensor, value: torch.Tensor, name: str = "parame
         param.copy_(value)
 
 
-def _materialize(module: nn.Module, device: torch.device) -> None:
-    """Give a meta-built module (not its already-sharded children) storage on ``device`` and initial values:
-    ``reset_parameters`` where a module has it (an ``NF4Linear`` draws a float weight and quantizes it),
-    PEFT's LoRA init for adapters. Modules already holding data are only moved."""
+def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module]) -> None:
+    """Give a meta-built module (not its already-sharded children) storage on ``device`` and its values: read
+    from the checkpoint of a model loaded with ``from_pretrained(..., device="meta")``, else initial values
+    (``hf``'s ``_init_weights``, ``reset_parameters`` where a module has it: an ``NF4Linear`` draws a float
+    weight and quantizes it) and PEFT's LoRA init for adapters. Modules already holding data are only moved."""
     from torch.distributed.fsdp import FSDPModule
 
     own = list(_own_modules(module, FSDPModule))
     meta = any(t.is_meta for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+    moved: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
     for sub in own:
         for key, param in list(sub._parameters.items()):
             if param is None:
                 continue
-            moved = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
-            if moved is not param:
-                sub._parameters[key] = nn.Parameter(moved, requires_grad=param.requires_grad)
+            if id(param) not in moved:
+                value = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
+                moved[id(param)] = param if value is param else nn.Parameter(value, requires_grad=param.requires_grad)
+            sub._parameters[key] = moved[id(param)]
         for key, buf in list(sub._buffers.items()):
             if buf is not None:
                 sub._buffers[key] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
@@ -297,9 +305,10 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
         return
     from peft.tuners.lora import LoraLayer
 
-    from lightning_nf4.export import find_hf_model
+    from lightning_nf4.loading.deferred import deferred_checkpoint
 
-    hf = find_hf_model(module)[1] or next((m for m in module.modules() if callable(getattr(m, "_init_weights", None))), None)
+    source = deferred_checkpoint(hf)
+    names = {id(m): n for n, m in hf.named_modules()} if source is not None and hf is not None else {}
     lora_parts = {id(m) for sub in own if isinstance(sub, LoraLayer) for m in sub.modules() if m is not sub and not isinstance(m, NF4Linear)}
     with torch.no_grad():
         for sub in own:
@@ -308,6 +317,8 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
                     sub.reset_lora_parameters(adapter, True)
             elif id(sub) in lora_parts:
                 continue
+            elif id(sub) in names:
+                source.load_module(hf, sub, names[id(sub)])  # type: ignore[union-attr]
             elif isinstance(sub, NF4Linear) or hf is None:
                 if callable(getattr(sub, "reset_parameters", None)):
                     sub.reset_parameters()

@@ -9,7 +9,9 @@ import lightning_nf4.accelerators  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
-__all__ = ["LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4", "quantize_nf4"]
+__all__ = [
+    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4", "quantize_nf4",
+]
 
 
 def __getattr__(name: str):
@@ -22,4 +24,8 @@ def __getattr__(name: str):
         from lightning_nf4.callbacks import LoRACallback
 
         return LoRACallback
+    if name == "AutoModelForCausalLM":  # transformers' name, loading straight into NF4
+        from lightning_nf4.loading import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
     raise AttributeError(f"module 'lightning_nf4' has no attribute {name!r}")

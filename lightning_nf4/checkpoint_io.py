@@ -26,11 +26,29 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """The file needs objects a weights-only load refuses: not a checkpoint of this package, treat it as untrusted."""
 
 
+def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """Fail fast, before any model is built: the file exists and asks for nothing a weights-only load refuses.
+    Reads only the pickle's list of globals, not the tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
+    if not zipfile.is_zipfile(path):
+        raise untrusted_error(path, pickle.UnpicklingError("not a zip archive"))
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+    try:
+        needs = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except (RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{str(path)!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]}).") from err
+    if needs:
+        raise untrusted_error(path, pickle.UnpicklingError(f"needs {needs}"))
+    return path
+
+
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint, loaded weights-only; raises ``UntrustedCheckpointError`` for a file that would need more."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file).")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)

@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback
-from lightning_nf4.checkpoint_io import load_checkpoint
+from lightning_nf4.checkpoint_io import check_checkpoint, load_checkpoint
 from lightning_nf4.models.causal_lm import CausalLMModule
 from lightning_nf4.plugins.precision import NF4Precision
 
@@ -55,6 +55,7 @@ class NF4Trainer(Trainer):
         """
         if ckpt_path is None:
             raise ValueError("export needs --ckpt_path: a checkpoint written by fit.")
+        check_checkpoint(ckpt_path)  # before the model is built: a wrong path or an untrusted file fails at once
         callback = next((c for c in self.callbacks if isinstance(c, LoRACallback)), None)
         if callback is None:
             raise ValueError("export needs lightning_nf4.LoRACallback in trainer.callbacks, with the settings of the run that wrote the checkpoint.")
@@ -84,6 +85,20 @@ class NF4CLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse, then check ``--ckpt_path`` before anything reads it: LightningCLI loads the file for its
+        hyperparameters right after this, and the model is built after that."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and not _lightning_ckpt_alias(str(ckpt_path)):
+            check_checkpoint(ckpt_path)
+
+
+def _lightning_ckpt_alias(value: str) -> bool:
+    """``last``, ``best``, ``hpc``, ``registry[:...]`` and remote URLs: ckpt_path values Lightning resolves itself."""
+    return value in ("last", "best", "hpc") or value.startswith("registry") or "://" in value
 
 
 def _with_default_config(args: list[str]) -> list[str]:

@@ -63,3 +63,83 @@ def test_a_skipped_layer_stays_float_inside_any_wrapper():
     model[1] = Wrapper(model[1])  # now "1.inner", which no longer matches the pattern "1"
     precision.convert_module(model)
     assert isinstance(model[0], NF4Linear) and type(model[1].inner) is nn.Linear
+
+
+# -- bad input gets nn.Linear's behaviour or a clear error ----------------------------------------------
+def test_integer_input_raises_like_nn_linear():
+    linear = nn.Linear(64, 32)
+    layer = NF4Linear.from_linear(linear)
+    ids = torch.randint(0, 5, (2, 64))
+    with pytest.raises(RuntimeError):
+        linear(ids)
+    with pytest.raises(RuntimeError, match="expects a floating-point input.*torch.int64"):
+        layer(ids)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_meta_forward_gives_the_shape_like_nn_linear(bias):
+    x = torch.empty(3, 5, 64, device="meta")
+    expected = nn.Linear(64, 32, bias=bias, device="meta")(x)
+    out = NF4Linear(64, 32, bias=bias, device="meta")(x)
+    assert out.device.type == "meta" and out.shape == expected.shape == (3, 5, 32) and out.dtype == expected.dtype
+    assert NF4Linear(64, 32, bias=bias, device="meta")(x.bfloat16()).dtype == torch.bfloat16  # the input's dtype, as on a device
+    with pytest.raises(RuntimeError, match="last dimension is 60"):
+        NF4Linear(64, 32, device="meta")(torch.empty(2, 60, device="meta"))
+    with pytest.raises(RuntimeError, match="same device"):  # nn.Linear refuses a meta input with real weights too
+        NF4Linear.from_linear(nn.Linear(64, 32))(x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA device")
+def test_precision_on_a_missing_device_says_so():
+    from lightning_nf4.plugins import NF4PrecisionError
+
+    with pytest.raises(NF4PrecisionError, match=r"device='cuda'.*(no CUDA support|no CUDA device is visible).*leave device unset"):
+        NF4Precision(device="cuda")
+    with pytest.raises(NF4PrecisionError, match="not a torch device"):
+        NF4Precision(device="gpu0")
+
+
+def test_export_checks_the_checkpoint_before_building_the_model(tmp_path, monkeypatch):
+    import sys
+
+    from lightning_nf4.cli import NF4Trainer, main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+    from lightning_nf4.models.causal_lm import CausalLMModule
+
+    module = CausalLMModule("packaged:no-such-model")  # building it would fail with another error
+    export = NF4Trainer(accelerator="cpu", devices=1, logger=False, plugins=NF4Precision(), callbacks=[LoRACallback()])
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt.*does not exist"):
+        export.export(module, ckpt_path=str(tmp_path / "missing.ckpt"), out_dir=str(tmp_path / "out"))
+    assert module.model is None
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt.*does not exist"):
+        main(["export", "--model.model_name_or_path", "packaged:no-such-model", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_an_untrusted_checkpoint(tmp_path, monkeypatch):
+    import pickle
+    import sys
+
+    from lightning_nf4.checkpoint_io import UntrustedCheckpointError
+    from lightning_nf4.cli import main
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    ckpt = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"x": RunsCode()}}, ckpt)
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+    for subcommand in ("export", "validate"):
+        with pytest.raises(UntrustedCheckpointError, match=r"shared\.ckpt.*not a checkpoint written by lightning-nf4.*system"):
+            main([subcommand, "--model.model_name_or_path", "packaged:no-such-model", "--ckpt_path", str(ckpt)])
+    assert not (tmp_path / "pwned").exists()
+    assert isinstance(UntrustedCheckpointError("x"), pickle.UnpicklingError)
+
+
+def test_top_level_auto_model_is_the_loader():
+    import lightning_nf4
+    from lightning_nf4.loading import AutoModelForCausalLM
+
+    assert lightning_nf4.AutoModelForCausalLM is AutoModelForCausalLM

@@ -229,6 +229,8 @@ class NF4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Under autocast: computes and returns the autocast dtype. Otherwise computes in
         ``compute_dtype`` and returns the input's dtype, as ``bitsandbytes.nn.Linear4bit`` does."""
+        if not x.is_floating_point() or x.is_meta:
+            return self._shape_only(x)
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         quant = self._synced_quant()
@@ -249,6 +251,26 @@ class NF4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
+
+    def _shape_only(self, x: Tensor) -> Tensor:
+        """Inputs the matmul path does not take, handled as ``nn.Linear`` does: a non-float input is an error
+        (a silent cast would truncate), and a ``meta`` input with a ``meta`` weight gives the output's shape."""
+        if not x.is_floating_point():
+            raise RuntimeError(
+                f"NF4Linear expects a floating-point input, as nn.Linear does; got {x.dtype}. Token ids go through "
+                "an embedding first; cast other inputs with x.float() (or .to(torch.bfloat16))."
+            )
+        if not self.weight.is_meta:
+            raise RuntimeError(
+                f"NF4Linear got an input on 'meta' but its weight is on {self.weight.device}; as with nn.Linear, input "
+                "and weight must be on the same device (move the layer to 'meta' for shape-only runs)."
+            )
+        if x.shape[-1] != self.in_features:
+            raise RuntimeError(
+                f"NF4Linear: input's last dimension is {x.shape[-1]}, the layer takes {self.in_features} (in_features)."
+            )
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def _dequantized(self, quant: NF4Weight, dtype: torch.dtype) -> Tensor:
         """The float weight for one matmul: from this layer's group (one launch for the whole block) when

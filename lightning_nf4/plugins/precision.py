@@ -57,6 +57,8 @@ class NF4Precision(MixedPrecision):
         compute_dtype = float_dtype(compute_dtype) or compute_dtype
         if compute_dtype not in _PRECISION_NAMES:
             raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
+        if device is not None:
+            _check_device(device)
         mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"
         super().__init__(mixed, device=device or "cpu", scaler=scaler if compute_dtype == torch.float16 else None)
         self._user_scaler = scaler is not None
@@ -150,6 +152,24 @@ class NF4Precision(MixedPrecision):
                         "torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)."
                     )
         return super().connect(model, optimizers, lr_schedulers)
+
+
+def _check_device(device: str) -> None:
+    """A device given by name must exist here: otherwise torch fails later, deep inside, with a bare assertion."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise NF4PrecisionError(f"NF4Precision(device={device!r}): not a torch device ({err}); use e.g. 'cpu', 'cuda', 'cuda:1' or 'xpu'.") from err
+    backend = getattr(torch, kind, None) if kind in ("cuda", "xpu") else None
+    if backend is None or backend.is_available():
+        return
+    built = (torch.version.cuda or torch.version.hip) if kind == "cuda" else getattr(torch.version, "xpu", None)
+    why = f"no {kind.upper()} device is visible" if built else f"this PyTorch build ({torch.__version__}) has no {kind.upper()} support"
+    raise NF4PrecisionError(
+        f"NF4Precision(device={device!r}), but {why}. Install the PyTorch wheel for your GPU before lightning-nf4 "
+        "(pip install torch --index-url ...), check the driver and *_VISIBLE_DEVICES, or leave device unset to "
+        "follow the Trainer's accelerator."
+    )
 
 
 def _param_bytes(module: nn.Module) -> int:

@@ -143,3 +143,56 @@ def test_top_level_auto_model_is_the_loader():
     from lightning_nf4.loading import AutoModelForCausalLM
 
     assert lightning_nf4.AutoModelForCausalLM is AutoModelForCausalLM
+
+
+# -- the bf16 LoRA baseline through the same CLI and module ---------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.test_cli import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def cli_config(tmp_path, model_dir, **trainer):
+    """test_cli's config (NF4Precision + LoRACallback on the tiny Llama, text data), with trainer overrides."""
+    import yaml
+
+    from tests.test_cli import SENTENCES, write_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
+    path = write_config(tmp_path, model_dir, data)
+    config = yaml.safe_load(path.read_text())
+    for key, value in trainer.items():
+        if value is None:
+            config["trainer"].pop(key, None)
+        else:
+            config["trainer"][key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "NF4Precision"])
+def test_cli_runs_the_bf16_lora_baseline(tmp_path, model_dir, monkeypatch, precision):
+    """``model.load_in_4bit: false`` trains LoRA on a float base, with Lightning's bf16-mixed or with NF4Precision
+    kept in the config; the module builds its model in configure_model either way."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_nf4.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+    overrides = {"plugins": None, "precision": "bf16-mixed"} if precision == "bf16-mixed" else {}
+    config = cli_config(tmp_path, model_dir, **overrides)
+    cli = main(["fit", "--config", str(config), "--model.load_in_4bit", "false"])
+    model = cli.model.model
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is nn.Linear and torch.equal(q_proj.base_layer.weight, reference.weight)  # float, untouched
+    assert not q_proj.base_layer.weight.requires_grad and q_proj.lora_B["default"].weight.abs().sum() > 0  # LoRA trained
+    assert (tmp_path / "fit-out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "fit-out" / "merged" / "config.json").is_file()

@@ -100,19 +100,12 @@ class LoRACallback(Callback):
             return
         precision = trainer.precision_plugin
         has_linears = any(isinstance(m, (nn.Linear, NF4Linear)) for m in pl_module.modules())
-        if isinstance(precision, NF4Precision):
-            if has_linears:
-                precision.convert_module(pl_module)
-                self.inject(pl_module)
-            else:  # model comes from configure_model: inject right after NF4Precision converts it
-                precision.add_post_convert_hook(self.inject)
-        elif has_linears:
+        if has_linears:
+            if isinstance(precision, NF4Precision):
+                precision.convert_module(pl_module)  # LoRA wraps NF4Linear layers, never the reverse
             self.inject(pl_module)
-        else:
-            raise RuntimeError(
-                f"LoRACallback found no linear layer in {type(pl_module).__name__} at setup. Without NF4Precision, "
-                "build the model in __init__ (models built in configure_model need NF4Precision, which converts them first)."
-            )
+        else:  # built in configure_model (NF4 or float base): inject right after the precision plugin's conversion
+            _after_conversion(precision, self.inject)
 
     @staticmethod
     def _injected(module: nn.Module) -> bool:
@@ -255,6 +248,26 @@ class LoRACallback(Callback):
     def save_merged(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
         """Dequantized, merged float model (HF folder for transformers models, safetensors otherwise)."""
         return export.save_merged(pl_module, path, self.merged_dtype)
+
+
+def _after_conversion(precision: Any, hook: Any) -> None:
+    """Run ``hook(module)`` once, right after the next ``precision.convert_module``, for any precision plugin.
+    Lightning calls ``convert_module`` after ``configure_model`` and before ``configure_optimizers`` and the DDP
+    wrap on every strategy: the one moment a model built in ``configure_model`` exists and its trainable
+    parameters are not yet fixed. NF4Precision has a hook list for it; other plugins get a one-shot wrapper."""
+    if isinstance(precision, NF4Precision):
+        precision.add_post_convert_hook(hook)
+        return
+    vars(precision).pop("convert_module", None)  # a wrapper left by a fit that stopped before converting
+    convert = precision.convert_module
+
+    def convert_then_hook(module: nn.Module) -> nn.Module:
+        del precision.convert_module  # back to the plugin's own method
+        module = convert(module)
+        hook(module)
+        return module
+
+    precision.convert_module = convert_then_hook
 
 
 def _is_number(value: object, integral: bool = False) -> bool:

@@ -94,9 +94,14 @@ class NF4Precision(MixedPrecision):
 
     # -- Lightning hooks --------------------------------------------------------------------
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Quantize every convertible ``nn.Linear`` on the training device; idempotent."""
+        """Quantize every convertible ``nn.Linear`` on the training device; idempotent. A module whose
+        ``load_in_4bit`` (attribute or hyperparameter, as ``CausalLMModule`` has) is False keeps a float base:
+        the same config then runs the bf16 LoRA baseline, with this plugin's autocast."""
         device = self._resolve_device(module)
         self._bind_device(device)
+        if not wants_4bit(module):
+            rank_zero_info(f"NF4Precision: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
+            return self._after_convert(module)
         pending = convertible_linears(module, self.skip_modules)
         if not pending and not nf4_layers(module):
             raise NF4PrecisionError(
@@ -114,6 +119,9 @@ class NF4Precision(MixedPrecision):
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)
+        return self._after_convert(module)
+
+    def _after_convert(self, module: nn.Module) -> nn.Module:
         hooks, self._post_convert = self._post_convert, []
         for hook in hooks:
             hook(module)
@@ -152,6 +160,14 @@ class NF4Precision(MixedPrecision):
                         "torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)."
                     )
         return super().connect(model, optimizers, lr_schedulers)
+
+
+def wants_4bit(module: nn.Module) -> bool:
+    """False when the module asks for a float base: ``load_in_4bit`` False as an attribute or a hyperparameter."""
+    flag = getattr(module, "load_in_4bit", None)
+    if flag is None:
+        flag = getattr(module, "hparams", {}).get("load_in_4bit")
+    return flag is not False
 
 
 def _check_device(device: str) -> None:

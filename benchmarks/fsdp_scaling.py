@@ -31,7 +31,7 @@ SHAPES = {
 }
 
 
-def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked") -> None:
     import lightning.pytorch as pl
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +59,11 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
             self.model.config.use_cache = False
 
         def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
+            if loss == "plain":
+                return self.model(input_ids=batch, labels=batch).loss
+            from lightning_nf4.losses import causal_lm_loss  # never the whole [tokens x vocab] logits
+
+            return causal_lm_loss(self.model, batch, batch)
 
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
@@ -79,7 +83,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
             if on_gpu:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
-            if batch_idx == warmup + steps and strategy_name != "ddp":
+            if batch_idx == warmup + steps and strategy_name != "ddp" and devices > 1:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA] if on_gpu else [torch.profiler.ProfilerActivity.CPU])
                 self.prof.__enter__()
 
@@ -94,11 +98,11 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
                 self.gather_ms = sum(e.device_time_total for e in events if "allgather" in e.key.lower().replace("_", "")) / 1e3
                 self.prof = None
 
-    n = warmup + steps + (1 if strategy_name != "ddp" else 0)
+    n = warmup + steps + (1 if strategy_name != "ddp" and devices > 1 else 0)
     data = torch.randint(0, vocab, (n * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    if strategy_name.startswith("nf4_fsdp"):
-        strategy = NF4FSDPStrategy()
+    if strategy_name.startswith("nf4_fsdp"):  # nf4_fsdp_p0: FSDP2's own prefetching only
+        strategy = NF4FSDPStrategy(prefetch=0 if strategy_name.endswith("_p0") else 1)
     else:
         strategy = strategy_name if devices > 1 else "auto"
     timer = Timer()
@@ -112,13 +116,13 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path) -> None:
     result = {
         "spec": spec, "times": timer.times, "peak_gib": peak, "build_peak_gib": getattr(timer, "build_peak", float("nan")),
         "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int) -> None:
+def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked") -> None:
     results: dict[str, list[dict]] = {s: [] for s in specs}
     for r in range(rounds):
         for spec in specs:
@@ -127,7 +131,7 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
             if spec.endswith(":1"):
                 env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag)],
+            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag), "--loss", loss],
                                   env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 print(f"{spec} round {r} failed ({done.returncode}):\n{done.stderr[-2500:]}", flush=True)
@@ -140,19 +144,28 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
                 "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
             })
             print(f"round {r} {spec}: {results[spec][-1]}", flush=True)
-    print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds\n")
-    print("| configuration | step s (median of rounds, range) | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds; {loss} loss\n")
+    print("| configuration | step s (median of rounds, range) | fastest step s | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")
+    print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for spec, rows in results.items():
         if not rows:
-            print(f"| {spec} | failed | | | | | |")
+            print(f"| {spec} | failed | | | | | | |")
             continue
         steps_ = [x["step"] for x in rows]
         med = statistics.median(steps_)
-        summary[spec] = {"step": med, "tokens_s": rows[0]["tokens"] / med, "peak": max(x["peak"] for x in rows), "fastest": min(x["fastest"] for x in rows), "tokens": rows[0]["tokens"]}
-        print(f"| {spec} | {med:.3f} ({min(steps_):.3f}-{max(steps_):.3f}) | {rows[0]['tokens'] / med:.0f} | {max(x['peak'] for x in rows):.2f} | "
+        fastest = min(x["fastest"] for x in rows)
+        summary[spec] = {"step": med, "tokens_s": rows[0]["tokens"] / med, "peak": max(x["peak"] for x in rows), "fastest": fastest, "tokens": rows[0]["tokens"]}
+        print(f"| {spec} | {med:.3f} ({min(steps_):.3f}-{max(steps_):.3f}) | {fastest:.3f} | {rows[0]['tokens'] / med:.0f} | {max(x['peak'] for x in rows):.2f} | "
               f"{max(x['build_peak'] for x in rows):.2f} | {max(x['rss'] for x in rows):.2f} | {statistics.median(x['gather_ms'] for x in rows):.1f} |")
+    # ratios against the first configuration of the same shape: tokens/s at the median and at the fastest step
+    print()
+    for spec, row in summary.items():
+        base = next(k for k in summary if k.split(":")[0] == spec.split(":")[0])
+        if base != spec:
+            ref = summary[base]
+            print(f"{spec} / {base}: tokens/s {row['tokens_s'] / ref['tokens_s']:.2f}x (fastest steps: "
+                  f"{(row['tokens'] / row['fastest']) / (ref['tokens'] / ref['fastest']):.2f}x), peak {row['peak'] / ref['peak']:.2f}x")
     (out / "summary.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
 
 
@@ -165,10 +178,11 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--loss", choices=["chunked", "plain"], default="chunked", help="lightning_nf4.losses.causal_lm_loss, or HF's own")
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/fsdp_scaling"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.one:
-        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out))
+        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss)
     else:
-        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout)
+        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss)

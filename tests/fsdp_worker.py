@@ -103,20 +103,21 @@ class Dump(pl.Callback):
 
 def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "") -> None:
     pl.seed_everything(0)
+    accelerator = os.environ.get("FSDP_WORKER_ACCELERATOR", "cpu")  # "gpu": tests/test_gpu_fsdp.py
     folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
     base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama()
     model = CausalLM(base, lr=1e-2)
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+        strategy = DDPStrategy(process_group_backend="gloo" if accelerator == "cpu" else None, timeout=timedelta(seconds=60))
     elif strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
 
         strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60), activation_checkpointing=strategy.endswith("_ac"))
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         plugins=NF4Precision(compute_dtype=torch.float32),
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True), Dump(out), checkpoint],

@@ -230,35 +230,49 @@ def test_sharded_resume_continues_exactly(runs, tmp_path):
         torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)
 
 
-def test_checkpoint_streams_into_shards_each_rank_keeping_its_rows(tmp_path):
-    """from_pretrained(..., device="meta") under NF4FSDPStrategy: each rank reads the checkpoint one unit at a
-    time and keeps only its rows, byte for byte the rows of the same checkpoint loaded whole."""
+def load_worker():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER)
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    folder = tmp_path / "hf"
-    worker.shardable_llama().save_pretrained(folder)
-    sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(folder))
-    whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(folder))[0]
+    return worker
+
+
+def assert_ranks_hold_their_rows(sharded: list[dict], folder: Path) -> None:
+    """Each rank's NF4 codes, absmax codes, nested absmax (by rows; the nested offset whole) and float rows
+    are, byte for byte, its rows of the same checkpoint loaded whole on the CPU."""
+    worker = load_worker()
     loaded = worker.load_checkpoint_model(str(folder), deferred=False)
     reference = {n: worker.local_parts(p) for n, p in loaded.named_parameters()}
     for n, layer in loaded.named_modules():
         if isinstance(layer, NF4Linear):
             q = layer.quant
             reference[f"{n}.weight"] = [q.packed, q.absmax, q.nested.absmax, q.nested.offset]
-    assert len(sharded[0]["base"]) == len(whole["base"]) == 14 + 2 * 2 + 3  # 14 NF4 weights, 4 layer norms, embed/norm/lm_head
+    world = len(sharded)
+    assert len(sharded[0]["base"]) == 14 + 2 * 2 + 3  # 14 NF4 weights, 4 layer norms, embed/norm/lm_head
     for rank, result in enumerate(sharded):
         for name, parts in result["base"].items():
             full = reference[name.removeprefix("model.").replace(".base_layer", "")]
-            if len(full) == 1:  # a float tensor: this rank's rows
-                expected = [full[0].chunk(2)[rank]]
-            else:  # codes, absmax codes and nested absmax by rows; the nested offset whole
-                expected = [t.chunk(2)[rank] for t in full[:3]] + [full[3]]
+            expected = [t.chunk(world)[rank] for t in full[:3]] + full[3:] if len(full) == 4 else [full[0].chunk(world)[rank]]
             assert len(parts) == len(expected), name
             for got, want in zip(parts, expected):
-                assert torch.equal(got, want), (rank, name)
+                assert torch.equal(got.cpu(), want), (rank, name)
+
+
+def test_checkpoint_streams_into_shards_each_rank_keeping_its_rows(tmp_path):
+    """from_pretrained(..., device="meta") under NF4FSDPStrategy: each rank reads the checkpoint one unit at a
+    time and keeps only its rows, byte for byte the rows of the same checkpoint loaded whole."""
+    folder = tmp_path / "hf"
+    load_worker().shardable_llama().save_pretrained(folder)
+    sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(folder))
+    whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(folder))[0]
+    assert_ranks_hold_their_rows(sharded, folder)
     # LoRA B starts at zero, so the first loss is the base model's: the same as from the whole checkpoint
     sharded_loss = (sharded[0]["first_loss"] + sharded[1]["first_loss"]) / 2
     torch.testing.assert_close(sharded_loss, whole["first_loss"], atol=1e-5, rtol=1e-5)
+
+
+def test_prefetch_must_be_a_count():
+    with pytest.raises(NF4ShardingConfigError, match="prefetch=-1"):
+        NF4FSDPStrategy(prefetch=-1)

@@ -132,7 +132,8 @@ def _groupable(packed: list[Tensor], absmax: list[Tensor], nested_absmax: list[T
 
 def _group_table(device: torch.device, packed, absmax, nested_absmax, offsets, numels) -> Optional[Tensor]:
     """Per weight: addresses of packed, absmax, nested absmax and offset, output start, numel; built once
-    per set of weights (their addresses do not change while they train) and kept on the device."""
+    per set of weights (their addresses do not change while they train on one device; FSDP2 gathers into
+    new buffers each time) and kept on the device."""
     nested = bool(nested_absmax)
     addresses = tuple(
         (p.data_ptr(), a.data_ptr(), nested_absmax[i].data_ptr() if nested else a.data_ptr(), offsets[i].data_ptr() if nested else a.data_ptr())
@@ -149,7 +150,13 @@ def _group_table(device: torch.device, packed, absmax, nested_absmax, offsets, n
         rows = [[*a, start, n] for a, start, n in zip(addresses, starts, numels)]
         if len(_group_tables) > 1024:
             _group_tables.clear()
-        table = _group_tables[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+        # From pinned memory without blocking: a copy from pageable memory waits for the stream to drain, which
+        # under FSDP2 (fresh all-gather buffers, so a new table, every layer and pass) stalls the host each
+        # layer and leaves no all-gather overlapped with compute.
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = _group_tables[key] = host.to(device, non_blocking=True)
     return table
 
 

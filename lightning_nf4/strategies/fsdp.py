@@ -89,6 +89,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             uses; FSDP copies them in for each unit's forward and backward, and steps the optimizer on the CPU.
         reshard_after_forward: free each unit's gathered weights after its forward (True: least memory) or keep
             them for the backward (False: one all-gather less per unit and step).
+        prefetch: how many units ahead each unit's all-gather is issued, in forward and in backward (units
+            run in module order); 0 leaves it to FSDP2, which issues a unit's gather only when the host
+            reaches that unit, too late to overlap when the host does not run ahead of the device.
         mixed_precision: an FSDP2 ``MixedPrecisionPolicy`` for the float parameters; default none (LoRA weights
             are gathered in float32 and computed under the precision plugin's autocast, as on one device).
         process_group_backend: default ``nccl`` on CUDA, ``xccl`` on XPU, ``gloo`` on CPU.
@@ -102,6 +105,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         activation_checkpointing: bool = False,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
+        prefetch: int = 1,
         mixed_precision: Optional[Any] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
@@ -114,6 +118,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise NF4ShardingConfigError(f"prefetch={prefetch!r}: give a number of units, 0 or more (1 is usual).")
+        self.prefetch = prefetch
         self.mixed_precision = mixed_precision
 
     @classmethod
@@ -203,6 +210,10 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         unit_class = type(units[0]).__name__ if units else "no"
         for unit in units:
             shard_one(unit, self.activation_checkpointing)
+        if self.prefetch:
+            for i, unit in enumerate(units):
+                unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + self.prefetch])
+                unit.set_modules_to_backward_prefetch(units[max(0, i - self.prefetch):i][::-1])
         for child in module.children():
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)

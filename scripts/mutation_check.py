@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Put deliberate bugs into a temporary copy of the package, one at a time, and see which the tests catch.
+
+A test suite is only as good as the bugs it notices. Each entry below is a small, plausible bug written as a
+text patch (exact old text -> new text) on one file of a copy of the repository in a temporary folder; the
+working tree is never touched. For each bug the script first runs the chosen tests on the unpatched copy (they
+must pass), then on the patched copy, and prints a table: bug, tests, caught. Run it by hand, not in CI:
+
+    python scripts/mutation_check.py             # every bug (about 10 minutes on a 2-core machine)
+    python scripts/mutation_check.py --list      # the bugs and their tests
+    python scripts/mutation_check.py --only gemv-gain export-in-place
+
+Exit status 1 when a bug goes uncaught or a patch no longer applies (the code it targets changed: update the
+entry). The tests run with ``PYTHONPATH`` at the copy, and the script checks that the copy is what they import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("lightning_nf4", "tests", "configs", "pyproject.toml", "setup.py")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    bug: str  # what is broken, in words
+    file: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (exact old text, found once in the file; new text)
+    tests: tuple[str, ...]  # pytest paths or node ids, relative to the repository root
+    issue_table: bool = False  # one of the bugs of issue 14's table
+    env: dict = field(default_factory=dict)
+
+
+_PACK_RETURN = "            return self, tensor.size(), tensor.stride(), tensor.storage_offset() - self.offset\n"
+_MKDTEMP = '    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))\n'
+_LOAD_PARTS = "        parts = {k: v.to(device) for k, v in parts.items()}\n"
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        "fallback-offset",
+        "the plain-PyTorch fallback's nested-scale decode drops `+ offset` (CPU kernels enabled)",
+        "lightning_nf4/kernels/reference.py",
+        (("    return code[q.reshape(-1).long()] * scale + offset\n", "    return code[q.reshape(-1).long()] * scale\n"),),
+        ("tests/test_format.py", "tests/test_linear.py", "tests/test_group.py", "tests/test_lora.py", "tests/test_cpu_paths.py"),
+        issue_table=True,
+    ),
+    Mutation(
+        "pack-keeps-weight",
+        "`_Redequantize.pack` keeps the float weight alive (autograd stores the weight itself)",
+        "lightning_nf4/layers/linear.py",
+        ((_PACK_RETURN, "            return tensor\n"),),
+        ("tests/test_linear.py::test_backward_saves_no_float_weight",),
+        issue_table=True,
+    ),
+    Mutation(
+        "pack-holds-weight",
+        "`_Redequantize.pack` stores how to rebuild the weight but also holds on to the weight",
+        "lightning_nf4/layers/linear.py",
+        (
+            ('    __slots__ = ("ptr", "offset", "quant", "dtype")\n', '    __slots__ = ("ptr", "offset", "quant", "dtype", "kept")\n'),
+            (_PACK_RETURN, "            self.kept = tensor\n" + _PACK_RETURN),
+        ),
+        ("tests/test_linear.py::test_backward_saves_no_float_weight",),
+    ),
+    Mutation(
+        "group-keeps-rounds",
+        "the grouped dequantize keeps every round's buffer alive",
+        "lightning_nf4/layers/group.py",
+        (("        mine = None\n", "        self.__dict__.setdefault(\"_rounds\", []).append(flat)\n        mine = None\n"),),
+        ("tests/test_linear.py", "tests/test_group.py"),
+        issue_table=True,
+    ),
+    Mutation(
+        "export-in-place",
+        "the export writes in place (no temporary folder, no rename)",
+        "lightning_nf4/export.py",
+        ((_MKDTEMP, "    target.mkdir(exist_ok=True)\n    yield target\n    return\n" + _MKDTEMP),),
+        ("tests/test_lightning.py", "tests/test_claims.py"),
+        issue_table=True,
+    ),
+    Mutation(
+        "loader-nested-1.03",
+        "the loader scales `nested_absmax` by 1.03",
+        "lightning_nf4/loading/auto.py",
+        ((_LOAD_PARTS, _LOAD_PARTS.replace("v.to(device)", '(v * 1.03 if k == "nested_absmax" else v).to(device)')),),
+        ("tests/test_loading.py::test_prequantized_bitsandbytes_checkpoint_loads_bit_exactly",),
+        issue_table=True,
+    ),
+    Mutation(
+        "loader-nested-1.10",
+        "the loader scales `nested_absmax` by 1.10",
+        "lightning_nf4/loading/auto.py",
+        ((_LOAD_PARTS, _LOAD_PARTS.replace("v.to(device)", '(v * 1.10 if k == "nested_absmax" else v).to(device)')),),
+        ("tests/test_loading.py::test_prequantized_bitsandbytes_checkpoint_loads_bit_exactly",),
+        issue_table=True,
+    ),
+    Mutation(
+        "gemv-gain",
+        "a 1.5% gain error in the bf16/fp16 CPU gemv",
+        "lightning_nf4/kernels/cpu.py",
+        (("    return out.to(x.dtype)\n", "    return (out * (1.0 if x.dtype == torch.float32 else 1.015)).to(x.dtype)\n"),),
+        ("tests/test_linear.py::test_one_token_gemv_on_cpu_matches_dequantized_matvec",),
+        issue_table=True,
+    ),
+    Mutation(
+        "threaded-drops-block",
+        "the C kernels' thread split skips the last block of the calling thread's share",
+        "lightning_nf4/kernels/cpu.py",
+        (("    fn(*args, bounds[0], bounds[1])\n", "    fn(*args, bounds[0], bounds[1] - 1)\n"),),
+        ("tests/test_format.py", "tests/test_cpu_paths.py"),
+    ),
+]
+
+
+def copy_repository(dest: Path) -> None:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def environment(copy: Path, extra: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(copy) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    env.pop("LIGHTNING_NF4_DISABLE_CPU_KERNELS", None)
+    env.update(extra)
+    return env
+
+
+def check_imports_the_copy(copy: Path) -> None:
+    code = "import lightning_nf4, tests; print(lightning_nf4.__file__); print(tests.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=copy, env=environment(copy, {}), capture_output=True, text=True)
+    paths = done.stdout.split()
+    if done.returncode != 0 or len(paths) != 2 or not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in paths):
+        sys.exit(f"the copy in {copy} is not what Python imports there: {done.stdout or done.stderr}")
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], env: dict, first_failure: bool) -> tuple[int, str]:
+    """pytest's exit status and what to report: the first failed test, or the summary line."""
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    if first_failure:
+        args.append("-x")
+    done = subprocess.run(args, cwd=copy, env=environment(copy, env), capture_output=True, text=True, timeout=1800)
+    out = done.stdout + done.stderr
+    failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+    summary = next((line.strip("= ") for line in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|error)", line)), out[-300:])
+    return done.returncode, (failed[0] if failed else summary)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run these bugs only")
+    parser.add_argument("--list", action="store_true", help="print the bugs and their tests, run nothing")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
+    if unknown:
+        sys.exit(f"unknown bug names {sorted(unknown)}; known: {[m.name for m in MUTATIONS]}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.bug}\n    {m.file}; tests: {' '.join(m.tests)}")
+        return 0
+
+    rows: list[tuple[Mutation, str]] = []
+    with tempfile.TemporaryDirectory(prefix="nf4-mutations-") as tmp:
+        copy = Path(tmp)
+        copy_repository(copy)
+        check_imports_the_copy(copy)
+        baseline: dict[tuple, tuple[int, str]] = {}
+        for m in chosen:
+            start = time.perf_counter()
+            path = copy / m.file
+            original = path.read_text()
+            counts = [original.count(old) for old, _ in m.edits]
+            if counts != [1] * len(m.edits):
+                rows.append((m, f"PATCH DOES NOT APPLY (matches per edit: {counts}): update the entry"))
+                continue
+            mutated = original
+            for old, new in m.edits:
+                mutated = mutated.replace(old, new)
+            key = (m.tests, tuple(sorted(m.env.items())))
+            if key not in baseline:
+                baseline[key] = run_tests(copy, m.tests, m.env, first_failure=False)
+            if baseline[key][0] != 0:
+                rows.append((m, f"BASELINE FAILS without the bug: {baseline[key][1]}"))
+                continue
+            path.write_text(mutated)
+            try:
+                status, what = run_tests(copy, m.tests, m.env, first_failure=True)
+            finally:
+                path.write_text(original)
+            verdict = f"yes: {what}" if status == 1 else (f"NO: {what}" if status == 0 else f"ERROR (pytest exit {status}): {what}")
+            rows.append((m, verdict))
+            print(f"[{time.perf_counter() - start:5.0f} s] {m.name}: {verdict}", file=sys.stderr, flush=True)
+
+    print("| bug | tests | caught |")
+    print("|---|---|---|")
+    for m, verdict in rows:
+        mark = " (issue 14 table)" if m.issue_table else ""
+        print(f"| {m.bug}{mark} | {', '.join(t.removeprefix('tests/') for t in m.tests)} | {verdict} |")
+    return 0 if all(v.startswith("yes") for _, v in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,9 +23,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lightning_nf4 import export
+from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import lora_config
+from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import has_sharded_parameters
@@ -46,6 +48,9 @@ class LoRACallback(Callback):
         full_checkpoint: store the whole model in Lightning checkpoints instead of trainable weights only.
         init_seed: seed for the adapters' random init (LoRA A), drawn from a forked RNG so the run's
             other randomness is untouched; the same seed gives the same adapters whatever the strategy.
+        compile: compile each decoder layer in place (``block.compile()``) once LoRA is injected: True, or a
+            dict of ``torch.compile`` options plus ``blocks`` (see ``lightning_nf4.plugins.compile``). Here
+            because injection is the last change to the model's structure, for bf16 and NF4 bases alike.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class LoRACallback(Callback):
         full_checkpoint: bool = False,
         adapter_name: str = "default",
         init_seed: Optional[int] = 0,
+        compile: Union[bool, dict[str, Any]] = False,
     ) -> None:
         if not _is_number(r, integral=True) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
@@ -90,7 +96,9 @@ class LoRACallback(Callback):
         self.full_checkpoint = full_checkpoint
         self.adapter_name = adapter_name
         self.init_seed = init_seed
+        self.compile = compile_option(compile)
         self._pending_state: Optional[dict[str, torch.Tensor]] = None
+        self._rng = RNGCheckpoint()  # exact resume with dropout and shuffling
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,6 +160,8 @@ class LoRACallback(Callback):
     def inject(self, module: nn.Module) -> None:
         """Wrap the target layers with LoRA, freeze all else, cast adapters; idempotent."""
         if self._injected(module):
+            if self.compile is not None:
+                compile_blocks(module, **self.compile)
             return
         config = lora_config(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
@@ -174,17 +184,23 @@ class LoRACallback(Callback):
         if self._pending_state is not None:
             self._apply_state(module, self._pending_state)
             self._pending_state = None
+        if self.compile is not None:
+            compile_blocks(module, **self.compile)
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.setdefault(_CKPT_KEY, {})
+        meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
         if self.full_checkpoint:
             return
         trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint[_CKPT_KEY] = {"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)}
+        meta.update({"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)})
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(_CKPT_KEY, {})
+        if "rng" in meta and trainer.state.fn == "fit":
+            self._rng.load(trainer, meta["rng"])
         if not meta.get("adapter_only"):
             return
         state = checkpoint["state_dict"]
@@ -217,7 +233,14 @@ class LoRACallback(Callback):
                     params[name].copy_(value)
 
     # -- export -----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rng.on_fit_start(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._rng.on_train_batch_start(trainer)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rng.on_fit_end()
         if self.save_dir is None:
             return
         if has_sharded_parameters(pl_module):  # every rank gathers; rank 0 writes

@@ -1,0 +1,84 @@
+"""Compile each repeated block of a model (its decoder layers) in place, once its final structure is set.
+
+``block.compile()`` compiles the block's call where it sits: the module, its parameters and their names
+stay as they are (``torch.compile(model)`` would wrap the model and prefix every state-dict key with
+``_orig_mod.``), so checkpoints, resume, DDP and the exports see the same model. Compiling per block
+rather than the whole model gives one graph that every layer of the same class reuses, which keeps the
+compile time to that of one layer, and lets Hugging Face's per-layer gradient checkpointing wrap it.
+Compilation is lazy: it happens at the first call, after every structural change made before it
+(NF4 conversion, LoRA injection). ``LoRACallback(compile=...)`` is the switch that calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+from torch import nn
+
+Blocks = Union[str, Sequence[Union[str, type]]]
+_COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+
+
+class CompileConfigError(ValueError):
+    """A compile setting that cannot be applied; the message names the fix."""
+
+
+def compile_option(value: Union[None, bool, Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """Normalize the ``compile=`` switch: False/None -> None (off); True -> {} (defaults); a mapping of
+    ``torch.compile`` keywords (``mode``, ``dynamic``, ``fullgraph``, ``backend``, ``options``) and
+    ``blocks`` (class names or classes to compile, default ``"auto"``) -> a checked copy."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CompileConfigError(f"compile must be True, False or a mapping of torch.compile options, got {value!r}.")
+    unknown = sorted(set(value) - set(_COMPILE_KEYS) - {"blocks"})
+    if unknown:
+        raise CompileConfigError(f"compile got unknown option(s) {unknown}; allowed: {['blocks', *_COMPILE_KEYS]}.")
+    blocks = value.get("blocks", "auto")
+    if not (blocks == "auto" or isinstance(blocks, (str, type)) or (isinstance(blocks, Sequence) and blocks and all(isinstance(b, (str, type)) for b in blocks))):
+        raise CompileConfigError(f"compile['blocks'] must be 'auto', or block class names or classes, got {blocks!r}.")
+    return dict(value)
+
+
+def find_blocks(module: nn.Module, blocks: Blocks = "auto") -> list[nn.Module]:
+    """The repeated blocks of ``module``, outermost first: ``"auto"`` takes a transformers model's
+    ``_no_split_modules`` classes (its decoder layer), else the elements of its outermost ``nn.ModuleList``;
+    otherwise the modules of the named classes."""
+    from lightning_nf4.strategies.fsdp import find_sharding_units
+
+    if blocks == "auto":
+        found = find_sharding_units(module, "auto")
+        if not found:
+            raise CompileConfigError(
+                f"found no repeated block to compile in {type(module).__name__} (no transformers decoder layer, no "
+                "nn.ModuleList). Name the block class: compile={'blocks': ['MyBlock']}."
+            )
+        return found
+    wanted = [blocks] if isinstance(blocks, (str, type)) else list(blocks)
+    found = [m for m in module.modules() if any(type(m).__name__ == w if isinstance(w, str) else isinstance(m, w) for w in wanted)]
+    if not found:
+        classes = sorted({type(m).__name__ for m in module.modules()})
+        raise CompileConfigError(
+            f"compile blocks {[w if isinstance(w, str) else w.__name__ for w in wanted]} matched no module of "
+            f"{type(module).__name__}; module classes present: {classes[:20]}."
+        )
+    inner = {id(m) for outer in found for m in outer.modules() if m is not outer}
+    return [m for m in found if id(m) not in inner]  # a block inside another is compiled with it
+
+
+def compile_blocks(module: nn.Module, blocks: Blocks = "auto", **compile_kwargs: Any) -> list[nn.Module]:
+    """``block.compile(**compile_kwargs)`` for each repeated block of ``module`` not compiled yet; returns the
+    blocks. Idempotent: a block already compiled keeps its compiled call."""
+    found = find_blocks(module, blocks)
+    for block in found:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(**compile_kwargs)
+    return found
+
+
+def compiled_blocks(module: nn.Module) -> list[nn.Module]:
+    """The submodules of ``module`` that ``compile_blocks`` (or ``Module.compile``) compiled."""
+    return [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]

@@ -1,0 +1,110 @@
+"""LoRACallback(compile=...): each decoder layer compiled in place after NF4 conversion and LoRA injection, on
+CPU (inductor, which needs the C compiler). A compiled fit trains like an eager one, resumes exactly from its
+checkpoint, exports the same artifacts, and runs under DDP (two gloo processes, in a subprocess with a timeout)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lightning_nf4 import LoRACallback
+from lightning_nf4.plugins.compile import CompileConfigError, compile_blocks, compile_option, compiled_blocks, find_blocks
+from tests.lightning_models import Regressor, tiny_llama
+
+WORKER = Path(__file__).with_name("compile_worker.py")
+
+
+def test_compile_option_is_checked():
+    assert compile_option(False) is None and compile_option(None) is None and compile_option(True) == {}
+    assert compile_option({"mode": "max-autotune", "blocks": ["LlamaDecoderLayer"]}) == {"mode": "max-autotune", "blocks": ["LlamaDecoderLayer"]}
+    with pytest.raises(CompileConfigError, match=r"unknown option\(s\) \['mdoe'\]"):
+        LoRACallback(compile={"mdoe": "max-autotune"})
+    with pytest.raises(CompileConfigError, match="must be True, False or a mapping"):
+        LoRACallback(compile="yes")
+    with pytest.raises(CompileConfigError, match=r"compile\['blocks'\] must be"):
+        compile_option({"blocks": [3]})
+
+
+def test_blocks_are_the_decoder_layers_or_named_ones():
+    model = tiny_llama()
+    assert [type(b).__name__ for b in find_blocks(model)] == ["LlamaDecoderLayer"] * 2
+    assert [type(b).__name__ for b in find_blocks(model, ["LlamaMLP"])] == ["LlamaMLP"] * 2
+    with pytest.raises(CompileConfigError, match="matched no module.*LlamaDecoderLayer"):
+        find_blocks(model, "GPTBlock")
+    with pytest.raises(CompileConfigError, match="no repeated block.*compile=\\{'blocks'"):
+        find_blocks(Regressor())  # an nn.Sequential of single layers: nothing repeats
+
+
+def test_compiling_keeps_the_module_and_its_names():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    LoRACallback(r=4, alpha=8, dropout=0.0, compile=True).inject(model)
+    plain = tiny_llama()
+    LoRACallback(r=4, alpha=8, dropout=0.0).inject(plain)
+    injected_keys = list(plain.state_dict())
+    blocks = compiled_blocks(model)
+    assert blocks == list(model.model.layers) and all(type(b).__name__ == "LlamaDecoderLayer" for b in blocks)
+    assert list(model.state_dict()) == injected_keys and len(injected_keys) > len(keys)  # no _orig_mod. prefix
+    first = blocks[0]._compiled_call_impl
+    compile_blocks(model)  # idempotent: the compiled calls stay
+    assert blocks[0]._compiled_call_impl is first
+    assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and isinstance(model.model.layers, nn.ModuleList)
+
+
+# -- real fits: eager and compiled in this process, DDP in two gloo processes ------------------------------
+def _load(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.compile_worker import run
+
+    root = tmp_path_factory.mktemp("compile")
+    run(root / "eager", "auto", 1, 4, compile=False)
+    torch._dynamo.reset()  # the counters and graphs below are this fit's own
+    run(root / "compiled", "auto", 1, 4, compile=True)
+    ckpt = next((root / "compiled" / "ckpt").glob("epoch=0-*.ckpt"))
+    run(root / "resumed", "auto", 1, 4, compile=True, resume=str(ckpt))
+    done = subprocess.run([sys.executable, str(WORKER), str(root / "ddp"), "ddp", "2", "2", "1"],
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return root
+
+
+def test_compiled_fit_trains_like_eager_without_graph_breaks(runs):
+    eager, compiled = _load(runs / "eager"), _load(runs / "compiled")
+    assert eager["compiled"] == [] and compiled["compiled"] == ["LlamaDecoderLayer"] * 2
+    assert compiled["graphs"] >= 1 and compiled["graph_breaks"] == 0  # NF4 + LoRA layers trace whole
+    assert compiled["trainable"].keys() == eager["trainable"].keys()
+    for name, value in compiled["trainable"].items():
+        assert not torch.equal(value, torch.zeros_like(value)) or "lora_B" not in name, name  # it trained
+        torch.testing.assert_close(value, eager["trainable"][name], atol=1e-4, rtol=1e-3)  # fp32; fused kernels round apart
+
+
+def test_compiled_resume_continues_exactly(runs):
+    resumed, compiled = _load(runs / "resumed"), _load(runs / "compiled")
+    assert resumed["compiled"] == ["LlamaDecoderLayer"] * 2
+    for name, value in compiled["trainable"].items():
+        torch.testing.assert_close(resumed["trainable"][name], value, rtol=0, atol=0)
+
+
+def test_compiled_exports_match_eager(runs):
+    for part in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
+        a, b = load_file(runs / "compiled" / "export" / part), load_file(runs / "eager" / "export" / part)
+        assert a.keys() == b.keys() and not any("_orig_mod" in k for k in a), part
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+
+
+def test_compiled_ddp_matches_one_process(runs):
+    rank0, rank1, single = _load(runs / "ddp", 0), _load(runs / "ddp", 1), _load(runs / "compiled")
+    assert rank0["wrapper"] == "DistributedDataParallel" and rank0["compiled"] == rank1["compiled"] == ["LlamaDecoderLayer"] * 2
+    for name, value in rank0["trainable"].items():
+        assert torch.equal(value, rank1["trainable"][name]), name
+        torch.testing.assert_close(value, single["trainable"][name], atol=1e-5, rtol=1e-4)
+    assert (runs / "ddp" / "export" / "adapter" / "adapter_model.safetensors").exists()

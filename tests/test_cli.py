@@ -138,11 +138,31 @@ def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
     config = write_config(tmp_path, model_dir, data)
 
     main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
-    perplexities(capsys.readouterr().out)
+    before, after = perplexities(capsys.readouterr().out)
+    assert 1.0 < after < before < math.inf, (before, after)  # two steps at lr 1e-2 lower the held-out perplexity
     (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
     cli = main(["predict", "--config", str(config), "--ckpt_path", str(ckpt)])
     predictions = [text for batch in cli.trainer.predict_loop.predictions for text in batch]
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+
+
+def test_validate_and_test_report_the_held_out_perplexity_fit_printed(tmp_path, model_dir, capsys):
+    """``validate`` and ``test`` on the held-out set: without a checkpoint they give the perplexity fit printed
+    before training (LoRA starts as the identity), with fit's checkpoint the one it printed after."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
+    config = write_config(tmp_path, model_dir, data)
+    main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    before, after = perplexities(capsys.readouterr().out)
+    assert after < before
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    for subcommand, metric in (("validate", "val_perplexity"), ("test", "test_perplexity")):
+        for ckpt_args, expected in (([], before), (["--ckpt_path", str(ckpt)], after)):
+            cli = main([subcommand, "--config", str(config), *ckpt_args])
+            got = float(cli.trainer.callback_metrics[metric])
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), (subcommand, ckpt_args, got, expected)
 
 
 def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch):

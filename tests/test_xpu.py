@@ -25,6 +25,7 @@ import sys
 import types
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -509,3 +510,66 @@ def test_setup_model_real_ddp_on_cpu_with_nf4():
     stuck gloo teardown must fail this test rather than hang the suite."""
     done = subprocess.run([sys.executable, "-c", _REAL_DDP_CHECK], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+_COMM_HOOK_CHECK = """
+import torch, torch.distributed as dist
+from datetime import timedelta
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+from lightning.pytorch.strategies import DDPStrategy
+from lightning_nf4.strategies import XPUDDPStrategy
+
+calls = []
+def counting_hook(state, bucket):
+    calls.append(bucket.buffer().numel())
+    return default_hooks.allreduce_hook(state, bucket)
+
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
+seen = {}
+for cls in (DDPStrategy, XPUDDPStrategy):
+    calls.clear()
+    strategy = cls(parallel_devices=[torch.device("xpu", 0)], ddp_comm_hook=counting_hook)
+    assert strategy.root_device == torch.device("xpu", 0)
+    model = nn.Linear(8, 4)
+    strategy.model = DistributedDataParallel(model)  # a real DDP on the CPU stands in for the one on the XPU
+    strategy._register_ddp_hooks()
+    strategy.model(torch.randn(3, 8)).sum().backward()
+    seen[cls.__name__] = sum(calls)
+    assert model.weight.grad is not None
+    del strategy, model  # the DDP Reducer must die before its process group
+dist.destroy_process_group()
+print(seen)
+assert seen == {"DDPStrategy": 0, "XPUDDPStrategy": 36}, seen  # 8 x 4 weights + 4 biases through the hook
+print("ok")
+"""
+
+
+def test_xpu_ddp_registers_the_comm_hook():
+    """``XPUDDPStrategy(ddp_comm_hook=...)`` on an XPU root device registers the hook with DDP, and gradients go
+    through it; Lightning's own DDPStrategy registers hooks for CUDA only (nothing on XPU: the premise). Real
+    DDP and gloo on the CPU, one process, in a child process with a timeout."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _COMM_HOOK_CHECK], capture_output=True, text=True, timeout=180, cwd=root)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-1000:] + done.stderr[-3000:]
+
+
+def test_connector_patch_warns_when_lightnings_private_names_change(monkeypatch):
+    """The accelerator-connector patch relies on private method names; a Lightning whose connector lacks one gets
+    a warning naming it and the workaround, and is left unpatched. The installed Lightning has them all."""
+    from lightning.pytorch.trainer.connectors import accelerator_connector
+
+    real = accelerator_connector._AcceleratorConnector
+    assert all(hasattr(real, name) for name in xpu_mod._PATCH_NAMES) and getattr(real, xpu_mod._PATCHED)
+    renamed = type("_AcceleratorConnector", (), {name: staticmethod(lambda *a: None) for name in xpu_mod._PATCH_NAMES if name != "_init_strategy"})
+    monkeypatch.setattr(accelerator_connector, "_AcceleratorConnector", renamed)
+    with pytest.warns(UserWarning, match=r"lacks \['_init_strategy'\]; accelerator='xpu' needs an explicit strategy"):
+        assert xpu_mod._patch_accelerator_connector() is False
+    assert not getattr(renamed, xpu_mod._PATCHED, False)
+    complete = type("_AcceleratorConnector", (), {name: staticmethod(lambda *a: None) for name in xpu_mod._PATCH_NAMES})
+    monkeypatch.setattr(accelerator_connector, "_AcceleratorConnector", complete)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert xpu_mod._patch_accelerator_connector() is True
+    assert getattr(complete, xpu_mod._PATCHED)

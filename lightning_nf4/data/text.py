@@ -67,9 +67,11 @@ def read_documents(source: str) -> list[str]:
 
 
 def split_documents(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Disjoint train/val documents, chosen by a seeded shuffle (same result on every run and rank)."""
+    """Disjoint train/val documents, chosen by a seeded shuffle (same result on every run and rank). Identical
+    documents count as one, so no held-out text is also trained on (pydoc's "if" and "else" topics are one text)."""
+    docs = list(dict.fromkeys(docs))
     if len(docs) < 2:
-        raise ValueError(f"Need at least 2 documents (paragraphs or lines) to hold some out for validation, got {len(docs)}.")
+        raise ValueError(f"Need at least 2 distinct documents (paragraphs or lines) to hold some out for validation, got {len(docs)}.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     order = list(range(len(docs)))

@@ -114,11 +114,96 @@ MUTATIONS: list[Mutation] = [
         issue_table=True,
     ),
     Mutation(
+        "resume-rng",
+        "a resume with the default dropout=0.05 draws other dropout masks and shuffles (the checkpoint's RNG states are not put back)",
+        "lightning_nf4/callbacks/rng.py",
+        (("        restore(self._pending, trainer.strategy.root_device)\n", "        pass\n"),),
+        ("tests/test_reliability.py::test_resume_at_an_epoch_boundary_is_exact_with_dropout_and_a_shuffling_loader",),
+        issue_table=True,
+    ),
+    Mutation(
         "threaded-drops-block",
         "the C kernels' thread split skips the last block of the calling thread's share",
         "lightning_nf4/kernels/cpu.py",
         (("    fn(*args, bounds[0], bounds[1])\n", "    fn(*args, bounds[0], bounds[1] - 1)\n"),),
         ("tests/test_format.py", "tests/test_cpu_paths.py"),
+    ),
+    Mutation(
+        "portable-bf16",
+        "the portable C dequantize rounds bf16 from a value 1e-4 too large (the AVX-512 path is right)",
+        "lightning_nf4/kernels/_cpu_kernels.c",
+        (("#define STORE_BF16(v) f32_to_bf16(v)\n", "#define STORE_BF16(v) f32_to_bf16((v) * 1.0001f)\n"),),
+        ("tests/test_format.py", "tests/test_cpu_paths.py"),
+    ),
+    Mutation(
+        "avx512-nibble-order",
+        "the AVX-512 dequantize swaps the two elements of each byte (bf16/fp16 outputs)",
+        "lightning_nf4/kernels/_cpu_kernels.c",
+        (("_mm512_or_si512(even, _mm512_slli_epi32(odd, 16))", "_mm512_or_si512(odd, _mm512_slli_epi32(even, 16))"),),
+        ("tests/test_format.py", "tests/test_cpu_paths.py"),
+    ),
+    Mutation(
+        "full-checkpoint-ignored",
+        "`LoRACallback(full_checkpoint=True)` still writes adapter-only checkpoints",
+        "lightning_nf4/callbacks/lora.py",
+        (("        if self.full_checkpoint:\n            return\n        trainable =", "        trainable ="),),
+        ("tests/test_claims.py::test_full_checkpoint_holds_the_whole_model",),
+    ),
+    Mutation(
+        "merge-silent",
+        "`NF4LoraLinear.merge` re-quantizes without a warning",
+        "lightning_nf4/layers/lora.py",
+        (("        warnings.warn(\n", "        (lambda *args, **kwargs: None)(\n"),),
+        ("tests/test_claims.py::test_merge_into_the_nf4_base_requantizes_and_warns",),
+    ),
+    Mutation(
+        "merge-keeps-base",
+        "`NF4LoraLinear.merge` marks the adapter merged but leaves the base weight as it was",
+        "lightning_nf4/layers/lora.py",
+        (("        base._set_quant(quantize_nf4(", "        (lambda q: None)(quantize_nf4("),),
+        ("tests/test_claims.py::test_merge_into_the_nf4_base_requantizes_and_warns",),
+    ),
+    Mutation(
+        "gguf-left-float",
+        "the loader's `gguf_file=` path leaves the linears in float",
+        "lightning_nf4/loading/auto.py",
+        (("                convert_linears(model, **nf4.convert_kwargs(), device=target)\n", "                pass\n"),),
+        ("tests/test_loading.py::test_gguf_file_is_dequantized_by_transformers_then_quantized",),
+    ),
+    Mutation(
+        "split-leaks",
+        "the held-out split puts identical documents (pydoc's 'if' and 'else') on both sides",
+        "lightning_nf4/data/text.py",
+        (("    docs = list(dict.fromkeys(docs))\n", ""),),
+        ("tests/test_text_data.py",),
+    ),
+    Mutation(
+        "cli-test-metric",
+        "the CLI's `test` subcommand logs its perplexity under the validation name",
+        "lightning_nf4/models/causal_lm.py",
+        (('        self._log_epoch("test")\n', '        self._log_epoch("val")\n'),),
+        ("tests/test_cli.py::test_validate_and_test_report_the_held_out_perplexity_fit_printed",),
+    ),
+    Mutation(
+        "xpu-no-comm-hook",
+        "`XPUDDPStrategy` registers no DDP comm hook on XPU",
+        "lightning_nf4/strategies/xpu_ddp.py",
+        (("        _register_ddp_comm_hook(\n", "        (lambda **kwargs: None)(\n"),),
+        ("tests/test_xpu.py::test_xpu_ddp_registers_the_comm_hook",),
+    ),
+    Mutation(
+        "connector-silent",
+        "a Lightning without the connector methods the XPU patch wraps gets no warning",
+        "lightning_nf4/accelerators/xpu.py",
+        (("        rank_zero_warn(\n            f\"lightning_nf4: this Lightning's", "        (lambda *a: None)(\n            f\"lightning_nf4: this Lightning's"),),
+        ("tests/test_xpu.py::test_connector_patch_warns_when_lightnings_private_names_change",),
+    ),
+    Mutation(
+        "needs-bitsandbytes",
+        "the package imports bitsandbytes at run time",
+        "lightning_nf4/__init__.py",
+        (("from lightning_nf4.layers import NF4Linear\n", "from lightning_nf4.layers import NF4Linear\nimport bitsandbytes  # noqa: E402,F401\n"),),
+        ("tests/test_claims.py::test_runs_without_bitsandbytes",),
     ),
 ]
 
@@ -130,6 +215,13 @@ def copy_repository(dest: Path) -> None:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"))
         elif src.exists():
             shutil.copy2(src, dest / name)
+
+
+def build_c_kernels(copy: Path) -> None:
+    """Compile the copy's C kernels in place (a mutation of the C file needs its own library)."""
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=copy, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the C kernels failed:\n{done.stderr[-3000:]}")
 
 
 def environment(copy: Path, extra: dict) -> dict:
@@ -196,11 +288,19 @@ def main() -> int:
             if baseline[key][0] != 0:
                 rows.append((m, f"BASELINE FAILS without the bug: {baseline[key][1]}"))
                 continue
+            libraries = {p: p.read_bytes() for p in (copy / "lightning_nf4" / "kernels").glob("_cpu_kernels*.so")}
             path.write_text(mutated)
             try:
+                if m.file.endswith(".c"):
+                    if not libraries:
+                        rows.append((m, "SKIPPED: the C kernels are not built in this checkout"))
+                        continue
+                    build_c_kernels(copy)
                 status, what = run_tests(copy, m.tests, m.env, first_failure=True)
             finally:
                 path.write_text(original)
+                for library, data in libraries.items():
+                    library.write_bytes(data)
             verdict = f"yes: {what}" if status == 1 else (f"NO: {what}" if status == 0 else f"ERROR (pytest exit {status}): {what}")
             rows.append((m, verdict))
             print(f"[{time.perf_counter() - start:5.0f} s] {m.name}: {verdict}", file=sys.stderr, flush=True)

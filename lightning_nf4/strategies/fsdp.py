@@ -214,10 +214,17 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             for i, unit in enumerate(units):
                 unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + self.prefetch])
                 unit.set_modules_to_backward_prefetch(units[max(0, i - self.prefetch):i][::-1])
+        # Embeddings and head as units of their own: inside the root they would stay gathered (whole) from the
+        # start of forward to the end of backward, as FSDP2 never reshards a root after its forward.
+        tables = _vocabulary_modules(hf)
+        for table in tables:
+            shard_one(table, False)
         for child in module.children():
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)
-        rank_zero_info(f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units and the root across {world} ranks.")
+        rank_zero_info(
+            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding/head units and the root across {world} ranks."
+        )
         return module
 
     # -- checkpoints: the trainable weights, consolidated --------------------------------------
@@ -250,6 +257,22 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
                 set_optimizer_state_dict(self.model, optimizer, state, options=options)
         return checkpoint
+
+
+def _vocabulary_modules(hf: Optional[nn.Module]) -> list[nn.Module]:
+    """A transformers model's input embeddings and output head, unless tied (FSDP2 keeps a shared parameter
+    in one unit) or already inside a unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if hf is None or not callable(getattr(hf, "get_input_embeddings", None)):
+        return []
+    found = [hf.get_input_embeddings(), hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None]
+    found = [m for m in found if isinstance(m, nn.Module) and next(m.parameters(), None) is not None]
+    own = {id(p) for m in found for p in m.parameters()}
+    if len(found) == 2 and len(own) < sum(1 for m in found for _ in m.parameters()):
+        return []  # tied
+    inside = {id(m) for unit in hf.modules() if isinstance(unit, FSDPModule) for m in unit.modules()}
+    return [m for m in found if id(m) not in inside]
 
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

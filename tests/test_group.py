@@ -163,3 +163,33 @@ def test_groups_survive_pickling_and_deepcopy():
         assert all(m in m._group.layers for m in layers)
         with torch.no_grad():
             assert torch.equal(clone(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_no_round_outlives_the_step_that_used_it(monkeypatch, checkpointing):
+    """Every flat buffer a group dequantizes (one per decoder layer and pass) is freed by the end of the training
+    step: a round's weights are taken once and dropped, none is kept for later rounds."""
+    import weakref
+
+    model = nf4_llama(True)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    rounds = []
+    original = ops.dequantize_4bit_group
+
+    def tracking(*args, **kwargs):
+        flat = original(*args, **kwargs)
+        rounds.append(weakref.ref(flat))
+        return flat
+
+    monkeypatch.setattr(ops, "dequantize_4bit_group", tracking)
+    ids = torch.randint(0, 128, (2, 16))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        del loss
+    assert len(rounds) == 2 * (4 if checkpointing else 2)  # forward (and the recompute) of 2 layers, 2 steps
+    assert all(ref() is None for ref in rounds), f"{sum(ref() is not None for ref in rounds)} round buffers alive"

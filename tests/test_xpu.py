@@ -13,7 +13,8 @@ prove the XPU path never touches CUDA. The "no XPU" tests use this machine as it
 What is real: Lightning's ``Trainer`` construction (registry look-up, device parsing, strategy and precision
 selection by its ``_AcceleratorConnector`` with our patch), ``XPUDDPStrategy.setup_environment`` up to the
 process-group call, ``NF4Precision``'s device binding and the ``torch.autocast("xpu")`` object it builds, and
-one real single-process gloo DDP wrap on CPU through ``XPUDDPStrategy._setup_model``.
+one real single-process gloo DDP wrap on CPU through ``XPUDDPStrategy._setup_model``, and a real gloo DDP on the
+CPU on which ``XPUDDPStrategy`` (its root device an XPU) registers a DDP comm hook that the backward then runs.
 
 Not run: no ``fit`` on XPU (a CPU build cannot hold XPU tensors, and faking the numerics would prove nothing),
 no xccl collective, no IPEX import (a fake module stands in for a version-matched IPEX).

@@ -18,6 +18,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_nf4.data.text import load_tokenizer
 from lightning_nf4.format.quantized import float_dtype
+from lightning_nf4.losses import causal_lm_loss
 
 def parse_dtype(name: str) -> torch.dtype:
     """``"bfloat16"``/``"torch.bfloat16"`` -> ``torch.bfloat16`` (configs hold strings)."""
@@ -42,6 +43,11 @@ class CausalLMModule(pl.LightningModule):
         learning_rate, weight_decay: AdamW settings (over trainable parameters only).
         warmup_steps: linear learning-rate warmup over this many optimizer steps (0: none).
         gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        loss: ``"chunked"`` (default) computes the training and validation loss from the final hidden states
+            with ``lightning_nf4.losses.causal_lm_loss``, never holding the ``[tokens x vocab]`` logits or their
+            gradient whole (liger-kernel's fused kernel on CUDA when installed); ``"plain"`` asks the model for
+            its logits and loss. Both give the same loss to bf16 rounding.
+        loss_chunk_size: tokens per chunk of the chunked loss (default: one chunk's fp32 logits under 128 MiB).
         max_new_tokens, do_sample, temperature, top_p, repetition_penalty: generation settings.
         generation_prompts: prompts whose continuations are printed at the end of fit.
     """
@@ -56,6 +62,8 @@ class CausalLMModule(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        loss: str = "chunked",
+        loss_chunk_size: Optional[int] = None,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -64,6 +72,10 @@ class CausalLMModule(pl.LightningModule):
         generation_prompts: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
+        if loss not in ("chunked", "plain"):
+            raise ValueError(f"loss must be 'chunked' or 'plain', got {loss!r}.")
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size <= 0):
+            raise ValueError(f"loss_chunk_size must be a positive number of tokens or None, got {loss_chunk_size!r}.")
         self.save_hyperparameters()
         self.compute_dtype = parse_dtype(compute_dtype)
         self.model: Optional[nn.Module] = None
@@ -114,7 +126,8 @@ class CausalLMModule(pl.LightningModule):
     def _loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Mean loss over target tokens, and their count (labels -100 are ignored)."""
         labels = batch["labels"]
-        loss = self(batch["input_ids"], batch.get("attention_mask"), labels).loss
+        loss = causal_lm_loss(self.model, batch["input_ids"], labels, batch.get("attention_mask"),
+                              mode=self.hparams.loss, chunk_size=self.hparams.loss_chunk_size)
         return loss, (labels[:, 1:] != -100).sum()
 
     # -- steps --------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""CausalLMModule fit with one loss mode under NF4FSDPStrategy (FSDP2, gloo) or one process; used by tests/test_losses.py.
+
+    python tests/losses_fsdp_worker.py MODEL_DIR OUT_DIR LOSS STRATEGY DEVICES BATCH_SIZE
+
+The model's lm_head is trained in full (modules_to_save) besides LoRA, so the head weight's gradient goes
+through the loss too. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
+measured before and after fit, and the trainable weights gathered whole.
+"""
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
+from lightning_nf4.models import CausalLMModule  # noqa: E402
+
+
+def batches(n: int = 8, seq: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (n, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 3] = -100  # a masked prompt, as the instruction data has
+    labels[0] = -100  # one sample with nothing to predict
+    return [{"input_ids": ids[i], "labels": labels[i], "attention_mask": torch.ones(seq, dtype=torch.long)} for i in range(n)]
+
+
+class Data(pl.LightningDataModule):
+    """The same global batches in every configuration: rank r takes samples r, r + W, ..."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def _loader(self):
+        data = batches()
+        sampler = torch.utils.data.distributed.DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False)
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(batches(), batch_size=4)  # every rank evaluates the whole set
+
+
+class Record(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out, self.losses, self.unsharded = out, [], 0
+        import lightning_nf4.losses as losses
+
+        unshard = losses._unshard_for_loss
+
+        def counting(model, head):  # observes that the loss gathered FSDP's units again after the forward
+            gathered = unshard(model, head)
+            self.unsharded += len(gathered)
+            return gathered
+
+        losses._unshard_for_loss = counting
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+    def on_fit_end(self, trainer, pl_module):
+        from lightning_nf4.strategies.fsdp import full_trainable_state
+
+        state = full_trainable_state(pl_module)
+        torch.save({"losses": self.losses, "before": pl_module.perplexity_before, "after": pl_module.perplexity_after,
+                    "trainable": state, "unsharded": self.unsharded}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch_size: int) -> None:
+    pl.seed_everything(0)
+    module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=2)
+    if strategy == "nf4_fsdp":
+        from lightning_nf4.strategies import NF4FSDPStrategy
+
+        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+        plugins=NF4Precision(compute_dtype=torch.float32),
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]), Record(out)],
+    )
+    trainer.fit(module, datamodule=Data(batch_size))
+
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run(sys.argv[1], out_dir, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))

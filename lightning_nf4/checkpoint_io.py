@@ -4,7 +4,8 @@
 the machine that loads it. Everything here loads with ``weights_only=True``: tensors, containers, numbers,
 strings and the few types torch allows by default (dtypes, devices, ``torch.Size`` ...), plus
 ``CHECKPOINT_GLOBALS``. The package's own checkpoints (Lightning's, adapter-only or full, written with
-``NF4Precision`` and ``LoRACallback``) need nothing more today; a type the package starts to store in its
+``NF4Precision`` and ``LoRACallback``) need nothing more today: even the random-number states kept for exact
+resume are stored as plain tensors (``lightning_nf4.callbacks.rng``). A type the package starts to store in its
 checkpoints goes into ``CHECKPOINT_GLOBALS``, and only a type whose unpickling cannot run code belongs there.
 """
 

@@ -196,3 +196,173 @@ def test_cli_runs_the_bf16_lora_baseline(tmp_path, model_dir, monkeypatch, preci
     assert not q_proj.base_layer.weight.requires_grad and q_proj.lora_B["default"].weight.abs().sum() > 0  # LoRA trained
     assert (tmp_path / "fit-out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "fit-out" / "merged" / "config.json").is_file()
+
+
+# -- exact resume with dropout and shuffling -------------------------------------------------------------
+def _trainable(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def shuffled_tokens(n: int = 24, batch_size: int = 4):
+    """A user's plain loader: shuffle=True draws each epoch's order from the global torch generator."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(token_loader(n=n).dataset, batch_size=batch_size, shuffle=True)
+
+
+def test_resume_at_an_epoch_boundary_is_exact_with_dropout_and_a_shuffling_loader(tmp_path):
+    """LoRACallback's default dropout (0.05) and a plain shuffling DataLoader: stopping after epoch 2 and resuming
+    (a weights-only load) ends with the adapters of an uninterrupted 4-epoch run, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_nf4.checkpoint_io import load_checkpoint
+
+    def run(max_epochs, ckpt_path=None, save=False):
+        pl.seed_everything(0 if ckpt_path is None else 1234)  # a resumed process starts from other states
+        model = CausalLM(lr=1e-2)
+        callbacks = [LoRACallback(r=4, alpha=8)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
+        t = trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
+        t.fit(model, shuffled_tokens(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(model)
+
+    assert LoRACallback().dropout == 0.05
+    straight = run(4)
+    run(2, save=True)
+    load_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # the checkpoint loads weights-only
+    _assert_same(straight, run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
+
+
+@pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
+def test_the_package_data_modules_resume_exactly(tmp_path, model_dir, stop):
+    """CausalLMModule + TextDataModule (a shuffling, resumable loader), default dropout: a run stopped at an epoch's
+    end or three batches into an epoch and resumed from its checkpoint ends with the uninterrupted run's
+    adapters, bit for bit; resumed mid-epoch, it trains on exactly the batches the uninterrupted run had left."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_nf4.data import TextDataModule
+    from lightning_nf4.models.causal_lm import CausalLMModule
+    from tests.test_cli import SENTENCES
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    total = 22  # 9 batches an epoch: into the third epoch
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.first_ids = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first_ids.append((trainer.current_epoch, batch_idx, batch["input_ids"][:, 0].tolist()))
+
+    def run(ckpt_path=None, **limits):
+        pl.seed_everything(0 if ckpt_path is None else 1234)
+        seen = Seen()
+        callbacks = [LoRACallback(r=4, alpha=8), seen]
+        if limits:
+            every = {"every_n_epochs": 1} if stop == "epoch_end" else {"every_n_train_steps": limits["max_steps"]}
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, **every))
+        module = CausalLMModule(str(model_dir), learning_rate=1e-2, compute_dtype="float32")
+        data = TextDataModule(source=str(corpus), block_size=16, batch_size=4, val_fraction=0.25)
+        t = trainer(tmp_path, max_steps=limits.get("max_steps", total), max_epochs=limits.get("max_epochs", -1),
+                    plugins=NF4Precision(compute_dtype=torch.float32), callbacks=callbacks, enable_checkpointing=bool(limits))
+        t.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(module), seen.first_ids
+
+    straight, straight_batches = run()
+    first, first_batches = run(**({"max_epochs": 1} if stop == "epoch_end" else {"max_steps": 12}))
+    resumed, resumed_batches = run(ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert straight_batches[0][0] == 0 and len({ids[0] for _, _, ids in straight_batches[:9]}) > 1
+    assert straight_batches[9][2] != straight_batches[0][2]  # each epoch has its own order
+    assert first_batches + resumed_batches == straight_batches  # no batch twice, none left out, same order
+    _assert_same(straight, resumed)
+
+
+def test_resume_mid_epoch_with_a_stateful_loader_that_draws_from_the_global_generator(tmp_path):
+    """A user's resumable loader whose iterator draws its worker seed from the global generator (no generator of
+    its own): the states are restored again right before the next batch, after that draw."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DistributedSampler
+
+    from lightning_nf4.data.resumable import ResumableDataLoader
+
+    dataset = token_loader(n=24).dataset  # 6 batches an epoch
+
+    def run(max_steps, ckpt_path=None, save=False):
+        pl.seed_everything(0 if ckpt_path is None else 1234)
+        model = CausalLM(lr=1e-2)
+        loader = ResumableDataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=3))
+        callbacks = [LoRACallback(r=4, alpha=8)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=max_steps))
+        t = trainer(tmp_path, max_steps=max_steps, max_epochs=-1, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
+        t.fit(model, loader, ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(model)
+
+    straight = run(16)
+    run(9, save=True)  # three batches into the second epoch
+    _assert_same(straight, run(16, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
+
+
+def test_ddp_resume_restores_every_ranks_generators(tmp_path):
+    """Two gloo ranks with different dropout streams, stopped mid-epoch and resumed: the adapters equal an
+    uninterrupted two-rank run's exactly (each rank got its own states back). Runs in subprocesses with timeouts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("resume_worker.py")
+
+    def run(out, *args):
+        done = subprocess.run([sys.executable, str(worker), str(out), *map(str, args)], capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(out / "trainable.pt")
+
+    straight = run(tmp_path / "straight", 14, "save:8")  # 6 batches an epoch per rank: saved two into the second
+    resumed = run(tmp_path / "resumed", 14, tmp_path / "straight" / "ckpt" / "last.ckpt")
+    _assert_same(straight, resumed)
+
+
+def test_generator_states_round_trip_as_plain_tensors():
+    import io
+    import random
+
+    import numpy as np
+
+    from lightning_nf4.callbacks.rng import capture, restore
+
+    random.gauss(0, 1), np.random.standard_normal()  # leave a cached Gaussian in both
+    saved = io.BytesIO()
+    torch.save(capture(), saved)
+    draw = lambda: (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(3).tolist())  # noqa: E731
+    expected = draw()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    saved.seek(0)
+    restore(torch.load(saved, weights_only=True))  # nothing to allow-list
+    assert draw() == expected
+
+
+@pytest.mark.parametrize("kind", ["cuda", "xpu"])
+def test_the_accelerators_generator_is_saved_per_device(monkeypatch, kind):
+    """No GPU here: the device module's own get/set_rng_state are stood in for, to check which device's state
+    is read and written."""
+    from lightning_nf4.callbacks.rng import capture, restore
+
+    module = getattr(torch, kind)
+    written = {}
+    monkeypatch.setattr(module, "get_rng_state", lambda device: torch.full((16,), device.index, dtype=torch.uint8))
+    monkeypatch.setattr(module, "set_rng_state", lambda state, device: written.update(state=state, device=device))
+    states = capture(torch.device(kind, 1))
+    assert torch.equal(states[kind], torch.full((16,), 1, dtype=torch.uint8))
+    restore(states, torch.device(kind, 1))
+    assert written["device"] == torch.device(kind, 1) and torch.equal(written["state"], states[kind])
+    written.clear()
+    restore(states, torch.device("cpu"))  # not onto another kind of device
+    assert not written

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_nf4.data.resumable import make_loader
 from lightning_nf4.data.text import HeldOutDataModule, left_pad_collate, load_tokenizer, tokenizer_source
 
 IGNORE_INDEX = -100
@@ -176,8 +177,9 @@ class InstructionDataModule(HeldOutDataModule):
         self.val_records = val
 
     def _loader(self, dataset: list, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=pad_collate(self.tokenizer.pad_token_id or 0), persistent_workers=self.num_workers > 0)
+        return make_loader(dataset, shuffle=shuffle, seed=self.seed, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, collate_fn=pad_collate(self.tokenizer.pad_token_id or 0),
+                           persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         """The held-out prompts, to compare generations with their reference outputs."""

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_nf4.data.resumable import make_loader
+
 PYDOC = "pydoc"
 
 
@@ -128,7 +130,8 @@ def left_pad_collate(pad_id: int) -> Callable[[list[list[int]]], dict[str, Tenso
 
 class HeldOutDataModule(pl.LightningDataModule):
     """A training set and a held-out set (built in ``setup``); the held-out set serves validation and
-    test. Subclasses say how a set becomes a loader (``_loader``) and what ``predict`` reads."""
+    test. Subclasses say how a set becomes a loader (``_loader``, through ``resumable.make_loader``: the
+    training loader resumes mid-epoch at the next batch) and what ``predict`` reads."""
 
     train_set: Any
     val_set: Any
@@ -199,8 +202,8 @@ class TextDataModule(HeldOutDataModule):
         self.train_set, self.val_set = BlockDataset(train), BlockDataset(val)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return make_loader(dataset, shuffle=shuffle, seed=self.seed, trainer=self.trainer, batch_size=self.batch_size,
+                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_prompts:

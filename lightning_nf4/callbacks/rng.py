@@ -1,0 +1,109 @@
+"""Random-number state in checkpoints: a resumed run draws the dropout masks and shuffles an uninterrupted one draws.
+
+Lightning saves no generator state, so after a resume LoRA dropout and a shuffling loader draw from wherever
+the new process starts. ``RNGCheckpoint`` stores each process's Python, NumPy, torch CPU and accelerator
+(CUDA or XPU) states in the checkpoint, gathered from every rank, and puts them back on the same ranks.
+Everything is stored as plain tensors, so a weights-only load needs nothing allow-listed.
+
+When they are put back matters. At an epoch boundary they are restored when fit starts (after the model,
+optimizers and checkpoint are set up, before the loader's iterator and the next epoch's shuffle draw from
+them: exactly where the uninterrupted run stood). A resume inside an epoch restores them again just before
+the next batch, since creating the loader's iterator drew from them in between.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+_ACCELERATORS = ("cuda", "xpu")
+
+
+def capture(device: Optional[torch.device] = None) -> dict[str, Tensor]:
+    """This process's generator states as tensors; with a CUDA or XPU ``device``, that device's state too."""
+    _, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    states = {
+        "python": torch.tensor(words, dtype=torch.int64),  # 624 state words and the position
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if device is not None and device.type in _ACCELERATORS:
+        states[device.type] = getattr(torch, device.type).get_rng_state(device)
+    return states
+
+
+def restore(states: dict[str, Tensor], device: Optional[torch.device] = None) -> None:
+    """Put back what ``capture`` returned (the accelerator's state only onto a device of the same type)."""
+    has_gauss, gauss = states["python_gauss"].tolist()
+    random.setstate((3, tuple(states["python"].tolist()), gauss if has_gauss else None))
+    pos, np_has_gauss, cached = states["numpy_pos_gauss"].tolist()
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), cached))
+    torch.set_rng_state(states["torch"].cpu())
+    if device is not None and device.type in states:
+        getattr(torch, device.type).set_rng_state(states[device.type].cpu(), device)
+
+
+class RNGCheckpoint:
+    """Saves every rank's generator states into a checkpoint and restores them on resume (used by LoRACallback).
+
+    ``save`` is a collective (all ranks call ``on_save_checkpoint`` in Lightning); the result is one tensor per
+    generator with a leading rank dimension, written once by rank 0."""
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Tensor]] = None
+        self._again_before_batch = False
+        self._fit_started = False
+
+    def save(self, trainer: Any) -> dict[str, Any]:
+        strategy = trainer.strategy
+        mine = capture(strategy.root_device)
+        world = trainer.world_size
+        gathered = {}
+        for name, tensor in mine.items():
+            if world > 1:
+                tensor = strategy.all_gather(tensor.to(strategy.root_device)).cpu()
+            gathered[name] = tensor.reshape(world, *mine[name].shape).cpu()
+        loop = trainer.fit_loop.epoch_loop.batch_progress
+        return {"states": gathered, "mid_epoch": not loop.is_last_batch}
+
+    def load(self, trainer: Any, saved: dict[str, Any]) -> None:
+        states = saved["states"]
+        saved_world = next(iter(states.values())).shape[0]
+        if saved_world != trainer.world_size:
+            rank_zero_warn(
+                f"The checkpoint holds the random-number states of {saved_world} process(es), this run has "
+                f"{trainer.world_size}: they are not restored, so dropout and shuffling after the resume differ from an "
+                "uninterrupted run. Resume with the same number of devices for an exact continuation."
+            )
+            return
+        # a copy, not a view into the gathered rows: torch's set_rng_state misreads a tensor with a storage offset
+        self._pending = {name: value[trainer.global_rank].clone() for name, value in states.items()}
+        self._again_before_batch = bool(saved["mid_epoch"])
+        if self._fit_started:  # strategies that restore after setup (e.g. FSDP) load after on_fit_start
+            self._apply(trainer, keep=self._again_before_batch)
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self._fit_started = True
+        if self._pending is not None:
+            self._apply(trainer, keep=self._again_before_batch)
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        if self._again_before_batch and self._pending is not None:
+            self._again_before_batch = False
+            self._apply(trainer, keep=False)
+
+    def on_fit_end(self) -> None:
+        self._pending, self._again_before_batch, self._fit_started = None, False, False
+
+    def _apply(self, trainer: Any, keep: bool) -> None:
+        restore(self._pending, trainer.strategy.root_device)
+        if not keep:
+            self._pending = None

@@ -5,9 +5,14 @@ and the script prints median step time, tokens/s, the ratio to bf16 LoRA and pea
 
     python benchmarks/lora_step.py                      # CPU: hidden 1024, 12 layers (~220M), batch 2 x 256
     python benchmarks/lora_step.py --device cuda --peers   # GPU: Llama-3-8B shape, batch 1 x 2048, with peers
+    python benchmarks/lora_step.py --device cuda --configs bf16-compiled,nf4-compiled --rounds 3   # a subset
 
 lightning-nf4 and bf16 LoRA run through the Lightning Trainer; the peers (bitsandbytes Linear4bit and
 torchao NF4Tensor bases under PEFT's LoRA) run a plain loop with the same model, optimizer and autocast.
+The "compiled" rows are LoRACallback(compile=True) (each decoder layer compiled after conversion and
+injection) and are compared with compiled bf16 LoRA; their first step includes the compile. The
+"chunked loss" row computes the loss with lightning_nf4.losses.causal_lm_loss (as CausalLMModule does),
+never holding the [tokens x vocab] logits whole: its peak memory against the plain-loss row is the saving.
 """
 
 from __future__ import annotations
@@ -25,9 +30,27 @@ PRESETS = {
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, batch=2, seq=256),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048),
 }
-CONFIGS = ("bf16 LoRA", "lightning-nf4 QLoRA", "bitsandbytes NF4-DQ + PEFT LoRA", "torchao NF4 + PEFT LoRA")
 UNGROUPED = "lightning-nf4 QLoRA, one dequantize launch per weight"  # --ablation: NF4Precision(group_dequantize=False)
 UNFUSED = "lightning-nf4 QLoRA, LoRA update as PEFT computes it (mul + add)"  # --ablation: NF4LoraLinear.fuse_update = False
+CONFIGS = {  # --configs key: row name
+    "bf16": "bf16 LoRA",
+    "nf4": "lightning-nf4 QLoRA",
+    "bnb": "bitsandbytes NF4-DQ + PEFT LoRA",
+    "torchao": "torchao NF4 + PEFT LoRA",
+    "bf16-compiled": "bf16 LoRA, layers compiled",
+    "nf4-compiled": "lightning-nf4 QLoRA, layers compiled",
+    "nf4-chunked": "lightning-nf4 QLoRA, chunked loss",
+    "nf4-chunked-portable": "lightning-nf4 QLoRA, chunked loss, portable path",  # liger-kernel not used even where installed
+    "nf4-ungrouped": UNGROUPED,
+    "nf4-unfused": UNFUSED,
+}
+PEERS, ABLATION = ("bnb", "torchao"), ("nf4-ungrouped", "nf4-unfused")
+COMPILED = ("bf16-compiled", "nf4-compiled")
+
+
+def baseline_of(key: str) -> str:
+    """Compiled rows are compared with compiled bf16 LoRA, the others with eager bf16 LoRA."""
+    return "bf16-compiled" if key in COMPILED else "bf16"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,10 +99,11 @@ def _peer_model(name: str, model):
     return get_peft_model(model, config)
 
 
-def run_config(name: str, args: dict, queue: mp.Queue) -> None:
+def run_config(key: str, args: dict, queue: mp.Queue) -> None:
     import lightning.pytorch as pl
     import torch
 
+    name = CONFIGS[key]
     torch.set_num_threads(args["threads"])
     preset = dict(PRESETS[args["preset"]])
     batch, seq = preset.pop("batch"), preset.pop("seq")
@@ -100,9 +124,11 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 f.write("5")  # resets VmHWM, the peak resident set
 
     times: list[float] = []
-    if name in ("bf16 LoRA", "lightning-nf4 QLoRA", UNGROUPED, UNFUSED):
+    note = ""
+    if key not in PEERS:
         from lightning_nf4 import LoRACallback, NF4Precision
         from lightning_nf4.layers.lora import NF4LoraLinear
+        from lightning_nf4.losses import causal_lm_loss, liger_available
 
         NF4LoraLinear.fuse_update = name != UNFUSED
 
@@ -124,13 +150,17 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
                 self.model = _build_model(preset, seq, device)
 
             def training_step(self, batch, batch_idx):
+                if key.startswith("nf4-chunked"):
+                    return causal_lm_loss(self.model, batch, batch, mode="chunked", backend="chunked" if key.endswith("portable") else "auto")
                 return self.model(input_ids=batch, labels=batch).loss
 
             def configure_optimizers(self):
                 return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-4)
 
-        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
-        kw = dict(precision="bf16-mixed") if name == "bf16 LoRA" else dict(plugins=NF4Precision(group_dequantize=False if name == UNGROUPED else "auto"))
+        if key == "nf4-chunked":
+            note = "liger-kernel" if device == "cuda" and liger_available() else "portable chunks"
+        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=key in COMPILED)
+        kw = dict(precision="bf16-mixed") if key.startswith("bf16") else dict(plugins=NF4Precision(group_dequantize=False if key == "nf4-ungrouped" else "auto"))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
@@ -140,7 +170,7 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
         try:
             model = _peer_model(name, _build_model(preset, seq, device)).train()
         except Exception as err:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
-            queue.put(dict(name=name, error=f"{type(err).__name__}: {err}"[:120]))
+            queue.put(dict(key=key, name=name, error=f"{type(err).__name__}: {err}"[:120]))
             return
         optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=1e-4)
         reset_peak()
@@ -157,21 +187,28 @@ def run_config(name: str, args: dict, queue: mp.Queue) -> None:
             times.append(time.perf_counter() - start)
     timed = times[args["warmup"]:]
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm_hwm()
-    queue.put(dict(name=name, step=statistics.median(timed), tokens=batch * seq, peak=peak))
+    queue.put(dict(key=key, name=name, step=statistics.median(timed), fastest=min(timed), first=times[0],
+                   tokens=batch * seq, peak=peak, note=note))
 
 
-def _combine(rounds: list[list[dict]]) -> list[dict]:
-    """Per configuration: the median step over the rounds, and each round's ratio to that round's bf16 LoRA
-    step (the ratio's median and range). The first configuration is the baseline."""
+def _combine(rounds: list[dict[str, dict]]) -> list[dict]:
+    """Per configuration: the median step over the rounds, the fastest step of all, the first step's range (with
+    torch.compile, the compile), and each round's ratios to that round's baseline (``baseline_of``): of the
+    median steps and of the fastest steps (their medians and ranges). No baseline in a round: no ratio."""
     combined = []
-    for i, first in enumerate(rounds[0]):
-        runs = [r[i] for r in rounds if "error" not in r[i] and "error" not in r[0]]
+    for key, first in rounds[0].items():
+        runs = [r[key] for r in rounds if "error" not in r[key]]
         if not runs:
-            combined.append(first if "error" in first else dict(name=first["name"], error="the baseline failed"))
+            combined.append(dict(first))
             continue
-        ratios = [r[i]["step"] / r[0]["step"] for r in rounds if "error" not in r[i] and "error" not in r[0]]
-        combined.append(dict(name=first["name"], step=statistics.median(x["step"] for x in runs), tokens=first["tokens"],
-                             peak=max(x["peak"] for x in runs), ratio=statistics.median(ratios), ratios=ratios))
+        base = baseline_of(key)
+        pairs = [(r[key], r[base]) for r in rounds if "error" not in r[key] and base in r and "error" not in r[base]]
+        row = dict(key=key, name=first["name"], step=statistics.median(x["step"] for x in runs), fastest=min(x["fastest"] for x in runs),
+                   first=[x["first"] for x in runs], tokens=first["tokens"], peak=max(x["peak"] for x in runs), note=first.get("note", ""))
+        if pairs:
+            row["ratios"] = [a["step"] / b["step"] for a, b in pairs]
+            row["fastest_ratios"] = [a["fastest"] / b["fastest"] for a, b in pairs]
+        combined.append(row)
     return combined
 
 
@@ -195,35 +232,60 @@ def main() -> None:
                         help="run every configuration this many times, in turn (A B C A B C ...); the table gives the median "
                              "of the rounds and the range of each ratio, so that drift of the host between processes shows")
     parser.add_argument("--ablation", action="store_true", help="also lightning-nf4 without grouped dequantization, and without the fused LoRA update")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated subset, run in this order: {','.join(CONFIGS)} (default: bf16, nf4, the peers with "
+                             "--peers, bf16-compiled, nf4-compiled, nf4-chunked, the ablation rows with --ablation)")
     args = vars(parser.parse_args())
     args["preset"] = args["preset"] or ("small" if args["device"] == "cpu" else "llama3-8b")
+    if args["configs"]:
+        keys = [k.strip() for k in args["configs"].split(",") if k.strip()]
+        unknown = [k for k in keys if k not in CONFIGS]
+        if unknown:
+            parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+    else:
+        keys = ["bf16", "nf4"] + (list(PEERS) if args["peers"] else []) + list(COMPILED) + ["nf4-chunked"] + (list(ABLATION) if args["ablation"] else [])
     ctx = mp.get_context("spawn")
-    names = list(CONFIGS[: 4 if args["peers"] else 2]) + ([UNGROUPED, UNFUSED] if args["ablation"] else [])
-    rounds: list[list[dict]] = []
-    for _ in range(args["rounds"]):
-        rounds.append([])
-        for name in names:
+    rounds: list[dict[str, dict]] = []
+    for index in range(args["rounds"]):
+        rounds.append({})
+        for key in keys:
             queue = ctx.Queue()
-            proc = ctx.Process(target=run_config, args=(name, args, queue))
+            proc = ctx.Process(target=run_config, args=(key, args, queue))
             proc.start()
             proc.join()
-            rounds[-1].append(queue.get() if not queue.empty() else dict(name=name, error=f"process exited with {proc.exitcode}"))
+            result = queue.get() if not queue.empty() else dict(key=key, name=CONFIGS[key], error=f"process exited with {proc.exitcode}")
+            rounds[-1][key] = result
+            if "error" in result:
+                print(f"round {index + 1}: {result['name']}: {result['error']}", flush=True)
+            else:  # as it comes, so that a run cut short by a time limit still leaves its numbers
+                print(f"round {index + 1}: {result['name']}: median {result['step']:.3f} s, fastest {result['fastest']:.3f} s, "
+                      f"first {result['first']:.1f} s, peak {result['peak'] / 2**30:.2f} GiB", flush=True)
     results = _combine(rounds)
     import torch
 
     where = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} ({args['threads']} threads)"
     memory = "peak GPU memory in training" if args["device"] == "cuda" else "peak RSS in training"
-    print(f"Device: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}")
-    print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up\n")
-    spread = args["rounds"] > 1
-    print(f"| configuration | step (s) | tokens/s | vs bf16 LoRA |{' ratio range over rounds |' if spread else ''} {memory} |")
-    print("|---|---|---|---|" + ("---|" if spread else "") + "---|")
+    print(f"\nDevice: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}")
+    print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up, "
+          f"{args['rounds']} round(s); compiled rows are compared with compiled bf16 LoRA; first step includes the compile\n")
+    print(f"| configuration | median step (s) | tokens/s | vs bf16 LoRA (range) | fastest step (s) | fastest vs bf16 (range) | first step (s) | {memory} |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | n/a ({r['error']}) | | |{' |' if spread else ''} |")
+            print(f"| {r['name']} | n/a ({r['error']}) | | | | | | |")
             continue
-        extra = f" {min(r['ratios']):.2f}-{max(r['ratios']):.2f} |" if spread else ""
-        print(f"| {r['name']} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | {r['ratio']:.2f} |{extra} {r['peak'] / 2**30:.2f} GiB |")
+        name = f"{r['name']} ({r['note']})" if r["note"] else r["name"]
+        ratio = _ratio_cell(r.get("ratios"))
+        fastest = _ratio_cell(r.get("fastest_ratios"))
+        first = f"{min(r['first']):.1f}" + (f"-{max(r['first']):.1f}" if len(r["first"]) > 1 else "")
+        print(f"| {name} | {r['step']:.3f} | {r['tokens'] / r['step']:.0f} | {ratio} | {r['fastest']:.3f} | {fastest} | {first} | {r['peak'] / 2**30:.2f} GiB |")
+
+
+def _ratio_cell(ratios: "list[float] | None") -> str:
+    if not ratios:
+        return "n/a"
+    cell = f"{statistics.median(ratios):.2f}"
+    return cell + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
 
 if __name__ == "__main__":

@@ -384,3 +384,37 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
         assert torch.equal(value, chunked[1]["trainable"][name]), name
         # fp32, four AdamW steps at lr 1e-2: Adam's normalisation magnifies float-rounding differences in tiny gradients
         torch.testing.assert_close(value, plain[0]["trainable"][name], rtol=1e-2, atol=2e-3)
+
+
+# -- CUDA (run by the GPU lease; skipped here) -------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "liger"])
+def test_cuda_matches_and_saves_memory(backend):
+    from tests.conftest import cuda_or_skip
+
+    device = cuda_or_skip()
+    if backend == "liger":
+        pytest.importorskip("liger_kernel.transformers.functional")
+    n, h, v = 2048, 1024, 32000
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(v, h, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+    labels[::7] = -100
+
+    def run(fn):
+        hidden.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn()
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach(), hidden.grad.clone(), torch.cuda.max_memory_allocated() - base
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, want_grad, plain_peak = run(lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels))
+        got, got_grad, peak = run(lambda: linear_cross_entropy(hidden, weight, labels, chunk_size=256, backend=backend))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    _close_to_bf16(got_grad, want_grad)
+    assert peak * 3 < plain_peak, (peak, plain_peak)

@@ -69,14 +69,12 @@ class NF4Trainer(Trainer):
             callback.on_load_checkpoint(self, model, checkpoint)  # checks that every trainable weight is there
         else:
             model.load_state_dict(checkpoint["state_dict"], strict=True)
-        out = Path(out_dir)
-        adapter = callback.save_adapter(model, out / "adapter")
-        merged = callback.save_merged(model, out / "merged")
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(merged))  # merged/ is then a complete model folder
-        print(f"export: adapter -> {adapter}\nexport: merged -> {merged}", flush=True)
-        return {"adapter": adapter, "merged": merged}
+        info = {"step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch"), "source": str(Path(ckpt_path).resolve())}
+        written = callback.save_export(model, out_dir, tokenizer=getattr(model, "tokenizer", None), merged=True, info=info)
+        assert written is not None
+        for name, path in written.items():
+            print(f"export: {name} -> {path}", flush=True)
+        return written
 
 
 class NF4CLI(LightningCLI):

@@ -1,15 +1,15 @@
 """Standard artifacts from a QLoRA model: a PEFT adapter folder and a merged float model.
 
-Both are written into a temporary folder beside the target and renamed into place, so a crash or
-a full disk leaves either the previous artifact or the new one, never a half-written folder.
+Each is written through ``lightning_nf4.publish``: into a temporary folder beside its place, then moved in by
+a rename. ``save_export`` writes the two as one set with ``export.json`` written last (step, epoch and every
+file), so a reader never takes a new adapter beside an old merged model; ``save_adapter``, ``save_merged``
+and ``save_merged_sharded`` write one folder. The ``write_*`` functions fill a given folder, or with none
+only take part in the gathers a sharded model needs on every rank.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,24 +23,7 @@ from torch import Tensor, nn
 
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``target`` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from lightning_nf4.publish import MANIFEST, publish
 
 
 def find_hf_model(module: nn.Module) -> tuple[str, Optional[nn.Module]]:
@@ -89,6 +72,34 @@ def _whole(param: Tensor) -> Tensor:
     return (full_tensor() if full_tensor is not None else param).detach()
 
 
+def write_adapter(
+    module: nn.Module,
+    folder: Optional[Path],
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    adapter_name: str = "default",
+    modules_to_save: Optional[list[str]] = None,
+) -> None:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, loadable by ``PeftModel.from_pretrained``.
+    The adapters are gathered first (a collective for a sharded model); with ``folder=None`` nothing is written."""
+    prefix, hf = find_hf_model(module)
+    root = hf if hf is not None else module
+    tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
+    if folder is None:
+        return
+    if not any(".lora_" in k for k in tensors):
+        raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
+        modules_to_save=modules_to_save or None, task_type=_task_type(hf),
+        base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
+    )
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def save_adapter(
     module: nn.Module,
     path: str | os.PathLike,
@@ -100,24 +111,18 @@ def save_adapter(
     modules_to_save: Optional[list[str]] = None,
     write: bool = True,
 ) -> Optional[Path]:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``.
-    For a sharded model every rank calls it (the adapters are gathered) and only the one with ``write`` writes."""
-    prefix, hf = find_hf_model(module)
-    root = hf if hf is not None else module
-    tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
+    """The PEFT adapter folder at ``path``, replaced as a whole. For a sharded model every rank calls it (the
+    adapters are gathered) and only the one with ``write`` writes."""
+    kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, adapter_name=adapter_name, modules_to_save=modules_to_save)
     if not write:
+        write_adapter(module, None, **kwargs)
         return None
-    if not any(".lora_" in k for k in tensors):
-        raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
-    config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
-        modules_to_save=modules_to_save or None, task_type=_task_type(hf),
-        base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
-    )
-    with atomic_directory(path) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return Path(path)
+    return _publish_one(path, lambda folder: write_adapter(module, folder, **kwargs))
+
+
+def _publish_one(path: str | os.PathLike, writer: Any) -> Path:
+    path = Path(path)
+    return publish(path.parent, {path.name: writer})[path.name]
 
 
 def _task_type(hf: Optional[nn.Module]) -> Optional[str]:
@@ -162,10 +167,19 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
 
 
 def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optional[torch.dtype] = None, *, write: bool) -> Optional[Path]:
+    """The merged float model of an FSDP2-sharded module at ``path`` (see ``write_merged_sharded``); every rank
+    calls it, the one with ``write`` writes."""
+    if not write:
+        write_merged_sharded(module, None, dtype)
+        return None
+    return _publish_one(path, lambda folder: write_merged_sharded(module, folder, dtype))
+
+
+def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optional[torch.dtype] = None) -> None:
     """The merged float model of an FSDP2-sharded module, one sharding unit at a time: every rank gathers the
-    unit (a collective), the writer merges it and writes it as one safetensors file, the unit is freed. No
-    rank or host ever holds more than one unit in float. Writes a Hugging Face folder with a sharded index
-    for transformers models."""
+    unit (a collective), the writer (the rank given a ``folder``) merges it and writes it as one safetensors
+    file, the unit is freed. No rank or host ever holds more than one unit in float. Writes a Hugging Face
+    folder with a sharded index for transformers models."""
     import json
 
     from torch.distributed.fsdp import FSDPModule
@@ -173,41 +187,35 @@ def save_merged_sharded(module: nn.Module, path: str | os.PathLike, dtype: Optio
     prefix, hf = find_hf_model(module)
     owners = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
     tied = set(getattr(hf, "_tied_weights_keys", None) or []) if hf is not None and getattr(hf.config, "tie_word_embeddings", False) else set()
-    with atomic_directory(path) if write else _nowhere() as tmp:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for index, (name, owner) in enumerate(owners):
-            owner.unshard()
-            try:
-                with torch.no_grad():
-                    local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule))
-                full_prefix = (name + "." if name else "")
-                state = {}
-                for key, value in local.items():
-                    key = full_prefix + key
-                    if key.startswith(prefix) and key[len(prefix):] not in tied:
-                        # a copy: views of the gathered parameters die with reshard() below
-                        state[key[len(prefix):]] = value.detach().to("cpu", copy=True).contiguous()
-            finally:
-                owner.reshard()
-            if write and state:
-                file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
-                save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(state, file))
-                total += sum(v.numel() * v.element_size() for v in state.values())
-        if write:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-            if hf is not None:
-                with _float_config(hf.config):
-                    hf.config.save_pretrained(str(tmp))
-                if getattr(hf, "generation_config", None) is not None:
-                    hf.generation_config.save_pretrained(str(tmp))
-    return Path(path) if write else None
-
-
-@contextmanager
-def _nowhere() -> Iterator[None]:
-    yield None
+    write, tmp = folder is not None, folder
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, (name, owner) in enumerate(owners):
+        owner.unshard()
+        try:
+            with torch.no_grad():
+                local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule))
+            full_prefix = (name + "." if name else "")
+            state = {}
+            for key, value in local.items():
+                key = full_prefix + key
+                if key.startswith(prefix) and key[len(prefix):] not in tied:
+                    # a copy: views of the gathered parameters die with reshard() below
+                    state[key[len(prefix):]] = value.detach().to("cpu", copy=True).contiguous()
+        finally:
+            owner.reshard()
+        if write and state:
+            file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
+            save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, file))
+            total += sum(v.numel() * v.element_size() for v in state.values())
+    if write:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        if hf is not None:
+            with _float_config(hf.config):
+                hf.config.save_pretrained(str(tmp))
+            if getattr(hf, "generation_config", None) is not None:
+                hf.generation_config.save_pretrained(str(tmp))
 
 
 @contextmanager
@@ -237,20 +245,65 @@ def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
     return weight
 
 
-def save_merged(module: nn.Module, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> Path:
-    """A float model with adapters merged: a Hugging Face folder (``save_pretrained``) for HF models,
-    else ``model.safetensors`` holding the module's state dict."""
+def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] = None) -> None:
+    """A float model with adapters merged into ``folder``: a Hugging Face folder (``save_pretrained``) for HF
+    models, else ``model.safetensors`` holding the module's state dict."""
     prefix, hf = find_hf_model(module)
     root = hf if hf is not None else module
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
-    with atomic_directory(path) as tmp:
-        if hf is not None:
-            with _float_config(hf.config):
-                hf.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        else:
-            save_file(_untie(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return Path(path)
+    if hf is not None:
+        with _float_config(hf.config):
+            hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+    else:
+        save_file(_untie(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_merged(module: nn.Module, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> Path:
+    """The merged float model (``write_merged``) at ``path``, replaced as a whole."""
+    return _publish_one(path, lambda folder: write_merged(module, folder, dtype))
+
+
+def save_export(
+    module: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    adapter_name: str = "default",
+    modules_to_save: Optional[list[str]] = None,
+    merged: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    tokenizer: Any = None,
+    info: Optional[dict[str, Any]] = None,
+    write: bool = True,
+) -> Optional[dict[str, Path]]:
+    """``out_dir/adapter`` and ``out_dir/merged`` as one set, with ``out_dir/export.json`` (``info``: step, epoch,
+    source ...) written last: readers see the previous complete set or this one (``publish.read_export``).
+    ``merged/`` is a complete model folder: the tokenizer, when given, is saved into it. A sharded model is
+    merged one unit at a time; then every rank calls this and only the one with ``write`` writes."""
+    from lightning_nf4.strategies.fsdp import has_sharded_parameters
+
+    sharded = has_sharded_parameters(module)
+    kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, adapter_name=adapter_name, modules_to_save=modules_to_save)
+
+    def write_merged_folder(folder: Optional[Path]) -> None:
+        if sharded:
+            write_merged_sharded(module, folder, dtype)
+        elif folder is not None:
+            write_merged(module, folder, dtype)
+        if folder is not None and tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+
+    writers = {"adapter": lambda folder: write_adapter(module, folder, **kwargs)}
+    if merged:
+        writers["merged"] = write_merged_folder
+    if not write:  # another rank of a sharded model: the same gathers, in the same order, nothing written
+        for writer in writers.values():
+            writer(None)
+        return None
+    return publish(out_dir, writers, manifest=dict(info or {}))
 
 
 def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:

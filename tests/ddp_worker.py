@@ -43,10 +43,10 @@ class RecordingLoRA(LoRACallback):
         super().__init__(**kwargs)
         self.out = out
 
-    def save_adapter(self, pl_module, path):
+    def save_export(self, pl_module, out_dir, **kwargs):
         with open(self.out / "exporters.txt", "a") as f:
             f.write(f"{pl_module.global_rank}\n")
-        return super().save_adapter(pl_module, path)
+        return super().save_export(pl_module, out_dir, **kwargs)
 
 
 class OrderedData(pl.LightningDataModule):

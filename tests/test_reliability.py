@@ -366,3 +366,203 @@ def test_the_accelerators_generator_is_saved_per_device(monkeypatch, kind):
     written.clear()
     restore(states, torch.device("cpu"))  # not onto another kind of device
     assert not written
+
+
+# -- export folders: a matching pair or the previous one, never a mix; leftovers cleared; user files kept -----
+PUBLISH_KILL_SCRIPT = r"""
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("publish", sys.argv[1])
+publish = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(publish)
+root, version, kill_at = sys.argv[2], sys.argv[3], sys.argv[4]
+
+def stage(name):
+    if name == kill_at:
+        os._exit(9)  # a kill: no exception handler, no cleanup runs
+
+def writer(part, files):
+    def write(folder):
+        for i in range(files):
+            if kill_at == f"writing:{part}" and i == 1:
+                stage(kill_at)
+            (folder / f"{part}-{i}.bin").write_bytes(version.encode() * (1000 + i))
+        (folder / "sub").mkdir()
+        (folder / "sub" / "config.json").write_text(version)
+        if version == "v1":
+            (folder / "sub" / "only-in-v1.bin").write_bytes(b"v1")  # ours: goes when v1 is replaced
+    return write
+
+publish._stage = stage
+publish.publish(root, {"adapter": writer("adapter", 2), "merged": writer("merged", 3)}, manifest={"step": int(version[1:])})
+"""
+
+STAGES = [
+    "writing:adapter", "written:adapter", "writing:merged", "written:merged", "journal", "manifest-withdrawn",
+    "moved-aside:adapter", "moved-in:adapter", "moved-aside:merged", "moved-in:merged", "manifest", "journal-removed",
+]
+
+
+def _load_publish():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "lightning_nf4" / "publish.py"
+    spec = importlib.util.spec_from_file_location("publish_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def _export_version(root, publish):
+    """The version of every file of the complete export in ``root`` (they must all agree), via the manifest."""
+    manifest = publish.read_export(root)
+    versions = {(root / name / rel).read_bytes()[:2].decode() for name, part in manifest["parts"].items() for rel in part["files"]}
+    assert len(versions) == 1, f"a mixed pair: {versions}"
+    (version,) = versions
+    assert manifest["step"] == int(version[1:])
+    return version
+
+
+@pytest.mark.parametrize("kill_at", STAGES)
+def test_a_kill_at_any_stage_leaves_a_complete_pair_and_the_next_start_finishes(tmp_path, kill_at):
+    """A real kill (os._exit in a child process) at each step of replacing export v1 by v2. Readers going by
+    export.json see all of v1, all of v2, or no export (never a mix); the next start (recover) leaves exactly
+    one complete pair: v2 once its journal was written, else v1. Nothing of the user's is lost."""
+    import subprocess
+    import sys
+
+    publish, path = _load_publish()
+    root = tmp_path / "out"
+
+    def run(version, kill="none"):
+        return subprocess.run([sys.executable, "-c", PUBLISH_KILL_SCRIPT, str(path), str(root), version, kill], timeout=60)
+
+    assert run("v1").returncode == 0
+    (root / "adapter" / "NOTES.md").write_text("mine")  # a user's files, in an export folder and beside them
+    (root / "README.md").write_text("mine too")
+    (root / ".hidden-of-mine").mkdir()
+    assert _export_version(root, publish) == "v1"
+
+    assert run("v2", kill_at).returncode == 9
+    try:
+        assert _export_version(root, publish) in ("v1", "v2")  # what a reader trusts now
+    except publish.ExportIncompleteError:
+        assert kill_at in ("manifest-withdrawn", "moved-aside:adapter", "moved-in:adapter", "moved-aside:merged", "moved-in:merged")
+
+    publish.recover(root)  # what the next export or fit does first
+    expected = "v2" if STAGES.index(kill_at) >= STAGES.index("journal") else "v1"
+    assert _export_version(root, publish) == expected
+    assert sorted(os.listdir(root)) == [".hidden-of-mine", "README.md", "adapter", "export.json", "merged"]
+    assert (root / "adapter" / "NOTES.md").read_text() == "mine"
+    assert sorted(os.listdir(root / "merged")) == ["merged-0.bin", "merged-1.bin", "merged-2.bin", "sub"]
+    assert (root / "merged" / "sub" / "only-in-v1.bin").exists() == (expected == "v1")
+
+    assert run("v3").returncode == 0  # and the next export replaces it cleanly
+    assert _export_version(root, publish) == "v3" and (root / "adapter" / "NOTES.md").read_text() == "mine"
+
+
+def test_export_of_a_trained_model_survives_failures_and_leftovers(tmp_path, monkeypatch):
+    """The real export (adapter + merged of a trained LoRA model) as LoRACallback writes it at the end of fit:
+    leftovers of killed runs are gone when the next fit starts (a user's hidden folder stays), a failure while
+    writing leaves the previous pair in place, a failure during the swap is finished by the next start, and a
+    user's file in adapter/ survives every re-export."""
+    from safetensors.torch import load_file
+
+    from lightning_nf4 import publish
+
+    out = tmp_path / "out"
+    callback = LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out))
+    model = CausalLM(lr=1e-2)
+    trainer(tmp_path, max_steps=2, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback]).fit(model, token_loader(n=8))
+    first = publish.read_export(out)
+    assert first["step"] == 2 and first["source"] == "fit" and sorted(first["parts"]) == ["adapter", "merged"]
+    assert "adapter_model.safetensors" in first["parts"]["adapter"]["files"]
+    (out / "adapter" / "NOTES.md").write_text("mine")
+
+    stale = [out / ".merged.tmp-0123456789ab", out / ".adapter.old-0123456789ab"]  # a killed run's (8B: a float model each)
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    (out / ".export.json.tmp-0123456789ab").write_text("{")
+    (out / ".cache-of-mine").mkdir()
+
+    class SeesStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.left = sorted(p for p in os.listdir(out) if p.startswith("."))
+
+    sees = SeesStart()
+    model = CausalLM(lr=1e-2)
+    trainer(tmp_path, max_steps=4, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback, sees]).fit(model, token_loader(n=8))
+    assert sees.left == [".cache-of-mine"]  # removed when the fit started, before any training
+    second = publish.read_export(out)
+    assert second["step"] == 4 and (out / "adapter" / "NOTES.md").read_text() == "mine"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+
+    def fail_at(stage):
+        def hook(name):
+            if name == stage:
+                raise RuntimeError(f"stopped at {stage}")
+        monkeypatch.setattr(publish, "_stage", hook)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.add_(1.0)  # a different adapter, so an unfinished export would show
+    fail_at("written:merged")  # the merged model is written, the swap has not begun
+    with pytest.raises(RuntimeError, match="stopped at written:merged"):
+        callback.save_export(model, out, info={"step": 5})
+    assert publish.read_export(out)["step"] == 4
+    assert all(torch.equal(v, adapter[k]) for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items())
+    assert sorted(p for p in os.listdir(out) if p.startswith(".")) == [".cache-of-mine"]  # nothing left behind
+
+    fail_at("moved-in:adapter")  # new adapter in place, old merged still there: no manifest now
+    with pytest.raises(RuntimeError, match="stopped at moved-in:adapter"):
+        callback.save_export(model, out, info={"step": 5})
+    with pytest.raises(publish.ExportIncompleteError, match="export.json is missing"):
+        publish.read_export(out)
+    monkeypatch.setattr(publish, "_stage", lambda name: None)
+    publish.recover(out)  # the next start
+    assert publish.read_export(out)["step"] == 5 and (out / "adapter" / "NOTES.md").read_text() == "mine"
+    assert not any(torch.equal(v, adapter[k]) for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if ".lora_B." in k)
+
+
+def test_merged_written_at_the_end_of_fit_is_a_complete_hf_folder(tmp_path, model_dir, monkeypatch):
+    """Through the CLI: merged/ opens with AutoTokenizer and AutoModelForCausalLM, as the export subcommand's does,
+    and export.json names the step and the files of both folders."""
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_nf4 import publish
+    from lightning_nf4.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+    main(["fit", "--config", str(cli_config(tmp_path, model_dir))])
+    merged = tmp_path / "fit-out" / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    assert tokenizer("def add(a, b)")["input_ids"] == reference("def add(a, b)")["input_ids"]
+    AutoModelForCausalLM.from_pretrained(str(merged))
+    manifest = publish.read_export(tmp_path / "fit-out")
+    assert manifest["step"] == 3 and "tokenizer.json" in manifest["parts"]["merged"]["files"]
+
+
+def test_publish_refuses_to_replace_what_is_not_its_own(tmp_path):
+    publish, _ = _load_publish()
+    write = lambda text: (lambda folder: (folder / "f.txt").write_text(text))  # noqa: E731
+    (tmp_path / "a" / "adapter").parent.mkdir()
+    (tmp_path / "a" / "adapter").write_text("a user's file named adapter")
+    with pytest.raises(FileExistsError, match="adapter exists and is not a folder"):
+        publish.publish(tmp_path / "a", {"adapter": write("x")}, manifest={})
+    assert (tmp_path / "a" / "adapter").read_text() == "a user's file named adapter"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "export.json").write_text('{"mine": true}')
+    with pytest.raises(FileExistsError, match="export.json exists but was not written by lightning-nf4"):
+        publish.publish(tmp_path / "b", {"adapter": write("x")}, manifest={})
+    assert (tmp_path / "b" / "export.json").read_text() == '{"mine": true}' and sorted(os.listdir(tmp_path / "b")) == ["export.json"]
+
+    publish.publish(tmp_path / "c", {"adapter": write("1"), "merged": write("1")}, manifest={"step": 1})
+    publish.publish(tmp_path / "c", {"adapter": write("2")})  # one folder alone: the pair is no longer one
+    with pytest.raises(publish.ExportIncompleteError):
+        publish.read_export(tmp_path / "c")
+    assert (tmp_path / "c" / "adapter" / "f.txt").read_text() == "2" and (tmp_path / "c" / "merged" / "f.txt").read_text() == "1"

@@ -22,7 +22,7 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from lightning_nf4 import export
+from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear
@@ -102,6 +102,8 @@ class LoRACallback(Callback):
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
+            publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
         if self._injected(pl_module):
@@ -243,23 +245,29 @@ class LoRACallback(Callback):
         self._rng.on_fit_end()
         if self.save_dir is None:
             return
-        if has_sharded_parameters(pl_module):  # every rank gathers; rank 0 writes
-            adapter = export.save_adapter(
-                pl_module, Path(self.save_dir) / "adapter", r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                adapter_name=self.adapter_name, modules_to_save=self.modules_to_save or None, write=trainer.is_global_zero,
-            )
-            if self.export_merged:
-                export.save_merged_sharded(pl_module, Path(self.save_dir) / "merged", self.merged_dtype, write=trainer.is_global_zero)
-            rank_zero_info(f"LoRACallback: adapter{' and merged model' if self.export_merged else ''} written to {self.save_dir}")
+        sharded = has_sharded_parameters(pl_module)  # then every rank gathers and rank 0 writes
+        if not sharded and not trainer.is_global_zero:
+            return
+        written = self.save_export(
+            pl_module, self.save_dir, tokenizer=_tokenizer(trainer, pl_module), write=trainer.is_global_zero,
+            info={"step": trainer.global_step, "epoch": trainer.current_epoch, "source": "fit"},
+        )
+        if written:
+            rank_zero_info(f"LoRACallback: {' and '.join(written)} written to {self.save_dir} ({export.MANIFEST} lists them)")
+        if sharded:
             trainer.strategy.barrier()
-            return
-        if not trainer.is_global_zero:
-            return
-        adapter = self.save_adapter(pl_module, Path(self.save_dir) / "adapter")
-        rank_zero_info(f"LoRACallback: adapter written to {adapter}")
-        if self.export_merged:
-            merged = self.save_merged(pl_module, Path(self.save_dir) / "merged")
-            rank_zero_info(f"LoRACallback: merged model written to {merged}")
+
+    def save_export(
+        self, pl_module: nn.Module, out_dir: Union[str, Path], *, tokenizer: Any = None, merged: Optional[bool] = None,
+        info: Optional[dict[str, Any]] = None, write: bool = True,
+    ) -> Optional[dict[str, Path]]:
+        """``adapter/`` and ``merged/`` (by default when ``export_merged``) in ``out_dir`` as one set, with
+        ``export.json`` written last; ``merged/`` gets the tokenizer when one is given."""
+        return export.save_export(
+            pl_module, out_dir, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, adapter_name=self.adapter_name,
+            modules_to_save=self.modules_to_save or None, merged=self.export_merged if merged is None else merged,
+            dtype=self.merged_dtype, tokenizer=tokenizer, info=info, write=write,
+        )
 
     def save_adapter(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
         """PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -271,6 +279,15 @@ class LoRACallback(Callback):
     def save_merged(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:
         """Dequantized, merged float model (HF folder for transformers models, safetensors otherwise)."""
         return export.save_merged(pl_module, path, self.merged_dtype)
+
+
+def _tokenizer(trainer: pl.Trainer, pl_module: nn.Module) -> Any:
+    """The tokenizer that belongs in ``merged/`` (the module's, else the datamodule's), if there is one."""
+    for owner in (pl_module, getattr(trainer, "datamodule", None)):
+        tokenizer = getattr(owner, "tokenizer", None)
+        if callable(getattr(tokenizer, "save_pretrained", None)):
+            return tokenizer
+    return None
 
 
 def _after_conversion(precision: Any, hook: Any) -> None:

@@ -38,13 +38,13 @@ def shardable_llama():
     return LlamaForCausalLM(config)
 
 
-def load_checkpoint_model(folder: str, deferred: bool):
+def load_checkpoint_model(folder: str, deferred: bool, device: str = "cpu"):
     from transformers import BitsAndBytesConfig
 
     from lightning_nf4.loading import AutoModelForCausalLM
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device="meta" if deferred else "cpu", dtype=torch.float32, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device="meta" if deferred else device, dtype=torch.float32, progress=False)
     if deferred:
         assert all(p.is_meta for p in model.parameters())
     return model.train()

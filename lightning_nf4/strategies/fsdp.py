@@ -214,7 +214,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             for i, unit in enumerate(units):
                 unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + self.prefetch])
                 unit.set_modules_to_backward_prefetch(units[max(0, i - self.prefetch):i][::-1])
-        # Embeddings and head as units of their own: inside the root they would stay gathered (whole) from the
+        # The input embeddings as a unit of their own: inside the root they would stay gathered (whole) from the
         # start of forward to the end of backward, as FSDP2 never reshards a root after its forward.
         tables = _vocabulary_modules(hf)
         for table in tables:
@@ -223,7 +223,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)
         rank_zero_info(
-            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding/head units and the root across {world} ranks."
+            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding unit(s) and the root across {world} ranks."
         )
         return module
 
@@ -260,19 +260,21 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
 
 def _vocabulary_modules(hf: Optional[nn.Module]) -> list[nn.Module]:
-    """A transformers model's input embeddings and output head, unless tied (FSDP2 keeps a shared parameter
-    in one unit) or already inside a unit."""
+    """A transformers model's input embeddings, unless tied to the output head (FSDP2 keeps a shared parameter
+    in one unit) or already inside a unit. The head stays in the root: a loss that applies its weight after
+    the model's forward (``lightning_nf4.losses``) finds it gathered there."""
     from torch.distributed.fsdp import FSDPModule
 
     if hf is None or not callable(getattr(hf, "get_input_embeddings", None)):
         return []
-    found = [hf.get_input_embeddings(), hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None]
-    found = [m for m in found if isinstance(m, nn.Module) and next(m.parameters(), None) is not None]
-    own = {id(p) for m in found for p in m.parameters()}
-    if len(found) == 2 and len(own) < sum(1 for m in found for _ in m.parameters()):
+    embeddings = hf.get_input_embeddings()
+    head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
+    if not isinstance(embeddings, nn.Module) or next(embeddings.parameters(), None) is None:
+        return []
+    if head is not None and {id(p) for p in embeddings.parameters()} & {id(p) for p in head.parameters()}:
         return []  # tied
     inside = {id(m) for unit in hf.modules() if isinstance(unit, FSDPModule) for m in unit.modules()}
-    return [m for m in found if id(m) not in inside]
+    return [] if id(embeddings) in inside else [embeddings]
 
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

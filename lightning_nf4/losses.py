@@ -9,6 +9,7 @@ Face causal LM without asking the model for its logits.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -121,8 +122,9 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 
 # -- liger-kernel (optional) ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def liger_available() -> bool:
-    """Whether liger-kernel's fused linear cross-entropy can be imported."""
+    """Whether liger-kernel's fused linear cross-entropy can be imported (asked once per process)."""
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: F401
     except Exception:  # noqa: BLE001 - missing, or broken against this torch/triton: use the portable path
@@ -222,16 +224,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 # -- a Hugging Face causal LM -------------------------------------------------------------------------------
 # Config fields with which a model's logits are not lm_head(hidden): such models take the plain path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-# Per model: why the chunked path cannot serve it (None: it can), decided once.
-_unsupported: "weakref.WeakKeyDictionary[nn.Module, Optional[str]]" = weakref.WeakKeyDictionary()
+# Models whose returned logits were found not to be lm_head(hidden), and why (checked once per model).
+_logits_differ: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _head_checked: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
     """Why ``causal_lm_loss`` takes the plain path for ``model`` (None: it takes the chunked one)."""
-    if model in _unsupported:
-        return _unsupported[model]
+    if model in _logits_differ:
+        return _logits_differ[model]
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     reason = None
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
@@ -247,12 +249,17 @@ def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
             value = getattr(config, name, None)
             if value not in (None, 1, 1.0):
                 reason = f"its config sets {name}={value!r}: its logits are not lm_head(hidden)"
-    _unsupported[model] = reason
+                break
     return reason
 
 
 def _keep_argument(model: nn.Module) -> Optional[str]:
-    params = inspect.signature(type(model).forward).parameters
+    return _keep_argument_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_argument_of(cls: type) -> Optional[str]:
+    params = inspect.signature(cls.forward).parameters
     return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in params), None)
 
 
@@ -368,7 +375,7 @@ def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Option
         _head_checked.add(model)
         return True
     reason = f"its logits are not lm_head(final hidden states) (largest difference {(ours - theirs).abs().max().item():.3g})"
-    _unsupported[model] = reason
+    _logits_differ[model] = reason
     _warn_once(model, reason)
     return False
 

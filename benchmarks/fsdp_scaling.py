@@ -2,6 +2,9 @@
 
     python benchmarks/fsdp_scaling.py --rounds 3 --steps 8            # the table (driver)
     python benchmarks/fsdp_scaling.py --one 70b:nf4_fsdp:2 --steps 8  # one configuration (what the driver runs)
+    python benchmarks/fsdp_scaling.py --write-checkpoint 1b --checkpoint /tmp/ck   # then --checkpoint /tmp/ck:
+    python benchmarks/fsdp_scaling.py --specs 1b:nf4_fsdp:2,1b:ddp:2 --checkpoint /tmp/ck --rounds 1 --steps 1 --seq 64
+        (host RAM per rank when the checkpoint streams into the shards, against each rank loading it whole)
 
 Random Llama weights of the named shape, built on the meta device in ``configure_model`` (the DDP baseline
 builds on the GPU, as it must), batch 1 x ``--seq`` tokens per GPU, HF gradient checkpointing, LoRA r=16 on
@@ -28,11 +31,27 @@ SHAPES = {
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
     "8b4": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),  # quick checks
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),  # CPU load check
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 
 
-def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked") -> None:
+def shape_config(shape: str, seq: int = 2048):
+    from transformers import LlamaConfig
+
+    settings = {"vocab_size": 128 if shape == "tiny" else 128256, **SHAPES[shape]}
+    return LlamaConfig(max_position_embeddings=max(seq, 64), tie_word_embeddings=False, **settings)
+
+
+def write_checkpoint(shape: str, folder: Path) -> None:
+    """Random bf16 weights of ``shape`` saved as a Hugging Face folder (what --checkpoint loads)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(shape_config(shape)).to(torch.bfloat16).save_pretrained(folder, max_shard_size="2GB")
+
+
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "") -> None:
     import lightning.pytorch as pl
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,8 +60,8 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
 
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
-    vocab = 128 if shape == "tiny" else 128256
-    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=max(seq, 64), tie_word_embeddings=False, **SHAPES[shape])
+    config = shape_config(shape, seq)
+    vocab = config.vocab_size
     on_gpu = torch.cuda.is_available()
 
     class Module(pl.LightningModule):
@@ -54,8 +73,16 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
             if self.model is not None:
                 return
             build = "meta" if strategy_name.startswith("nf4_fsdp") else self.trainer.strategy.root_device
-            with torch.device(build):
-                self.model = LlamaForCausalLM(config)
+            if checkpoint:  # read from disk: on meta, each rank filling its shards unit by unit, or whole
+                from transformers import BitsAndBytesConfig
+
+                from lightning_nf4.loading import AutoModelForCausalLM
+
+                nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                self.model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=nf4, device=build, progress=False).train()
+            else:
+                with torch.device(build):
+                    self.model = LlamaForCausalLM(config)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
 
@@ -117,13 +144,13 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     result = {
         "spec": spec, "times": timer.times, "peak_gib": peak, "build_peak_gib": getattr(timer, "build_peak", float("nan")),
         "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss,
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss, "checkpoint": checkpoint,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked") -> None:
+def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked", checkpoint: str = "") -> None:
     results: dict[str, list[dict]] = {s: [] for s in specs}
     for r in range(rounds):
         for spec in specs:
@@ -132,7 +159,7 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
             if spec.endswith(":1"):
                 env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag), "--loss", loss],
+            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag), "--loss", loss, "--checkpoint", checkpoint],
                                   env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 print(f"{spec} round {r} failed ({done.returncode}):\n{done.stderr[-2500:]}", flush=True)
@@ -180,10 +207,14 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--loss", choices=["chunked", "plain"], default="chunked", help="lightning_nf4.losses.causal_lm_loss, or HF's own")
+    parser.add_argument("--checkpoint", default="", help="load this Hugging Face folder instead of random weights")
+    parser.add_argument("--write-checkpoint", metavar="SHAPE", help="save random weights of SHAPE to --checkpoint and exit")
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/fsdp_scaling"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    if args.one:
-        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss)
+    if args.write_checkpoint:
+        write_checkpoint(args.write_checkpoint, Path(args.checkpoint))
+    elif args.one:
+        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss, args.checkpoint)
     else:
-        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss)
+        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss, args.checkpoint)

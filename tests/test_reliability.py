@@ -566,3 +566,20 @@ def test_publish_refuses_to_replace_what_is_not_its_own(tmp_path):
     with pytest.raises(publish.ExportIncompleteError):
         publish.read_export(tmp_path / "c")
     assert (tmp_path / "c" / "adapter" / "f.txt").read_text() == "2" and (tmp_path / "c" / "merged" / "f.txt").read_text() == "1"
+
+
+def test_resume_on_another_number_of_devices_warns_and_trains_on(tmp_path):
+    """A checkpoint from two ranks resumed on one: the generator states cannot be matched to ranks, so they are
+    left alone, with a warning that says the continuation is not exact (training goes on)."""
+    model = CausalLM(lr=1e-2)
+    t = trainer(tmp_path, max_steps=2, plugins=NF4Precision(), callbacks=[LoRACallback(r=2, alpha=4)])
+    t.fit(model, shuffled_tokens(n=8))
+    t.save_checkpoint(tmp_path / "one.ckpt")
+    checkpoint = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    states = checkpoint["lightning_nf4"]["rng"]["states"]
+    checkpoint["lightning_nf4"]["rng"]["states"] = {k: torch.cat([v, v]) for k, v in states.items()}  # as two ranks write it
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    torch.manual_seed(99)
+    with pytest.warns(UserWarning, match="random-number states of 2 process.*this run has 1"):
+        trainer(tmp_path, max_steps=3, plugins=NF4Precision(), callbacks=[LoRACallback(r=2, alpha=4)]).fit(
+            CausalLM(lr=1e-2), shuffled_tokens(n=8), ckpt_path=str(tmp_path / "two.ckpt"))

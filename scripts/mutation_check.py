@@ -43,7 +43,7 @@ class Mutation:
 
 
 _PACK_RETURN = "            return self, tensor.size(), tensor.stride(), tensor.storage_offset() - self.offset\n"
-_MKDTEMP = '    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))\n'
+_PUBLISH_TMP = '            tmp = root / f".{name}.tmp-{ident}"\n'
 _LOAD_PARTS = "        parts = {k: v.to(device) for k, v in parts.items()}\n"
 
 MUTATIONS: list[Mutation] = [
@@ -83,9 +83,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "export-in-place",
-        "the export writes in place (no temporary folder, no rename)",
-        "lightning_nf4/export.py",
-        ((_MKDTEMP, "    target.mkdir(exist_ok=True)\n    yield target\n    return\n" + _MKDTEMP),),
+        "the export writes in place (into the target folder itself, before the temporary folder and the rename)",
+        "lightning_nf4/publish.py",
+        ((_PUBLISH_TMP, "            (root / name).mkdir(exist_ok=True)\n            write(root / name)\n" + _PUBLISH_TMP),),
         ("tests/test_lightning.py", "tests/test_claims.py"),
         issue_table=True,
     ),

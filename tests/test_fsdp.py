@@ -276,3 +276,32 @@ def test_checkpoint_streams_into_shards_each_rank_keeping_its_rows(tmp_path):
 def test_prefetch_must_be_a_count():
     with pytest.raises(NF4ShardingConfigError, match="prefetch=-1"):
         NF4FSDPStrategy(prefetch=-1)
+
+
+def test_cli_fit_under_nf4_fsdp_streams_the_checkpoint(tmp_path):
+    """``lightning-nf4 fit`` with ``strategy: nf4_fsdp`` on two gloo ranks: CausalLMModule loads its checkpoint on
+    meta, each rank fills its shards, the chunked loss runs on the sharded model, and the exports are written."""
+    import yaml
+
+    from tests.test_cli import SENTENCES, save_tiny_llama, write_config
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 2, "val_fraction": 0.25}}
+    config_path = write_config(tmp_path, model_dir, data, bnb_4bit_use_double_quant=False)
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"].update(devices=2, max_steps=2, strategy="nf4_fsdp")
+    config["trainer"]["plugins"]["init_args"]["double_quant"] = False  # 64-wide layers split on 64-element blocks
+    config_path.write_text(yaml.safe_dump(config))
+    import shutil
+
+    script = shutil.which("lightning-nf4")  # Lightning starts the second rank by running the same command again
+    assert script is not None, "the package is not installed (pip install -e .)"
+    done = subprocess.run([script, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"sharded 2 LlamaDecoderLayer units, 1 embedding unit(s) and the root across 2 ranks, each filled from {model_dir}" in done.stdout + done.stderr
+    out = tmp_path / "fit-out"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "model.safetensors.index.json").is_file()

@@ -115,6 +115,10 @@ class CausalLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         trainer = self._trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        from lightning_nf4.strategies.fsdp import NF4FSDPStrategy
+
+        if trainer is not None and isinstance(trainer.strategy, NF4FSDPStrategy):
+            device = torch.device("meta")  # the strategy fills each unit from the checkpoint on every rank, keeping its shard
         precision_dtype = getattr(trainer.precision_plugin, "compute_dtype", None) if trainer is not None else None
         if precision_dtype is not None and precision_dtype != self.compute_dtype:
             rank_zero_warn(f"model.compute_dtype is {self.compute_dtype} but NF4Precision computes in {precision_dtype}; set both alike.")

@@ -222,8 +222,12 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         for child in module.children():
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)
+        from lightning_nf4.loading.deferred import deferred_checkpoint
+
+        source = deferred_checkpoint(hf)
+        filled = f", each filled from {source.index.files[0].parent} as it was sharded" if source is not None else ""
         rank_zero_info(
-            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding unit(s) and the root across {world} ranks."
+            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding unit(s) and the root across {world} ranks{filled}."
         )
         return module
 

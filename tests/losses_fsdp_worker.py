@@ -2,8 +2,9 @@
 
     python tests/losses_fsdp_worker.py MODEL_DIR OUT_DIR LOSS STRATEGY DEVICES BATCH_SIZE
 
-The model's lm_head is trained in full (modules_to_save) besides LoRA, so the head weight's gradient goes
-through the loss too. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
+STRATEGY: nf4_fsdp (lm_head in the FSDP root), nf4_fsdp_head_unit (lm_head sharded as a unit of its own, as
+a user may do), or auto (one process). The model's lm_head is trained in full (modules_to_save) besides
+LoRA, so the head weight's gradient goes through the loss too. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
 measured before and after fit, and the trainable weights gathered whole.
 """
 
@@ -50,12 +51,13 @@ class Data(pl.LightningDataModule):
 
 class Record(pl.Callback):
     def __init__(self, out: Path) -> None:
-        self.out, self.losses, self.unsharded = out, [], 0
+        self.out, self.losses, self.unsharded, self.resharded = out, [], 0, 0
         import lightning_nf4.losses as losses
 
         unshard = losses._unshard_for_loss
 
         def counting(model, head):  # observes that the loss gathered FSDP's units again after the forward
+            self.resharded += losses._is_dtensor(head.weight)  # the head's unit had resharded it after the forward
             gathered = unshard(model, head)
             self.unsharded += len(gathered)
             return gathered
@@ -70,16 +72,18 @@ class Record(pl.Callback):
 
         state = full_trainable_state(pl_module)
         torch.save({"losses": self.losses, "before": pl_module.perplexity_before, "after": pl_module.perplexity_after,
-                    "trainable": state, "unsharded": self.unsharded}, self.out / f"rank{trainer.global_rank}.pt")
+                    "trainable": state, "unsharded": self.unsharded, "resharded": self.resharded}, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch_size: int) -> None:
     pl.seed_everything(0)
     module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=2)
-    if strategy == "nf4_fsdp":
+    if strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
 
-        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60))
+        # "Linear" outside the decoder layers is lm_head alone (the LoRA linears sit inside the layer units)
+        units = ["LlamaDecoderLayer", "Linear"] if strategy.endswith("head_unit") else "auto"
+        strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=60))
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,

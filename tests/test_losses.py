@@ -356,34 +356,41 @@ def test_module_validation_perplexity_is_unchanged(model_dir):
 
 
 def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
-    """Two gloo ranks each, chunked and plain side by side; lm_head is trained too, so its gradient goes
-    through the FSDP root that the chunked loss unshards again after the forward."""
+    """Two gloo ranks each, side by side: the plain loss, the chunked loss with lm_head in the FSDP root (the
+    strategy's layout) and with lm_head a unit of its own. lm_head is trained too, so its gradient goes through
+    the units the chunked loss gathers again after the forward."""
     worker = ROOT / "tests" / "losses_fsdp_worker.py"
+    runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit")}
     procs = {
-        mode: subprocess.Popen([sys.executable, str(worker), str(model_dir), str(tmp_path / mode), mode, "nf4_fsdp", "2", "2"],
+        name: subprocess.Popen([sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for mode in ("chunked", "plain")
+        for name, (mode, strategy) in runs.items()
     }
-    for mode, proc in procs.items():
+    for name, proc in procs.items():
         try:
-            _, err = proc.communicate(timeout=400)
+            _, err = proc.communicate(timeout=500)
         except subprocess.TimeoutExpired:
             for p in procs.values():
                 p.kill()
             raise
-        assert proc.returncode == 0, f"{mode}: {err[-4000:]}"
-    chunked = [torch.load(tmp_path / "chunked" / f"rank{r}.pt") for r in (0, 1)]
-    plain = [torch.load(tmp_path / "plain" / f"rank{r}.pt") for r in (0, 1)]
-    assert chunked[0]["unsharded"] > 0 and plain[0]["unsharded"] == 0  # the root had resharded: the loss gathered lm_head
-    for c, p in zip(chunked, plain):
-        torch.testing.assert_close(torch.tensor(c["losses"]), torch.tensor(p["losses"]), rtol=1e-5, atol=1e-5)
-        for when in ("before", "after"):
-            assert abs(c[when] / p[when] - 1) < 1e-5, (when, c[when], p[when])
-    assert "model.lm_head.weight" in chunked[0]["trainable"]
-    for name, value in chunked[0]["trainable"].items():
-        assert torch.equal(value, chunked[1]["trainable"][name]), name
-        # fp32, four AdamW steps at lr 1e-2: Adam's normalisation magnifies float-rounding differences in tiny gradients
-        torch.testing.assert_close(value, plain[0]["trainable"][name], rtol=1e-2, atol=2e-3)
+        assert proc.returncode == 0, f"{name}: {err[-4000:]}"
+    out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
+    plain = out["plain"]
+    assert plain[0]["unsharded"] == 0
+    for name in ("chunked", "head_unit"):
+        chunked = out[name]
+        assert chunked[0]["unsharded"] > 0, name  # the chunked loss gathered FSDP's units itself
+        # the head had been resharded after the forward (if this fails, the case is no longer covered)
+        assert chunked[0]["resharded"] > 0, f"{name}: the head is no longer resharded after the forward here"
+        for c, p in zip(chunked, plain):
+            torch.testing.assert_close(torch.tensor(c["losses"]), torch.tensor(p["losses"]), rtol=1e-5, atol=1e-5)
+            for when in ("before", "after"):
+                assert abs(c[when] / p[when] - 1) < 1e-5, (name, when, c[when], p[when])
+        assert "model.lm_head.weight" in chunked[0]["trainable"]
+        for key, value in chunked[0]["trainable"].items():
+            assert torch.equal(value, chunked[1]["trainable"][key]), key
+            # fp32, four AdamW steps at lr 1e-2: Adam's normalisation magnifies float-rounding differences in tiny gradients
+            torch.testing.assert_close(value, plain[0]["trainable"][key], rtol=1e-2, atol=2e-3)
 
 
 # -- CUDA (run by the GPU lease; skipped here) -------------------------------------------------------------------

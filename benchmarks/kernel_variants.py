@@ -1,6 +1,6 @@
 """Candidate gemv and dequantize kernels, checked against the reference and timed side by side (not a test).
 
-Session 3's sweep for the two unmet kernel targets of issue 6 (1-token matvec >= 2x faster than dense
+The sweep (commit 6e97f2d) for the two unmet kernel targets of issue 6 (1-token matvec >= 2x faster than dense
 bf16; dequantize >= 85% of copy bandwidth). Each candidate is checked against the float reference
 before it is timed; the winner moves into ``lightning_nf4/kernels/triton_jit.py``.
 

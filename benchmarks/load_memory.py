@@ -13,6 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would hide the `kernels` package
+# that transformers' bitsandbytes integration imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 
 def _vm_hwm() -> int:
     with open("/proc/self/status") as f:

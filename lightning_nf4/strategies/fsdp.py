@@ -8,9 +8,10 @@ shard with their scales, the packed bytes are gathered as bytes, never cast by a
 
 What it does in ``setup``, after the precision plugin has converted the model and ``LoRACallback`` has
 injected its adapters: for each sharding unit (by default a transformers model's decoder layer class),
-materialize it if it was built on the meta device (quantizing as it goes), move it to this rank's device
-and ``fully_shard`` it, so at most one unit is ever whole on a rank; then the root (embeddings, norms,
-``lm_head``). Checkpoints hold the trainable weights, consolidated on rank 0 (adapter-only by default).
+materialize it if it was built on the meta device (quantizing as it goes; a model from
+``from_pretrained(..., device="meta")`` is read from its checkpoint instead), move it to this rank's device
+and ``fully_shard`` it, so at most one unit is ever whole on a rank; then the input embeddings and the root
+(norms, ``lm_head``). Checkpoints hold the trainable weights, consolidated on rank 0 (adapter-only by default).
 """
 
 from __future__ import annotations

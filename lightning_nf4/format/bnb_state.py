@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -45,6 +46,16 @@ def to_bnb_tensors(weight: NF4Weight) -> dict[str, Tensor]:
 
 def is_bnb_quantized(tensors: dict[str, Tensor]) -> bool:
     return any(k.startswith(QUANT_STATE_PREFIX) for k in tensors)
+
+
+def required_parts(state: Tensor) -> Optional[set[str]]:
+    """The tensor suffixes a 4-bit weight with this quant-state blob needs beside its codes; None when the
+    blob is unreadable (``from_bnb_tensors`` reports that, naming the layer, when the weight loads)."""
+    try:
+        meta = json.loads(bytes(state.reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return {"absmax", "quant_map"} | ({"nested_absmax", "nested_quant_map"} if "nested_offset" in meta else set())
 
 
 def _decode_meta(raw: Tensor, name: str) -> dict:

@@ -8,8 +8,6 @@ the NF4 model plus one float tensor. Pre-quantized bitsandbytes checkpoints load
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,19 +17,17 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_nf4.format.bnb_state import QUANT_STATE_KEY
+from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex, checkpoint_files, count_tensors, iter_tensors
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.deferred import attach
 from lightning_nf4.loading.devices import resolve_device
+from lightning_nf4.loading.keys import NF4_KEY, load_layer, model_key
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.plugins.convert import convert_linears, nf4_layers, release_freed_host_memory
-
-_NF4_KEY = re.compile(r"^(?P<layer>.+)\.weight(?:\.(?P<suffix>.+))?$")
-
 
 class AutoModelForCausalLM:
     """Drop-in for ``transformers.AutoModelForCausalLM`` whose 4-bit path needs no bitsandbytes."""
@@ -136,13 +132,13 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     bar = tqdm(total=count_tensors(files), desc="Loading (NF4)" if layers else "Loading", unit="tensor", disable=not progress)
     for raw_key, tensor in iter_tensors(files):
         bar.update(1)
-        key = _match_key(raw_key, known, layers)
-        match = _NF4_KEY.match(key)
+        key = model_key(raw_key, known, layers)
+        match = NF4_KEY.match(key)
         if match and match["layer"] in layers:
             parts = pending.setdefault(match["layer"], {})
             parts[match["suffix"] or ""] = tensor
             if _complete(parts):
-                _load_layer(layers[match["layer"]], pending.pop(match["layer"]), match["layer"], device, dtype)
+                load_layer(layers[match["layer"]], pending.pop(match["layer"]), match["layer"], device, dtype)
         elif key in params:
             _assign(model, key, tensor, device, dtype, parameter=True, expected=params[key].shape)
         elif key in buffers:
@@ -166,35 +162,13 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     model.to(device)  # buffers built on the CPU with the skeleton
 
 
-def _match_key(key: str, known: set[str], layers: dict[str, NF4Linear]) -> str:
-    """Checkpoints of the bare model (``layers.0...``) load into ``*ForCausalLM`` (``model.layers.0...``)."""
-    def fits(candidate: str) -> bool:
-        match = _NF4_KEY.match(candidate)
-        return candidate in known or bool(match and match["layer"] in layers)
-
-    return next((c for c in (key, f"model.{key}", key.removeprefix("model.")) if fits(c)), key)
-
-
 def _complete(parts: dict[str, Tensor]) -> bool:
     if "" not in parts:
         return False
     if QUANT_STATE_KEY not in parts and not any(k.startswith("quant_state.") for k in parts):
         return parts[""].is_floating_point()  # a float weight: quantize it now
-    state_key = next(k for k in parts if k.startswith("quant_state."))
-    try:
-        meta = json.loads(bytes(parts[state_key].reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return True  # let the format layer report the corruption with the layer's name
-    needed = {"absmax", "quant_map"} | ({"nested_absmax", "nested_quant_map"} if "nested_offset" in meta else set())
-    return needed <= parts.keys()
-
-
-def _load_layer(layer: NF4Linear, parts: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype) -> None:
-    if parts[""].is_floating_point() and len(parts) == 1:
-        parts = {"": parts[""].to(device=device, dtype=dtype)}  # quantized on the target device
-    else:
-        parts = {k: v.to(device) for k, v in parts.items()}
-    layer._load_weight(parts, f"{name}.weight")
+    needed = required_parts(parts[next(k for k in parts if k.startswith("quant_state."))])
+    return needed is None or needed <= parts.keys()
 
 
 def _assign(model: nn.Module, key: str, tensor: Tensor, device: torch.device, dtype: torch.dtype, *, parameter: bool, expected: torch.Size) -> None:

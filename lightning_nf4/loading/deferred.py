@@ -9,20 +9,20 @@ and the host holds one checkpoint tensor at a time.
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_nf4.format.bnb_state import QUANT_STATE_KEY
+from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
+from lightning_nf4.loading.keys import NF4_KEY, load_layer, model_key
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
-_NF4_KEY = re.compile(r"^(?P<layer>.+)\.weight(?:\.(?P<suffix>.+))?$")
 # Wrappers PEFT puts around a module: their tensors come from the wrapped module's checkpoint keys.
 _WRAPPER_PARTS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
@@ -46,12 +46,7 @@ class DeferredCheckpoint:
             if key not in self.layers:
                 raise CheckpointError(f"the checkpoint has no weight for the quantized layer {key!r}.")
             parts = {suffix: self.index.read(raw) for suffix, raw in self.layers[key].items()}
-            device = module.weight.device
-            if len(parts) == 1 and parts[""].is_floating_point():
-                parts = {"": parts[""].to(device=device, dtype=self.dtype)}  # quantized on the device
-            else:
-                parts = {k: v.to(device) for k, v in parts.items()}
-            module._load_weight(parts, f"{key}.weight")
+            load_layer(module, parts, key, module.weight.device, self.dtype)  # quantized on the device
             if module.bias is not None:
                 self._copy(module.bias, f"{key}.bias")
             return
@@ -83,8 +78,8 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     known = (params - {f"{n}.weight" for n in layers}) | buffers
     deferred = DeferredCheckpoint(index, dtype)
     for raw in index.names():
-        key = _model_key(raw, known, layers)
-        match = _NF4_KEY.match(key)
+        key = model_key(raw, known, layers)
+        match = NF4_KEY.match(key)
         if match and match["layer"] in layers:
             deferred.layers.setdefault(match["layer"], {})[match["suffix"] or ""] = raw
         elif key in known:
@@ -113,21 +108,31 @@ def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     deferred = deferred_checkpoint(model)
     if deferred is None:
         raise ValueError("materialize() needs a model from lightning_nf4's from_pretrained(..., device='meta').")
-    device = torch.device(device)
     names = {id(m): n for n, m in model.named_modules()}
-    moved: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for attr, param in list(module._parameters.items()):
-            if param is not None and param.is_meta:
-                if id(param) not in moved:
-                    moved[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
-                module._parameters[attr] = moved[id(param)]
-        if isinstance(module, NF4Linear):
-            module._apply(lambda t: t, recurse=False)
+    allocate(list(model.modules()), torch.device(device))
     for module in model.modules():
         deferred.load_module(model, module, names[id(module)])
     delattr(model, _ATTRIBUTE)
-    return model.to(device)
+    return model
+
+
+def allocate(modules: Iterable[nn.Module], device: torch.device) -> None:
+    """Storage on ``device`` for the modules' own parameters and buffers: empty for those on ``meta``, moved
+    for the rest. Tied parameters stay one parameter; an ``NF4Linear``'s scales follow its packed weight."""
+    moved: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in moved:
+                value = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
+                moved[id(param)] = param if value is param else nn.Parameter(value, requires_grad=param.requires_grad)
+            module._parameters[key] = moved[id(param)]
+        for key, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[key] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
+        if isinstance(module, NF4Linear):
+            module._apply(lambda t: t, recurse=False)
 
 
 def _module_name(root: nn.Module, module: nn.Module) -> str:
@@ -135,15 +140,6 @@ def _module_name(root: nn.Module, module: nn.Module) -> str:
         if sub is module:
             return name
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
-
-
-def _model_key(raw: str, known: set[str], layers: set[str]) -> str:
-    """Checkpoints of the bare model (``layers.0...``) load into ``*ForCausalLM`` (``model.layers.0...``)."""
-    def fits(candidate: str) -> bool:
-        match = _NF4_KEY.match(candidate)
-        return candidate in known or bool(match and match["layer"] in layers)
-
-    return next((c for c in (raw, f"model.{raw}", raw.removeprefix("model.")) if fits(c)), raw)
 
 
 def _tied_names(model: nn.Module) -> dict[str, str]:
@@ -165,9 +161,5 @@ def _complete(index: CheckpointIndex, parts: dict[str, str]) -> bool:
     state = next((raw for suffix, raw in parts.items() if suffix.startswith("quant_state.")), None)
     if state is None:
         return len(parts) == 1 or QUANT_STATE_KEY not in parts
-    try:
-        meta = json.loads(bytes(index.read(state).reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return True  # the format layer reports the corruption, with the layer's name, when the layer loads
-    needed = {"absmax", "quant_map"} | ({"nested_absmax", "nested_quant_map"} if "nested_offset" in meta else set())
-    return needed <= parts.keys()
+    needed = required_parts(index.read(state))
+    return needed is None or needed <= parts.keys()

@@ -9,7 +9,8 @@ a new round, so results never depend on the call order; only the launches saved 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +81,29 @@ def group_nf4_layers(model: nn.Module, max_members: int = MAX_MEMBERS) -> int:
                 member._group = group
             groups += 1
     return groups
+
+
+def find_by_class(module: nn.Module, classes: Sequence[Union[str, type]]) -> list[nn.Module]:
+    """The outermost submodules of ``module`` of one of ``classes`` (class names or classes), in module order:
+    a block inside another block goes with it."""
+    found = [m for m in module.modules() if any(type(m).__name__ == c if isinstance(c, str) else isinstance(m, c) for c in classes)]
+    return outermost(found)
+
+
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """A model's repeated blocks: the classes a transformers model lists in ``_no_split_modules`` (its
+    decoder layer), else the elements of its outermost ``nn.ModuleList`` s; outermost first, in module order."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or [])
+    found = find_by_class(module, sorted(names)) if names else []
+    return found or outermost(_outermost_list_elements(module))
+
+
+def outermost(modules: list[nn.Module]) -> list[nn.Module]:
+    """``modules`` without those inside another of them."""
+    inner = {id(m) for outer in modules for m in outer.modules() if m is not outer}
+    return [m for m in modules if id(m) not in inner]
 
 
 def _outermost_list_elements(module: nn.Module) -> list[nn.Module]:

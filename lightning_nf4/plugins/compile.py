@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from lightning_nf4.layers.group import find_by_class, repeated_blocks
+
 Blocks = Union[str, Sequence[Union[str, type]]]
 _COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
 
@@ -47,10 +49,8 @@ def find_blocks(module: nn.Module, blocks: Blocks = "auto") -> list[nn.Module]:
     """The repeated blocks of ``module``, outermost first: ``"auto"`` takes a transformers model's
     ``_no_split_modules`` classes (its decoder layer), else the elements of its outermost ``nn.ModuleList``;
     otherwise the modules of the named classes."""
-    from lightning_nf4.strategies.fsdp import find_sharding_units
-
     if blocks == "auto":
-        found = find_sharding_units(module, "auto")
+        found = repeated_blocks(module)
         if not found:
             raise CompileConfigError(
                 f"found no repeated block to compile in {type(module).__name__} (no transformers decoder layer, no "
@@ -58,15 +58,14 @@ def find_blocks(module: nn.Module, blocks: Blocks = "auto") -> list[nn.Module]:
             )
         return found
     wanted = [blocks] if isinstance(blocks, (str, type)) else list(blocks)
-    found = [m for m in module.modules() if any(type(m).__name__ == w if isinstance(w, str) else isinstance(m, w) for w in wanted)]
+    found = find_by_class(module, wanted)  # a block inside another is compiled with it
     if not found:
         classes = sorted({type(m).__name__ for m in module.modules()})
         raise CompileConfigError(
             f"compile blocks {[w if isinstance(w, str) else w.__name__ for w in wanted]} matched no module of "
             f"{type(module).__name__}; module classes present: {classes[:20]}."
         )
-    inner = {id(m) for outer in found for m in outer.modules() if m is not outer}
-    return [m for m in found if id(m) not in inner]  # a block inside another is compiled with it
+    return found
 
 
 def compile_blocks(module: nn.Module, blocks: Blocks = "auto", **compile_kwargs: Any) -> list[nn.Module]:

@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_nf4.format.tensor import check_shardable
+from lightning_nf4.layers.group import find_by_class, repeated_blocks
 from lightning_nf4.layers.linear import NF4Linear
 
 
@@ -53,29 +54,16 @@ def find_sharding_units(module: nn.Module, units: Union[str, Sequence[Union[str,
     elements of the model's outermost ``nn.ModuleList``. Otherwise class names or classes.
     """
     if units == "auto":
-        names: set[str] = set()
-        for sub in module.modules():
-            names.update(getattr(sub, "_no_split_modules", None) or [])
-        found = [m for m in module.modules() if type(m).__name__ in names] if names else []
-        if not found:
-            from lightning_nf4.layers.group import _outermost_list_elements
-
-            found = _outermost_list_elements(module)
-        return _outermost(found)
+        return repeated_blocks(module)
     wanted = [units] if isinstance(units, (str, type)) else list(units)
-    found = [m for m in module.modules() if any(type(m).__name__ == w if isinstance(w, str) else isinstance(m, w) for w in wanted)]
+    found = find_by_class(module, wanted)
     if not found:
         classes = sorted({type(m).__name__ for m in module.modules()})
         raise NF4ShardingConfigError(
             f"sharding_units={[w if isinstance(w, str) else w.__name__ for w in wanted]} matched no module of "
             f"{type(module).__name__}. Module classes present: {classes[:20]}. Name the decoder layer class, or use 'auto'."
         )
-    return _outermost(found)
-
-
-def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
-    inner = {id(m) for outer in modules for m in outer.modules() if m is not outer}
-    return [m for m in modules if id(m) not in inner]
+    return found
 
 
 class NF4FSDPStrategy(ModelParallelStrategy):
@@ -326,27 +314,14 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
     weight and quantizes it) and PEFT's LoRA init for adapters. Modules already holding data are only moved."""
     from torch.distributed.fsdp import FSDPModule
 
+    from lightning_nf4.loading.deferred import allocate, deferred_checkpoint
+
     own = list(_own_modules(module, FSDPModule))
     meta = any(t.is_meta for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
-    moved: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
-    for sub in own:
-        for key, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in moved:
-                value = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
-                moved[id(param)] = param if value is param else nn.Parameter(value, requires_grad=param.requires_grad)
-            sub._parameters[key] = moved[id(param)]
-        for key, buf in list(sub._buffers.items()):
-            if buf is not None:
-                sub._buffers[key] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
-        if isinstance(sub, NF4Linear):
-            sub._apply(lambda t: t, recurse=False)  # the scales follow the packed weight
+    allocate(own, device)
     if not meta:
         return
     from peft.tuners.lora import LoraLayer
-
-    from lightning_nf4.loading.deferred import deferred_checkpoint
 
     source = deferred_checkpoint(hf)
     names = {id(m): n for n, m in hf.named_modules()} if source is not None and hf is not None else {}

@@ -1,12 +1,15 @@
 """Where a QLoRA step's GPU time goes: torch.profiler over bf16 LoRA and lightning-nf4 steps, one GPU.
 
     python benchmarks/profile_step.py [--layers 32] [--steps 3] [--trace-dir traces]
+    python benchmarks/profile_step.py --compiled      # bf16 LoRA and lightning-nf4, each decoder layer compiled
 
 Same model, adapters, optimizer and autocast as ``lora_step.py`` (a plain loop, no Trainer). For each
 setup it prints the wall time per step, the summed kernel time, and kernel time by class (matmul,
 NF4 dequantize, attention, other), and the top kernels. ``lightning-nf4 (3 dequantizations)`` turns
 off the reuse of the checkpoint recompute's weight in backward, to measure what that reuse gives;
 ``(LoRA update unfused)`` computes the LoRA update as PEFT does (mul + add) instead of one addmm.
+``--compiled`` profiles the two compiled setups instead (``compile_blocks`` after injection, as
+``LoRACallback(compile=True)`` does) and lists dynamo's graph breaks and recompiles for each.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     if setup.startswith("lightning-nf4"):
         NF4Precision().convert_module(model)
     LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS).inject(model)
+    compiled = "compiled" in setup
+    if compiled:
+        import torch._dynamo
+
+        from lightning_nf4.plugins.compile import compile_blocks
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compile_blocks(model)
     model.train()
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=1e-4)
     ids = torch.randint(0, preset["vocab_size"], (batch, seq), device=device)
@@ -54,9 +66,18 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    first = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - first
+    for _ in range(2):
         step()
     sync()
+    dynamo = {}
+    if compiled:
+        counters = torch._dynamo.utils.counters
+        dynamo = dict(graph_breaks=dict(counters["graph_break"]), recompiles=dict(counters.get("recompiles", {})),
+                      frames=dict(counters["stats"]))
     stats_before = torch.cuda.memory_stats() if device == "cuda" else {}
     walls = []
     for _ in range(steps):
@@ -87,7 +108,7 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     if device == "cuda":
         torch.cuda.empty_cache()
     return dict(setup=setup, wall=statistics.median(walls), classes=dict(by_class), kernels=dict(by_kernel), cpu_ops=cpu_ops,
-                cpu_self=cpu_self, allocator=allocator,
+                cpu_self=cpu_self, allocator=allocator, first=first, dynamo=dynamo,
                 launches=sum(v[1] for v in by_kernel.values()))
 
 
@@ -99,13 +120,16 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--preset", default="llama3-8b", choices=sorted(PRESETS))
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
+    parser.add_argument("--compiled", action="store_true", help="profile bf16 LoRA and lightning-nf4 with each decoder layer compiled")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset], num_hidden_layers=args.layers)
     batch, seq = preset.pop("batch"), preset.pop("seq")
     results = []
     from lightning_nf4.layers.lora import NF4LoraLinear
 
-    for setup in ("bf16 LoRA", "lightning-nf4", "lightning-nf4 (LoRA update unfused)", "lightning-nf4 (3 dequantizations)"):
+    setups = ("bf16 LoRA, compiled", "lightning-nf4, compiled") if args.compiled else (
+        "bf16 LoRA", "lightning-nf4", "lightning-nf4 (LoRA update unfused)", "lightning-nf4 (3 dequantizations)")
+    for setup in setups:
         original = nf4_linear._recorded_by_checkpoint
         if "3 dequantizations" in setup:
             nf4_linear._recorded_by_checkpoint = lambda: False
@@ -131,6 +155,9 @@ def main() -> None:
         for key, (us, count) in sorted(r["cpu_ops"].items()):
             print(f"  CPU {key}: {us:.1f} us per call x {count}")
         print(f"  allocator events per step: {r['allocator']}")
+        if r["dynamo"]:
+            print(f"  first step (compile) {r['first']:.1f} s; graph breaks: {r['dynamo']['graph_breaks'] or 'none'}; "
+                  f"recompiles: {r['dynamo']['recompiles'] or 'none'}; frames: {r['dynamo']['frames']}")
         print("  top CPU self time (ms, calls):")
         for ms, count, key in r["cpu_self"]:
             print(f"    {ms:8.2f} {count:6d}  {key[:100]}")

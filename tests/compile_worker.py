@@ -1,4 +1,5 @@
-"""A QLoRA fit with LoRACallback(compile=...) on CPU, one process or DDP (gloo); used by tests/test_compile.py.
+"""A QLoRA fit with LoRACallback(compile=...) on CPU, one process, DDP or NF4FSDPStrategy (gloo); used by
+tests/test_compile.py.
 
     python tests/compile_worker.py OUT_DIR STRATEGY DEVICES BATCH_SIZE COMPILE [RESUME_CKPT]
 
@@ -32,7 +33,9 @@ class Dump(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         from torch._dynamo.utils import counters
 
-        state = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        from torch.distributed.tensor import DTensor
+
+        state = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         torch.save({
             "trainable": state, "compiled": [type(m).__name__ for m in compiled_blocks(pl_module)],
             "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
@@ -43,7 +46,13 @@ class Dump(pl.Callback):
 def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, resume: str = "") -> None:
     pl.seed_everything(0)
     model = CausalLM(lr=1e-2)
-    if strategy == "ddp":
+    if strategy == "nf4_fsdp":
+        from lightning_nf4.strategies import NF4FSDPStrategy
+        from tests.fsdp_worker import shardable_llama
+
+        model = CausalLM(model=shardable_llama(), lr=1e-2)
+        strategy = NF4FSDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+    elif strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))

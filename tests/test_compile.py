@@ -1,6 +1,7 @@
 """LoRACallback(compile=...): each decoder layer compiled in place after NF4 conversion and LoRA injection, on
 CPU (inductor, which needs the C compiler). A compiled fit trains like an eager one, resumes exactly from its
-checkpoint, exports the same artifacts, and runs under DDP (two gloo processes, in a subprocess with a timeout)."""
+checkpoint, exports the same artifacts, and runs under DDP and NF4FSDPStrategy (two gloo processes, in a
+subprocess with a timeout)."""
 
 import subprocess
 import sys
@@ -108,3 +109,22 @@ def test_compiled_ddp_matches_one_process(runs):
         assert torch.equal(value, rank1["trainable"][name]), name
         torch.testing.assert_close(value, single["trainable"][name], atol=1e-5, rtol=1e-4)
     assert (runs / "ddp" / "export" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_compiled_fit_under_fsdp2_trains_like_eager_without_graph_breaks(tmp_path):
+    """Under NF4FSDPStrategy each weight is an all-gathered NF4Tensor: the compiled layers must read it through
+    the dequantize op, whole (no graph break, one graph for every layer), and train as the eager fit does."""
+    results = {}
+    for compile in ("0", "1"):
+        done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / compile), "nf4_fsdp", "2", "2", compile],
+                              capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[compile] = [_load(tmp_path / compile, rank) for rank in (0, 1)]
+    eager, compiled = results["0"], results["1"]
+    for rank in compiled:
+        assert rank["compiled"] == ["FSDPLlamaDecoderLayer"] * 2
+        assert rank["graph_breaks"] == 0 and 1 <= rank["graphs"] <= 2  # forward graph(s) shared by both layers
+    for name, value in compiled[0]["trainable"].items():
+        assert torch.equal(value, compiled[1]["trainable"][name]), name
+        assert "lora_B" not in name or value.abs().max() > 0, name  # it trained
+        torch.testing.assert_close(value, eager[0]["trainable"][name], atol=2e-4, rtol=1e-3)  # fp32; inductor's fused order

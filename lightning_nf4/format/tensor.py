@@ -318,3 +318,21 @@ def _is_pinned(t: NF4Tensor, device: Any = None) -> bool:
 @_implements(aten._pin_memory.default)
 def _pin_memory(t: NF4Tensor, device: Any = None) -> NF4Tensor:
     return NF4Tensor(_map_tensors(t.quant, lambda x: x.pin_memory()), t.shape, t.dtype)
+
+
+# -- the dequantize op: how compiled code reads an NF4Tensor -------------------------------------
+@torch.library.custom_op("lightning_nf4::dequantize_nf4_tensor", mutates_args=())
+def dequantize_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float weight of an ``NF4Tensor``. An op rather than a method so that torch.compile traces it
+    (through this class's ops table, on the packed codes and scales) where it cannot follow ``.quant``."""
+    raise TypeError(f"dequantize_nf4_tensor expects an NF4Tensor, got a {type(weight).__name__}.")
+
+
+@dequantize_weight.register_fake
+def _(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+
+
+@_implements(torch.ops.lightning_nf4.dequantize_nf4_tensor.default)
+def _dequantize(t: NF4Tensor, dtype: torch.dtype) -> Tensor:
+    return t.quant.dequantize(dtype)

@@ -21,7 +21,7 @@ except ImportError:  # torch built without distributed support
 
 from lightning_nf4.format import NF4FormatError, NF4Weight, from_bnb_tensors, quantize_nf4, to_bnb_tensors
 from lightning_nf4.format.bnb_state import is_bnb_quantized
-from lightning_nf4.format.tensor import NF4Tensor
+from lightning_nf4.format.tensor import NF4Tensor, dequantize_weight
 from lightning_nf4.format.quantized import NESTED_BLOCKSIZE, NestedStats, SUPPORTED_DTYPES, check_blocksize
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import DequantGroup
@@ -61,6 +61,27 @@ class _NF4Matmul(torch.autograd.Function):
         w = ctx.weight.dequantize(ctx.dtype)
         with torch.autocast(grad_out.device.type, enabled=False):
             return torch.matmul(grad_out.to(ctx.dtype), w), None, None, None, None
+
+
+class _NF4TensorMatmul(torch.autograd.Function):
+    """``_NF4Matmul`` for an ``NF4Tensor`` weight (the form FSDP2 all-gathers), under torch.compile: the
+    weight is saved as the tensor it is, and read through the ``dequantize_nf4_tensor`` op both ways, which
+    compiled code can trace where it cannot follow the tensor's ``.quant``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, dequantize_weight(weight, dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return torch.matmul(grad_out.to(ctx.dtype), dequantize_weight(weight, ctx.dtype)), None, None
 
 
 class _Redequantize:
@@ -233,8 +254,13 @@ class NF4Linear(nn.Module):
             return self._shape_only(x)
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
-        quant = self._synced_quant()
         needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if isinstance(self.weight, NF4Tensor) and torch.compiler.is_compiling():
+            out = self._compiled_nf4_tensor(x.to(dtype), dtype, needs_grad)
+            if self.bias is not None:
+                out = out + self.bias.to(dtype)
+            return out if autocast else out.to(x.dtype)
+        quant = self._synced_quant()
         if x.numel() == self.in_features and not needs_grad:
             out = self._gemv(x.reshape(-1).to(dtype), quant).view(*x.shape[:-1], self.out_features)
         elif needs_grad and torch.compiler.is_compiling():
@@ -251,6 +277,13 @@ class NF4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
+
+    def _compiled_nf4_tensor(self, x: Tensor, dtype: torch.dtype, needs_grad: bool) -> Tensor:
+        """The matmul under torch.compile when the weight is an ``NF4Tensor`` (sharded by FSDP2)."""
+        if needs_grad:
+            return _NF4TensorMatmul.apply(x, self.weight, dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, dequantize_weight(self.weight, dtype))
 
     def _shape_only(self, x: Tensor) -> Tensor:
         """Inputs the matmul path does not take, handled as ``nn.Linear`` does: a non-float input is an error

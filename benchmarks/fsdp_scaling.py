@@ -60,6 +60,10 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
 
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
+    strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
+    unknown = set(flags) - {"compile", "keep", "p0"}
+    if unknown:
+        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch)")
     config = shape_config(shape, seq)
     vocab = config.vocab_size
     on_gpu = torch.cuda.is_available()
@@ -111,8 +115,9 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
             if on_gpu:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
-            if batch_idx == warmup + steps and strategy_name != "ddp" and devices > 1:
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA] if on_gpu else [torch.profiler.ProfilerActivity.CPU])
+            if batch_idx == warmup + steps and devices > 1:
+                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+                self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -123,21 +128,22 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
             if getattr(self, "prof", None) is not None and batch_idx == warmup + steps:
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
-                self.gather_ms = sum(e.device_time_total for e in events if "allgather" in e.key.lower().replace("_", "")) / 1e3
+                self.profile = profile_summary(events, time.perf_counter() - self.t0)
+                self.gather_ms = self.profile["allgather_ms"]
                 self.prof = None
 
-    n = warmup + steps + (1 if strategy_name != "ddp" and devices > 1 else 0)
+    n = warmup + steps + (1 if devices > 1 else 0)
     data = torch.randint(0, vocab, (n * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    if strategy_name.startswith("nf4_fsdp"):  # nf4_fsdp_p0: FSDP2's own prefetching only
-        strategy = NF4FSDPStrategy(prefetch=0 if strategy_name.endswith("_p0") else 1)
+    if strategy_name.startswith("nf4_fsdp"):  # +p0: FSDP2's own prefetching only; +keep: no reshard after forward
+        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 1, reshard_after_forward="keep" not in flags)
     else:
         strategy = strategy_name if devices > 1 else "auto"
     timer = Timer()
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu", devices=devices, strategy=strategy, max_steps=n, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        plugins=NF4Precision(), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), timer],
+        plugins=NF4Precision(), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), timer],
     )
     trainer.fit(Module(), train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
@@ -145,9 +151,27 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
         "spec": spec, "times": timer.times, "peak_gib": peak, "build_peak_gib": getattr(timer, "build_peak", float("nan")),
         "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss, "checkpoint": checkpoint,
+        "profile": getattr(timer, "profile", {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def profile_summary(events, wall_s: float) -> dict:
+    """One profiled step: NCCL and compute kernel time, host time inside FSDP2's hooks, the top host ops."""
+    def is_nccl(key: str) -> bool:
+        return "nccl" in key.lower()
+
+    cuda = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    fsdp = {e.key: (round(e.cpu_time_total / 1e3, 2), e.count) for e in events if e.key.startswith("FSDP::")}
+    top = sorted(((round(e.self_cpu_time_total / 1e3, 2), e.count, e.key[:80]) for e in events), reverse=True)[:15]
+    return {
+        "wall_ms": round(wall_s * 1e3, 1),
+        "allgather_ms": sum(e.device_time_total for e in events if "allgather" in e.key.lower().replace("_", "")) / 1e3,
+        "nccl_ms": round(sum(e.device_time_total for e in cuda if is_nccl(e.key)) / 1e3, 2),
+        "kernel_ms": round(sum(e.device_time_total for e in cuda if not is_nccl(e.key)) / 1e3, 2),
+        "fsdp_host_ms": fsdp, "top_host": top,
+    }
 
 
 def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked", checkpoint: str = "") -> None:
@@ -170,8 +194,14 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
                 "peak": max(x["peak_gib"] for x in ranks), "rss": max(x["rss_gib"] for x in ranks),
                 "gather_ms": ranks[0]["gather_ms"], "tokens": ranks[0]["tokens_per_step"], "device": ranks[0]["device"],
                 "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
+                "profiles": [x.get("profile", {}) for x in ranks],
             })
-            print(f"round {r} {spec}: {results[spec][-1]}", flush=True)
+            row = results[spec][-1]
+            print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k != "profiles"}), flush=True)
+            for rank, prof in enumerate(row["profiles"]):
+                if prof:
+                    host = {k: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward")}
+                    print(f"   rank {rank} profiled step {prof['wall_ms']} ms: kernels {prof['kernel_ms']} ms, NCCL {prof['nccl_ms']} ms, FSDP hooks (host ms, calls) {host}", flush=True)
     print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds; {loss} loss\n")
     print("| configuration | step s (median of rounds, range) | fastest step s | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")
     print("|---|---|---|---|---|---|---|---|")

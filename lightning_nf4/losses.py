@@ -317,9 +317,30 @@ def causal_lm_loss(
         return linear_cross_entropy(captured[0], weight, labels, bias=head.bias, ignore_index=ignore_index, shift=True,
                                     chunk_size=chunk_size, backend=backend)
     finally:
-        if not torch.is_grad_enabled():
-            for module in gathered:
-                module.reshard()  # with gradients, FSDP reshards them after the backward, as it does its own
+        for module in gathered:
+            if not torch.is_grad_enabled() or _released_after_loss(module, model.base_model):
+                module.reshard()
+
+
+def _released_after_loss(unit: nn.Module, backbone: nn.Module) -> bool:
+    """Whether an FSDP unit gathered for the loss may reshard as soon as the loss is computed: when all it holds
+    (outside its own sub-units) is frozen and outside the backbone, as a frozen output head is. The loss's
+    backward does not read the head's weight (its gradients were computed in the forward), and FSDP would
+    otherwise keep it whole until the end of backward, as this unit's pre-backward hook never runs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inside = {id(p) for p in backbone.parameters()}
+    own = [p for m in _own_modules(unit, FSDPModule) for p in m.parameters(recurse=False)]
+    return bool(own) and all(not p.requires_grad and id(p) not in inside for p in own)
+
+
+def _own_modules(module: nn.Module, unit_type: type) -> list[nn.Module]:
+    """``module`` and its descendants, not those inside another FSDP unit."""
+    out = [module]
+    for child in module.children():
+        if not isinstance(child, unit_type):
+            out.extend(_own_modules(child, unit_type))
+    return out
 
 
 def _plain(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor]) -> Tensor:

@@ -4,7 +4,8 @@
 
 STRATEGY: nf4_fsdp (lm_head in the FSDP root), nf4_fsdp_head_unit (lm_head sharded as a unit of its own, as
 a user may do), or auto (one process). The model's lm_head is trained in full (modules_to_save) besides
-LoRA, so the head weight's gradient goes through the loss too. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
+LoRA, so the head weight's gradient goes through the loss too; with a ``_frozen_head`` suffix it stays frozen
+(the usual QLoRA set-up), and the loss may let the gathered head go before backward. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
 measured before and after fit, and the trainable weights gathered whole.
 """
 
@@ -51,7 +52,7 @@ class Data(pl.LightningDataModule):
 
 class Record(pl.Callback):
     def __init__(self, out: Path) -> None:
-        self.out, self.losses, self.unsharded, self.resharded = out, [], 0, 0
+        self.out, self.losses, self.unsharded, self.resharded, self.released = out, [], 0, 0, 0
         import lightning_nf4.losses as losses
 
         unshard = losses._unshard_for_loss
@@ -64,6 +65,11 @@ class Record(pl.Callback):
 
         losses._unshard_for_loss = counting
 
+    def on_before_backward(self, trainer, pl_module, loss):
+        import lightning_nf4.losses as losses
+
+        self.released += losses._is_dtensor(pl_module.model.get_output_embeddings().weight)  # sharded again before backward
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
 
@@ -72,11 +78,14 @@ class Record(pl.Callback):
 
         state = full_trainable_state(pl_module)
         torch.save({"losses": self.losses, "before": pl_module.perplexity_before, "after": pl_module.perplexity_after,
-                    "trainable": state, "unsharded": self.unsharded, "resharded": self.resharded}, self.out / f"rank{trainer.global_rank}.pt")
+                    "trainable": state, "unsharded": self.unsharded, "resharded": self.resharded,
+                    "released": self.released}, self.out / f"rank{trainer.global_rank}.pt")
 
 
 def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch_size: int) -> None:
     pl.seed_everything(0)
+    frozen_head = strategy.endswith("_frozen_head")
+    strategy = strategy.removesuffix("_frozen_head")
     module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=2)
     if strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
@@ -88,7 +97,7 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         plugins=NF4Precision(compute_dtype=torch.float32),
-        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]), Record(out)],
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=None if frozen_head else ["lm_head"]), Record(out)],
     )
     trainer.fit(module, datamodule=Data(batch_size))
 

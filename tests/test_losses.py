@@ -358,9 +358,11 @@ def test_module_validation_perplexity_is_unchanged(model_dir):
 def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     """Two gloo ranks each, side by side: the plain loss, the chunked loss with lm_head in the FSDP root (the
     strategy's layout) and with lm_head a unit of its own. lm_head is trained too, so its gradient goes through
-    the units the chunked loss gathers again after the forward."""
+    the units the chunked loss gathers again after the forward; and both losses with lm_head frozen, where the
+    chunked loss reshards the head before backward."""
     worker = ROOT / "tests" / "losses_fsdp_worker.py"
-    runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit")}
+    runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit"),
+            "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head")}
     procs = {
         name: subprocess.Popen([sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -375,10 +377,9 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
             raise
         assert proc.returncode == 0, f"{name}: {err[-4000:]}"
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
-    plain = out["plain"]
-    assert plain[0]["unsharded"] == 0
-    for name in ("chunked", "head_unit"):
-        chunked = out[name]
+    assert out["plain"][0]["unsharded"] == 0
+    for name in ("chunked", "head_unit", "frozen"):
+        chunked, plain = out[name], out["frozen_plain" if name == "frozen" else "plain"]
         assert chunked[0]["unsharded"] > 0, name  # the chunked loss gathered FSDP's units itself
         # the head had been resharded after the forward (if this fails, the case is no longer covered)
         assert chunked[0]["resharded"] > 0, f"{name}: the head is no longer resharded after the forward here"
@@ -386,7 +387,9 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
             torch.testing.assert_close(torch.tensor(c["losses"]), torch.tensor(p["losses"]), rtol=1e-5, atol=1e-5)
             for when in ("before", "after"):
                 assert abs(c[when] / p[when] - 1) < 1e-5, (name, when, c[when], p[when])
-        assert "model.lm_head.weight" in chunked[0]["trainable"]
+        # a frozen head is let go as soon as the loss is computed; a trained one stays gathered for its gradient
+        assert (chunked[0]["released"] == len(chunked[0]["losses"])) if name == "frozen" else chunked[0]["released"] == 0, name
+        assert ("model.lm_head.weight" in chunked[0]["trainable"]) == (name != "frozen"), name
         for key, value in chunked[0]["trainable"].items():
             assert torch.equal(value, chunked[1]["trainable"][key]), key
             # fp32, four AdamW steps at lr 1e-2: Adam's normalisation magnifies float-rounding differences in tiny gradients

@@ -10,8 +10,8 @@ What it does in ``setup``, after the precision plugin has converted the model an
 injected its adapters: for each sharding unit (by default a transformers model's decoder layer class),
 materialize it if it was built on the meta device (quantizing as it goes; a model from
 ``from_pretrained(..., device="meta")`` is read from its checkpoint instead), move it to this rank's device
-and ``fully_shard`` it, so at most one unit is ever whole on a rank; then the input embeddings and the root
-(norms, ``lm_head``). Checkpoints hold the trainable weights, consolidated on rank 0 (adapter-only by default).
+and ``fully_shard`` it, so at most one unit is ever whole on a rank; then the input embeddings, the backbone (its final norm) and
+the root (``lm_head``). Checkpoints hold the trainable weights, consolidated on rank 0 (adapter-only by default).
 """
 
 from __future__ import annotations
@@ -208,6 +208,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         tables = _vocabulary_modules(hf)
         for table in tables:
             shard_one(table, False)
+        backbone = _backbone_unit(hf)
+        if backbone is not None:
+            shard_one(backbone, False)
         for child in module.children():
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)
@@ -268,6 +271,23 @@ def _vocabulary_modules(hf: Optional[nn.Module]) -> list[nn.Module]:
         return []  # tied
     inside = {id(m) for unit in hf.modules() if isinstance(unit, FSDPModule) for m in unit.modules()}
     return [] if id(embeddings) in inside else [embeddings]
+
+
+def _backbone_unit(hf: Optional[nn.Module]) -> Optional[nn.Module]:
+    """A transformers model's backbone (``base_model``: the final norm, once its layers and embeddings are units)
+    as a unit of its own, so that the root holds only the output head. The backbone's output then carries
+    FSDP's pre-backward hook, which gathers the norm again for its backward, and a loss that reads the head's
+    weight after the forward can let the head go before backward (``lightning_nf4.losses``). Not when the
+    head shares its weight with a table inside the backbone (tied): FSDP2 keeps a shared parameter in one unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    backbone = getattr(hf, "base_model", None)
+    if hf is None or not isinstance(backbone, nn.Module) or backbone is hf or isinstance(backbone, FSDPModule):
+        return None
+    head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
+    if head is None or {id(p) for p in head.parameters()} & {id(p) for p in backbone.parameters()}:
+        return None
+    return backbone
 
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sharded QLoRA checks for one multi-GPU lease (device time is scarce), in parts that each fit one command:
+#   bash benchmarks/gpu_fsdp.sh tests     # the 2-GPU tests (tests/test_gpu_fsdp.py)
+#   bash benchmarks/gpu_fsdp.sh 70b       # 70B shape: 4 GPUs (if present) and 2 GPUs, peak memory and speed
+#   bash benchmarks/gpu_fsdp.sh 8b [ROUNDS] [SPECS]   # 8B shape on 2 GPUs: sharded against DDP, eager and compiled
+# Outputs (logs, summary.json per part) go to ${OUT:-.}.
+set -uo pipefail
+out="${OUT:-.}"
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
+case "${1:-}" in
+  tests)
+    CUDA_VISIBLE_DEVICES=0,1 timeout 300 python3 -m pytest -q -x tests/test_gpu_fsdp.py -p no:cacheprovider 2>&1 | tail -15 | tee "$out/tests.txt" ;;
+  70b)
+    specs="70b:nf4_fsdp:2"
+    [ "$gpus" -ge 4 ] && specs="70b:nf4_fsdp:4,$specs"
+    timeout 560 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds 1 --steps 4 --warmup 2 --out /tmp/fsdp70 2>&1 | grep -v "^\s*$" | tail -30 | tee "$out/70b.txt"
+    cp /tmp/fsdp70/summary.json "$out/70b_summary.json" 2>/dev/null ;;
+  8b)
+    rounds="${2:-2}"
+    specs="${3:-8b:nf4_fsdp:2,8b:ddp:2,8b:nf4_fsdp+compile:2,8b:ddp+compile:2}"
+    CUDA_VISIBLE_DEVICES=0,1 timeout 570 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds "$rounds" --steps 6 --warmup 2 --out /tmp/fsdp8 2>&1 | grep -v "^\s*$" | tail -60 | tee "$out/8b.txt"
+    cp /tmp/fsdp8/summary.json "$out/8b_summary.json" 2>/dev/null ;;
+  *) echo "usage: gpu_fsdp.sh tests|70b|8b [ROUNDS] [SPECS]"; exit 2 ;;
+esac

@@ -163,7 +163,13 @@ def profile_summary(events, wall_s: float) -> dict:
         return "nccl" in key.lower()
 
     cuda = [e for e in events if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
-    fsdp = {e.key: (round(e.cpu_time_total / 1e3, 2), e.count) for e in events if e.key.startswith("FSDP::")}
+    fsdp: dict[str, list] = {}  # by hook, over units ("FSDP::pre_forward (model.layers.3)" -> "FSDP::pre_forward")
+    for e in events:
+        if e.key.startswith("FSDP::"):
+            kind = e.key.split(" (")[0].split(" for ")[0]
+            entry = fsdp.setdefault(kind, [0.0, 0])
+            entry[0] = round(entry[0] + e.cpu_time_total / 1e3, 2)
+            entry[1] += e.count
     top = sorted(((round(e.self_cpu_time_total / 1e3, 2), e.count, e.key[:80]) for e in events), reverse=True)[:15]
     return {
         "wall_ms": round(wall_s * 1e3, 1),
@@ -200,7 +206,7 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
             print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k != "profiles"}), flush=True)
             for rank, prof in enumerate(row["profiles"]):
                 if prof:
-                    host = {k: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward")}
+                    host = {k[6:]: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward_reduce", "FSDP::all_gather_copy_out")}
                     print(f"   rank {rank} profiled step {prof['wall_ms']} ms: kernels {prof['kernel_ms']} ms, NCCL {prof['nccl_ms']} ms, FSDP hooks (host ms, calls) {host}", flush=True)
     print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds; {loss} loss\n")
     print("| configuration | step s (median of rounds, range) | fastest step s | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")

@@ -17,6 +17,8 @@ Timing: CUDA uses ``torch.cuda.Event`` pairs, one per rep, after warm-up, with L
     python benchmarks/kernels.py                      # cuda if available, else cpu
     python benchmarks/kernels.py --device cpu --threads 2 --out cpu.md
     python benchmarks/kernels.py --device cuda --shape 8192x8192 --out h100.md
+    python benchmarks/kernels.py --device cuda --dequant-shapes      # only: dequantize at the Llama-3-8B shapes,
+                                                                     # per-card launch choice vs a sweep (dequant_shapes.py)
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import logging
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -261,6 +265,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="rows of x in the matmul benchmark")
     p.add_argument("--matmul", action="store_true", help="run the matmul rows on cpu too (always on for cuda)")
     p.add_argument("--out", default=None, help="also write the report (markdown) to this file")
+    p.add_argument("--dequant-shapes", nargs="?", const="", default=None, metavar="NxK[,NxK...]",
+                   help="instead of the default tables: dequantize at each shape (default: the Llama-3-8B ones and "
+                        "8192x8192), the package's per-card launch choice against a sweep of launch settings")
     a = p.parse_args()
 
     device = torch.device(a.device)
@@ -284,6 +291,21 @@ def main() -> None:
     if device.type == "cuda":
         copy_gbs = copy_bandwidth(device, timer)
         out.append(f"Device-to-device copy bandwidth (1 GiB, read+write): {copy_gbs:.0f} GB/s")
+    if a.dequant_shapes is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import dequant_shapes
+
+        shapes = dequant_shapes.parse_shapes(a.dequant_shapes)
+        out[2] = (f"Weights: {', '.join(f'{n}x{k}' for n, k in shapes)} {a.dtype} ~ N(0, 0.02), blocksize 64; median of "
+                  f"{timer.reps} reps after {timer.warmup} warm-up" + (", L2 flushed before each rep" if device.type == "cuda" else ""))
+        out += ["", f"NF4 dequantize ({a.dtype} out; bytes moved: 0.5 B read + {torch.empty((), dtype=dtype).element_size()} B "
+                "written per weight; '% of copy': of a dst.copy_(src) moving the same bytes)", ""]
+        out += dequant_shapes.run(shapes, dtype, device, timer, copy_gbs)
+        print("\n".join(out))
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write("\n".join(out) + "\n")
+        return
     torch.manual_seed(0)
     w = (torch.randn(n, k, device=device) * 0.02).to(dtype)
     with torch.no_grad():

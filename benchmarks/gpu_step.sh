@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-GPU checks for the QLoRA step and kernels, in parts that each fit one device command (about 9 minutes):
+#   bash benchmarks/gpu_step.sh memory    # step memory with the chunked loss, dequantize at the 8B shapes,
+#                                         # a profile of the compiled step (8 layers), the CUDA tests of the loss and decode
+#   bash benchmarks/gpu_step.sh decode    # greedy decode at 8B shape, eager and static-cache compiled (CUDA graphs)
+# liger-kernel is used when its wheel is carried in .whl/ (installed to /tmp/site). Outputs go to ${OUT:-.}.
+set -uo pipefail
+out="${OUT:-.}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}"
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
+case "${1:-}" in
+  memory)
+    timeout 170 python3 benchmarks/lora_step.py --device cuda --configs bf16,nf4,nf4-chunked --steps 6 --warmup 2 2>&1 | tail -8 | tee "$out/lora_step_memory.md"
+    timeout 80 python3 benchmarks/kernels.py --device cuda --dequant-shapes --out "$out/dequant_shapes.md" > /dev/null 2>&1; cat "$out/dequant_shapes.md"
+    timeout 170 python3 benchmarks/profile_step.py --compiled --layers 8 --steps 3 > "$out/profile_compiled.txt" 2>&1; head -40 "$out/profile_compiled.txt"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_losses.py tests/test_decode_compile.py -k "cuda" 2>&1 | tail -4 ;;
+  decode)
+    timeout 560 python3 benchmarks/generate.py --device cuda --preset llama3-8b --compiled --models bf16,lightning-nf4 --new-tokens 64 --repeats 3 \
+      > "$out/generate_compiled.md" 2> "$out/generate_compiled.err"; cat "$out/generate_compiled.md"; tail -5 "$out/generate_compiled.err" ;;
+  *) echo "usage: gpu_step.sh memory|decode"; exit 2 ;;
+esac

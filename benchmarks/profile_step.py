@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo as dynamo
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,12 +49,10 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS).inject(model)
     compiled = "compiled" in setup
     if compiled:
-        import torch._dynamo
-
         from lightning_nf4.plugins.compile import compile_blocks
 
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+        dynamo.reset()
+        dynamo.utils.counters.clear()
         compile_blocks(model)
     model.train()
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=1e-4)
@@ -75,7 +74,7 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     sync()
     dynamo = {}
     if compiled:
-        counters = torch._dynamo.utils.counters
+        counters = dynamo.utils.counters
         dynamo = dict(graph_breaks=dict(counters["graph_break"]), recompiles=dict(counters.get("recompiles", {})),
                       frames=dict(counters["stats"]))
     stats_before = torch.cuda.memory_stats() if device == "cuda" else {}

@@ -72,10 +72,10 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     for _ in range(2):
         step()
     sync()
-    dynamo = {}
+    compile_stats = {}
     if compiled:
         counters = dynamo.utils.counters
-        dynamo = dict(graph_breaks=dict(counters["graph_break"]), recompiles=dict(counters.get("recompiles", {})),
+        compile_stats = dict(graph_breaks=dict(counters["graph_break"]), recompiles=dict(counters.get("recompiles", {})),
                       frames=dict(counters["stats"]))
     stats_before = torch.cuda.memory_stats() if device == "cuda" else {}
     walls = []
@@ -107,7 +107,7 @@ def run(setup: str, preset: dict, batch: int, seq: int, steps: int, trace_dir: s
     if device == "cuda":
         torch.cuda.empty_cache()
     return dict(setup=setup, wall=statistics.median(walls), classes=dict(by_class), kernels=dict(by_kernel), cpu_ops=cpu_ops,
-                cpu_self=cpu_self, allocator=allocator, first=first, dynamo=dynamo,
+                cpu_self=cpu_self, allocator=allocator, first=first, dynamo=compile_stats,
                 launches=sum(v[1] for v in by_kernel.values()))
 
 

@@ -9,7 +9,8 @@ NF4 dequantize, attention, other), and the top kernels. ``lightning-nf4 (3 dequa
 off the reuse of the checkpoint recompute's weight in backward, to measure what that reuse gives;
 ``(LoRA update unfused)`` computes the LoRA update as PEFT does (mul + add) instead of one addmm.
 ``--compiled`` profiles the two compiled setups instead (``compile_blocks`` after injection, as
-``LoRACallback(compile=True)`` does) and lists dynamo's graph breaks and recompiles for each.
+``LoRACallback(compile=True)`` does) and lists dynamo's graph breaks and recompiles for each; ``(dequantize op)``
+keeps the custom dequantize op in the compiled graph instead of the fused plain-PyTorch form (``ops.COMPILED_DEQUANTIZE``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_step import PRESETS, TARGETS, _build_model  # noqa: E402
 
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
+from lightning_nf4.kernels import ops  # noqa: E402
 from lightning_nf4.layers import linear as nf4_linear  # noqa: E402
 
 CLASSES = (("NF4 dequantize", ("dequantize_kernel", "dequantize_group_kernel")), ("NF4 gemv", ("gemv_kernel",)),
@@ -126,18 +128,20 @@ def main() -> None:
     results = []
     from lightning_nf4.layers.lora import NF4LoraLinear
 
-    setups = ("bf16 LoRA, compiled", "lightning-nf4, compiled") if args.compiled else (
+    setups = ("bf16 LoRA, compiled", "lightning-nf4, compiled", "lightning-nf4, compiled (dequantize op)") if args.compiled else (
         "bf16 LoRA", "lightning-nf4", "lightning-nf4 (LoRA update unfused)", "lightning-nf4 (3 dequantizations)")
     for setup in setups:
         original = nf4_linear._recorded_by_checkpoint
         if "3 dequantizations" in setup:
             nf4_linear._recorded_by_checkpoint = lambda: False
         NF4LoraLinear.fuse_update = "unfused" not in setup
+        ops.COMPILED_DEQUANTIZE = "op" if "dequantize op" in setup else "fused"
         try:
             results.append(run(setup, preset, batch, seq, args.steps, args.trace_dir, args.device))
         finally:
             nf4_linear._recorded_by_checkpoint = original
             NF4LoraLinear.fuse_update = True
+            ops.COMPILED_DEQUANTIZE = "fused"
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; {args.preset} shape with {args.layers} layers, batch {batch} x {seq}, "
           f"LoRA r=16 on {','.join(TARGETS)}; wall = median of {args.steps} steps; kernel times from one profiled step (ms)")
     labels = ["matmul", "attention", "NF4 dequantize", "NF4 gemv", "other"]

@@ -128,3 +128,36 @@ def test_compiled_fit_under_fsdp2_trains_like_eager_without_graph_breaks(tmp_pat
         assert torch.equal(value, compiled[1]["trainable"][name]), name
         assert "lora_B" not in name or value.abs().max() > 0, name  # it trained
         torch.testing.assert_close(value, eager[0]["trainable"][name], atol=2e-4, rtol=1e-3)  # fp32; inductor's fused order
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_compiled_dequantize_is_fused_and_exact(double_quant, monkeypatch):
+    """Compiled code dequantizes through the plain-PyTorch form (no custom-op call left in the graph, so no
+    per-weight Python dispatch at run time), plain weights and FSDP's NF4Tensor alike, with the eager values
+    bit for bit; ``ops.COMPILED_DEQUANTIZE = "op"`` keeps the op."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from lightning_nf4.format import quantize_nf4
+    from lightning_nf4.format.tensor import NF4Tensor, dequantize_weight
+    from lightning_nf4.kernels import ops
+
+    torch.manual_seed(0)
+    quant = quantize_nf4(torch.randn(96, 320) * 0.02, 64, double_quant)  # a last block that is partly padding
+    eager = quant.dequantize(torch.bfloat16)
+    for mode in ("fused", "op"):
+        monkeypatch.setattr(ops, "COMPILED_DEQUANTIZE", mode)
+        graphs: list[str] = []
+
+        def keep(gm, inputs):
+            graphs.append(str(gm.graph))
+            return gm
+
+        torch._dynamo.reset()
+        plain = torch.compile(lambda: quant.dequantize(torch.bfloat16), backend=aot_autograd(fw_compiler=keep))()
+        weight = NF4Tensor(quant, dtype=torch.bfloat16)
+        sharded_form = torch.compile(lambda: dequantize_weight(weight, torch.bfloat16), backend=aot_autograd(fw_compiler=keep))()
+        assert len(graphs) == 2
+        assert all(("lightning_nf4.dequantize_4bit" in g) == (mode == "op") for g in graphs), mode
+        assert torch.equal(plain, eager) and torch.equal(sharded_form, eager), mode
+    compiled = torch.compile(lambda: quant.dequantize(torch.bfloat16))()  # inductor's own kernel
+    assert torch.equal(compiled, eager)

@@ -147,3 +147,18 @@ def test_cuda_grouped_checkpointed_step_equals_ungrouped():
         loss.backward()
         results.append((loss.detach(), model.model.embed_tokens.weight.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_compiled_dequantize_equals_the_kernel_at_llama_shapes(double_quant):
+    """Under torch.compile the dequantize is inductor's own fused kernel (``ops.COMPILED_DEQUANTIZE``): it must give
+    the tuned Triton kernel's values bit for bit (2026-11-27, H200: equal at all four 8B shapes and 8192x8192)."""
+    device = cuda_or_skip()
+    from lightning_nf4.format import quantize_nf4
+
+    torch.manual_seed(0)
+    for shape in ((4096, 4096), (1024, 4096), (14336, 4096)):
+        quant = quantize_nf4(torch.randn(*shape, device=device, dtype=torch.bfloat16) * 0.02, 64, double_quant)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda: quant.dequantize(torch.bfloat16), dynamic=False)()
+        assert torch.equal(compiled, quant.dequantize(torch.bfloat16)), shape

@@ -108,7 +108,24 @@ def dequantize_4bit(
 ) -> Tensor:
     """Flat ``[numel]`` tensor of ``dtype``. With ``nested_*`` given, ``absmax`` holds uint8 codes
     of the double-quantized statistics and is decoded first (fused into one pass on GPU)."""
+    if COMPILED_DEQUANTIZE == "fused" and _traced(packed):
+        if nested_absmax is not None:
+            if nested_code is None or offset is None:
+                raise ValueError("Double-quantized absmax needs nested_code and offset as well as nested_absmax.")
+            absmax = reference.dequantize_blockwise_8bit_fusable(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+        return reference.dequantize_4bit_fusable(packed, absmax, code, blocksize, numel, dtype)
     return _direct(_dequantize_4bit, packed)(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+
+
+# How compiled code dequantizes: "fused" traces the plain-PyTorch form, which the compiler turns into a kernel of
+# its own launched from the compiled graph; "op" keeps the custom op (its tuned Triton kernel, but a Python
+# dispatch and launch of about 0.1 ms per weight, which made a compiled 8B step host-bound: benchmarks/NOTES.md).
+COMPILED_DEQUANTIZE = "fused"
+
+
+def _traced(tensor: Tensor) -> bool:
+    """Whether this call is being traced by torch.compile (dynamo, or AOTAutograd's fake/functional tensors)."""
+    return torch.compiler.is_compiling() or (type(tensor) not in _PLAIN and not tensor.is_meta)
 
 
 def _decode_absmax(

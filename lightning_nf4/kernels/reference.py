@@ -40,6 +40,32 @@ def dequantize_4bit(
     return (values * scale).to(dtype)
 
 
+def dequantize_4bit_fusable(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``dequantize_4bit`` as broadcasts and one table gather, which torch.compile fuses into one kernel of its
+    own (launched from compiled code, without a custom op's host cost). Same values: one fp32 multiply, one
+    rounding to ``dtype``."""
+    flat = packed.reshape(-1, 1)
+    nibbles = torch.cat([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel]
+    blocks = -(-numel // blocksize)
+    scale = absmax[:blocks].reshape(-1, 1).expand(blocks, blocksize).reshape(-1)[:numel]
+    return (code[nibbles.long()] * scale).to(dtype)
+
+
+def dequantize_blockwise_8bit_fusable(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
+) -> torch.Tensor:
+    """``dequantize_blockwise_8bit`` for compiled code. The product is formed in float64 (exact for two fp32
+    values) and rounded to fp32 before the offset is added, so a compiler cannot fuse multiply and add into one
+    FMA rounding: the two fp32 roundings bitsandbytes makes, whatever the backend contracts."""
+    n = q.numel()
+    blocks = -(-n // blocksize)
+    scale = absmax[:blocks].reshape(-1, 1).expand(blocks, blocksize).reshape(-1)[:n]
+    product = (code[q.reshape(-1).long()].double() * scale.double()).float()
+    return product + offset
+
+
 _LUT_SIZE = 65536
 
 

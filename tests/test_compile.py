@@ -21,13 +21,17 @@ WORKER = Path(__file__).with_name("compile_worker.py")
 
 def test_compile_option_is_checked():
     assert compile_option(False) is None and compile_option(None) is None and compile_option(True) == {}
-    assert compile_option({"mode": "max-autotune", "blocks": ["LlamaDecoderLayer"]}) == {"mode": "max-autotune", "blocks": ["LlamaDecoderLayer"]}
+    assert compile_option({"mode": "max-autotune-no-cudagraphs", "blocks": ["LlamaDecoderLayer"]}) == {"mode": "max-autotune-no-cudagraphs", "blocks": ["LlamaDecoderLayer"]}
     with pytest.raises(CompileConfigError, match=r"unknown option\(s\) \['mdoe'\]"):
         LoRACallback(compile={"mdoe": "max-autotune"})
     with pytest.raises(CompileConfigError, match="must be True, False or a mapping"):
         LoRACallback(compile="yes")
     with pytest.raises(CompileConfigError, match=r"compile\['blocks'\] must be"):
         compile_option({"blocks": [3]})
+    for cuda_graphs in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(CompileConfigError, match="records CUDA graphs.*max-autotune-no-cudagraphs"):
+            LoRACallback(compile=cuda_graphs)
+    assert compile_option({"mode": "max-autotune-no-cudagraphs"}) == {"mode": "max-autotune-no-cudagraphs"}
 
 
 def test_blocks_are_the_decoder_layers_or_named_ones():

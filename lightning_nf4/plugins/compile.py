@@ -20,6 +20,7 @@ from lightning_nf4.layers.group import find_by_class, repeated_blocks
 
 Blocks = Union[str, Sequence[Union[str, type]]]
 _COMPILE_KEYS = ("fullgraph", "dynamic", "backend", "mode", "options", "disable")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor's modes that record CUDA graphs
 
 
 class CompileConfigError(ValueError):
@@ -39,6 +40,12 @@ def compile_option(value: Union[None, bool, Mapping[str, Any]]) -> Optional[dict
     unknown = sorted(set(value) - set(_COMPILE_KEYS) - {"blocks"})
     if unknown:
         raise CompileConfigError(f"compile got unknown option(s) {unknown}; allowed: {['blocks', *_COMPILE_KEYS]}.")
+    if value.get("mode") in _CUDA_GRAPH_MODES or (value.get("options") or {}).get("triton.cudagraphs"):
+        raise CompileConfigError(
+            f"compile mode {value.get('mode', 'triton.cudagraphs')!r} records CUDA graphs, which per-layer compiled training "
+            "cannot use: each layer's graph overwrites the outputs the previous layer's backward still needs (seen on an "
+            "H200 with torch 2.11, benchmarks/NOTES.md). Use the default mode or 'max-autotune-no-cudagraphs'."
+        )
     blocks = value.get("blocks", "auto")
     if not (blocks == "auto" or isinstance(blocks, (str, type)) or (isinstance(blocks, Sequence) and blocks and all(isinstance(b, (str, type)) for b in blocks))):
         raise CompileConfigError(f"compile['blocks'] must be 'auto', or block class names or classes, got {blocks!r}.")

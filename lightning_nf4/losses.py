@@ -329,18 +329,11 @@ def _released_after_loss(unit: nn.Module, backbone: nn.Module) -> bool:
     otherwise keep it whole until the end of backward, as this unit's pre-backward hook never runs."""
     from torch.distributed.fsdp import FSDPModule
 
+    from lightning_nf4.strategies.fsdp import own_modules
+
     inside = {id(p) for p in backbone.parameters()}
-    own = [p for m in _own_modules(unit, FSDPModule) for p in m.parameters(recurse=False)]
+    own = [p for m in own_modules(unit, FSDPModule) for p in m.parameters(recurse=False)]
     return bool(own) and all(not p.requires_grad and id(p) not in inside for p in own)
-
-
-def _own_modules(module: nn.Module, unit_type: type) -> list[nn.Module]:
-    """``module`` and its descendants, not those inside another FSDP unit."""
-    out = [module]
-    for child in module.children():
-        if not isinstance(child, unit_type):
-            out.extend(_own_modules(child, unit_type))
-    return out
 
 
 def _plain(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor]) -> Tensor:

@@ -108,12 +108,9 @@ def dequantize_4bit(
 ) -> Tensor:
     """Flat ``[numel]`` tensor of ``dtype``. With ``nested_*`` given, ``absmax`` holds uint8 codes
     of the double-quantized statistics and is decoded first (fused into one pass on GPU)."""
-    if COMPILED_DEQUANTIZE == "fused" and _traced(packed):
-        if nested_absmax is not None:
-            if nested_code is None or offset is None:
-                raise ValueError("Double-quantized absmax needs nested_code and offset as well as nested_absmax.")
-            absmax = reference.dequantize_blockwise_8bit_fusable(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-        return reference.dequantize_4bit_fusable(packed, absmax, code, blocksize, numel, dtype)
+    if COMPILED_DEQUANTIZE == "fused" and _traced(packed):  # the plain-PyTorch body, for the compiler to fuse
+        absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+        return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
     return _direct(_dequantize_4bit, packed)(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
 
 

@@ -32,38 +32,14 @@ def quantize_4bit(weight: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``code[nibble] * absmax`` in fp32, then one rounding to ``dtype``; returns a flat tensor."""
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel].long()
-    values = code[codes]
-    scale = absmax.repeat_interleave(blocksize)[:numel]
-    return (values * scale).to(dtype)
-
-
-def dequantize_4bit_fusable(
-    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``dequantize_4bit`` as broadcasts and one table gather, which torch.compile fuses into one kernel of its
-    own (launched from compiled code, without a custom op's host cost). Same values: one fp32 multiply, one
-    rounding to ``dtype``."""
+    """``code[nibble] * absmax`` in fp32, then one rounding to ``dtype``; returns a flat tensor. Written as
+    broadcasts and one table gather, so that under torch.compile the compiler fuses it into one kernel of its
+    own (launched from compiled code, without a custom op's host cost: ``ops.COMPILED_DEQUANTIZE``)."""
     flat = packed.reshape(-1, 1)
     nibbles = torch.cat([flat >> 4, flat & 15], dim=1).reshape(-1)[:numel]
     blocks = -(-numel // blocksize)
     scale = absmax[:blocks].reshape(-1, 1).expand(blocks, blocksize).reshape(-1)[:numel]
     return (code[nibbles.long()] * scale).to(dtype)
-
-
-def dequantize_blockwise_8bit_fusable(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
-) -> torch.Tensor:
-    """``dequantize_blockwise_8bit`` for compiled code. The product is formed in float64 (exact for two fp32
-    values) and rounded to fp32 before the offset is added, so a compiler cannot fuse multiply and add into one
-    FMA rounding: the two fp32 roundings bitsandbytes makes, whatever the backend contracts."""
-    n = q.numel()
-    blocks = -(-n // blocksize)
-    scale = absmax[:blocks].reshape(-1, 1).expand(blocks, blocksize).reshape(-1)[:n]
-    product = (code[q.reshape(-1).long()].double() * scale.double()).float()
-    return product + offset
 
 
 _LUT_SIZE = 65536
@@ -101,10 +77,14 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
 def dequantize_blockwise_8bit(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, offset: torch.Tensor
 ) -> torch.Tensor:
-    """Rebuild fp32 statistics: ``code[q] * absmax[i // blocksize] + offset``."""
+    """Rebuild fp32 statistics: ``code[q] * absmax[i // blocksize] + offset``, rounded twice as bitsandbytes
+    does. The product is formed in float64 (exact for two fp32 values) and rounded to fp32 before the offset is
+    added, so that no compiler can contract multiply and add into one FMA rounding."""
     n = q.numel()
-    scale = absmax.repeat_interleave(blocksize)[:n]
-    return code[q.reshape(-1).long()] * scale + offset
+    blocks = -(-n // blocksize)
+    scale = absmax[:blocks].reshape(-1, 1).expand(blocks, blocksize).reshape(-1)[:n]
+    product = (code[q.reshape(-1).long()].double() * scale.double()).float()
+    return product + offset
 
 
 def group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):

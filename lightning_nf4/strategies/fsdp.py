@@ -336,7 +336,7 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
 
     from lightning_nf4.loading.deferred import allocate, deferred_checkpoint
 
-    own = list(_own_modules(module, FSDPModule))
+    own = list(own_modules(module, FSDPModule))
     meta = any(t.is_meta for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
     allocate(own, device)
     if not meta:
@@ -362,19 +362,19 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
                 hf._init_weights(sub)
 
 
-def _own_modules(module: nn.Module, fsdp_type: type) -> Iterable[nn.Module]:
-    """``module`` and its descendants, stopping at submodules already sharded."""
+def own_modules(module: nn.Module, fsdp_type: type) -> Iterable[nn.Module]:
+    """``module`` and its descendants, stopping at submodules already sharded (``fsdp_type``): what one FSDP unit holds."""
     yield module
     for child in module.children():
         if isinstance(child, fsdp_type):
             continue
-        yield from _own_modules(child, fsdp_type)
+        yield from own_modules(child, fsdp_type)
 
 
 def _prepare_nf4(module: nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule
 
-    for sub in _own_modules(module, FSDPModule):
+    for sub in own_modules(module, FSDPModule):
         if isinstance(sub, NF4Linear):
             sub.to_nf4_tensor()
 

@@ -72,11 +72,21 @@ class Dump(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         self.base = {n: local_parts(p) for n, p in pl_module.named_parameters() if not p.requires_grad}
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1 and trainer.current_epoch == 0:  # one whole step (forward, backward, optimizer) profiled
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profile.__enter__()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         from torch.distributed.tensor import DTensor
 
         from lightning_nf4.format.tensor import NF4Tensor
 
+        if getattr(self, "profile", None) is not None:
+            self.profile.__exit__(None, None, None)
+            # FSDP2 names each all-gather after its unit: how often each unit was gathered in that step
+            self.gathers = {e.key: e.count for e in self.profile.key_averages() if e.key.startswith("FSDP::all_gather (")}
+            self.profile = None
         if batch_idx != 0 or trainer.current_epoch != 0:
             return
         self.first_loss = outputs["loss"].detach().clone()
@@ -97,7 +107,7 @@ class Dump(pl.Callback):
 
         state = full_trainable_state(pl_module)
         torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__,
-                    "base": self.base, "first_loss": self.first_loss},
+                    "base": self.base, "first_loss": self.first_loss, "gathers": getattr(self, "gathers", {})},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 

@@ -201,6 +201,16 @@ def test_each_rank_holds_half_of_every_weight_between_steps(runs):
             assert h["absmax"] * 2 == elements // 64 and h["nested"] * 2 == elements // (64 * 256), name
 
 
+def test_each_unit_is_gathered_where_a_step_needs_it(runs):
+    """Per step: each decoder layer for its forward and again for its backward; the frozen input embeddings only
+    for the forward (nothing of them is read in backward: FSDP2 would gather them again at the end of it)."""
+    gathers = runs["fsdp"][0]["gathers"]
+    embeddings = [k for k in gathers if k.endswith("embed_tokens)")]
+    layers = [k for k in gathers if ".layers." in k]
+    assert len(embeddings) == 1 and gathers[embeddings[0]] == 1, gathers
+    assert len(layers) == 2 and all(gathers[k] == 2 for k in layers), gathers
+
+
 def test_sharded_exports_match_the_single_process_ones(runs):
     root = runs["root"]
     a = load_file(root / "fsdp" / "export" / "adapter" / "adapter_model.safetensors")

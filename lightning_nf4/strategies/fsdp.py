@@ -208,6 +208,10 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         tables = _vocabulary_modules(hf)
         for table in tables:
             shard_one(table, False)
+            if not any(p.requires_grad for p in table.parameters()) and hasattr(table, "set_unshard_in_backward"):
+                # A frozen table's backward reads nothing of it: without this FSDP2 gathers it whole (1 GiB at
+                # Llama-3 shape) once more at the end of every backward, for no gradient.
+                table.set_unshard_in_backward(False)
         backbone = _backbone_unit(hf)
         if backbone is not None:
             shard_one(backbone, False)

@@ -255,17 +255,16 @@ class NF4Linear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.compute_dtype
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if isinstance(self.weight, NF4Tensor) and torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling and isinstance(self.weight, NF4Tensor):  # gathered by FSDP2: read through its dequantize op
             out = self._compiled_nf4_tensor(x.to(dtype), dtype, needs_grad)
-            if self.bias is not None:
-                out = out + self.bias.to(dtype)
-            return out if autocast else out.to(x.dtype)
-        quant = self._synced_quant()
-        if x.numel() == self.in_features and not needs_grad:
-            out = self._gemv(x.reshape(-1).to(dtype), quant).view(*x.shape[:-1], self.out_features)
-        elif needs_grad and torch.compiler.is_compiling():
+        elif x.numel() == self.in_features and not needs_grad:
+            out = self._gemv(x.reshape(-1).to(dtype), self._synced_quant()).view(*x.shape[:-1], self.out_features)
+        elif needs_grad and compiling:
+            quant = self._synced_quant()
             out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype, self._dequantized(quant, dtype))
         elif needs_grad and not _recorded_by_checkpoint():
+            quant = self._synced_quant()
             w = self._dequantized(quant, dtype)
             hooks = _Redequantize(w, quant, dtype)
             with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
@@ -273,7 +272,7 @@ class NF4Linear(nn.Module):
         else:
             # Nothing to save (no grad), or checkpointing drops what is saved: plain autograd, whose
             # C++ backward node costs less host time than a Python Function.
-            out = torch.nn.functional.linear(x.to(dtype), self._dequantized(quant, dtype))
+            out = torch.nn.functional.linear(x.to(dtype), self._dequantized(self._synced_quant(), dtype))
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)

@@ -45,11 +45,10 @@ from torch.utils._pytree import tree_flatten
 
 GIB = 2**30
 TARGET_LAYERS, TARGET_SEQ = 32, 2048
-# Llama-3-8B's layer shape and vocabulary (fsdp_scaling.py's "8b"), untied head; "tiny" checks the script quickly
-SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
-}
+# fsdp_scaling.py's step and shapes: "8b" (Llama-3-8B's layers and vocabulary, untied head), "tiny" (a quick check)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp_scaling import llama_step_module, shape_config  # noqa: E402
+SHAPES = ("8b", "tiny")
 GPU_MEASURED = {"nf4_fsdp:2": 6.95, "ddp:2": 7.39}  # results_h200x2_fsdp_scaling.md, commit 0d66f97, per GPU
 
 # -- categories ----------------------------------------------------------------------------------------------
@@ -636,7 +635,6 @@ def vocab_parallel_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tens
 # -- one configuration: a Lightning fit under the ledger ---------------------------------------------------------------
 def run_one(spec: str, layers: int, seq: int, steps: int, out: Path, shape: str = "8b") -> None:
     import lightning.pytorch as pl
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_nf4 import LoRACallback, NF4Precision
     from lightning_nf4.strategies import NF4FSDPStrategy
@@ -652,32 +650,9 @@ def run_one(spec: str, layers: int, seq: int, steps: int, out: Path, shape: str 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(seq, 64), tie_word_embeddings=False, **SHAPES[shape])
+    config = shape_config(shape, seq)  # fsdp_scaling.py's shapes, with this run's number of layers
+    config.num_hidden_layers = layers
     ledger = Ledger(seq)
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = None
-
-        def configure_model(self) -> None:
-            if self.model is not None:
-                return
-            build = "meta" if strategy_name.startswith("nf4_fsdp") else self.trainer.strategy.root_device
-            with torch.device(build):
-                self.model = LlamaForCausalLM(config)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
-
-        def training_step(self, batch, batch_idx):
-            from lightning_nf4.losses import causal_lm_loss
-
-            if "vocab_parallel" in variants:
-                return vocab_parallel_loss(self.model, batch)
-            return causal_lm_loss(self.model, batch, batch)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
 
     class Track(pl.Callback):
         def setup(self, trainer, pl_module, stage):
@@ -720,7 +695,9 @@ def run_one(spec: str, layers: int, seq: int, steps: int, out: Path, shape: str 
         plugins=NF4Precision(group_dequantize="ungrouped" not in variants),  # True is the GPU default ("auto")
         callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), Track()],
     )
-    trainer.fit(Module(), train_dataloaders=loader)
+    module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"),
+                               loss_fn=vocab_parallel_loss if "vocab_parallel" in variants else None)
+    trainer.fit(module, train_dataloaders=loader)
 
 
 # -- scaling to the full model and the tables ------------------------------------------------------------------------------

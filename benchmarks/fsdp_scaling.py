@@ -51,22 +51,12 @@ def write_checkpoint(shape: str, folder: Path) -> None:
     LlamaForCausalLM(shape_config(shape)).to(torch.bfloat16).save_pretrained(folder, max_shard_size="2GB")
 
 
-def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "") -> None:
+def llama_step_module(config, build_on_meta: bool, loss: str = "chunked", checkpoint: str = "", loss_fn=None):
+    """The step both scripts measure (``fsdp_memory.py`` too): a Llama of ``config`` built in ``configure_model``
+    (on meta for the sharded strategy, which fills each unit as it shards it; else on the rank's device), or read
+    from ``checkpoint``; HF gradient checkpointing; the chunked loss (``"plain"``: HF's own, ``loss_fn``: another)."""
     import lightning.pytorch as pl
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lightning_nf4 import LoRACallback, NF4Precision
-    from lightning_nf4.strategies import NF4FSDPStrategy
-
-    shape, strategy_name, devices = spec.split(":")
-    devices = int(devices)
-    strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
-    unknown = set(flags) - {"compile", "keep", "p0"}
-    if unknown:
-        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch)")
-    config = shape_config(shape, seq)
-    vocab = config.vocab_size
-    on_gpu = torch.cuda.is_available()
+    from transformers import LlamaForCausalLM
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -76,7 +66,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
         def configure_model(self) -> None:
             if self.model is not None:
                 return
-            build = "meta" if strategy_name.startswith("nf4_fsdp") else self.trainer.strategy.root_device
+            build = "meta" if build_on_meta else self.trainer.strategy.root_device
             if checkpoint:  # read from disk: on meta, each rank filling its shards unit by unit, or whole
                 from transformers import BitsAndBytesConfig
 
@@ -91,6 +81,8 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
             self.model.config.use_cache = False
 
         def training_step(self, batch, batch_idx):
+            if loss_fn is not None:
+                return loss_fn(self.model, batch)
             if loss == "plain":
                 return self.model(input_ids=batch, labels=batch).loss
             from lightning_nf4.losses import causal_lm_loss  # never the whole [tokens x vocab] logits
@@ -99,6 +91,25 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
 
         def configure_optimizers(self):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
+
+    return Module()
+
+
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "") -> None:
+    import lightning.pytorch as pl
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from lightning_nf4.strategies import NF4FSDPStrategy
+
+    shape, strategy_name, devices = spec.split(":")
+    devices = int(devices)
+    strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
+    unknown = set(flags) - {"compile", "keep", "p0"}
+    if unknown:
+        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch)")
+    config = shape_config(shape, seq)
+    vocab = config.vocab_size
+    on_gpu = torch.cuda.is_available()
 
     class Timer(pl.Callback):
         def __init__(self) -> None:
@@ -145,7 +156,8 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         plugins=NF4Precision(), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), timer],
     )
-    trainer.fit(Module(), train_dataloaders=loader)
+    module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"), loss=loss, checkpoint=checkpoint)
+    trainer.fit(module, train_dataloaders=loader)
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else float("nan")
     result = {
         "spec": spec, "times": timer.times, "peak_gib": peak, "build_peak_gib": getattr(timer, "build_peak", float("nan")),

@@ -78,8 +78,7 @@ def _dequantize_4bit(
     offset: Optional[Tensor] = None,
     nested_blocksize: int = 256,
 ) -> Tensor:
-    absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-    return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+    return _dequantize_4bit_plain(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
 
 
 @_dequantize_4bit.register_fake
@@ -90,6 +89,11 @@ def _(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_
 def _dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
     if cpu.supports(dtype):
         return cpu.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    return _dequantize_4bit_plain(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+
+
+def _dequantize_4bit_plain(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize):
+    """The plain-PyTorch dequantize (any device): the op's own body, the CPU fallback, and what compiled code traces."""
     absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
 
@@ -109,8 +113,7 @@ def dequantize_4bit(
     """Flat ``[numel]`` tensor of ``dtype``. With ``nested_*`` given, ``absmax`` holds uint8 codes
     of the double-quantized statistics and is decoded first (fused into one pass on GPU)."""
     if COMPILED_DEQUANTIZE == "fused" and _traced(packed):  # the plain-PyTorch body, for the compiler to fuse
-        absmax = _decode_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-        return reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+        return _dequantize_4bit_plain(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
     return _direct(_dequantize_4bit, packed)(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
 
 

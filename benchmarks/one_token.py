@@ -8,6 +8,7 @@ alone (what a CUDA-graphed decode pays).
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_nf4
+import lightning_nf4.kernels.ops
 
 
 def _copies(n: int, k: int, device: torch.device) -> int:
@@ -24,6 +26,13 @@ def _copies(n: int, k: int, device: torch.device) -> int:
 
 def per_call_us(fns: list[Callable[[], object]], device: torch.device, calls: int) -> float:
     """Microseconds per call of ``calls`` back-to-back calls cycling through ``fns`` (after one round of warm-up)."""
+    return host_and_wall_us(fns, device, calls)[1]
+
+
+def host_and_wall_us(fns: list[Callable[[], object]], device: torch.device, calls: int) -> tuple[float, float]:
+    """(host, wall) microseconds per call of ``calls`` back-to-back calls cycling through ``fns``: host is the time
+    to issue them (the GPU's queue holds more than ``calls`` launches, so the host never waits for it), wall the
+    time until the GPU has finished them too. On the CPU both are the same."""
     for fn in fns:
         fn()
     if device.type == "cuda":
@@ -31,9 +40,11 @@ def per_call_us(fns: list[Callable[[], object]], device: torch.device, calls: in
     start = time.perf_counter()
     for i in range(calls):
         fns[i % len(fns)]()
+    issued = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / calls * 1e6
+    done = time.perf_counter()
+    return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
 def graph_us(fns: list[Callable[[], object]], calls: int) -> float:
@@ -58,7 +69,7 @@ def graph_us(fns: list[Callable[[], object]], calls: int) -> float:
     return start.elapsed_time(end) * 1e3 / calls
 
 
-def compare(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, calls: int = 0) -> list[str]:
+def compare(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, calls: int = 0, rounds: int = 1) -> list[str]:
     """Lines comparing one 1-token call (input ``[1, 1, k]``, as a decode step passes it) of ``NF4Linear`` (double
     quantization, blocksize 64) with ``F.linear`` on the float weight it was quantized from."""
     calls = calls or (400 if device.type == "cuda" else 20)
@@ -72,12 +83,50 @@ def compare(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfl
     nf4_fns = [lambda m=m: m(x) for m in nf4]
     dense_fns = [lambda w=w: F.linear(x, w) for w in dense]
     with torch.no_grad():
-        eager = per_call_us(nf4_fns, device, calls), per_call_us(dense_fns, device, calls)
+        pairs = [(host_and_wall_us(nf4_fns, device, calls), host_and_wall_us(dense_fns, device, calls)) for _ in range(rounds)]
+        (nf4_host, nf4_wall), (dense_host, dense_wall) = [
+            tuple(statistics.median(p[side][i] for p in pairs) for i in (0, 1)) for side in (0, 1)]
+        wall_ratios = [p[0][1] / p[1][1] for p in pairs]
         lines = [f"1-token call at {n}x{k} {str(dtype).removeprefix('torch.')}, eager, back to back over {len(nf4)} "
-                 f"weight(s), {calls} calls: NF4Linear {eager[0]:.1f} us, F.linear {eager[1]:.1f} us "
-                 f"({eager[0] / eager[1]:.2f}x dense)"]
+                 f"weight(s), {calls} calls, median of {rounds} alternating rounds: NF4Linear {nf4_wall:.1f} us, F.linear "
+                 f"{dense_wall:.1f} us ({nf4_wall / dense_wall:.2f}x dense; rounds {min(wall_ratios):.2f}-{max(wall_ratios):.2f}x)",
+                 f"  host time to issue them: NF4Linear {nf4_host:.1f} us, F.linear {dense_host:.1f} us "
+                 f"({nf4_host / dense_host:.2f}x dense)"]
         if device.type == "cuda":
+            from lightning_nf4.kernels import triton_kernels as tk
+
+            saved = tk.FAST_LAUNCH
+            tk.FAST_LAUNCH = False
+            try:
+                slow_host, slow_wall = host_and_wall_us(nf4_fns, device, calls)
+            finally:
+                tk.FAST_LAUNCH = saved
+            lines.append(f"  NF4Linear through Triton's own launch (FAST_LAUNCH off): host {slow_host:.1f} us, wall {slow_wall:.1f} us")
             graphed = graph_us(nf4_fns, calls), graph_us(dense_fns, calls)
             lines.append(f"  the same calls replayed from a CUDA graph (GPU time): NF4Linear {graphed[0]:.1f} us, "
                          f"F.linear {graphed[1]:.1f} us ({graphed[0] / graphed[1]:.2f}x dense)")
+            config = tk.gemv_launch_config(device, n, k, True, dtype, 64)
+            lines.append(f"  gemv setting chosen for {n}x{k}: {config}; direct launch in use: "
+                         f"{bool(getattr(lightning_nf4.kernels.ops.prepared_gemv(nf4[0], nf4[0].quant, dtype, n, k), 'fast', False))}")
     return lines
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default="8192x8192,4096x4096,14336x4096,4096x14336,1024x4096")
+    parser.add_argument("--calls", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating NF4Linear / F.linear rounds (median and range)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.lower().split("x"))
+        print("\n".join(compare(n, k, device, calls=args.calls, rounds=args.rounds)), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

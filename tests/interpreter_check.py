@@ -30,3 +30,46 @@ for double_quant in (True, False):
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 print("interpreter kernels match")
+
+# Every gemv launch candidate (rows, blocks per step, warps, stages, split-K) against dequantize + matvec,
+# at rows of 2048 values (split-K parts of several steps) and of 320 (five blocks: split and steps shrink).
+for n, k in ((6, 2048), (5, 320)):
+    q = L.quantize_nf4(torch.randn(n, k) * 0.02, 64, True)
+    x = torch.randn(k)
+    ref = q.dequantize(torch.float32) @ x
+    for setting in tk.GEMV_CANDIDATES:
+        plan = tk.gemv_plan(q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.float32, setting=setting)
+        torch.testing.assert_close(plan(x), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"gemv {setting} {n}x{k}: {m}")
+
+# NF4Linear's prepared 1-token launch (ops.prepared_gemv), with the Triton kernel serving the CPU here: it
+# follows a reloaded weight and a moved one, and the plan refuses an input it was not prepared for.
+from lightning_nf4.kernels import ops  # noqa: E402
+
+ops._KERNELS[ops._gemv_4bit]["cpu"] = tk.gemv_4bit
+layer = L.NF4Linear.from_linear(torch.nn.Linear(256, 24, bias=False), compute_dtype=torch.float32)
+x = torch.randn(1, 1, 256)
+with torch.no_grad():
+    first = layer(x)
+    assert torch.allclose(first.reshape(-1), layer.dequantize(torch.float32) @ x.reshape(-1), atol=1e-5), "prepared gemv"
+    plan = ops.prepared_gemv(layer, layer.quant, torch.float32, 24, 256)
+    assert isinstance(plan, tk.GemvLaunch), "a Triton device kernel gets a prepared launch"
+    held = layer.quant  # the old layout stays alive: the plan must still notice the layer's new one
+    layer.load_state_dict({"weight": torch.randn(24, 256)})  # new codes and scales: a new quant, a new plan
+    again = layer(x)
+    assert torch.allclose(again.reshape(-1), layer.dequantize(torch.float32) @ x.reshape(-1), atol=1e-5), "after reload"
+    assert not torch.allclose(again, first), "the reloaded weight's output, not the old plan's"
+    assert ops.prepared_gemv(layer, layer.quant, torch.float32, 24, 256) is not plan
+    import weakref  # noqa: E402
+
+    gone = weakref.ref(ops.prepared_gemv(layer, layer.quant, torch.float32, 24, 256))
+    layer.to(torch.float64)  # _apply: a new quant for the same codes (what a device move does) ...
+    assert gone() is None, "... and the old plan, which holds the old tensors, is dropped with the old quant"
+    moved = layer(x)
+    assert torch.equal(moved, again)
+    try:
+        plan(torch.randn(255))
+    except ValueError as e:
+        assert "must hold 256 values" in str(e) and "Reshape x" in str(e), str(e)
+    else:
+        raise AssertionError("a plan took an input of the wrong size")
+print("interpreter prepared gemv ok")

@@ -162,3 +162,26 @@ def test_compiled_dequantize_equals_the_kernel_at_llama_shapes(double_quant):
         torch._dynamo.reset()
         compiled = torch.compile(lambda: quant.dequantize(torch.bfloat16), dynamic=False)()
         assert torch.equal(compiled, quant.dequantize(torch.bfloat16)), shape
+
+
+def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
+    """NF4Linear's prepared 1-token launch on CUDA: Triton's launch, then the checked direct launch, equal to the
+    op's result bit for bit; and every gemv launch candidate (split-K included) against dequantize + matvec."""
+    from lightning_nf4.kernels import ops
+    from lightning_nf4.kernels import triton_kernels as tk
+
+    device = cuda_or_skip()
+    layer = NF4Linear.from_linear(nn.Linear(1024, 384, bias=False)).to(device)
+    x = torch.randn(1, 1, 1024, device=device, dtype=torch.bfloat16)
+    q = layer.quant
+    expected = ops._gemv_4bit(x.reshape(-1), q.packed, q.absmax, q.code, 64, 384, 1024, *q.nested_args())
+    with torch.no_grad():
+        outs = [layer(x).reshape(-1) for _ in range(3)]
+    plan = ops.prepared_gemv(layer, layer.quant, torch.bfloat16, 384, 1024)
+    assert plan.fast, "the direct launch was not taken into use (its check against Triton's launch failed)"
+    for out in outs:
+        assert torch.equal(out, expected)
+    ref = q.dequantize(torch.float32) @ x.reshape(-1).float()
+    for setting in tk.GEMV_CANDIDATES:
+        got = tk.gemv_plan(q.packed, q.absmax, q.code, 64, 384, 1024, *q.nested_args(), torch.bfloat16, setting=setting)(x.reshape(-1))
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{setting}: {m}")

@@ -11,9 +11,10 @@ pytest.importorskip("triton")
 
 
 def test_triton_kernels_under_the_interpreter_match_the_cpu_kernels():
-    env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, str(root / "tests" / "interpreter_check.py")], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "interpreter kernels match" in done.stdout
+    assert "interpreter prepared gemv ok" in done.stdout

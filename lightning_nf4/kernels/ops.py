@@ -13,7 +13,8 @@ go through ``torch.ops.lightning_nf4.*`` as usual.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -264,6 +265,55 @@ def gemv_4bit(
 ) -> Tensor:
     """``W @ x`` for a single token ``x[in_features]`` (generation); GPUs read the packed weight directly."""
     return _direct(_gemv_4bit, x)(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize)
+
+
+def gemv_plan(
+    dtype: torch.dtype,
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[Tensor] = None,
+    nested_code: Optional[Tensor] = None,
+    offset: Optional[Tensor] = None,
+    nested_blocksize: int = 256,
+) -> Optional[Callable[[Tensor], Tensor]]:
+    """A prepared eager ``gemv_4bit`` for one weight and input dtype, ``plan(x) -> W @ x``, for a layer to keep:
+    the launch setting, grid and fixed arguments are worked out once instead of per token. None where the
+    device's registered kernel is not the Triton one (the CPU's C kernel has no per-call setup to save), or
+    where the Triton kernel does not serve this layout. Eager only: compiled code calls ``gemv_4bit``."""
+    from lightning_nf4.kernels import triton_kernels
+
+    if _KERNELS.get(_gemv_4bit, {}).get(packed.device.type) is not triton_kernels.gemv_4bit:
+        return None
+    return triton_kernels.gemv_plan(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code,
+                                    offset, nested_blocksize, dtype)
+
+
+# Per layer (weakly: a deep-copied or deleted layer takes nothing along), the prepared gemv of its current NF4
+# weight: (weak reference to the weight's layout object, input dtype, plan or None).
+_PREPARED: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+
+
+def prepared_gemv(owner: object, quant: Any, dtype: torch.dtype, out_features: int, in_features: int) -> Optional[Callable[[Tensor], Tensor]]:
+    """``owner``'s prepared eager gemv for the NF4 weight ``quant`` (an ``NF4Weight``) and inputs of ``dtype``, made on
+    first use and kept while ``quant`` lives and stays ``owner``'s (a moved or reloaded weight is a new ``quant``);
+    None where ``gemv_plan`` has none (then call ``gemv_4bit``)."""
+    entry = _PREPARED.get(owner)
+    if entry is not None and entry[0]() is quant and entry[1] == dtype:
+        return entry[2]
+    held = weakref.ref(owner)
+
+    def forget(dead: weakref.ref) -> None:  # the plan holds the weight's tensors: it goes when the weight does
+        who = held()
+        if who is not None and _PREPARED.get(who, (None,))[0] is dead:
+            del _PREPARED[who]
+
+    plan = gemv_plan(dtype, quant.packed, quant.absmax, quant.code, quant.blocksize, out_features, in_features, *quant.nested_args())
+    _PREPARED[owner] = (weakref.ref(quant, forget), dtype, plan)
+    return plan
 
 
 def launches_kernels(device_type: str) -> bool:

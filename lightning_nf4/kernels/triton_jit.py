@@ -184,19 +184,28 @@ def quantize_8bit_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, num_blocks, BLOCK
 def gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N,
     nested_blocksize, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
-    BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr,
+    BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr = 1,
 ):
     # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once (a
-    # quarter of the bf16 bytes) and writes no dequantized copy. BLOCKS_PER_ROW % BLOCKS_PER_STEP == 0;
+    # quarter of the bf16 bytes) and writes no dequantized copy. BLOCKS_PER_ROW % (BLOCKS_PER_STEP * SPLIT) == 0;
     # EVEN: N % ROWS == 0. Products are summed within each quantization block and scaled once per block.
     # x is loaded per row, in the layout of the packed bytes (it stays in L1): a shared x would be moved
     # through shared memory to that layout at every step.
+    # SPLIT > 1 (split-K): program (i, s) sums the s-th of SPLIT slices of the rows into fp32 partials
+    # out_ptr[s * N + row], and gemv_split_sum_kernel adds them: more programs, and so more bytes in flight,
+    # for weights with few rows (a 1024-row weight makes 256 programs of 4 rows for 132 SMs).
     pid = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     HALF: tl.constexpr = BLOCKSIZE // 2
+    PART_BLOCKS: tl.constexpr = BLOCKS_PER_ROW // SPLIT
     acc = tl.zeros([ROWS, BLOCKS_PER_STEP], dtype=tl.float32)
-    for b0 in range(0, BLOCKS_PER_ROW, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
+    if SPLIT == 1:  # constant bounds, as before split-K existed
+        first = 0
+    else:
+        first = part * PART_BLOCKS
+    for b0 in range(first, first + PART_BLOCKS, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
         blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
         pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
         x_at = pair[None, :, :] + 0 * rows[:, None, None]
@@ -221,4 +230,19 @@ def gemv_kernel(
             scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, row_ok[:, None], nested_blocksize, NESTED)
         high, low = code_pair(code_ptr, byte, SHUFFLE)
         acc += tl.sum(high * x_even + low * x_odd, axis=2) * scale
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+    total = tl.sum(acc, axis=1)
+    if SPLIT == 1:
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(out_ptr + part * N + rows, total, mask=row_ok)
+
+
+@triton.jit
+def gemv_split_sum_kernel(partial_ptr, out_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    # out[n] = sum over s of partial[s, n], in a fixed order (the result does not depend on scheduling).
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        total += tl.load(partial_ptr + s * N + rows, mask=ok, other=0.0)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=ok)

@@ -47,7 +47,6 @@ def quantize_4bit(weight: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
 # store (seen on an H200 at blocksize 256). DEQUANT_CONFIG forces one setting.
 DEQUANT_CANDIDATES = ((4096, 4), (8192, 8), (4096, 8), (8192, 4))
 DEQUANT_CONFIG: Optional[dict] = None  # e.g. {"outputs": 4096, "num_warps": 4}; None: timed per card
-GEMV_CONFIG = {"rows": 4, "blocks_per_step": 16, "num_warps": 4}  # swept on an H100: benchmarks/NOTES.md
 _dequantize_choice: dict[tuple, tuple[int, int]] = {}
 
 
@@ -224,6 +223,251 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Te
     return q, absmax
 
 
+# -- gemv (one token) --------------------------------------------------------------------------------
+# Launch settings (rows per program, quantization blocks per loop step, warps, pipeline stages, split-K
+# parts): timed per card and weight shape on first use, as for dequantize, because the best setting moves
+# with the number of rows (programs in flight) and of blocks per row (loop length). The first candidate is
+# the setting swept on an H100 before split-K existed (benchmarks/NOTES.md). GEMV_CONFIG forces one.
+GEMV_CANDIDATES: tuple[tuple[int, int, int, int, int], ...] = (
+    (4, 16, 4, 3, 1), (2, 16, 4, 3, 1), (1, 32, 4, 3, 1), (8, 8, 4, 3, 1),
+    (4, 16, 8, 4, 1), (4, 32, 4, 3, 1), (2, 64, 4, 3, 1), (2, 16, 4, 3, 2), (1, 32, 4, 3, 4), (4, 16, 4, 3, 4),
+)
+GEMV_CONFIG: Optional[dict] = None  # e.g. {"rows": 4, "blocks_per_step": 16, "num_warps": 4, "num_stages": 3, "split": 1}
+FAST_LAUNCH = True  # launch prepared gemv plans through the compiled kernel's launcher (checked once per plan)
+_gemv_choice: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _gemv_setting(setting: tuple[int, int, int, int, int], blocks_per_row: int) -> tuple[int, int, int, int, int]:
+    """``setting`` fitted to a row of ``blocks_per_row`` blocks: the kernel has no mask along K, so blocks per step
+    and split parts are halved until each part is a whole number of steps."""
+    rows, step, warps, stages, split = setting
+    while split > 1 and blocks_per_row % split:
+        split //= 2
+    while (blocks_per_row // split) % step:
+        step //= 2
+    return rows, step, warps, stages, split
+
+
+def _gemv_key(device: torch.device, out_features: int, in_features: int, nested: bool, dtype: torch.dtype, blocksize: int) -> tuple:
+    return device.type, device.index, out_features, in_features, nested, dtype, blocksize
+
+
+def gemv_launch_config(device: torch.device, out_features: int, in_features: int, nested: bool = True,
+                       dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> Optional[dict]:
+    """The gemv setting used for this shape on ``device`` (None before its first timed call)."""
+    if GEMV_CONFIG is not None:
+        return dict(GEMV_CONFIG)
+    choice = _gemv_choice.get(_gemv_key(torch.device(device), out_features, in_features, nested, dtype, blocksize))
+    return None if choice is None else dict(zip(("rows", "blocks_per_step", "num_warps", "num_stages", "split"), choice))
+
+
+class GemvLaunch:
+    """One weight's gemv, prepared once: setting, grid, fixed arguments and specialisation, so that a call
+    builds no tuples and looks nothing up but the input. ``__call__(x)`` returns ``W @ x``.
+
+    After its first launch the plan calls the compiled kernel's launcher directly, skipping Triton's per-call
+    argument binding and cache lookup (its checks were made once, for these very arguments). That is checked
+    once against Triton's own launch, bit for bit; any difference or error falls back to Triton's launch."""
+
+    __slots__ = ("kernels", "out_features", "in_features", "dtype", "pairs", "setting", "grid", "head",
+                 "tail", "meta", "split_grid", "compiled", "sum_compiled", "fast", "device", "device_index", "__weakref__")
+
+    def __init__(self, kernels, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, out_features: int,
+                 in_features: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                 nested_blocksize: int, dtype: torch.dtype, setting: tuple[int, int, int, int, int]) -> None:
+        nested = nested_absmax is not None
+        self.kernels, self.out_features, self.in_features, self.dtype = kernels, out_features, in_features, dtype
+        self.device = packed.device
+        self.device_index = packed.get_device()
+        self.pairs = {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+        blocks_per_row = in_features // blocksize
+        rows, step, warps, stages, split = self.setting = _gemv_setting(setting, blocks_per_row)
+        self.grid = (-(-out_features // rows), split)
+        self.head = (packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code,
+                     offset if nested else absmax)  # the plan holds the weight's tensors: their addresses stay valid
+        self.tail = (out_features, nested_blocksize)
+        self.meta = dict(NESTED=nested, X_PAIRS=self.pairs, BLOCKSIZE=blocksize, BLOCKS_PER_ROW=blocks_per_row,
+                         BLOCKS_PER_STEP=step, ROWS=rows, SHUFFLE=shuffles(packed.device), EVEN=out_features % rows == 0,
+                         SPLIT=split, num_warps=warps, num_stages=stages)
+        self.split_grid = (-(-out_features // 1024),)
+        self.compiled = self.sum_compiled = None
+        self.fast = None  # the direct launcher once checked; False once it failed
+
+    def _x(self, x: Tensor) -> Tensor:
+        """``x`` as the kernel reads it (bf16/fp16 as 32-bit words of two values); a wrong input is an error here,
+        before any launch, since a direct launch checks nothing."""
+        if x.dtype != self.dtype or x.numel() != self.in_features or x.get_device() != self.device_index:
+            self._wrong(x)
+        x = x.contiguous()
+        if self.pairs:
+            x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
+        return x
+
+    def _wrong(self, x: Tensor):
+        raise ValueError(
+            f"gemv_4bit: x must hold {self.in_features} values (the weight's in_features) of {self.dtype} on "
+            f"{self.device}, the dtype and device this launch was prepared for; got shape {list(x.shape)}, {x.dtype}, "
+            f"on {x.device}. Reshape x to [{self.in_features}] and cast or move it, or prepare another launch."
+        )
+
+    def _outputs(self) -> tuple[Tensor, Tensor]:
+        out = torch.empty(self.out_features, dtype=self.dtype, device=self.device)
+        if self.setting[4] == 1:
+            return out, out
+        return out, torch.empty(self.setting[4] * self.out_features, dtype=torch.float32, device=self.device)
+
+    def triton_launch(self, x: Tensor) -> Tensor:
+        """Through Triton's own ``kernel[grid](...)``: binds and checks the arguments on every call."""
+        out, partial = self._outputs()
+        self.compiled = self.kernels.gemv_kernel[self.grid](self._x(x), *self.head, partial, *self.tail, **self.meta)
+        if partial is not out:
+            self.sum_compiled = self.kernels.gemv_split_sum_kernel[self.split_grid](
+                partial, out, self.out_features, SPLIT=self.setting[4], BLOCK=1024, num_warps=4)
+        return out
+
+    def __call__(self, x: Tensor) -> Tensor:
+        fast = self.fast
+        if fast and FAST_LAUNCH:
+            return fast(x)
+        out = self.triton_launch(x)
+        if fast is None and FAST_LAUNCH and self.compiled is not None and not _capturing(self.device):
+            self.fast = _checked_fast_launch(self, x, out)
+        return out
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _direct_launcher(compiled, grid: tuple[int, ...], device_index: int):
+    """``launch(*args)`` of one compiled Triton kernel for a fixed grid, as ``JITFunction.run`` ends (``args``: all
+    the kernel's parameters in order, constexprs included). None where this Triton's objects lack that form."""
+    try:
+        from triton.runtime.driver import driver
+
+        try:
+            from triton import knobs
+
+            def hooks():
+                return knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        except ImportError:  # before Triton 3.4 the hooks lived on CompiledKernel
+            from triton.compiler.compiler import CompiledKernel
+
+            def hooks():
+                return CompiledKernel.launch_enter_hook, CompiledKernel.launch_exit_hook
+
+        run, function, packed_metadata, metadata_of = compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata
+        get_stream = driver.active.get_current_stream
+    except Exception:  # noqa: BLE001 - an unknown layout of Triton's internals: keep Triton's own launch
+        return None
+    g0, g1, g2 = (*grid, 1, 1)[:3]
+
+    def launch(*args):
+        stream = get_stream(device_index)
+        enter, leave = hooks()
+        if _no_hook(enter) and _no_hook(leave):  # nothing to call: no launch metadata to build for it
+            return run(g0, g1, g2, stream, function, packed_metadata, None, None, None, *args)
+        return run(g0, g1, g2, stream, function, packed_metadata, metadata_of(grid, stream, *args), enter, leave, *args)
+
+    return launch
+
+
+def _no_hook(hook) -> bool:
+    """Whether a Triton launch hook calls nothing: None, or (Triton 3.6+) an empty ``HookChain``."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+GEMV_PARAMETERS = ("x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_ptr", "nested_code_ptr", "offset_ptr",
+                   "out_ptr", "N", "nested_blocksize", "NESTED", "X_PAIRS", "BLOCKSIZE", "BLOCKS_PER_ROW", "BLOCKS_PER_STEP",
+                   "ROWS", "SHUFFLE", "EVEN", "SPLIT")
+
+
+def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
+    """The plan's direct launch, if it gives Triton's launch's result bit for bit; False otherwise (kept)."""
+    try:
+        if tuple(plan.kernels.gemv_kernel.arg_names) != GEMV_PARAMETERS:
+            return False
+        meta, split = plan.meta, plan.setting[4]
+        index = plan.device.index if plan.device.index is not None else torch.cuda.current_device()
+        constexprs = tuple(meta[k] for k in GEMV_PARAMETERS[10:])
+        gemv = _direct_launcher(plan.compiled, plan.grid, index)
+        total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
+        if gemv is None or (split > 1 and total is None):
+            return False
+        head, n, nested_blocksize, dtype, device = plan.head, plan.out_features, plan.tail[1], plan.dtype, plan.device
+
+        in_features, device_index = plan.in_features, plan.device_index
+
+        def fast(x: Tensor) -> Tensor:
+            # The launcher reads only addresses, so x needs no int32 view here; what Triton's launch would check
+            # or specialise on is checked instead (an unaligned or strided x takes Triton's launch).
+            if x.dtype != dtype or x.numel() != in_features or x.get_device() != device_index:
+                plan._wrong(x)
+            if x.data_ptr() % 16 or not x.is_contiguous():
+                return plan.triton_launch(x)
+            out = torch.empty(n, dtype=dtype, device=device)
+            if split == 1:
+                gemv(x, *head, out, n, nested_blocksize, *constexprs)
+            else:
+                partial = torch.empty(split * n, dtype=torch.float32, device=device)
+                gemv(x, *head, partial, n, nested_blocksize, *constexprs)
+                total(partial, out, n, split, 1024)
+            return out
+
+        return fast if torch.equal(fast(x), expected) else False
+    except Exception:  # noqa: BLE001 - Triton's own launch stays
+        return False
+
+
+def gemv_plan(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    out_features: int,
+    in_features: int,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    nested_blocksize: int,
+    dtype: torch.dtype,
+    setting: Optional[tuple[int, int, int, int, int]] = None,
+) -> Optional[GemvLaunch]:
+    """A prepared gemv for this weight and input dtype (the setting timed for its shape unless given); None where
+    the Triton kernel does not serve it (no Triton, or rows not a whole number of quantization blocks)."""
+    kernels = _kernels()
+    if kernels is None or in_features % blocksize:
+        return None
+    weight = (packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize, dtype)
+    if setting is None:
+        setting = _choose_gemv(weight)
+    return GemvLaunch(kernels, *weight, setting)
+
+
+def _choose_gemv(weight: tuple) -> tuple[int, int, int, int, int]:
+    """The fastest of GEMV_CANDIDATES for this shape, timed once; the first one while a CUDA graph is captured."""
+    if GEMV_CONFIG is not None:
+        c = GEMV_CONFIG
+        return c["rows"], c["blocks_per_step"], c["num_warps"], c.get("num_stages", 3), c.get("split", 1)
+    packed, blocksize, out_features, in_features, nested_absmax, dtype = weight[0], weight[3], weight[4], weight[5], weight[6], weight[10]
+    device = packed.device
+    key = _gemv_key(device, out_features, in_features, nested_absmax is not None, dtype, blocksize)
+    choice = _gemv_choice.get(key)
+    if choice is None:
+        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return GEMV_CANDIDATES[0]
+        from triton.testing import do_bench
+
+        kernels = _kernels()
+        x = torch.randn(in_features, device=device).to(dtype)
+        times = {}
+        for c in dict.fromkeys(_gemv_setting(c, in_features // blocksize) for c in GEMV_CANDIDATES):
+            plan = GemvLaunch(kernels, *weight, c)
+            times[c] = do_bench(lambda plan=plan: plan.triton_launch(x), warmup=5, rep=20, return_mode="median")
+        choice = _gemv_choice[key] = min(times, key=times.get)
+    return choice
+
+
 def gemv_4bit(
     x: Tensor,
     packed: Tensor,
@@ -238,27 +482,11 @@ def gemv_4bit(
     nested_blocksize: int = 256,
 ) -> Tensor:
     """One token, ``W @ x``, read straight from NF4: the weight is read once (a quarter of the bf16 bytes)
-    and no dequantized copy is written. Falls back to dequantize + matmul where the layout does not fit."""
-    kernels = _kernels()
-    if kernels is None or in_features % blocksize:
+    and no dequantized copy is written. Falls back to dequantize + matmul where the layout does not fit.
+    Builds its launch each call; ``NF4Linear`` keeps a ``gemv_plan`` per layer instead."""
+    plan = gemv_plan(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset,
+                     nested_blocksize, x.dtype)
+    if plan is None:
         w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
         return w.view(out_features, in_features) @ x
-    nested = nested_absmax is not None
-    out = torch.empty(out_features, dtype=x.dtype, device=x.device)
-    x = x.contiguous()
-    pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
-    if pairs:
-        x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
-    rows, warps = GEMV_CONFIG["rows"], GEMV_CONFIG["num_warps"]
-    blocks_per_row = in_features // blocksize
-    blocks_per_step = GEMV_CONFIG["blocks_per_step"]
-    while blocks_per_row % blocks_per_step:  # the kernel has no mask along K
-        blocks_per_step //= 2
-    kernels.gemv_kernel[(-(-out_features // rows),)](
-        x, packed, absmax, code,
-        nested_absmax if nested else absmax, nested_code if nested else code, offset if nested else absmax,
-        out, out_features, nested_blocksize, NESTED=nested, X_PAIRS=pairs, BLOCKSIZE=blocksize,
-        BLOCKS_PER_ROW=blocks_per_row, BLOCKS_PER_STEP=blocks_per_step, ROWS=rows, SHUFFLE=shuffles(x.device),
-        EVEN=out_features % rows == 0, num_warps=warps,
-    )
-    return out
+    return plan.triton_launch(x)

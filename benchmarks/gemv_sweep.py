@@ -1,0 +1,170 @@
+"""The 1-token gemv kernel's launch settings at the Llama-3-8B shapes and 8192x8192 (issue 12, goal 5).
+
+For each shape (double quantization, blocksize 64, bf16 x): every setting of the sweep (rows per program, blocks
+per loop step, warps, pipeline stages, split-K parts) is checked against dequantize + matvec, then timed as GPU
+time per call from a CUDA graph that cycles through enough copies of the weight that L2 holds none (256 MiB of
+codes). Each time is given as GB/s of the weight's bytes (codes and scales) and as % of a device copy moving the
+same bytes (half read, half written), timed the same way; dense is ``F.linear`` on the bf16 weight. The package's
+own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first use) is shown beside the best.
+
+    python benchmarks/gemv_sweep.py                     # CUDA
+    TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lightning_nf4
+from lightning_nf4.kernels import triton_kernels as tk
+
+SHAPES = ((8192, 8192), (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out, in)
+# (rows, blocks per step, warps, stages, split)
+SWEEP = tuple(dict.fromkeys([  # about 20 settings: each shape compiles each once (about a second apiece)
+    *tk.GEMV_CANDIDATES,
+    (1, 64, 4, 3, 1), (2, 32, 4, 3, 1), (4, 32, 4, 3, 1), (8, 16, 8, 3, 1), (16, 8, 8, 3, 1),
+    (4, 16, 4, 2, 1), (4, 16, 4, 4, 1), (2, 32, 8, 4, 1), (8, 32, 8, 3, 1), (4, 64, 8, 3, 1),
+    (1, 32, 4, 3, 2), (2, 16, 4, 3, 4), (1, 16, 4, 3, 8), (4, 16, 4, 3, 2),
+]))
+QUICK = tk.GEMV_CANDIDATES
+
+
+def _graph_us(fns: list[Callable[[], object]], calls: int) -> float:
+    """GPU microseconds per call of ``calls`` calls cycling through ``fns``, captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return sorted(times)[1]
+
+
+def _nbytes(q: lightning_nf4.NF4Weight) -> int:
+    return q.nbytes
+
+
+def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    q0 = lightning_nf4.quantize_nf4(w, 64, True)
+    nbytes = _nbytes(q0)
+    copies = max(1, -(-(256 << 20) // nbytes)) if device.type == "cuda" else 1
+    qs = [q0] + [lightning_nf4.quantize_nf4(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, 64, True)
+                 for _ in range(copies - 1)]
+    x = torch.randn(k, device=device, dtype=torch.bfloat16)
+    ref = (q0.dequantize(torch.float32) @ x.float())
+    scale = ref.abs().max().item()
+    result: dict = {"shape": f"{n}x{k}", "bytes": nbytes, "copies": copies, "sweep": {}}
+    args = lambda q: (q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.bfloat16)  # noqa: E731
+    timed = device.type == "cuda"
+    if timed:
+        dense_w = [w] + [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, -(-(256 << 20) // (2 * n * k))) - 1)]
+        result["dense_us"] = _graph_us([lambda d=d: F.linear(x, d) for d in dense_w], calls)
+        del dense_w
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+        dst = [torch.empty_like(src) for _ in range(max(1, -(-(512 << 20) // nbytes)))]
+        result["copy_us"] = _graph_us([lambda d=d: d.copy_(src) for d in dst], calls)
+        del src, dst
+        tk.gemv_4bit(x, *args(q0)[:-1])  # the package's own choice for this shape (timed here, once)
+        result["choice"] = tk.gemv_launch_config(device, n, k, True, torch.bfloat16, 64)
+    for setting in sweep:
+        try:
+            plans = [tk.gemv_plan(*args(q), setting=setting) for q in qs]
+            got = plans[0].triton_launch(x).float()
+            err = (got - ref).abs().max().item() / max(scale, 1e-30)
+            if not err <= 1e-2:  # bf16 output of an fp32 sum: well inside 1e-2 of the largest output
+                result["sweep"][setting] = f"wrong ({err:.1e})"
+                continue
+            result["sweep"][setting] = _graph_us([lambda p=p: p.triton_launch(x) for p in plans], calls) if timed else "ok"
+        except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row, not the end
+            result["sweep"][setting] = f"n/a ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:50]})"
+    return result
+
+
+def _label(s) -> str:
+    return "/".join(map(str, s))
+
+
+def report(results: list[dict], sweep) -> list[str]:
+    lines = ["settings: rows/blocks per step/warps/stages/split; GPU us per call from a CUDA graph, L2 cycled out",
+             "", "| weight | MB read | dense us | copy us (same bytes) | package's choice | us | GB/s | % of copy | "
+             "sweep best | us | GB/s | % of copy | best / dense |", "|" + "---|" * 13]
+    for r in results:
+        mb = r["bytes"] / 1e6
+        row = [r["shape"], f"{mb:.1f}"]
+        if "copy_us" not in r:
+            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 10) + " |")
+            continue
+        copy = r["copy_us"]
+        row += [f"{r['dense_us']:.1f}", f"{copy:.1f}"]
+        times = {s: v for s, v in r["sweep"].items() if isinstance(v, float)}
+        choice = r.get("choice")
+        c = None if choice is None else tuple(choice[k] for k in ("rows", "blocks_per_step", "num_warps", "num_stages", "split"))
+        if c in times:
+            row += [_label(c), f"{times[c]:.1f}", f"{r['bytes'] / times[c] / 1e3:.0f}", f"{100 * copy / times[c]:.0f}%"]
+        else:
+            row += [str(choice), "", "", ""]
+        if times:
+            b = min(times, key=times.get)
+            row += [_label(b), f"{times[b]:.1f}", f"{r['bytes'] / times[b] / 1e3:.0f}", f"{100 * copy / times[b]:.0f}%",
+                    f"{times[b] / r['dense_us']:.2f}x"]
+        else:
+            row += ["n/a"] * 5
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Sweep detail, % of copy (or why not):", ""]
+    lines.append("| setting | " + " | ".join(r["shape"] for r in results) + " |")
+    lines.append("|" + "---|" * (len(results) + 1))
+    for s in sweep:
+        cells = []
+        for r in results:
+            v = r["sweep"].get(s, "")
+            cells.append(f"{100 * r['copy_us'] / v:.0f}% ({v:.1f})" if isinstance(v, float) else str(v))
+        lines.append(f"| {_label(s)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=None, help="NxK[,NxK...] (default: the Llama-3-8B shapes and 8192x8192)")
+    parser.add_argument("--quick", action="store_true", help="only the package's candidates")
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in p.lower().split("x")) for p in args.shapes.split(","))
+    sweep = QUICK if args.quick else SWEEP
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter: checks only)"
+    print(f"{name}; torch {torch.__version__}; gemv sweep, {len(sweep)} settings", flush=True)
+    results = []
+    with torch.no_grad():
+        for n, k in shapes:
+            results.append(measure(n, k, device, sweep, args.calls))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(report(results[-1:], sweep)[4], flush=True)  # this shape's row, in case a timeout cuts the rest
+    print("\n" + "\n".join(report(results, sweep)))
+
+
+if __name__ == "__main__":
+    main()

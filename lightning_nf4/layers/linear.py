@@ -11,6 +11,7 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 try:
@@ -37,15 +38,29 @@ def _recorded_by_checkpoint() -> bool:
     dropped in the first pass and kept only by the recompute, whose backward follows at once, so the
     dequantized weight may be saved: one dequantization less per layer and step. Eager only: under
     torch.compile the forward takes ``_NF4Matmul`` before asking."""
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top_hooks(False) if top_hooks is not None else None
+    hooks = _top_saved_tensors_hooks()
     return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
 
+def _in_checkpoint_recompute() -> bool:
+    """True while ``torch.utils.checkpoint`` (non-reentrant, HF's or FSDP's composable one) recomputes this
+    forward inside a backward; False in its first pass and outside checkpointing. Eager only."""
+    hooks = _top_saved_tensors_hooks()
+    return (
+        hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+        and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook")
+    )
+
+
+def _top_saved_tensors_hooks() -> Optional[tuple[Any, Any]]:
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks(False) if top_hooks is not None else None
+
+
 class _NF4Matmul(torch.autograd.Function):
-    """``x @ W.T`` with ``w``, the dequantized ``W``, dequantized again in backward: no float copy of
-    ``W`` outlives the forward, and there is no weight gradient. Used under torch.compile, which traces
-    a Function; eager calls use ``_Redequantize`` (the same effect for less host time)."""
+    """``x @ W.T`` with ``w``, the dequantized ``W``, dequantized again in backward, and no weight gradient.
+    Used under torch.compile, which traces a Function; eager calls use ``_Redequantize``. The compiler keeps
+    the forward's ``w`` for the backward unless ``NF4Linear._compiled_weight`` tags it for recomputation."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, packed: Tensor, weight: NF4Weight, dtype: torch.dtype, w: Tensor) -> Tensor:
@@ -69,19 +84,19 @@ class _NF4TensorMatmul(torch.autograd.Function):
     compiled code can trace where it cannot follow the tensor's ``.quant``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, dtype: torch.dtype, w: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
         ctx.dtype = dtype
         with torch.autocast(x.device.type, enabled=False):
-            return torch.nn.functional.linear(x, dequantize_weight(weight, dtype))
+            return torch.nn.functional.linear(x, w)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], None, None, None]:
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         with torch.autocast(grad_out.device.type, enabled=False):
-            return torch.matmul(grad_out.to(ctx.dtype), dequantize_weight(weight, ctx.dtype)), None, None
+            return torch.matmul(grad_out.to(ctx.dtype), dequantize_weight(weight, ctx.dtype)), None, None, None
 
 
 class _Redequantize:
@@ -136,6 +151,12 @@ class NF4Linear(nn.Module):
     ``.to()`` see it; the scales live in ``self.quant`` (an ``NF4Weight``) and follow it between devices.
     The state dict uses bitsandbytes' ``Linear4bit`` keys; loading a float ``weight`` quantizes it.
     """
+
+    low_memory_recompute: bool = False
+    """Under activation checkpointing, keep no dequantized weight from the recompute to the backward: the
+    backward dequantizes again, and the recompute dequantizes this weight alone (not its group's block). Saves
+    a decoder layer's dequantized weights at the start of its backward for one more dequantize per weight and
+    step; off by default (speed), on under ``NF4FSDPStrategy``. Set it with ``set_low_memory_recompute``."""
 
     def __init__(
         self,
@@ -262,17 +283,20 @@ class NF4Linear(nn.Module):
             out = self._gemv(x.reshape(-1).to(dtype), self._synced_quant()).view(*x.shape[:-1], self.out_features)
         elif needs_grad and compiling:
             quant = self._synced_quant()
-            out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype, self._dequantized(quant, dtype))
-        elif needs_grad and not _recorded_by_checkpoint():
-            quant = self._synced_quant()
-            w = self._dequantized(quant, dtype)
-            hooks = _Redequantize(w, quant, dtype)
-            with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-                out = torch.nn.functional.linear(x.to(dtype), w)
+            out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype, self._compiled_weight(self._dequantized, quant, dtype))
         else:
-            # Nothing to save (no grad), or checkpointing drops what is saved: plain autograd, whose
-            # C++ backward node costs less host time than a Python Function.
-            out = torch.nn.functional.linear(x.to(dtype), self._dequantized(self._synced_quant(), dtype))
+            quant = self._synced_quant()
+            # low_memory_recompute: a checkpoint recompute dequantizes this weight alone, not its group's block
+            alone = self.low_memory_recompute and not compiling and _in_checkpoint_recompute()
+            w = quant.dequantize(dtype) if alone else self._dequantized(quant, dtype)
+            if needs_grad and (self.low_memory_recompute or not _recorded_by_checkpoint()):
+                hooks = _Redequantize(w, quant, dtype)
+                with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                    out = torch.nn.functional.linear(x.to(dtype), w)
+            else:
+                # Nothing to save (no grad), or checkpointing drops what is saved and its recompute keeps the
+                # weight for the backward that follows: plain autograd, whose C++ node costs less host time.
+                out = torch.nn.functional.linear(x.to(dtype), w)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
@@ -280,9 +304,17 @@ class NF4Linear(nn.Module):
     def _compiled_nf4_tensor(self, x: Tensor, dtype: torch.dtype, needs_grad: bool) -> Tensor:
         """The matmul under torch.compile when the weight is an ``NF4Tensor`` (sharded by FSDP2)."""
         if needs_grad:
-            return _NF4TensorMatmul.apply(x, self.weight, dtype)
+            return _NF4TensorMatmul.apply(x, self.weight, dtype, self._compiled_weight(dequantize_weight, self.weight, dtype))
         with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.linear(x, dequantize_weight(self.weight, dtype))
+
+    def _compiled_weight(self, dequantize: Any, *args: Any) -> Tensor:
+        """The float weight for a compiled matmul. The compiler sees that backward dequantizes the same weight
+        again and keeps the forward's copy for it instead; with ``low_memory_recompute`` the copy is made in a
+        checkpoint region, which tags it to be recomputed in backward, so none is kept."""
+        if self.low_memory_recompute:
+            return torch.utils.checkpoint.checkpoint(dequantize, *args, use_reentrant=False)
+        return dequantize(*args)
 
     def _shape_only(self, x: Tensor) -> Tensor:
         """Inputs the matmul path does not take, handled as ``nn.Linear`` does: a non-float input is an error
@@ -434,3 +466,13 @@ class NF4Linear(nn.Module):
             with torch.no_grad():
                 self.bias.copy_(value)
 
+
+def set_low_memory_recompute(module: nn.Module, enabled: bool = True) -> int:
+    """Turn ``NF4Linear.low_memory_recompute`` on (or off) for every NF4 layer in ``module``; returns how many.
+    What a sharded strategy calls: its memory, not the host time of one more dequantize per weight, is the limit."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_low_memory_recompute: enabled must be True or False, got {enabled!r}.")
+    layers = [m for m in module.modules() if isinstance(m, NF4Linear)]
+    for layer in layers:
+        layer.low_memory_recompute = enabled
+    return len(layers)

@@ -20,7 +20,7 @@ from torch import nn
 from lightning_nf4.format.quantized import check_blocksize, float_dtype
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
-from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
 from lightning_nf4.plugins.convert import convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
@@ -42,6 +42,10 @@ class NF4Precision(MixedPrecision):
         group_dequantize: dequantize the NF4 weights of each decoder layer together, in one kernel launch
             (``lightning_nf4.layers.group``); results are identical either way. "auto" (default): on GPUs,
             where each launch costs host time, not on CPU, where it only holds a layer's weights longer.
+        low_memory_recompute: under activation checkpointing, keep no dequantized weight from a layer's recompute
+            to its backward, which dequantizes each weight again, one at a time (``NF4Linear.low_memory_recompute``):
+            a decoder layer's dequantized weights less at the peak, for one more dequantize per weight and step.
+            "auto" (default): the strategy decides (on under ``NF4FSDPStrategy``, off on one device and DDP).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class NF4Precision(MixedPrecision):
         device: Optional[str] = None,
         scaler: Optional[torch.amp.GradScaler] = None,
         group_dequantize: Union[bool, str] = "auto",
+        low_memory_recompute: Union[bool, str] = "auto",
     ) -> None:
         compute_dtype = float_dtype(compute_dtype) or compute_dtype
         if compute_dtype not in _PRECISION_NAMES:
@@ -71,6 +76,9 @@ class NF4Precision(MixedPrecision):
         if group_dequantize not in (True, False, "auto"):
             raise NF4PrecisionError(f"group_dequantize must be True, False or 'auto', got {group_dequantize!r}.")
         self.group_dequantize = group_dequantize
+        if not (isinstance(low_memory_recompute, bool) or low_memory_recompute == "auto"):
+            raise NF4PrecisionError(f"low_memory_recompute must be True, False or 'auto', got {low_memory_recompute!r}.")
+        self.low_memory_recompute = low_memory_recompute
         self._post_convert: list[Callable[[nn.Module], None]] = []
 
     # -- device -----------------------------------------------------------------------------
@@ -119,7 +127,14 @@ class NF4Precision(MixedPrecision):
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)
+        if self.low_memory_recompute != "auto":
+            set_low_memory_recompute(module, self.low_memory_recompute)
         return self._after_convert(module)
+
+    def apply_low_memory_recompute(self, module: nn.Module, default: bool) -> None:
+        """For a strategy: set ``low_memory_recompute`` on ``module``'s NF4 layers, to the value this plugin was
+        given, or to the strategy's ``default`` where that is "auto"."""
+        set_low_memory_recompute(module, default if self.low_memory_recompute == "auto" else self.low_memory_recompute)
 
     def _after_convert(self, module: nn.Module) -> nn.Module:
         hooks, self._post_convert = self._post_convert, []

@@ -33,13 +33,14 @@ SHAPES = {
     "8b4": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),  # quick checks
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),  # CPU load check
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "tiny32": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2),  # host overhead on CPU
 }
 
 
 def shape_config(shape: str, seq: int = 2048):
     from transformers import LlamaConfig
 
-    settings = {"vocab_size": 128 if shape == "tiny" else 128256, **SHAPES[shape]}
+    settings = {"vocab_size": 128 if shape.startswith("tiny") else 128256, **SHAPES[shape]}
     return LlamaConfig(max_position_embeddings=max(seq, 64), tie_word_embeddings=False, **settings)
 
 
@@ -95,7 +96,7 @@ def llama_step_module(config, build_on_meta: bool, loss: str = "chunked", checkp
     return Module()
 
 
-def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "") -> None:
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "", profile: bool = True) -> None:
     import lightning.pytorch as pl
 
     from lightning_nf4 import LoRACallback, NF4Precision
@@ -104,9 +105,10 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
     strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
-    unknown = set(flags) - {"compile", "keep", "p0"}
+    unknown = set(flags) - {"compile", "keep", "p0", "u2", "whole", "novp"}
     if unknown:
-        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch)")
+        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch), "
+                         "+u2 (two layers per unit), +whole (adapters not sharded), +novp (no vocabulary-parallel tables)")
     config = shape_config(shape, seq)
     vocab = config.vocab_size
     on_gpu = torch.cuda.is_available()
@@ -126,7 +128,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
             if on_gpu:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
-            if batch_idx == warmup + steps and devices > 1:
+            if batch_idx == warmup + steps and devices > 1 and profile:
                 activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
                 self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
@@ -143,11 +145,13 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
                 self.gather_ms = self.profile["allgather_ms"]
                 self.prof = None
 
-    n = warmup + steps + (1 if devices > 1 else 0)
+    n = warmup + steps + (1 if devices > 1 and profile else 0)
     data = torch.randint(0, vocab, (n * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
     if strategy_name.startswith("nf4_fsdp"):  # +p0: FSDP2's own prefetching only; +keep: no reshard after forward
-        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 1, reshard_after_forward="keep" not in flags)
+        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 1, reshard_after_forward="keep" not in flags,
+                                   layers_per_unit=2 if "u2" in flags else 1, shard_adapters="whole" not in flags,
+                                   vocab_parallel=False if "novp" in flags else "auto")
     else:
         strategy = strategy_name if devices > 1 else "auto"
     timer = Timer()
@@ -192,34 +196,64 @@ def profile_summary(events, wall_s: float) -> dict:
     }
 
 
-def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked", checkpoint: str = "") -> None:
+def _launch(spec: str, r: int, lane: int, lanes: int, args: list[str], tag: Path) -> subprocess.Popen:
+    """One configuration's processes; with several lanes, on its own GPUs and rendezvous port."""
+    env = dict(os.environ)
+    if lanes > 1:
+        per = int(spec.split(":")[2])
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(lane * per + i) for i in range(per))
+        env["MASTER_PORT"] = str(29500 + 10 * lane + r % 10)
+    elif spec.endswith(":1"):
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    return subprocess.Popen([sys.executable, __file__, "--one", spec, *args, "--out", str(tag)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked", checkpoint: str = "",
+          lanes: int = 1, profile_rounds: int = 1000) -> None:
+    """Each round runs every configuration once. With ``lanes`` > 1 (a host with lanes x N GPUs), that many
+    configurations run at once on disjoint GPUs, their order rotating each round so each meets every lane."""
     results: dict[str, list[dict]] = {s: [] for s in specs}
     for r in range(rounds):
-        for spec in specs:
+        order = specs[r % len(specs):] + specs[:r % len(specs)] if lanes > 1 else specs
+        for start in range(0, len(order), lanes):
+            batch = order[start:start + lanes]
             tag = out / f"round{r}"
-            env = dict(os.environ)
-            if spec.endswith(":1"):
-                env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            args = ["--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--loss", loss, "--checkpoint", checkpoint] + ([] if r < profile_rounds else ["--no-profile"])
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--out", str(tag), "--loss", loss, "--checkpoint", checkpoint],
-                                  env=env, capture_output=True, text=True, timeout=timeout)
-            if done.returncode != 0:
-                print(f"{spec} round {r} failed ({done.returncode}):\n{done.stderr[-2500:]}", flush=True)
-                continue
-            ranks = [json.loads(p.read_text()) for p in sorted(tag.glob(f"{spec.replace(':', '_')}_rank*.json"))]
-            results[spec].append({
-                "step": statistics.median(ranks[0]["times"]), "fastest": min(ranks[0]["times"]),
-                "peak": max(x["peak_gib"] for x in ranks), "rss": max(x["rss_gib"] for x in ranks),
-                "gather_ms": ranks[0]["gather_ms"], "tokens": ranks[0]["tokens_per_step"], "device": ranks[0]["device"],
-                "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
-                "profiles": [x.get("profile", {}) for x in ranks],
-            })
-            row = results[spec][-1]
-            print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k != "profiles"}), flush=True)
-            for rank, prof in enumerate(row["profiles"]):
-                if prof:
-                    host = {k[6:]: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward_reduce", "FSDP::all_gather_copy_out")}
-                    print(f"   rank {rank} profiled step {prof['wall_ms']} ms: kernels {prof['kernel_ms']} ms, NCCL {prof['nccl_ms']} ms, FSDP hooks (host ms, calls) {host}", flush=True)
+            procs = [(spec, _launch(spec, r, lane, lanes, args, tag)) for lane, spec in enumerate(batch)]
+            for spec, proc in procs:
+                try:
+                    _, stderr = proc.communicate(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    _, stderr = proc.communicate()
+                if proc.returncode != 0:
+                    print(f"{spec} round {r} failed ({proc.returncode}):\n{stderr[-2500:]}", flush=True)
+                    continue
+                record(results, spec, r, tag, t0)
+    report(results, specs, rounds, steps, seq, loss, out)
+
+
+def record(results: dict, spec: str, r: int, tag: Path, t0: float) -> None:
+    """One finished configuration's rank files, added to ``results`` and printed."""
+    ranks = [json.loads(p.read_text()) for p in sorted(tag.glob(f"{spec.replace(':', '_')}_rank*.json"))]
+    results[spec].append({
+        "step": statistics.median(ranks[0]["times"]), "fastest": min(ranks[0]["times"]),
+        "peak": max(x["peak_gib"] for x in ranks), "rss": max(x["rss_gib"] for x in ranks),
+        "gather_ms": ranks[0]["gather_ms"], "tokens": ranks[0]["tokens_per_step"], "device": ranks[0]["device"],
+        "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
+        "profiles": [x.get("profile", {}) for x in ranks],
+    })
+    row = results[spec][-1]
+    print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k != "profiles"}), flush=True)
+    for rank, prof in enumerate(row["profiles"]):
+        if prof:
+            host = {k[6:]: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward_reduce", "FSDP::all_gather_copy_out")}
+            print(f"   rank {rank} profiled step {prof['wall_ms']} ms: kernels {prof['kernel_ms']} ms, NCCL {prof['nccl_ms']} ms, FSDP hooks (host ms, calls) {host}", flush=True)
+
+
+def report(results: dict, specs: list[str], rounds: int, steps: int, seq: int, loss: str, out: Path) -> None:
     print(f"\n{results[specs[0]][0]['device'] if results[specs[0]] else ''}; batch 1 x {seq} per GPU; {steps} timed steps; {rounds} alternating rounds; {loss} loss\n")
     print("| configuration | step s (median of rounds, range) | fastest step s | tokens/s | peak GiB per GPU (train) | peak GiB (build) | host RSS GiB per rank | all-gather ms/step |")
     print("|---|---|---|---|---|---|---|---|")
@@ -258,11 +292,15 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", default="", help="load this Hugging Face folder instead of random weights")
     parser.add_argument("--write-checkpoint", metavar="SHAPE", help="save random weights of SHAPE to --checkpoint and exit")
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/fsdp_scaling"))
+    parser.add_argument("--lanes", type=int, default=1, help="configurations run at once, each on its own GPUs (a 4-GPU host: 2 lanes of 2)")
+    parser.add_argument("--profile-rounds", type=int, default=1000, help="profile one extra step only in the first this-many rounds")
+    parser.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.write_checkpoint:
         write_checkpoint(args.write_checkpoint, Path(args.checkpoint))
     elif args.one:
-        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss, args.checkpoint)
+        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss, args.checkpoint, profile=not args.no_profile)
     else:
-        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss, args.checkpoint)
+        drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss, args.checkpoint,
+              lanes=args.lanes, profile_rounds=args.profile_rounds)

@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_fsdp.sh tests     # the 2-GPU tests (tests/test_gpu_fsdp.py)
 #   bash benchmarks/gpu_fsdp.sh 70b       # 70B shape: 4 GPUs (if present) and 2 GPUs, peak memory and speed
 #   bash benchmarks/gpu_fsdp.sh 8b [ROUNDS] [SPECS]   # 8B shape on 2 GPUs: sharded against DDP, eager and compiled
+#                                                     (on 4 GPUs two configurations run at once, each on its own pair)
 # Outputs (logs, summary.json per part) go to ${OUT:-.}.
 set -uo pipefail
 out="${OUT:-.}"
@@ -20,7 +21,9 @@ case "${1:-}" in
   8b)
     rounds="${2:-2}"
     specs="${3:-8b:nf4_fsdp:2,8b:ddp:2,8b:nf4_fsdp+compile:2,8b:ddp+compile:2}"
-    CUDA_VISIBLE_DEVICES=0,1 timeout 570 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds "$rounds" --steps 6 --warmup 2 --out /tmp/fsdp8 2>&1 | grep -v "^\s*$" | tail -60 | tee "$out/8b.txt"
+    # 4 GPUs: two configurations at once (GPUs 0-1 and 2-3), their order rotating each round; one profiled round
+    lanes=1; [ "$gpus" -ge 4 ] && lanes=2
+    timeout 570 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds "$rounds" --steps 6 --warmup 2 --lanes "$lanes" --profile-rounds 1 --out /tmp/fsdp8 2>&1 | grep -v "^\s*$" | tail -60 | tee "$out/8b.txt"
     cp /tmp/fsdp8/summary.json "$out/8b_summary.json" 2>/dev/null ;;
   *) echo "usage: gpu_fsdp.sh tests|70b|8b [ROUNDS] [SPECS]"; exit 2 ;;
 esac

@@ -40,6 +40,9 @@ for n, k in ((6, 2048), (5, 320)):
     for setting in tk.GEMV_CANDIDATES:
         plan = tk.gemv_plan(q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.float32, setting=setting)
         torch.testing.assert_close(plan(x), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"gemv {setting} {n}x{k}: {m}")
+    tk.GEMV_CONFIG = {"rows": 2, "blocks_per_step": 4, "num_warps": 4, "num_stages": 3, "split": 2}  # the op's own path, split
+    torch.testing.assert_close(tk.gemv_4bit(x, q.packed, q.absmax, q.code, 64, n, k, *q.nested_args()), ref, atol=1e-5, rtol=1e-5)
+    tk.GEMV_CONFIG = None
 
 # NF4Linear's prepared 1-token launch (ops.prepared_gemv), with the Triton kernel serving the CPU here: it
 # follows a reloaded weight and a moved one, and the plan refuses an input it was not prepared for.

@@ -261,6 +261,26 @@ def gemv_launch_config(device: torch.device, out_features: int, in_features: int
     return None if choice is None else dict(zip(("rows", "blocks_per_step", "num_warps", "num_stages", "split"), choice))
 
 
+_gemv_shapes: dict[tuple, tuple] = {}
+_gemv_op_specs: dict[tuple, tuple] = {}  # the op's per-call lookup: (device, out, in, blocksize, nested, dtype) -> shape
+
+
+def _gemv_shape(out_features: int, in_features: int, blocksize: int, nested: bool, dtype: torch.dtype, shuffle: bool,
+                setting: tuple[int, int, int, int, int]) -> tuple:
+    """(fitted setting, grid, grid of the split-K sum, kernel keywords, x pairs) of a weight shape: worked out once,
+    since the op's kernel (``gemv_4bit``) needs it on every call."""
+    key = (out_features, in_features, blocksize, nested, dtype, shuffle, setting)
+    spec = _gemv_shapes.get(key)
+    if spec is None:
+        pairs = {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
+        blocks_per_row = in_features // blocksize
+        rows, step, warps, stages, split = fitted = _gemv_setting(setting, blocks_per_row)
+        meta = dict(NESTED=nested, X_PAIRS=pairs, BLOCKSIZE=blocksize, BLOCKS_PER_ROW=blocks_per_row, BLOCKS_PER_STEP=step,
+                    ROWS=rows, SHUFFLE=shuffle, EVEN=out_features % rows == 0, SPLIT=split, num_warps=warps, num_stages=stages)
+        spec = _gemv_shapes[key] = (fitted, (-(-out_features // rows), split), (-(-out_features // 1024),), meta, pairs)
+    return spec
+
+
 class GemvLaunch:
     """One weight's gemv, prepared once: setting, grid, fixed arguments and specialisation, so that a call
     builds no tuples and looks nothing up but the input. ``__call__(x)`` returns ``W @ x``.
@@ -279,17 +299,11 @@ class GemvLaunch:
         self.kernels, self.out_features, self.in_features, self.dtype = kernels, out_features, in_features, dtype
         self.device = packed.device
         self.device_index = packed.get_device()
-        self.pairs = {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
-        blocks_per_row = in_features // blocksize
-        rows, step, warps, stages, split = self.setting = _gemv_setting(setting, blocks_per_row)
-        self.grid = (-(-out_features // rows), split)
+        self.setting, self.grid, self.split_grid, self.meta, self.pairs = _gemv_shape(
+            out_features, in_features, blocksize, nested, dtype, shuffles(self.device), setting)
         self.head = (packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code,
                      offset if nested else absmax)  # the plan holds the weight's tensors: their addresses stay valid
         self.tail = (out_features, nested_blocksize)
-        self.meta = dict(NESTED=nested, X_PAIRS=self.pairs, BLOCKSIZE=blocksize, BLOCKS_PER_ROW=blocks_per_row,
-                         BLOCKS_PER_STEP=step, ROWS=rows, SHUFFLE=shuffles(packed.device), EVEN=out_features % rows == 0,
-                         SPLIT=split, num_warps=warps, num_stages=stages)
-        self.split_grid = (-(-out_features // 1024),)
         self.compiled = self.sum_compiled = None
         self.fast = None  # the direct launcher once checked; False once it failed
 
@@ -388,7 +402,7 @@ def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
         if tuple(plan.kernels.gemv_kernel.arg_names) != GEMV_PARAMETERS:
             return False
         meta, split = plan.meta, plan.setting[4]
-        index = plan.device.index if plan.device.index is not None else torch.cuda.current_device()
+        index = plan.device_index
         constexprs = tuple(meta[k] for k in GEMV_PARAMETERS[10:])
         gemv = _direct_launcher(plan.compiled, plan.grid, index)
         total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
@@ -440,12 +454,13 @@ def gemv_plan(
         return None
     weight = (packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize, dtype)
     if setting is None:
-        setting = _choose_gemv(weight)
+        setting = _choose_gemv(kernels, weight)
     return GemvLaunch(kernels, *weight, setting)
 
 
-def _choose_gemv(weight: tuple) -> tuple[int, int, int, int, int]:
-    """The fastest of GEMV_CANDIDATES for this shape, timed once; the first one while a CUDA graph is captured."""
+def _choose_gemv(kernels, weight: tuple) -> tuple[int, int, int, int, int]:
+    """The fastest of GEMV_CANDIDATES for this weight's shape, timed once per card; the first one while a CUDA
+    graph is captured or off CUDA (the interpreter). ``weight``: GemvLaunch's arguments after ``kernels``."""
     if GEMV_CONFIG is not None:
         c = GEMV_CONFIG
         return c["rows"], c["blocks_per_step"], c["num_warps"], c.get("num_stages", 3), c.get("split", 1)
@@ -458,7 +473,6 @@ def _choose_gemv(weight: tuple) -> tuple[int, int, int, int, int]:
             return GEMV_CANDIDATES[0]
         from triton.testing import do_bench
 
-        kernels = _kernels()
         x = torch.randn(in_features, device=device).to(dtype)
         times = {}
         for c in dict.fromkeys(_gemv_setting(c, in_features // blocksize) for c in GEMV_CANDIDATES):
@@ -483,10 +497,31 @@ def gemv_4bit(
 ) -> Tensor:
     """One token, ``W @ x``, read straight from NF4: the weight is read once (a quarter of the bf16 bytes)
     and no dequantized copy is written. Falls back to dequantize + matmul where the layout does not fit.
-    Builds its launch each call; ``NF4Linear`` keeps a ``gemv_plan`` per layer instead."""
-    plan = gemv_plan(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset,
-                     nested_blocksize, x.dtype)
-    if plan is None:
+    The op's kernel: it works its launch out per call (from per-shape caches); ``NF4Linear`` keeps a
+    ``gemv_plan`` per layer instead."""
+    kernels = _kernels()
+    if kernels is None or in_features % blocksize:
         w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, x.dtype, nested_absmax, nested_code, offset, nested_blocksize)
         return w.view(out_features, in_features) @ x
-    return plan.triton_launch(x)
+    dtype, device, nested = x.dtype, packed.device, nested_absmax is not None
+    key = (device, out_features, in_features, blocksize, nested, dtype)
+    spec = _gemv_op_specs.get(key) if GEMV_CONFIG is None else None
+    if spec is None:
+        weight = (packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize, dtype)
+        spec = _gemv_shape(out_features, in_features, blocksize, nested, dtype, shuffles(device), _choose_gemv(kernels, weight))
+        if GEMV_CONFIG is None and _gemv_key(device, out_features, in_features, nested, dtype, blocksize) in _gemv_choice:
+            _gemv_op_specs[key] = spec  # kept once the setting is the timed one (not a capture's stand-in)
+    _, grid, split_grid, meta, pairs = spec
+    out = torch.empty(out_features, dtype=dtype, device=device)
+    split = meta["SPLIT"]
+    partial = out if split == 1 else torch.empty(split * out_features, dtype=torch.float32, device=device)
+    x = x.contiguous()
+    if pairs:
+        x = (x if x.storage_offset() % 2 == 0 else x.clone()).view(torch.int32)
+    kernels.gemv_kernel[grid](
+        x, packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code,
+        offset if nested else absmax, partial, out_features, nested_blocksize, **meta,
+    )
+    if split > 1:
+        kernels.gemv_split_sum_kernel[split_grid](partial, out, out_features, SPLIT=split, BLOCK=1024, num_warps=4)
+    return out

@@ -154,7 +154,8 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
                 out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
             return
         for name, param in module.named_parameters(recurse=False):
-            out[prefix + name] = param.detach().to(dtype) if (dtype and param.is_floating_point()) else param.detach()
+            param = _whole(param)  # a table sharded by hand (vocab_parallel), outside FSDP's units: gathered here
+            out[prefix + name] = param.to(dtype) if (dtype and param.is_floating_point()) else param
         for name, buf in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 out[prefix + name] = buf.detach()

@@ -236,7 +236,9 @@ def chunked_loss_unsupported(model: nn.Module) -> Optional[str]:
         return _logits_differ[model]
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     reason = None
-    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+    if _is_vocab_parallel(head):
+        pass  # a plain linear whose rows are split across ranks: vocab_parallel_cross_entropy computes its loss
+    elif not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         kind = "none" if head is None else type(head).__name__
         reason = f"its output head is {kind}, not a plain nn.Linear (LoRA or quantization on lm_head are computed through the module)"
     elif getattr(model, "base_model", model) is model:
@@ -282,6 +284,10 @@ def causal_lm_loss(
     logits are not a plain linear of the hidden states (LoRA or NF4 on ``lm_head``, soft-capped or scaled
     logits) take the plain path, with a warning; ``chunked_loss_unsupported`` says why. Unlike HF's loss, a
     batch whose every label is ``ignore_index`` gives 0, not NaN.
+
+    Under ``NF4FSDPStrategy`` with the vocabulary tables split by rows (``vocab_parallel``), the head is never
+    gathered: the loss is ``vocab_parallel_cross_entropy`` (a collective: every rank calls it), ``backend`` is not
+    used, and ``mode="plain"`` works too (the head then returns the full logits, as HF's loss needs).
     """
     if mode not in ("chunked", "plain"):
         raise LinearCrossEntropyError(f"loss mode must be 'chunked' or 'plain', got {mode!r}.")
@@ -291,6 +297,8 @@ def causal_lm_loss(
     if reason is not None:
         _warn_once(model, reason)
         return _plain(model, input_ids, labels, attention_mask)
+    head = model.get_output_embeddings()
+    parallel = _is_vocab_parallel(head)
     captured: list[Tensor] = []
 
     def keep(module: nn.Module, args: Any, output: Any) -> None:
@@ -298,12 +306,19 @@ def causal_lm_loss(
 
     handle = model.base_model.register_forward_hook(keep)
     try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **{_keep_argument(model): 1})
+        # a vocabulary-parallel head makes only its local columns once the model's logits were checked: none are read
+        with _local_logits(head, parallel and model in _head_checked):
+            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **{_keep_argument(model): 1})
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected one call of {type(model.base_model).__name__} in {type(model).__name__}'s forward, saw {len(captured)}")
-    head = model.get_output_embeddings()
+    if parallel:
+        from lightning_nf4.strategies.vocab_parallel import vocab_parallel_cross_entropy
+
+        if not _head_matches(model, captured[0], head.weight, head.bias, output.logits, head=head):
+            return _plain(model, input_ids, labels, attention_mask)
+        return vocab_parallel_cross_entropy(captured[0], head, labels, ignore_index=ignore_index, shift=True, chunk_size=chunk_size)
     gathered = _unshard_for_loss(model, head)
     try:
         weight = head.weight
@@ -334,6 +349,22 @@ def _released_after_loss(unit: nn.Module, backbone: nn.Module) -> bool:
     inside = {id(p) for p in backbone.parameters()}
     own = [p for m in own_modules(unit, FSDPModule) for p in m.parameters(recurse=False)]
     return bool(own) and all(not p.requires_grad and id(p) not in inside for p in own)
+
+
+def _is_vocab_parallel(head: Optional[nn.Module]) -> bool:
+    if head is None:
+        return False
+    from lightning_nf4.strategies.vocab_parallel import is_vocab_parallel
+
+    return is_vocab_parallel(head)
+
+
+def _local_logits(head: nn.Module, on: bool) -> Any:
+    from contextlib import nullcontext
+
+    from lightning_nf4.strategies.vocab_parallel import local_logits
+
+    return local_logits(head) if on else nullcontext()
 
 
 def _plain(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
@@ -375,16 +406,27 @@ def _unshard_for_loss(model: nn.Module, head: nn.Module) -> list[nn.Module]:
     return owners
 
 
-def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits: Tensor) -> bool:
+def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits: Tensor,
+                  head: Optional[nn.Module] = None) -> bool:
     """Checked once per model: the logits HF returned for the last position are ``F.linear`` of the captured
-    hidden states. A model that fails is warned about and goes the plain way from then on."""
+    hidden states. A model that fails is warned about and goes the plain way from then on. A vocabulary-parallel
+    ``head`` computes the reference itself (its full logits; a collective), and all ranks decide together."""
     if model in _head_checked:
         return True
+    parallel = _is_vocab_parallel(head)
     with torch.no_grad():
-        ours = F.linear(hidden[:, -1:].to(logits.dtype), weight.to(logits.dtype), None if bias is None else bias.to(logits.dtype)).float()
+        last = hidden[:, -1:].to(logits.dtype)
+        if parallel:
+            ours = head(last).float()  # type: ignore[misc]
+        else:
+            ours = F.linear(last, weight.to(logits.dtype), None if bias is None else bias.to(logits.dtype)).float()
         theirs = logits[:, -1:].float()
         tol = float(2e-2 * theirs.abs().max().clamp(min=1e-6))
         matches = bool(torch.allclose(ours, theirs, rtol=2e-2, atol=tol))
+        if parallel:
+            from lightning_nf4.strategies.vocab_parallel import all_ranks_agree
+
+            matches = all_ranks_agree(matches, head)  # type: ignore[arg-type]
     if matches:
         _head_checked.add(model)
         return True

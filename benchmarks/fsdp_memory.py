@@ -508,10 +508,10 @@ VARIANTS = {
 
 def patch_strategy(variants: set[str]) -> None:
     """Before the strategy shards: the head as its own unit (after the embeddings); NF4Linear's recompute path."""
-    if "redequantize" in variants:
-        from lightning_nf4.layers import linear
+    if "redequantize" in variants:  # the library's option, NF4Precision(low_memory_recompute=True), for every NF4 layer
+        from lightning_nf4.layers.linear import NF4Linear
 
-        linear._recorded_by_checkpoint = lambda: False
+        NF4Linear.low_memory_recompute = True
     if not variants & {"head_unit", "vocab_parallel"}:
         return
     from lightning_nf4.strategies import fsdp

@@ -304,7 +304,9 @@ class NF4Linear(nn.Module):
     def _compiled_nf4_tensor(self, x: Tensor, dtype: torch.dtype, needs_grad: bool) -> Tensor:
         """The matmul under torch.compile when the weight is an ``NF4Tensor`` (sharded by FSDP2)."""
         if needs_grad:
-            return _NF4TensorMatmul.apply(x, self.weight, dtype, self._compiled_weight(dequantize_weight, self.weight, dtype))
+            # Not _compiled_weight: its recompute tag gave wrong adapters under FSDP2 (test_compile's sharded fit);
+            # here the compiler keeps the forward's float weight for backward.
+            return _NF4TensorMatmul.apply(x, self.weight, dtype, dequantize_weight(self.weight, dtype))
         with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.linear(x, dequantize_weight(self.weight, dtype))
 

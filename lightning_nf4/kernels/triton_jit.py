@@ -201,12 +201,11 @@ def gemv_kernel(
     HALF: tl.constexpr = BLOCKSIZE // 2
     PART_BLOCKS: tl.constexpr = BLOCKS_PER_ROW // SPLIT
     acc = tl.zeros([ROWS, BLOCKS_PER_STEP], dtype=tl.float32)
-    if SPLIT == 1:  # constant bounds, as before split-K existed
-        first = 0
-    else:
-        first = part * PART_BLOCKS
-    for b0 in range(first, first + PART_BLOCKS, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
-        blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+    for step in range(0, PART_BLOCKS, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
+        if SPLIT == 1:  # constant bounds either way (Triton's interpreter before 3.7 takes no others)
+            blocks = step + tl.arange(0, BLOCKS_PER_STEP)
+        else:
+            blocks = part * PART_BLOCKS + step + tl.arange(0, BLOCKS_PER_STEP)
         pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
         x_at = pair[None, :, :] + 0 * rows[:, None, None]
         if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2p] in the low half, x[2p + 1] in the high half

@@ -474,10 +474,15 @@ def _choose_gemv(kernels, weight: tuple) -> tuple[int, int, int, int, int]:
         from triton.testing import do_bench
 
         x = torch.randn(in_features, device=device).to(dtype)
-        times = {}
+        times, failed = {}, None
         for c in dict.fromkeys(_gemv_setting(c, in_features // blocksize) for c in GEMV_CANDIDATES):
             plan = GemvLaunch(kernels, *weight, c)
-            times[c] = do_bench(lambda plan=plan: plan.triton_launch(x), warmup=5, rep=20, return_mode="median")
+            try:
+                times[c] = do_bench(lambda plan=plan: plan.triton_launch(x), warmup=5, rep=20, return_mode="median")
+            except Exception as err:  # noqa: BLE001 - a setting this card cannot run (e.g. out of resources) is not chosen
+                failed = err
+        if not times:
+            raise RuntimeError(f"gemv_4bit: no launch setting ran on {device} for {out_features}x{in_features}") from failed
         choice = _gemv_choice[key] = min(times, key=times.get)
     return choice
 

@@ -352,7 +352,13 @@ class NF4Linear(nn.Module):
             group.clear()
 
     def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
-        """One token without autograd (generation): a matrix-vector product read straight from NF4."""
+        """One token without autograd (generation): a matrix-vector product read straight from NF4. Eager GPU calls
+        reuse a launch prepared for this ``quant`` and dtype (``ops.prepared_gemv``); a new or moved weight gets a new
+        one, since ``_synced_quant`` then hands out a new ``quant``. Compiled code calls the op."""
+        if not torch.compiler.is_compiling() and type(x) is Tensor:
+            plan = ops.prepared_gemv(self, quant, x.dtype, self.out_features, self.in_features)
+            if plan is not None:
+                return plan(x)
         return ops.gemv_4bit(
             x, quant.packed, quant.absmax, quant.code, quant.blocksize, self.out_features, self.in_features, *quant.nested_args()
         )

@@ -47,7 +47,7 @@ class VocabParallelEmbedding(nn.Embedding):
         with torch.no_grad():  # frozen: nothing of the lookup needs a gradient
             found = F.embedding(torch.where(mine, local, 0), rows).masked_fill_(~mine.unsqueeze(1), 0)
             own = found.new_empty((most, rows.shape[1]))
-            dist.reduce_scatter_single(own, found, group=group)  # one rank holds each id: the sum is that row
+            dist.reduce_scatter_tensor(own, found, group=group)  # one rank holds each id: the sum is that row
         return own[: flat.numel()].view(*ids.shape, rows.shape[1])
 
 
@@ -261,7 +261,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_hidden = None
             if need_hidden:
                 own = grad_every.new_empty((most, every.shape[1]))
-                dist.reduce_scatter_single(own, grad_every, group=group)  # summed in fp32 over the ranks' columns
+                dist.reduce_scatter_tensor(own, grad_every, group=group)  # summed in fp32 over the ranks' columns
                 grad_hidden = own[:n].to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return losses[rank * most: rank * most + n].sum() * scale
@@ -308,7 +308,7 @@ class _VocabParallelLogits(torch.autograd.Function):
         dist.all_to_all_single(theirs, blocks, group=group)  # block r: rank r's tokens, my columns
         share = torch.mm(theirs, rows.to(compute_dtype)).float()
         own = share.new_empty((most, share.shape[1]))
-        dist.reduce_scatter_single(own, share, group=group)
+        dist.reduce_scatter_tensor(own, share, group=group)
         return own[:n].to(hidden_dtype), None, None, None
 
 

@@ -319,11 +319,26 @@ def _local(weight: Tensor) -> tuple[Tensor, Any, int]:
     return weight.to_local(), mesh.get_group(), mesh.get_local_rank()
 
 
+_HOST_GROUPS: dict[Any, Any] = {}
+
+
+def _host_group(group: Any) -> Any:
+    """A gloo group over ``group``'s ranks, made once (every rank reaches the first call at the same point of the
+    first step): numbers the host needs travel host to host, so the device stream never drains for them."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    found = _HOST_GROUPS.get(group)
+    if found is None:
+        found = _HOST_GROUPS[group] = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
+    return found
+
+
 def _counts(n: int, group: Any, device: torch.device) -> list[int]:
-    """Every rank's token count (ranks' batches may differ in length): a few bytes, and one host sync."""
-    counts = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(counts, torch.tensor([n], dtype=torch.int64, device=device), group=group)
-    return counts.tolist()
+    """Every rank's token count (ranks' batches may differ in length): a few bytes, exchanged on the host. Through
+    the device they cost a stream sync each, two or three per step, which stalls a host that should run ahead."""
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64), group=_host_group(group))
+    return [int(c) for c in counts]
 
 
 def _gather_padded(t: Tensor, most: int, group: Any, fill: float) -> Tensor:

@@ -3,7 +3,7 @@
     python benchmarks/fsdp_memory.py                          # both configurations and the tables (about 5 min on 2 CPU cores)
     python benchmarks/fsdp_memory.py --one nf4_fsdp:2 --out DIR   # one configuration (what the driver runs)
     python benchmarks/fsdp_memory.py --report DIR             # the tables again from a finished run's JSON
-    python benchmarks/fsdp_memory.py --specs nf4_fsdp+vocab_parallel:2   # a what-if (VARIANTS: proposed changes)
+    python benchmarks/fsdp_memory.py --specs nf4_fsdp+vocab_units:2      # a what-if (VARIANTS: proposed or earlier variants)
 
 The same training step as ``benchmarks/fsdp_scaling.py`` (Lightning, random Llama weights at Llama-3-8B's layer
 shape, batch 1 x ``--seq`` per rank, HF gradient checkpointing, LoRA r=16 on all 7 projections, AdamW, the chunked
@@ -476,6 +476,9 @@ def make_roles(pl_module: torch.nn.Module, trainer: Any) -> Any:
                     unsharded = getattr(fp, "_unsharded_param", None)
                     if unsharded is not None:
                         put(unsharded.grad, LORA_GRAD_UNSHARDED, owner)
+            for name, p in pl_module.named_parameters():  # the tables split by vocabulary: outside FSDP's units
+                if "embed_tokens" in name or "lm_head" in name:
+                    put(p, VOCAB_REST, None)
         else:
             for name, m in nf4_modules:
                 owner = _layer_index(name)
@@ -500,7 +503,8 @@ def make_roles(pl_module: torch.nn.Module, trainer: Any) -> Any:
 VARIANTS = {
     "embed_frozen": "the frozen embeddings unit is never gathered in backward (set_unshard_in_backward(False))",
     "head_unit": "lm_head is a unit of its own (the root holds no parameters)",
-    "vocab_parallel": "embeddings and head never gathered: a vocabulary-parallel lookup and loss on each rank's rows",
+    "vocab_parallel": "embeddings and head never gathered (now NF4FSDPStrategy's default, vocab_parallel='auto'; no change)",
+    "vocab_units": "embeddings and head as FSDP units, gathered for use (NF4FSDPStrategy(vocab_parallel=False), the path before)",
     "ungrouped": "each projection dequantized on its own (NF4Precision(group_dequantize=False))",
     "redequantize": "the checkpoint recompute keeps no dequantized weight: backward dequantizes again (as without checkpointing)",
 }
@@ -512,7 +516,7 @@ def patch_strategy(variants: set[str]) -> None:
         from lightning_nf4.layers.linear import NF4Linear
 
         NF4Linear.low_memory_recompute = True
-    if not variants & {"head_unit", "vocab_parallel"}:
+    if "head_unit" not in variants:  # with vocab_units: the library splits the untied frozen head by vocabulary otherwise
         return
     from lightning_nf4.strategies import fsdp
 
@@ -527,109 +531,12 @@ def patch_strategy(variants: set[str]) -> None:
 
 
 def patch_model(hf: torch.nn.Module, variants: set[str]) -> None:
-    """Once sharded (at train start): FSDP settings and forwards of the vocabulary units."""
-    import types
-
-    import torch.distributed as dist
+    """Once sharded (at train start): FSDP settings of the vocabulary units."""
     from torch.distributed.fsdp import FSDPModule
 
-    embed, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    embed = hf.get_input_embeddings()
     if "embed_frozen" in variants and isinstance(embed, FSDPModule):
         embed.set_unshard_in_backward(False)
-    if "vocab_parallel" not in variants:
-        return
-    for unit in (embed, head):  # never all-gathered: forwards below read this rank's rows
-        group = unit._get_fsdp_state()._fsdp_param_group
-        group.unshard = lambda *args, **kwargs: None
-        group.wait_for_unshard = lambda *args, **kwargs: None
-
-    def lookup(self: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        # every rank's token ids (each has its own batch), looked up in this rank's rows, summed over ranks
-        rows, world, rank = self.weight.to_local(), dist.get_world_size(), dist.get_rank()
-        every = torch.empty(world * ids.numel(), dtype=ids.dtype, device=ids.device)
-        dist.all_gather_single(every, ids.reshape(-1).contiguous())
-        every = every.view(world, *ids.shape)
-        start = rank * rows.shape[0]
-        mine = (every >= start) & (every < start + rows.shape[0])
-        out = torch.nn.functional.embedding((every - start).clamp(0, rows.shape[0] - 1), rows) * mine.unsqueeze(-1)
-        dist.all_reduce(out)
-        return out[rank]
-
-    def local_logits(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.to_local())  # this rank's vocabulary columns only
-
-    embed.forward = types.MethodType(lookup, embed)
-    head.forward = types.MethodType(local_logits, head)
-
-
-class _VocabParallelCE(torch.autograd.Function):
-    """Cross-entropy over a head whose rows (vocabulary) are split across ranks, gradients in forward as
-    ``lightning_nf4.losses`` computes them. The ranks' hidden states are all-gathered (each rank has its own
-    batch); chunk by chunk each rank takes the logits of its vocabulary part for every rank's tokens, and the
-    max, normalizer, target logit and hidden-state gradient are summed over ranks. Each rank returns the mean
-    over its own tokens, as the chunked loss does. The head is never whole on any rank."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        import torch.distributed as dist
-
-        world, rank, n = dist.get_world_size(), dist.get_rank(), rows.shape[0]
-        start, tokens = rank * n, hidden.shape[0]
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = rows.to(dtype)
-            every = torch.empty((world * tokens, hidden.shape[1]), dtype=dtype, device=hidden.device)
-            dist.all_gather_single(every, hidden.to(dtype).contiguous())
-            targets = torch.empty(world * tokens, dtype=labels.dtype, device=labels.device)
-            dist.all_gather_single(targets, labels.contiguous())
-            counts = (targets != -100).view(world, tokens).sum(1).clamp(min=1).float()
-            row_scale = (1.0 / counts).repeat_interleave(tokens)  # each rank's mean over its own tokens
-            losses = torch.zeros(world * tokens, dtype=torch.float32, device=hidden.device)
-            grad_every = torch.empty_like(every)
-            for s in range(0, world * tokens, chunk):
-                h, y = every[s:s + chunk], targets[s:s + chunk]
-                valid = y != -100
-                mine = valid & (y >= start) & (y < start + n)
-                index = (y - start).clamp(0, n - 1).unsqueeze(1)
-                z = torch.mm(h, w.t()).float()
-                picked = torch.where(mine, z.gather(1, index).squeeze(1), 0.0)
-                top = z.amax(dim=1, keepdim=True)
-                dist.all_reduce(top, op=dist.ReduceOp.MAX)
-                dist.all_reduce(picked)
-                z.sub_(top).exp_()
-                norm = z.sum(dim=1, keepdim=True)
-                dist.all_reduce(norm)
-                losses[s:s + chunk] = torch.where(valid, top.squeeze(1) + norm.squeeze(1).log() - picked, 0.0)
-                weight_of_row = (valid.float() * row_scale[s:s + chunk]).unsqueeze(1)
-                z.mul_(weight_of_row / norm)
-                z.scatter_add_(1, index, -(weight_of_row * mine.float().unsqueeze(1)))
-                part = torch.mm(z.to(dtype), w)
-                dist.all_reduce(part)
-                grad_every[s:s + chunk] = part
-            own = slice(rank * tokens, (rank + 1) * tokens)
-        ctx.save_for_backward(grad_every[own].to(hidden.dtype))
-        return (losses[own] * row_scale[own]).sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None
-
-
-def vocab_parallel_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``causal_lm_loss`` with ``_VocabParallelCE`` (the head's rows stay on their ranks)."""
-    from lightning_nf4.losses import default_chunk_size
-
-    captured: list[torch.Tensor] = []
-    handle = model.base_model.register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, (tuple, list)) else o.last_hidden_state))
-    try:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    hidden = captured[0]
-    labels = torch.nn.functional.pad(ids[..., 1:], (0, 1), value=-100)
-    rows = model.get_output_embeddings().weight.to_local()
-    return _VocabParallelCE.apply(hidden.reshape(-1, hidden.shape[-1]), rows, labels.reshape(-1), default_chunk_size(model.config.vocab_size))
 
 
 # -- one configuration: a Lightning fit under the ledger ---------------------------------------------------------------
@@ -686,7 +593,8 @@ def run_one(spec: str, layers: int, seq: int, steps: int, out: Path, shape: str 
 
     data = torch.randint(0, config.vocab_size, (steps * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    strategy = NF4FSDPStrategy() if strategy_name == "nf4_fsdp" else (strategy_name if devices > 1 else "auto")
+    as_units = bool(variants & {"vocab_units", "head_unit"})
+    strategy = NF4FSDPStrategy(vocab_parallel=False if as_units else "auto") if strategy_name == "nf4_fsdp" else (strategy_name if devices > 1 else "auto")
     if variants and strategy_name != "nf4_fsdp":
         raise SystemExit(f"{spec}: the variants change NF4FSDPStrategy; use them with nf4_fsdp")
     trainer = pl.Trainer(
@@ -695,8 +603,7 @@ def run_one(spec: str, layers: int, seq: int, steps: int, out: Path, shape: str 
         plugins=NF4Precision(group_dequantize="ungrouped" not in variants),  # True is the GPU default ("auto")
         callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), Track()],
     )
-    module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"),
-                               loss_fn=vocab_parallel_loss if "vocab_parallel" in variants else None)
+    module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"))
     trainer.fit(module, train_dataloaders=loader)
 
 

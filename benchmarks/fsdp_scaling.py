@@ -105,10 +105,11 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
     strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
-    unknown = set(flags) - {"compile", "keep", "p0", "u2", "whole", "novp"}
+    unknown = set(flags) - {"compile", "keep", "p0", "u2", "whole", "novp", "fastrc"}
     if unknown:
         raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch), "
-                         "+u2 (two layers per unit), +whole (adapters not sharded), +novp (no vocabulary-parallel tables)")
+                         "+u2 (two layers per unit), +whole (adapters not sharded), +novp (no vocabulary-parallel tables), "
+                         "+fastrc (NF4Precision(low_memory_recompute=False): the recompute keeps its dequantized layer)")
     config = shape_config(shape, seq)
     vocab = config.vocab_size
     on_gpu = torch.cuda.is_available()
@@ -158,7 +159,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu", devices=devices, strategy=strategy, max_steps=n, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        plugins=NF4Precision(), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), timer],
+        plugins=NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto"), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), timer],
     )
     module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"), loss=loss, checkpoint=checkpoint)
     trainer.fit(module, train_dataloaders=loader)

@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_step.sh memory    # step memory with the chunked loss, dequantize at the 8B shapes,
 #                                         # a profile of the compiled step (8 layers), the CUDA tests of the loss and decode
 #   bash benchmarks/gpu_step.sh decode    # greedy decode at 8B shape, eager and static-cache compiled (CUDA graphs)
+#   bash benchmarks/gpu_step.sh compiled [ROUNDS] [CONFIGS]   # compiled step pairs (default 5 rounds of bf16-compiled,nf4-compiled)
 # liger-kernel is used when its wheel is carried in .whl/ (installed to /tmp/site). Outputs go to ${OUT:-.}.
 set -uo pipefail
 out="${OUT:-.}"
@@ -18,5 +19,9 @@ case "${1:-}" in
   decode)
     timeout 560 python3 benchmarks/generate.py --device cuda --preset llama3-8b --compiled --models bf16,lightning-nf4 --new-tokens 64 --repeats 3 \
       > "$out/generate_compiled.md" 2> "$out/generate_compiled.err"; cat "$out/generate_compiled.md"; tail -5 "$out/generate_compiled.err" ;;
-  *) echo "usage: gpu_step.sh memory|decode"; exit 2 ;;
+  compiled)  # issue 12 goal 1: compiled bf16 LoRA against compiled QLoRA, alternating processes, 20 steps each
+    rounds="${2:-5}"; configs="${3:-bf16-compiled,nf4-compiled}"
+    timeout 570 python3 benchmarks/lora_step.py --device cuda --configs "$configs" --rounds "$rounds" --steps 20 --warmup 3 \
+      > "$out/lora_step_compiled.md" 2> "$out/lora_step_compiled.err"; cat "$out/lora_step_compiled.md"; tail -5 "$out/lora_step_compiled.err" ;;
+  *) echo "usage: gpu_step.sh memory|decode|compiled [ROUNDS] [CONFIGS]"; exit 2 ;;
 esac

@@ -39,6 +39,8 @@ CONFIGS = {  # --configs key: row name
     "torchao": "torchao NF4 + PEFT LoRA",
     "bf16-compiled": "bf16 LoRA, layers compiled",
     "nf4-compiled": "lightning-nf4 QLoRA, layers compiled",
+    "bf16-compiled-cpp": "bf16 LoRA, layers compiled, inductor's C++ wrapper",  # compile={"options": {"cpp_wrapper": True}}
+    "nf4-compiled-cpp": "lightning-nf4 QLoRA, layers compiled, inductor's C++ wrapper",
     "nf4-chunked": "lightning-nf4 QLoRA, chunked loss",
     "nf4-chunked-portable": "lightning-nf4 QLoRA, chunked loss, portable path",  # liger-kernel not used even where installed
     "nf4-ungrouped": UNGROUPED,
@@ -46,11 +48,12 @@ CONFIGS = {  # --configs key: row name
 }
 PEERS, ABLATION = ("bnb", "torchao"), ("nf4-ungrouped", "nf4-unfused")
 COMPILED = ("bf16-compiled", "nf4-compiled")
+CPP_WRAPPER = ("bf16-compiled-cpp", "nf4-compiled-cpp")  # on request: the same, launched from C++ rather than Python
 
 
 def baseline_of(key: str) -> str:
     """Compiled rows are compared with compiled bf16 LoRA, the others with eager bf16 LoRA."""
-    return "bf16-compiled" if key in COMPILED else "bf16"
+    return "bf16-compiled-cpp" if key in CPP_WRAPPER else "bf16-compiled" if key in COMPILED else "bf16"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -159,7 +162,7 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
 
         if key == "nf4-chunked":
             note = "liger-kernel" if device == "cuda" and liger_available() else "portable chunks"
-        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=key in COMPILED)
+        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile={"options": {"cpp_wrapper": True}} if key in CPP_WRAPPER else key in COMPILED)
         kw = dict(precision="bf16-mixed") if key.startswith("bf16") else dict(plugins=NF4Precision(group_dequantize=False if key == "nf4-ungrouped" else "auto"))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,

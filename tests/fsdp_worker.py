@@ -124,7 +124,9 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     elif strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
 
-        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60), activation_checkpointing=strategy.endswith("_ac"))
+        options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded
+        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60), activation_checkpointing=strategy.split("+")[0].endswith("_ac"),
+                                   layers_per_unit=2 if "u2" in options else 1, shard_adapters="whole" not in options)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs, logger=False,

@@ -83,7 +83,16 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             reaches that unit, too late to overlap when the host does not run ahead of the device.
         mixed_precision: an FSDP2 ``MixedPrecisionPolicy`` for the float parameters; default none (LoRA weights
             are gathered in float32 and computed under the precision plugin's autocast, as on one device).
+        layers_per_unit: consecutive sharding units gathered together as one FSDP unit (``fully_shard`` of a
+            list): fewer, larger collectives and fewer hook calls per step, for one more layer's weights whole.
+        shard_adapters: shard the trainable (LoRA) weights with the frozen ones (True: least memory), or keep them
+            whole on every rank (False): units then hold only frozen weights, so backward has no per-unit
+            gradient reduce-scatter, and the gradients are averaged in one all-reduce after backward, as DDP
+            does. Costs the adapters' weights, gradients and optimizer state whole on every rank.
         process_group_backend: default ``nccl`` on CUDA, ``xccl`` on XPU, ``gloo`` on CPU.
+        vocab_parallel: keep the input embeddings and output head split by vocabulary rows, never gathered
+            (``lightning_nf4.strategies.vocab_parallel``): ``"auto"`` when both are frozen, untied and split evenly
+            (the LoRA case), True (an error if they cannot), False (``fully_shard`` units, gathered for use).
     """
 
     strategy_name = "nf4_fsdp"
@@ -98,6 +107,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         mixed_precision: Optional[Any] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        vocab_parallel: Union[bool, str] = "auto",
+        layers_per_unit: int = 1,
+        shard_adapters: bool = True,
     ) -> None:
         super().__init__(
             data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=False,
@@ -111,6 +123,14 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             raise NF4ShardingConfigError(f"prefetch={prefetch!r}: give a number of units, 0 or more (1 is usual).")
         self.prefetch = prefetch
         self.mixed_precision = mixed_precision
+        if not isinstance(layers_per_unit, int) or isinstance(layers_per_unit, bool) or layers_per_unit < 1:
+            raise NF4ShardingConfigError(f"layers_per_unit={layers_per_unit!r}: give a whole number of layers, 1 or more (1 is usual).")
+        self.layers_per_unit = layers_per_unit
+        self.shard_adapters = bool(shard_adapters)
+        self._replicated: list[nn.Parameter] = []
+        if vocab_parallel not in (True, False, "auto"):
+            raise NF4ShardingConfigError(f"vocab_parallel={vocab_parallel!r}: give True, False or 'auto'.")
+        self.vocab_parallel = vocab_parallel
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -144,6 +164,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         if not has_sharded_parameters(self.model):
             self.model = self.precision_plugin.convert_module(self.model)
             self.shard(self.model)
+            apply = getattr(self.precision_plugin, "apply_low_memory_recompute", None)
+            if apply is not None:  # sharding is for memory: the recompute keeps no dequantized layer, unless told otherwise
+                apply(self.model, default=True)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         self.barrier()
@@ -187,25 +210,54 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
         hf = find_hf_model(module)[1]
 
-        def shard_one(target: nn.Module, checkpointed: bool) -> None:
-            _materialize(target, device, hf)
-            _prepare_nf4(target)
-            if checkpointed:
-                from torch.distributed._composable import checkpoint
+        def shard_one(target: Union[nn.Module, list[nn.Module]], checkpointed: bool) -> None:
+            targets = target if isinstance(target, list) else [target]
+            for one in targets:
+                _materialize(one, device, hf)
+                _prepare_nf4(one)
+                if checkpointed:
+                    from torch.distributed._composable import checkpoint
 
-                checkpoint(target)
-            fully_shard(target, **kwargs)
+                    checkpoint(one)
+            options = dict(kwargs)
+            if not self.shard_adapters:  # FSDP leaves them alone; post_backward averages their gradients
+                # in module order: every rank must flatten them alike for the broadcast and the all-reduce
+                kept = [p for one in targets for m in own_modules(one, FSDPModule) for p in m.parameters(recurse=False) if p.requires_grad]
+                self._replicated.extend(p for p in dict.fromkeys(kept) if all(p is not q for q in self._replicated))
+                options["ignored_params"] = set(kept) | set(kwargs.get("ignored_params") or ())
+            fully_shard(target, **options)
 
+        if self.activation_checkpointing and getattr(getattr(hf, "config", None), "use_cache", False):
+            # as transformers' own gradient_checkpointing_enable does: a KV cache would keep each recompute's keys,
+            # values and the graph behind them (the layer's dequantized weights) to the end of the step
+            hf.config.use_cache = False
         unit_class = type(units[0]).__name__ if units else "no"
-        for unit in units:
-            shard_one(unit, self.activation_checkpointing)
+        groups = [units[i:i + self.layers_per_unit] for i in range(0, len(units), self.layers_per_unit)]
+        for group in groups:
+            shard_one(group if len(group) > 1 else group[0], self.activation_checkpointing)
+        units = [group[0] for group in groups]  # each group's first module carries the group's FSDP state
+        if self._replicated and world > 1:  # whole on every rank: the same values everywhere, rank 0's (as DDP does)
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            with torch.no_grad():
+                flat = _flatten_dense_tensors([p.data for p in self._replicated])
+                torch.distributed.broadcast(flat, src=0, group=mesh.get_group())
+                for p, value in zip(self._replicated, _unflatten_dense_tensors(flat, [p.data for p in self._replicated])):
+                    p.data.copy_(value)
         if self.prefetch:
             for i, unit in enumerate(units):
                 unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + self.prefetch])
                 unit.set_modules_to_backward_prefetch(units[max(0, i - self.prefetch):i][::-1])
         # The input embeddings as a unit of their own: inside the root they would stay gathered (whole) from the
         # start of forward to the end of backward, as FSDP2 never reshards a root after its forward.
-        tables = _vocabulary_modules(hf)
+        from lightning_nf4.strategies.vocab_parallel import shard_by_vocabulary, vocabulary_tables
+
+        by_vocabulary = vocabulary_tables(hf, world, self.vocab_parallel, cpu_offload=self.cpu_offload)
+        if by_vocabulary is not None:  # frozen, untied: each rank keeps its rows; the units holding them ignore them
+            for table in by_vocabulary:
+                _materialize(table, device, hf)
+            kwargs["ignored_params"] = shard_by_vocabulary(by_vocabulary, mesh)
+        tables = _vocabulary_modules(hf) if by_vocabulary is None else []
         for table in tables:
             shard_one(table, False)
             if not any(p.requires_grad for p in table.parameters()) and hasattr(table, "set_unshard_in_backward"):
@@ -223,9 +275,27 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         source = deferred_checkpoint(hf)
         filled = f", each filled from {source.index.files[0].parent} as it was sharded" if source is not None else ""
         rank_zero_info(
-            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, {len(tables)} embedding unit(s) and the root across {world} ranks{filled}."
+            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, "
+            + ("the embeddings and head by vocabulary rows" if by_vocabulary else f"{len(tables)} embedding unit(s)")
+            + f" and the root across {world} ranks{filled}."
         )
         return module
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        """With ``shard_adapters=False``: average the whole adapters' gradients over the ranks, in one flat
+        all-reduce. Averaging a gradient that is already the same on every rank leaves it unchanged, so this is
+        right after every micro-batch of gradient accumulation too."""
+        super().post_backward(closure_loss)
+        grads = [p.grad for p in self._replicated if p.grad is not None]
+        if not grads or self.world_size == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat, group=self.device_mesh.get_group())
+        flat.div_(self.world_size)
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
 
     # -- checkpoints: the trainable weights, consolidated --------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -340,7 +410,9 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
 
     from lightning_nf4.loading.deferred import allocate, deferred_checkpoint
 
-    own = list(own_modules(module, FSDPModule))
+    from lightning_nf4.strategies.vocab_parallel import is_vocab_parallel
+
+    own = [m for m in own_modules(module, FSDPModule) if not is_vocab_parallel(m)]  # those are sharded already
     meta = any(t.is_meta for m in own for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
     allocate(own, device)
     if not meta:

@@ -81,12 +81,12 @@ for n, k in SHAPES:
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     layers[n, k] = (linear, L.NF4Linear.from_linear(linear, compute_dtype=torch.bfloat16), torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
     dense_ms[n, k] = bench(lambda: torch.nn.functional.linear(layers[n, k][2], linear.weight))
-default = dict(tk.GEMV_CONFIG)
+default = tk.GEMV_CONFIG  # None: the package times its candidates per shape (benchmarks/gemv_sweep.py sweeps them all)
 print("gemv settings (rows, blocks/step, warps) x shape (out x in): us (x dense bf16), L2 flushed")
 print("dense: " + ", ".join(f"{n}x{k} {dense_ms[n, k] * 1e3:.1f} us" for n, k in SHAPES))
 with torch.no_grad():
     for rows_, blocks, warps in CONFIGS:
-        tk.GEMV_CONFIG.update(rows=rows_, blocks_per_step=blocks, num_warps=warps)
+        tk.GEMV_CONFIG = dict(rows=rows_, blocks_per_step=blocks, num_warps=warps, num_stages=3, split=1)
         cells = []
         for n, k in SHAPES:
             linear, layer, x = layers[n, k]
@@ -95,7 +95,7 @@ with torch.no_grad():
             ms = bench(lambda: layer(x))
             cells.append(f"{ms * 1e3:.1f} ({ms / dense_ms[n, k]:.2f}x){'' if ok else ' WRONG'}")
         print(f"{rows_}/{blocks}/{warps}: " + " | ".join(cells), flush=True)
-    tk.GEMV_CONFIG.update(default)
+    tk.GEMV_CONFIG = default
     print(f"per call with {default}: eager back to back / CUDA graph replay, us")
     for n, k in SHAPES:
         _, _, x = layers[n, k]

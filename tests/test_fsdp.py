@@ -237,6 +237,19 @@ def test_unit_layouts_give_the_same_adapters(runs, variant):
         assert all(h["rows"] * 2 == h["full_rows"] for n, h in held.items() if h["dtype"] == "torch.uint8")
 
 
+def test_checkpointing_turns_the_kv_cache_off():
+    """Under the strategy's activation checkpointing a KV cache would hold every recompute's graph to the end of the
+    step; it is turned off as transformers' gradient_checkpointing_enable does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_nf4.strategies.fsdp import without_kv_cache
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=32, use_cache=True))
+    assert without_kv_cache(model) and model.config.use_cache is False
+    assert not without_kv_cache(model) and not without_kv_cache(nn.Linear(2, 2))
+
+
 def test_layers_per_unit_must_be_a_count():
     with pytest.raises(NF4ShardingConfigError, match="layers_per_unit"):
         NF4FSDPStrategy(layers_per_unit=0)

@@ -227,10 +227,8 @@ class NF4FSDPStrategy(ModelParallelStrategy):
                 options["ignored_params"] = set(kept) | set(kwargs.get("ignored_params") or ())
             fully_shard(target, **options)
 
-        if self.activation_checkpointing and getattr(getattr(hf, "config", None), "use_cache", False):
-            # as transformers' own gradient_checkpointing_enable does: a KV cache would keep each recompute's keys,
-            # values and the graph behind them (the layer's dequantized weights) to the end of the step
-            hf.config.use_cache = False
+        if self.activation_checkpointing:
+            without_kv_cache(hf)
         unit_class = type(units[0]).__name__ if units else "no"
         groups = [units[i:i + self.layers_per_unit] for i in range(0, len(units), self.layers_per_unit)]
         for group in groups:
@@ -362,6 +360,17 @@ def _backbone_unit(hf: Optional[nn.Module]) -> Optional[nn.Module]:
     if head is None or {id(p) for p in head.parameters()} & {id(p) for p in backbone.parameters()}:
         return None
     return backbone
+
+
+def without_kv_cache(hf: Optional[nn.Module]) -> bool:
+    """Turn a transformers model's KV cache off for checkpointed training, as ``gradient_checkpointing_enable``
+    does: the cache would keep each recompute's keys, values and the graph behind them (the layer's dequantized
+    weights) to the end of the step. Returns whether it was on."""
+    config = getattr(hf, "config", None)
+    if not getattr(config, "use_cache", False):
+        return False
+    config.use_cache = False  # type: ignore[union-attr]
+    return True
 
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import lightning_nf4
 from lightning_nf4.kernels import triton_kernels as tk
+from one_token import graph_us  # this script's folder is on the path when it runs
 
 SHAPES = ((8192, 8192), (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out, in)
 # (rows, blocks per step, warps, stages, split)
@@ -32,32 +32,6 @@ SWEEP = tuple(dict.fromkeys([  # about 20 settings: each shape compiles each onc
     (1, 32, 4, 3, 2), (2, 16, 4, 3, 4), (1, 16, 4, 3, 8), (4, 16, 4, 3, 2),
 ]))
 QUICK = tk.GEMV_CANDIDATES
-
-
-def _graph_us(fns: list[Callable[[], object]], calls: int) -> float:
-    """GPU microseconds per call of ``calls`` calls cycling through ``fns``, captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
-    return sorted(times)[1]
 
 
 def _nbytes(q: lightning_nf4.NF4Weight) -> int:
@@ -80,11 +54,11 @@ def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
     timed = device.type == "cuda"
     if timed:
         dense_w = [w] + [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, -(-(256 << 20) // (2 * n * k))) - 1)]
-        result["dense_us"] = _graph_us([lambda d=d: F.linear(x, d) for d in dense_w], calls)
+        result["dense_us"] = graph_us([lambda d=d: F.linear(x, d) for d in dense_w], calls, replays=3)
         del dense_w
         src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
         dst = [torch.empty_like(src) for _ in range(max(1, -(-(512 << 20) // nbytes)))]
-        result["copy_us"] = _graph_us([lambda d=d: d.copy_(src) for d in dst], calls)
+        result["copy_us"] = graph_us([lambda d=d: d.copy_(src) for d in dst], calls, replays=3)
         del src, dst
         tk.gemv_4bit(x, *args(q0)[:-1])  # the package's own choice for this shape (timed here, once)
         result["choice"] = tk.gemv_launch_config(device, n, k, True, torch.bfloat16, 64)
@@ -96,7 +70,7 @@ def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
             if not err <= 1e-2:  # bf16 output of an fp32 sum: well inside 1e-2 of the largest output
                 result["sweep"][setting] = f"wrong ({err:.1e})"
                 continue
-            result["sweep"][setting] = _graph_us([lambda p=p: p.triton_launch(x) for p in plans], calls) if timed else "ok"
+            result["sweep"][setting] = graph_us([lambda p=p: p.triton_launch(x) for p in plans], calls, replays=3) if timed else "ok"
         except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row, not the end
             result["sweep"][setting] = f"n/a ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:50]})"
     return result

@@ -47,8 +47,9 @@ def host_and_wall_us(fns: list[Callable[[], object]], device: torch.device, call
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
-def graph_us(fns: list[Callable[[], object]], calls: int) -> float:
-    """Microseconds per call of the same loop captured in one CUDA graph and replayed (GPU time only)."""
+def graph_us(fns: list[Callable[[], object]], calls: int, replays: int = 1) -> float:
+    """Microseconds per call of the same loop captured in one CUDA graph and replayed (GPU time only); with several
+    ``replays``, the median replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -61,12 +62,16 @@ def graph_us(fns: list[Callable[[], object]], calls: int) -> float:
             fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
 
 
 def compare(n: int, k: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, calls: int = 0, rounds: int = 1) -> list[str]:

@@ -328,14 +328,12 @@ def _validate(model_dir, loss, compute="bfloat16"):
     return metrics["val_perplexity"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama whose every NF4 layer splits into whole scale groups on two ranks, with a tokenizer."""
+def save_shardable_llama(path: Path) -> Path:
+    """A tiny untied Llama whose every NF4 layer splits into whole scale groups on two ranks, with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.test_cli import tiny_tokenizer
 
-    path = tmp_path_factory.mktemp("shardable-llama")
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
@@ -344,6 +342,11 @@ def model_dir(tmp_path_factory):
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_shardable_llama(tmp_path_factory.mktemp("shardable-llama"))
 
 
 def test_module_validation_perplexity_is_unchanged(model_dir):

@@ -128,19 +128,9 @@ def test_without_gradient_the_loss_is_the_same(ops):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny untied Llama whose NF4 layers split into whole scale groups on two ranks, with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.test_losses import save_shardable_llama
 
-    from tests.test_cli import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("vp-llama")
-    tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_shardable_llama(tmp_path_factory.mktemp("vp-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -221,10 +221,8 @@ class NF4FSDPStrategy(ModelParallelStrategy):
                     checkpoint(one)
             options = dict(kwargs)
             if not self.shard_adapters:  # FSDP leaves them alone; post_backward averages their gradients
-                # in module order: every rank must flatten them alike for the broadcast and the all-reduce
-                kept = [p for one in targets for m in own_modules(one, FSDPModule) for p in m.parameters(recurse=False) if p.requires_grad]
-                self._replicated.extend(p for p in dict.fromkeys(kept) if all(p is not q for q in self._replicated))
-                options["ignored_params"] = set(kept) | set(kwargs.get("ignored_params") or ())
+                kept = {p for one in targets for m in own_modules(one, FSDPModule) for p in m.parameters(recurse=False) if p.requires_grad}
+                options["ignored_params"] = kept | set(kwargs.get("ignored_params") or ())
             fully_shard(target, **options)
 
         if self.activation_checkpointing:
@@ -234,14 +232,6 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         for group in groups:
             shard_one(group if len(group) > 1 else group[0], self.activation_checkpointing)
         units = [group[0] for group in groups]  # each group's first module carries the group's FSDP state
-        if self._replicated and world > 1:  # whole on every rank: the same values everywhere, rank 0's (as DDP does)
-            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-            with torch.no_grad():
-                flat = _flatten_dense_tensors([p.data for p in self._replicated])
-                torch.distributed.broadcast(flat, src=0, group=mesh.get_group())
-                for p, value in zip(self._replicated, _unflatten_dense_tensors(flat, [p.data for p in self._replicated])):
-                    p.data.copy_(value)
         if self.prefetch:
             for i, unit in enumerate(units):
                 unit.set_modules_to_forward_prefetch(units[i + 1:i + 1 + self.prefetch])
@@ -268,6 +258,13 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         for child in module.children():
             if next(child.parameters(), None) is not None and not isinstance(child, FSDPModule):
                 shard_one(child, False)
+        if not self.shard_adapters:  # whole on every rank, in module order: the same values everywhere, rank 0's (as DDP does)
+            from torch.distributed.tensor import DTensor
+
+            self._replicated = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            if self._replicated and world > 1:
+                with torch.no_grad():
+                    _flat_collective([p.data for p in self._replicated], lambda flat: torch.distributed.broadcast(flat, src=0, group=mesh.get_group()))
         from lightning_nf4.loading.deferred import deferred_checkpoint
 
         source = deferred_checkpoint(hf)
@@ -287,13 +284,12 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         grads = [p.grad for p in self._replicated if p.grad is not None]
         if not grads or self.world_size == 1:
             return
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        flat = _flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat, group=self.device_mesh.get_group())
-        flat.div_(self.world_size)
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+        def average(flat: torch.Tensor) -> None:
+            torch.distributed.all_reduce(flat, group=self.device_mesh.get_group())
+            flat.div_(self.world_size)
+
+        _flat_collective(grads, average)
 
     # -- checkpoints: the trainable weights, consolidated --------------------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -360,6 +356,17 @@ def _backbone_unit(hf: Optional[nn.Module]) -> Optional[nn.Module]:
     if head is None or {id(p) for p in head.parameters()} & {id(p) for p in backbone.parameters()}:
         return None
     return backbone
+
+
+def _flat_collective(tensors: list[torch.Tensor], collective: Any) -> None:
+    """Run one in-place ``collective`` over ``tensors`` packed into one flat buffer, and copy the result back: one
+    call for many small tensors, in the same order on every rank."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    collective(flat)
+    for tensor, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(value)
 
 
 def without_kv_cache(hf: Optional[nn.Module]) -> bool:

@@ -96,7 +96,8 @@ def llama_step_module(config, build_on_meta: bool, loss: str = "chunked", checkp
     return Module()
 
 
-def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "", profile: bool = True) -> None:
+def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "", profile: bool = True,
+            host_profile: bool = False) -> None:
     import lightning.pytorch as pl
 
     from lightning_nf4 import LoRACallback, NF4Precision
@@ -105,9 +106,9 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
     strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
-    unknown = set(flags) - {"compile", "keep", "p0", "u2", "whole", "novp", "fastrc"}
+    unknown = set(flags) - {"compile", "keep", "p0", "p3", "u2", "whole", "novp", "fastrc"}
     if unknown:
-        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch), "
+        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch), +p3 (three units ahead), "
                          "+u2 (two layers per unit), +whole (adapters not sharded), +novp (no vocabulary-parallel tables), "
                          "+fastrc (NF4Precision(low_memory_recompute=False): the recompute keeps its dequantized layer)")
     config = shape_config(shape, seq)
@@ -117,6 +118,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.phases: list[dict] = []
             self.gather_ms = float("nan")
 
         def on_train_start(self, trainer, pl_module):
@@ -125,20 +127,52 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
                 self.build_peak = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
 
+        def _mark(self) -> None:  # host time, and an event on the compute stream (when the device got there)
+            self.marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True) if on_gpu else None))
+            if on_gpu:
+                self.marks[-1][1].record()
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._mark()
+
+        def on_after_backward(self, trainer, pl_module):
+            self._mark()
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if on_gpu:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
+            self.marks = []
+            self._mark()
+            if batch_idx == warmup and host_profile:  # Python's own profiler over the timed steps
+                import cProfile
+
+                self.cprof = cProfile.Profile()
+                self.cprof.enable()
             if batch_idx == warmup + steps and devices > 1 and profile:
-                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+                # device activity only on a GPU (cheap: the step keeps its pace); FSDP_SCALING_PROFILE_HOST=1 adds host ops,
+                # which slows the step about tenfold but times FSDP2's hooks
+                host_ops = not on_gpu or os.environ.get("FSDP_SCALING_PROFILE_HOST") == "1"
+                activities = ([torch.profiler.ProfilerActivity.CPU] if host_ops else []) + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
                 self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._mark()
             if on_gpu:
                 torch.cuda.synchronize()
             if warmup <= batch_idx < warmup + steps:
                 self.times.append(time.perf_counter() - self.t0)
+                if len(self.marks) == 4:  # forward, backward, optimizer step: host time to issue, device time to run
+                    (h0, e0), (h1, e1), (h2, e2), (h3, e3) = self.marks
+                    host = [h1 - h0, h2 - h1, h3 - h2]
+                    device = [e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3, e2.elapsed_time(e3) / 1e3] if on_gpu else [float("nan")] * 3
+                    self.phases.append({"host": host, "device": device})
+            if batch_idx == warmup + steps - 1 and getattr(self, "cprof", None) is not None:
+                self.cprof.disable()
+                out.mkdir(parents=True, exist_ok=True)
+                self.cprof.dump_stats(out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.pstats")
+                self.cprof = None
             if getattr(self, "prof", None) is not None and batch_idx == warmup + steps:
                 self.prof.__exit__(None, None, None)
                 events = self.prof.key_averages()
@@ -150,7 +184,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     data = torch.randint(0, vocab, (n * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
     if strategy_name.startswith("nf4_fsdp"):  # +p0: FSDP2's own prefetching only; +keep: no reshard after forward
-        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 1, reshard_after_forward="keep" not in flags,
+        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 3 if "p3" in flags else 1, reshard_after_forward="keep" not in flags,
                                    layers_per_unit=2 if "u2" in flags else 1, shard_adapters="whole" not in flags,
                                    vocab_parallel=False if "novp" in flags else "auto")
     else:
@@ -169,6 +203,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
         "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss, "checkpoint": checkpoint,
         "profile": getattr(timer, "profile", {}),
+        "phases": {kind: [statistics.median(p[kind][i] for p in timer.phases) for i in range(3)] for kind in ("host", "device")} if timer.phases else {},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))
@@ -211,7 +246,7 @@ def _launch(spec: str, r: int, lane: int, lanes: int, args: list[str], tag: Path
 
 
 def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out: Path, timeout: int, loss: str = "chunked", checkpoint: str = "",
-          lanes: int = 1, profile_rounds: int = 1000) -> None:
+          lanes: int = 1, profile_rounds: int = 1000, host_profile: bool = False) -> None:
     """Each round runs every configuration once. With ``lanes`` > 1 (a host with lanes x N GPUs), that many
     configurations run at once on disjoint GPUs, their order rotating each round so each meets every lane."""
     results: dict[str, list[dict]] = {s: [] for s in specs}
@@ -220,7 +255,7 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
         for start in range(0, len(order), lanes):
             batch = order[start:start + lanes]
             tag = out / f"round{r}"
-            args = ["--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--loss", loss, "--checkpoint", checkpoint] + ([] if r < profile_rounds else ["--no-profile"])
+            args = ["--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--loss", loss, "--checkpoint", checkpoint] + ([] if r < profile_rounds else ["--no-profile"]) + (["--host-profile"] if host_profile else [])
             t0 = time.perf_counter()
             procs = [(spec, _launch(spec, r, lane, lanes, args, tag)) for lane, spec in enumerate(batch)]
             for spec, proc in procs:
@@ -245,9 +280,14 @@ def record(results: dict, spec: str, r: int, tag: Path, t0: float) -> None:
         "gather_ms": ranks[0]["gather_ms"], "tokens": ranks[0]["tokens_per_step"], "device": ranks[0]["device"],
         "build_peak": max(x["build_peak_gib"] for x in ranks), "wall": time.perf_counter() - t0,
         "profiles": [x.get("profile", {}) for x in ranks],
+        "phases": [x.get("phases", {}) for x in ranks],
     })
     row = results[spec][-1]
-    print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k != "profiles"}), flush=True)
+    print(f"round {r} {spec}: " + str({k: v for k, v in row.items() if k not in ("profiles", "phases")}), flush=True)
+    for rank, phases in enumerate(row["phases"]):
+        if phases:
+            fmt = lambda xs: "/".join(f"{1e3 * x:.0f}" for x in xs)  # noqa: E731
+            print(f"   rank {rank} forward/backward/optimizer ms, median step: host issues {fmt(phases['host'])}, device runs {fmt(phases['device'])}", flush=True)
     for rank, prof in enumerate(row["profiles"]):
         if prof:
             host = {k[6:]: v for k, v in prof["fsdp_host_ms"].items() if k in ("FSDP::pre_forward", "FSDP::post_forward", "FSDP::pre_backward", "FSDP::post_backward_reduce", "FSDP::all_gather_copy_out")}
@@ -296,12 +336,14 @@ if __name__ == "__main__":
     parser.add_argument("--lanes", type=int, default=1, help="configurations run at once, each on its own GPUs (a 4-GPU host: 2 lanes of 2)")
     parser.add_argument("--profile-rounds", type=int, default=1000, help="profile one extra step only in the first this-many rounds")
     parser.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--host-profile", action="store_true", help="cProfile the timed steps, each rank's stats to <out>/round<r>/<spec>_rank<k>.pstats")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.write_checkpoint:
         write_checkpoint(args.write_checkpoint, Path(args.checkpoint))
     elif args.one:
-        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss, args.checkpoint, profile=not args.no_profile)
+        run_one(args.one, args.steps, args.warmup, args.seq, Path(args.out), args.loss, args.checkpoint, profile=not args.no_profile,
+                host_profile=args.host_profile)
     else:
         drive(args.specs.split(","), args.rounds, args.steps, args.warmup, args.seq, Path(args.out), args.timeout, args.loss, args.checkpoint,
-              lanes=args.lanes, profile_rounds=args.profile_rounds)
+              lanes=args.lanes, profile_rounds=args.profile_rounds, host_profile=args.host_profile)

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_fsdp.sh 70b       # 70B shape: 4 GPUs (if present) and 2 GPUs, peak memory and speed
 #   bash benchmarks/gpu_fsdp.sh 8b [ROUNDS] [SPECS]   # 8B shape on 2 GPUs: sharded against DDP, eager and compiled
 #                                                     (on 4 GPUs two configurations run at once, each on its own pair)
+#   bash benchmarks/gpu_fsdp.sh hostprof [SPECS]      # one round with rank 0's timed steps under cProfile (.pstats to $OUT)
 # Outputs (logs, summary.json per part) go to ${OUT:-.}.
 set -uo pipefail
 out="${OUT:-.}"
@@ -25,5 +26,11 @@ case "${1:-}" in
     lanes=1; [ "$gpus" -ge 4 ] && lanes=2
     timeout 570 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds "$rounds" --steps 6 --warmup 2 --lanes "$lanes" --profile-rounds 1 --out /tmp/fsdp8 2>&1 | grep -v "^\s*$" | tail -60 | tee "$out/8b.txt"
     cp /tmp/fsdp8/summary.json "$out/8b_summary.json" 2>/dev/null ;;
-  *) echo "usage: gpu_fsdp.sh tests|70b|8b [ROUNDS] [SPECS]"; exit 2 ;;
+  hostprof)
+    # one round, cProfile of each rank's timed steps (Python-level host time; the step is host-bound), stats to $OUT
+    specs="${2:-8b:ddp:2,8b:nf4_fsdp+whole:2}"
+    lanes=1; [ "$gpus" -ge 4 ] && lanes=2
+    timeout 570 python3 benchmarks/fsdp_scaling.py --specs "$specs" --rounds 1 --steps 4 --warmup 2 --lanes "$lanes" --profile-rounds 0 --host-profile --out /tmp/fsdphp 2>&1 | grep -v "^\s*$" | tail -30 | tee "$out/hostprof.txt"
+    for f in /tmp/fsdphp/round0/*rank0.pstats; do n=$(basename "$f"); cp "$f" "$out/${n//+/-}"; done ;;  # '+' may not travel
+  *) echo "usage: gpu_fsdp.sh tests|70b|8b|hostprof [ROUNDS|SPECS] [SPECS]"; exit 2 ;;
 esac

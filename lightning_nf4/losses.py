@@ -305,6 +305,9 @@ def causal_lm_loss(
         captured.append(output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state)
 
     handle = model.base_model.register_forward_hook(keep)
+    lookup = model.get_input_embeddings() if parallel else None
+    if lookup is not None and hasattr(lookup, "last_counts"):
+        lookup.last_counts = None  # set again by this forward's lookup (every rank's token count)
     try:
         # a vocabulary-parallel head makes only its local columns once the model's logits were checked: none are read
         with _local_logits(head, parallel and model in _head_checked):
@@ -318,7 +321,10 @@ def causal_lm_loss(
 
         if not _head_matches(model, captured[0], head.weight, head.bias, output.logits, head=head):
             return _plain(model, input_ids, labels, attention_mask)
-        return vocab_parallel_cross_entropy(captured[0], head, labels, ignore_index=ignore_index, shift=True, chunk_size=chunk_size)
+        # the hidden states are those of this forward's tokens: the lookup's exchanged counts are theirs
+        counts = getattr(lookup, "last_counts", None)
+        return vocab_parallel_cross_entropy(captured[0], head, labels, ignore_index=ignore_index, shift=True, chunk_size=chunk_size,
+                                            counts=counts)
     gathered = _unshard_for_loss(model, head)
     try:
         weight = head.weight

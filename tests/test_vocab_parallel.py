@@ -124,6 +124,13 @@ def test_without_gradient_the_loss_is_the_same(ops):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_given_counts_give_the_same_loss_and_wrong_ones_are_named(ops):
+    for result in ops:
+        got, exchanged = result["counts"]
+        assert torch.equal(got, exchanged)
+        assert result["wrong_counts"].startswith("LinearCrossEntropyError") and "every rank's token count" in result["wrong_counts"]
+
+
 # -- a Lightning fit under NF4FSDPStrategy -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -174,6 +181,16 @@ def test_fit_matches_the_fit_with_the_tables_as_units(fits):
             assert torch.equal(value, run[1]["trainable"][key]), key
             torch.testing.assert_close(value, units[0]["trainable"][key], rtol=1e-3, atol=5e-4)
     assert fits["units"][0]["after"] < fits["units"][0]["before"]  # it trained
+
+
+def test_the_chunked_loss_reuses_the_lookups_token_counts(fits):
+    """Token counts are exchanged on the host (each rank waits for the slowest there): the chunked loss takes them
+    from the lookup of the same tokens, so a step exchanges them once. HF's plain loss goes through the head's full
+    logits, which exchange again."""
+    for rank in fits["vocab_parallel"]:
+        assert rank["count_exchanges"] == 1, rank["count_exchanges"]
+    for rank in fits["plain"]:
+        assert rank["count_exchanges"] == 2, rank["count_exchanges"]
 
 
 def test_the_tables_are_never_gathered(fits):

@@ -90,6 +90,14 @@ def ops(rank: int, out: str, port: int) -> None:
             plain.backward()
             result[name] = {"got": got.detach(), "want": want.detach(), "plain": plain.detach(),
                             "grad": a.grad, "want_grad": b.grad, "plain_grad": c.grad, "count": int((labels != -100).sum())}
+        # every rank's token count passed in (as causal_lm_loss passes the lookup's): the same loss, no exchange
+        hidden, labels = _batch(rank, 37 + 20 * rank, h, v, torch.float32, False)
+        result["counts"] = (vocab_parallel_cross_entropy(hidden, head, labels, chunk_size=7, counts=[37, 57]),
+                            vocab_parallel_cross_entropy(hidden, head, labels, chunk_size=7))
+        try:  # a count that is not this rank's: refused on each rank before any collective
+            vocab_parallel_cross_entropy(hidden, head, labels, chunk_size=7, counts=[57, 37])
+        except Exception as error:  # noqa: BLE001 - the test checks the type and message
+            result["wrong_counts"] = f"{type(error).__name__}: {error}"
         # without a gradient (evaluation): the same loss, and nothing is saved
         with torch.no_grad():
             hidden, labels = _batch(rank, 37 + 20 * rank, h, v, torch.float32, False)
@@ -127,12 +135,16 @@ def fit(model_dir: str, out: Path, loss: str, vocab_parallel: str) -> None:
             self.kinds = [type(hf.get_input_embeddings()).__name__, type(hf.get_output_embeddings()).__name__]
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1 and trainer.current_epoch == 0:
+                self.exchanges_before = len(exchanges)
             if batch_idx == 1 and trainer.current_epoch == 0:  # one whole step profiled: FSDP2 names each all-gather after its unit
                 self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.profile.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(float(outputs["loss"]))
+            if batch_idx == 1 and trainer.current_epoch == 0:
+                self.exchanges = len(exchanges) - self.exchanges_before
             if self.profile is not None:
                 self.profile.__exit__(None, None, None)
                 self.gathers = {e.key.removeprefix("FSDP::all_gather").strip() or "(root)": e.count for e in self.profile.key_averages()
@@ -150,9 +162,20 @@ def fit(model_dir: str, out: Path, loss: str, vocab_parallel: str) -> None:
 
             torch.save({"losses": self.losses, "before": pl_module.perplexity_before, "after": pl_module.perplexity_after,
                         "trainable": full_trainable_state(pl_module), "gathers": self.gathers, "kinds": self.kinds,
-                        "sharded_in_forward": self.sharded_in_forward, "completion": self.completion},
+                        "sharded_in_forward": self.sharded_in_forward, "completion": self.completion,
+                        "count_exchanges": self.exchanges},
                        out / f"rank{trainer.global_rank}.pt")
 
+    from lightning_nf4.strategies import vocab_parallel as vp
+
+    exchanges: list[int] = []  # token-count exchanges (a host-side wait on the other rank each)
+    exchange = vp._counts
+
+    def counted(n, group, device):
+        exchanges.append(n)
+        return exchange(n, group, device)
+
+    vp._counts = counted
     pl.seed_everything(0)
     module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=4)
     setting = {"true": True, "false": False}.get(vocab_parallel, vocab_parallel)

@@ -192,9 +192,33 @@ class NF4Tensor(Tensor):
         return handler(*args, **kwargs)
 
 
-# FSDP2 reads the hook's signature (old or new style) before every all-gather of every parameter; a stated
-# signature spares it from re-deriving one from the code each time (a measurable share of its host time).
-NF4Tensor.fsdp_pre_all_gather.__signature__ = inspect.signature(NF4Tensor.fsdp_pre_all_gather)  # type: ignore[attr-defined]
+class _BoundHook:
+    """A hook bound to one tensor that states its signature: FSDP2 calls ``inspect.signature`` on the hook before
+    every all-gather of every parameter, and on a plain bound method that re-derives the signature each time."""
+
+    __slots__ = ("_fn", "_tensor", "__signature__")
+
+    def __init__(self, fn: Callable[..., Any], tensor: Tensor, signature: inspect.Signature) -> None:
+        self._fn, self._tensor, self.__signature__ = fn, tensor, signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._tensor, *args, **kwargs)
+
+
+class _HookWithSignature:
+    """Method descriptor handing out ``_BoundHook``s; the signature (without ``self``) is derived once."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        signature = inspect.signature(fn)
+        self._bound_signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, tensor: Optional[Tensor], owner: Optional[type] = None) -> Any:
+        return self._fn if tensor is None else _BoundHook(self._fn, tensor, self._bound_signature)
+
+
+NF4Tensor.fsdp_pre_all_gather = _HookWithSignature(NF4Tensor.fsdp_pre_all_gather)  # type: ignore[method-assign]
 
 _OPS: dict[Any, Callable[..., Any]] = {}
 

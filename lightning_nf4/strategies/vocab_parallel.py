@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -33,12 +33,18 @@ VocabParallel = Union[bool, Literal["auto"]]
 
 # -- the modules ------------------------------------------------------------------------------------------
 class VocabParallelEmbedding(nn.Embedding):
-    """A frozen ``nn.Embedding`` whose rows are split across ranks (a ``Shard(0)`` DTensor weight), never gathered."""
+    """A frozen ``nn.Embedding`` whose rows are split across ranks (a ``Shard(0)`` DTensor weight), never gathered.
+
+    Keeps every rank's token count of its last lookup (``last_counts``): a loss over the same tokens passes them on
+    (``vocab_parallel_cross_entropy(counts=...)``) instead of exchanging them again, a host-side wait on the
+    slowest rank at the end of every forward."""
+
+    last_counts: Optional[list[int]] = None
 
     def forward(self, ids: Tensor) -> Tensor:
         rows, group, rank = _local(self.weight)
         flat = ids.reshape(-1)
-        counts = _counts(flat.numel(), group, flat.device)
+        counts = self.last_counts = _counts(flat.numel(), group, flat.device)
         most = max(counts)
         every = _gather_padded(flat, most, group, fill=-1)  # [world * most]; -1 is in no rank's rows
         start = rank * rows.shape[0]
@@ -179,13 +185,15 @@ def vocab_parallel_cross_entropy(
     reduction: Literal["mean", "sum"] = "mean",
     shift: bool = False,
     chunk_size: Optional[int] = None,
+    counts: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """``linear_cross_entropy(hidden, head.weight, labels, ...)`` with the head's rows split across ranks.
 
     Each rank passes its own tokens and gets the loss over them (the mean over its counted targets, 0 when it
     has none), as ``linear_cross_entropy`` computes it on one rank; the gradient reaches ``hidden`` alone (the
     head is frozen). ``chunk_size`` counts the gathered tokens of all ranks per chunk (default: one chunk's
-    fp32 logits of this rank's columns under 128 MiB).
+    fp32 logits of this rank's columns under 128 MiB). ``counts``: every rank's token count, where the caller
+    knows them (``VocabParallelEmbedding.last_counts`` of the same tokens); else they are exchanged here.
     """
     from lightning_nf4.losses import LinearCrossEntropyError, default_chunk_size
 
@@ -205,8 +213,15 @@ def vocab_parallel_cross_entropy(
     scale = 1.0 / count.clamp(min=1).to(torch.float32) if reduction == "mean" else torch.ones((), device=hidden.device)
     rows, group, rank = _local(head.weight)
     chunk = chunk_size or default_chunk_size(rows.shape[0])
+    if counts is not None:
+        counts = list(counts)
+        if len(counts) != dist.get_world_size(group) or counts[rank] != flat_hidden.shape[0]:
+            raise LinearCrossEntropyError(
+                f"counts={counts} must hold every rank's token count, this rank's ({rank}) being its {flat_hidden.shape[0]} "
+                "hidden rows; pass the counts of the lookup of these very tokens, or leave counts out to exchange them."
+            )
     return _VocabParallelCrossEntropy.apply(flat_hidden, rows, flat_labels, scale, group, rank, ignore_index, chunk,
-                                            _compute_dtype(flat_hidden, rows))
+                                            _compute_dtype(flat_hidden, rows), counts)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -221,14 +236,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, rows: Tensor, labels: Tensor, scale: Tensor, group: Any, rank: int,
-                ignore_index: int, chunk_size: int, compute_dtype: torch.dtype) -> Tensor:
+                ignore_index: int, chunk_size: int, compute_dtype: torch.dtype, counts: Optional[list[int]]) -> Tensor:
         if ctx.needs_input_grad[1]:
             raise RuntimeError("the vocabulary-parallel loss cannot train the head: its rows are never gathered.")
         need_hidden = ctx.needs_input_grad[0]
         world, n, columns = dist.get_world_size(group), hidden.shape[0], rows.shape[0]
         start = rank * columns
         with torch.autocast(hidden.device.type, enabled=False):
-            most = max(_counts(n, group, hidden.device))
+            most = max(counts or _counts(n, group, hidden.device))
             w = rows.to(compute_dtype)
             every = _gather_padded(hidden.to(compute_dtype), most, group, fill=0)
             targets = _gather_padded(labels, most, group, fill=ignore_index)
@@ -270,7 +285,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
         (grad_hidden,) = ctx.saved_tensors
-        out: list[Optional[Tensor]] = [None] * 9
+        out: list[Optional[Tensor]] = [None] * 10
         if grad_hidden is not None:
             out[0] = grad_hidden * grad_output.to(grad_hidden.dtype)
         return tuple(out)

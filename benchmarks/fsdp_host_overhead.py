@@ -1,0 +1,155 @@
+"""Host time of a sharded QLoRA step, without the network: one process plays rank 0 of a 2-rank group whose
+collectives do nothing (PyTorch's "fake" process-group backend), so what is timed is the host work alone: FSDP2's
+hooks, the NF4 all-gather hooks, the layers' Python, the optimizer. On a GPU host the eager 8B step is host-bound
+(each phase's host time equals its device time, ``fsdp_scaling.py`` prints both), so host time here is step time
+there, up to the host's speed.
+
+    python benchmarks/fsdp_host_overhead.py                       # DDP against nf4_fsdp variants, tiny32 shape
+    python benchmarks/fsdp_host_overhead.py --specs nf4_fsdp --cprofile /tmp/p   # and each run's cProfile stats
+
+Prints, per configuration, the median host milliseconds of forward, backward and optimizer step, and the extra
+milliseconds per decoder layer against the first configuration. The gathered bytes are whatever the fake
+collectives leave (zeros), so losses are meaningless; only time is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FLAGS = {"whole": "shard_adapters=False", "u2": "layers_per_unit=2", "p0": "prefetch=0", "fastrc": "low_memory_recompute=False",
+         "nodq": "double_quant=False", "novp": "vocab_parallel=False"}
+
+
+def _fake_allreduce(state, bucket):  # no annotations: DDP checks them as classes, and this module's are strings
+    """DDP's bucket all-reduce, issued (the fake group does nothing) and answered with the bucket itself: the fake
+    group's own future carries no tensor, which DDP refuses."""
+    torch.distributed.all_reduce(bucket.buffer(), async_op=True)
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
+def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str) -> dict:
+    import lightning.pytorch as pl
+    from fsdp_scaling import llama_step_module, shape_config
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from lightning_nf4.strategies import NF4FSDPStrategy
+
+    name, *flags = spec.split("+")
+    config = shape_config("tiny32", seq)
+    config.num_hidden_layers = layers
+    if name == "nf4_fsdp":
+        strategy = NF4FSDPStrategy(shard_adapters="whole" not in flags, layers_per_unit=2 if "u2" in flags else 1,
+                                   prefetch=0 if "p0" in flags else 1, vocab_parallel=False if "novp" in flags else "auto")
+    elif name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        class FakeGroupDDP(DDPStrategy):  # Lightning registers a comm hook on CUDA only
+            def _register_ddp_hooks(self) -> None:
+                self.model.register_comm_hook(None, _fake_allreduce)
+
+        strategy = FakeGroupDDP()
+    else:
+        raise SystemExit(f"unknown configuration {spec}: ddp or nf4_fsdp[+{'+'.join(FLAGS)}]")
+    marks: list[list[float]] = []
+
+    class Phases(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            marks.append([time.perf_counter()])
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            marks[-1].append(time.perf_counter())
+
+        def on_after_backward(self, trainer, pl_module):
+            marks[-1].append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            marks[-1].append(time.perf_counter())
+
+    data = torch.randint(0, config.vocab_size, (warmup + steps, seq))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        plugins=NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto", double_quant="nodq" not in flags),
+        callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), Phases()],
+    )
+    module = llama_step_module(config, name == "nf4_fsdp")
+    loader = torch.utils.data.DataLoader(data, batch_size=1)
+    if cprofile:  # the whole fit: set-up and warm-up steps are in the stats too
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.runcall(trainer.fit, module, train_dataloaders=loader)
+        Path(cprofile).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(Path(cprofile) / f"{spec}.pstats")
+    else:
+        trainer.fit(module, train_dataloaders=loader)
+    timed = marks[warmup:warmup + steps]
+    phases = [statistics.median(m[i + 1] - m[i] for m in timed) * 1e3 for i in range(3)]
+    return {"spec": spec, "forward": phases[0], "backward": phases[1], "optimizer": phases[2], "step": sum(phases)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--specs", default="ddp,nf4_fsdp,nf4_fsdp+whole")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1, help="configurations in turn, this many times; medians over rounds")
+    parser.add_argument("--cprofile", default="", help="folder for each configuration's cProfile stats of its fit (set-up and warm-up included)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # a fresh process per configuration: FSDP and DDP leave state behind
+        import json
+
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        os.environ.update(LOCAL_RANK="0", RANK="0", NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)  # Lightning keeps a group it finds
+        from lightning_nf4.strategies import vocab_parallel
+
+        vocab_parallel._host_group = lambda group: group  # token counts: over the fake group too (no gloo peer here)
+        try:
+            print(json.dumps(run(args.one, args.steps, args.warmup, args.seq, args.layers, args.cprofile)))
+        finally:
+            dist.destroy_process_group()
+        return
+    import json
+    import subprocess
+
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for spec in args.specs.split(","):
+            cmd = [sys.executable, __file__, "--one", spec, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--seq", str(args.seq), "--layers", str(args.layers), "--cprofile", args.cprofile]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                raise SystemExit(f"{spec} failed:\n{done.stderr[-3000:]}")
+            rows.setdefault(spec, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = None
+    print(f"\nhost ms per step, {args.layers} layers x (hidden 256), 1 x {args.seq} tokens, fake 2-rank group, median of {args.steps} steps"
+          f" and of {args.rounds} round(s)\n")
+    print("| configuration | forward | backward | optimizer | step | extra ms per layer vs first |")
+    print("|---|---|---|---|---|---|")
+    for spec, runs in rows.items():
+        med = {k: statistics.median(r[k] for r in runs) for k in ("forward", "backward", "optimizer", "step")}
+        base = base or med
+        extra = (med["step"] - base["step"]) / args.layers
+        print(f"| {spec} | {med['forward']:.1f} | {med['backward']:.1f} | {med['optimizer']:.1f} | {med['step']:.1f} | {extra:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()

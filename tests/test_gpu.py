@@ -53,6 +53,27 @@ def check_quantize_on(device: torch.device, w: torch.Tensor, blocksize: int, dou
         assert torch.equal(gpu_q.dequantize(out_dtype).cpu(), gpu_q.to("cpu").dequantize(out_dtype))
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_repeated_dequantize_takes_the_checked_direct_launch(double_quant):
+    """The second dequantize of a weight of the same specialisation reuses the compiled kernel's launcher (checked
+    once against Triton's launch); every call, direct or not, equals the CPU decode of the same bytes. A row shard
+    (other addresses, other alignment) gets its own check."""
+    from lightning_nf4.kernels import triton_kernels
+
+    device = cuda_or_skip()
+    triton_kernels._dequantize_launchers.clear()
+    w = torch.randn(1024, 512) * 0.02
+    q = L.quantize_nf4(w, 64, double_quant).to(device)
+    want = q.to("cpu").dequantize(torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(q.dequantize(torch.bfloat16).cpu(), want)
+    launchers = list(triton_kernels._dequantize_launchers.values())
+    assert len(launchers) == 1 and callable(launchers[0]), launchers  # checked bit for bit, and taken since
+    other = L.quantize_nf4(torch.randn(1024, 512) * 0.02, 64, double_quant).to(device)  # same shape, new bytes
+    assert torch.equal(other.dequantize(torch.bfloat16).cpu(), other.to("cpu").dequantize(torch.bfloat16))
+    assert torch.equal(other.dequantize(torch.bfloat16).cpu(), other.to("cpu").dequantize(torch.bfloat16))
+
+
 def test_cuda_non_finite_detected():
     device = cuda_or_skip()
     w = torch.randn(4, 128, device=device)

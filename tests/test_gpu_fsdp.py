@@ -31,9 +31,11 @@ def test_two_gpu_sharded_run_matches_one_gpu_and_ddp(gpu_runs):
     for name, value in fsdp[0]["trainable"].items():
         assert torch.equal(value, fsdp[1]["trainable"][name]), name
         # fp32 adapters and compute; NCCL's reduce-scatter, DDP's all-reduce and one GPU's sum over the global
-        # batch add in different orders, and the GPU's kernels are not bitwise deterministic across launches
-        torch.testing.assert_close(value, ddp["trainable"][name], atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(value, single["trainable"][name], atol=1e-4, rtol=1e-3)
+        # batch add in different orders (and the vocabulary-parallel loss sums its normalizer over two halves),
+        # and AdamW at lr 1e-2 divides tiny gradients by their own size, magnifying those rounding differences:
+        # 5e-4 absolute, as the CPU test (test_vocab_parallel). Seen on 2 x H100: 1.2e-4 in one of 1024 elements.
+        torch.testing.assert_close(value, ddp["trainable"][name], atol=5e-4, rtol=1e-3)
+        torch.testing.assert_close(value, single["trainable"][name], atol=5e-4, rtol=1e-3)
 
 
 def test_two_gpu_ranks_hold_half_of_every_weight(gpu_runs):

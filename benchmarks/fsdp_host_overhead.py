@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FLAGS = {"whole": "shard_adapters=False", "u2": "layers_per_unit=2", "p0": "prefetch=0", "fastrc": "low_memory_recompute=False",
-         "nodq": "double_quant=False", "novp": "vocab_parallel=False"}
+         "nodq": "double_quant=False", "novp": "vocab_parallel=False",
+         "one_nf4": "a what-if: FSDP2 handles one NF4 weight a layer, the other six left whole (as one flat NF4 parameter a layer would)"}
 
 
 def _fake_allreduce(state, bucket):  # no annotations: DDP checks them as classes, and this module's are strings
@@ -37,6 +38,26 @@ def _fake_allreduce(state, bucket):  # no annotations: DDP checks them as classe
     done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     done.set_result(bucket.buffer())
     return done
+
+
+def _one_nf4_parameter_per_layer() -> None:
+    """What-if for the host time of a layout with one flat NF4 parameter per layer: ``fully_shard`` of a decoder layer
+    leaves six of its seven NF4 weights to FSDP2's ``ignored_params`` (whole on each rank, never gathered), so FSDP2
+    does per-parameter work for one NF4 weight a layer. The bytes gathered are not the flat layout's; the host work is."""
+    import torch.distributed.fsdp as fsdp
+
+    from lightning_nf4.layers import NF4Linear
+
+    shard = fsdp.fully_shard
+
+    def fully_shard(module, **kwargs):
+        for layer in module if isinstance(module, list) else [module]:
+            weights = [m.weight for m in layer.modules() if isinstance(m, NF4Linear)]
+            if len(weights) == 7:
+                kwargs["ignored_params"] = set(kwargs.get("ignored_params") or ()) | set(weights[:6])
+        return shard(module, **kwargs)
+
+    fsdp.fully_shard = fully_shard
 
 
 def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str) -> dict:
@@ -77,6 +98,8 @@ def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             marks[-1].append(time.perf_counter())
 
+    if "one_nf4" in flags:
+        _one_nf4_parameter_per_layer()
     data = torch.randint(0, config.vocab_size, (warmup + steps, seq))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=warmup + steps, logger=False, enable_checkpointing=False,

@@ -1,6 +1,7 @@
-"""The GPU benchmarks of issue 12 run end to end on the CPU, so that the one GPU run that fills their tables does
+"""The GPU benchmarks run end to end on the CPU, so that the one GPU run that fills their tables does
 not stop on a bug in the scripts: ``kernels.py --dequant-shapes`` (its launch-setting sweep through Triton's
-interpreter) and ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama)."""
+interpreter), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
+sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host_overhead.py``)."""
 
 import os
 import re
@@ -66,3 +67,25 @@ def test_generate_compiled_rows_on_the_cpu():
         assert float(row[2]) > 0 and float(row[4]) > 0, row  # decode and end-to-end tokens/s
         if mode != "eager":
             assert row[8:12] == ["1", "0", "0", "0"], row  # graphs, graph breaks, CUDA-graph skips, recompiles
+
+
+def test_fsdp_host_overhead_times_each_phase_of_ddp_and_sharded_steps():
+    """The CPU stand-in for the sharded step's host time (a fake 2-rank group) runs DDP and nf4_fsdp variants,
+    the what-if among them, and prints a positive time for every phase of each."""
+    out = _run(["benchmarks/fsdp_host_overhead.py", "--specs", "ddp,nf4_fsdp+whole+one_nf4", "--layers", "2", "--steps", "1",
+                "--warmup", "1"], timeout=400)
+    rows = {r[0]: r for r in _rows(out, "configuration")}
+    assert sorted(rows) == ["ddp", "nf4_fsdp+whole+one_nf4"]
+    for row in rows.values():
+        assert all(float(x) > 0 for x in row[1:5]), row  # forward, backward, optimizer, step
+    assert float(rows["ddp"][5]) == 0.0  # extra per layer against the first configuration
+
+
+def test_fsdp_scaling_reports_host_and_device_time_of_each_phase(tmp_path):
+    """Two gloo ranks of the sharded step: each rank prints the host time it took to issue forward, backward and
+    optimizer step (the device column is NaN without a GPU)."""
+    out = _run(["benchmarks/fsdp_scaling.py", "--specs", "tiny:nf4_fsdp:2", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                "--seq", "16", "--profile-rounds", "0", "--out", str(tmp_path)], env={"OMP_NUM_THREADS": "1"}, timeout=400)
+    phases = re.findall(r"rank (\d) forward/backward/optimizer ms, median step: host issues (\d+)/(\d+)/(\d+), device runs nan/nan/nan", out)
+    assert sorted(p[0] for p in phases) == ["0", "1"], out[-2000:]
+    assert all(int(p[1]) + int(p[2]) > 0 for p in phases)

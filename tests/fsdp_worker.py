@@ -125,8 +125,20 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
         from lightning_nf4.strategies import NF4FSDPStrategy
 
         options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded
-        strategy = NF4FSDPStrategy(timeout=timedelta(seconds=60), activation_checkpointing=strategy.split("+")[0].endswith("_ac"),
-                                   layers_per_unit=2 if "u2" in options else 1, shard_adapters="whole" not in options)
+        kind = NF4FSDPStrategy
+        if "skew" in options:  # +skew: the ranks' adapters start apart; sharding must leave every rank rank 0's
+
+            class SkewedStart(NF4FSDPStrategy):
+                def shard(self, module):
+                    with torch.no_grad():
+                        for param in module.parameters():
+                            if param.requires_grad:
+                                param.add_(0.01 * self.global_rank)
+                    return super().shard(module)
+
+            kind = SkewedStart
+        strategy = kind(timeout=timedelta(seconds=60), activation_checkpointing=strategy.split("+")[0].endswith("_ac"),
+                        layers_per_unit=2 if "u2" in options else 1, shard_adapters="whole" not in options)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs, logger=False,

@@ -213,11 +213,12 @@ def test_each_unit_is_gathered_where_a_step_needs_it(runs):
     assert len(layers) == 2 and all(gathers[k] == 2 for k in layers), gathers
 
 
-@pytest.mark.parametrize("variant", ["u2", "whole"])
+@pytest.mark.parametrize("variant", ["u2", "whole", "whole+skew"])
 def test_unit_layouts_give_the_same_adapters(runs, variant):
     """Two layers per FSDP unit, or the adapters kept whole on every rank (averaged in one all-reduce after
     backward): the same adapters as the default layout (the same sums of two ranks' gradients), and the unit
-    layout each promises."""
+    layout each promises. ``+skew``: rank 1's adapters start 0.01 away from rank 0's; whole adapters start from
+    rank 0's on every rank (broadcast when sharded), so the run is still the default's."""
     fsdp = run_worker(runs["root"] / variant, f"nf4_fsdp+{variant}", 2, 2)
     default = runs["fsdp"][0]
     for name, value in fsdp[0]["trainable"].items():

@@ -200,6 +200,9 @@ def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
         outs = [layer(x).reshape(-1) for _ in range(3)]
     plan = ops.prepared_gemv(layer, layer.quant, torch.bfloat16, 384, 1024)
     assert plan.fast, "the direct launch was not taken into use (its check against Triton's launch failed)"
+    # the setting chosen for this shape is reported for "cuda" (the current card) as for the card's own index
+    if tk.GEMV_CONFIG is None:
+        assert tk.gemv_launch_config("cuda", 384, 1024) == tk.gemv_launch_config(device, 384, 1024) is not None
     for out in outs:
         assert torch.equal(out, expected)
     ref = q.dequantize(torch.float32) @ x.reshape(-1).float()

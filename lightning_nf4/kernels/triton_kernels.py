@@ -291,10 +291,14 @@ def _gemv_key(device: torch.device, out_features: int, in_features: int, nested:
 
 def gemv_launch_config(device: torch.device, out_features: int, in_features: int, nested: bool = True,
                        dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> Optional[dict]:
-    """The gemv setting used for this shape on ``device`` (None before its first timed call)."""
+    """The gemv setting used for this shape on ``device`` (None before its first timed call). ``"cuda"`` means the
+    current card, as for tensors: choices are kept per card index."""
     if GEMV_CONFIG is not None:
         return dict(GEMV_CONFIG)
-    choice = _gemv_choice.get(_gemv_key(torch.device(device), out_features, in_features, nested, dtype, blocksize))
+    device = torch.device(device)
+    if device.index is None and device.type in DEVICE_TYPES:
+        device = torch.device(device.type, getattr(torch, device.type).current_device())
+    choice = _gemv_choice.get(_gemv_key(device, out_features, in_features, nested, dtype, blocksize))
     return None if choice is None else dict(zip(("rows", "blocks_per_step", "num_warps", "num_stages", "split"), choice))
 
 

@@ -10,7 +10,10 @@ Random Llama weights of the named shape, built on the meta device in ``configure
 builds on the GPU, as it must), batch 1 x ``--seq`` tokens per GPU, HF gradient checkpointing, LoRA r=16 on
 all 7 projections, AdamW. Each configuration runs in its own processes; the driver takes them in turn,
 ``--rounds`` times, and prints medians with ranges. All-gather time per step comes from a profiled step
-(rank 0's NCCL all-gather kernels). Host RAM peak is each rank's max RSS when training starts.
+(rank 0's NCCL all-gather kernels; device activity only, so the step keeps its pace; FSDP_SCALING_PROFILE_HOST=1
+adds host ops and FSDP2's hook times, at about ten times the step). Each rank also prints, for forward, backward
+and optimizer step, the host's time to issue the phase and the device's time to run it (``--host-profile``:
+cProfile of the timed steps). Host RAM peak is each rank's max RSS when training starts.
 """
 
 from __future__ import annotations

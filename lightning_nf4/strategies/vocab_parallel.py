@@ -193,7 +193,9 @@ def vocab_parallel_cross_entropy(
     has none), as ``linear_cross_entropy`` computes it on one rank; the gradient reaches ``hidden`` alone (the
     head is frozen). ``chunk_size`` counts the gathered tokens of all ranks per chunk (default: one chunk's
     fp32 logits of this rank's columns under 128 MiB). ``counts``: every rank's token count, where the caller
-    knows them (``VocabParallelEmbedding.last_counts`` of the same tokens); else they are exchanged here.
+    knows them (``VocabParallelEmbedding.last_counts`` of the same tokens); else they are exchanged here. A list
+    that does not hold this rank's count is refused before any collective; ranks whose entry it does hold go on,
+    and wait in the next collective until the process group's timeout, so pass counts only from an exchange.
     """
     from lightning_nf4.losses import LinearCrossEntropyError, default_chunk_size
 

@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FLAGS = {"whole": "shard_adapters=False", "u2": "layers_per_unit=2", "p0": "prefetch=0", "fastrc": "low_memory_recompute=False",
-         "nodq": "double_quant=False", "novp": "vocab_parallel=False",
+from fsdp_scaling import SHARDED_FLAGS  # noqa: E402
+
+FLAGS = {**SHARDED_FLAGS, "nodq": "double_quant=False",
          "one_nf4": "a what-if: FSDP2 handles one NF4 weight a layer, the other six left whole (as one flat NF4 parameter a layer would)"}
 
 
@@ -62,17 +62,17 @@ def _one_nf4_parameter_per_layer() -> None:
 
 def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str) -> dict:
     import lightning.pytorch as pl
-    from fsdp_scaling import llama_step_module, shape_config
+    from fsdp_scaling import llama_step_module, median_phases, phase_clock, precision_plugin, shape_config, sharded_strategy
 
-    from lightning_nf4 import LoRACallback, NF4Precision
-    from lightning_nf4.strategies import NF4FSDPStrategy
+    from lightning_nf4 import LoRACallback
 
     name, *flags = spec.split("+")
     config = shape_config("tiny32", seq)
     config.num_hidden_layers = layers
+    if set(flags) - set(FLAGS):
+        raise SystemExit(f"unknown flag(s) {sorted(set(flags) - set(FLAGS))} in {spec}: " + ", ".join(f"+{k} ({v})" for k, v in FLAGS.items()))
     if name == "nf4_fsdp":
-        strategy = NF4FSDPStrategy(shard_adapters="whole" not in flags, layers_per_unit=2 if "u2" in flags else 1,
-                                   prefetch=0 if "p0" in flags else 1, vocab_parallel=False if "novp" in flags else "auto")
+        strategy = sharded_strategy(flags)
     elif name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -83,29 +83,15 @@ def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str
         strategy = FakeGroupDDP()
     else:
         raise SystemExit(f"unknown configuration {spec}: ddp or nf4_fsdp[+{'+'.join(FLAGS)}]")
-    marks: list[list[float]] = []
-
-    class Phases(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            marks.append([time.perf_counter()])
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            marks[-1].append(time.perf_counter())
-
-        def on_after_backward(self, trainer, pl_module):
-            marks[-1].append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            marks[-1].append(time.perf_counter())
-
+    clock = phase_clock()
     if "one_nf4" in flags:
         _one_nf4_parameter_per_layer()
     data = torch.randint(0, config.vocab_size, (warmup + steps, seq))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
-        plugins=NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto", double_quant="nodq" not in flags),
-        callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), Phases()],
+        plugins=precision_plugin(flags, double_quant="nodq" not in flags),
+        callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), clock],
     )
     module = llama_step_module(config, name == "nf4_fsdp")
     loader = torch.utils.data.DataLoader(data, batch_size=1)
@@ -118,8 +104,7 @@ def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str
         prof.dump_stats(Path(cprofile) / f"{spec}.pstats")
     else:
         trainer.fit(module, train_dataloaders=loader)
-    timed = marks[warmup:warmup + steps]
-    phases = [statistics.median(m[i + 1] - m[i] for m in timed) * 1e3 for i in range(3)]
+    phases = [1e3 * x for x in median_phases(clock.steps[warmup:warmup + steps])["host"]]
     return {"spec": spec, "forward": phases[0], "backward": phases[1], "optimizer": phases[2], "step": sum(phases)}
 
 

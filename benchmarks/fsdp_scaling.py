@@ -99,21 +99,86 @@ def llama_step_module(config, build_on_meta: bool, loss: str = "chunked", checkp
     return Module()
 
 
+SHARDED_FLAGS = {
+    "keep": "reshard_after_forward=False", "p0": "no explicit prefetch", "p3": "three units ahead", "u2": "two layers per unit",
+    "whole": "adapters not sharded", "novp": "no vocabulary-parallel tables",
+    "fastrc": "NF4Precision(low_memory_recompute=False): the recompute keeps its dequantized layer",
+}
+
+
+def sharded_strategy(flags: list[str], **kwargs):
+    """``NF4FSDPStrategy`` as a configuration's ``+flags`` (``SHARDED_FLAGS``) set it."""
+    from lightning_nf4.strategies import NF4FSDPStrategy
+
+    return NF4FSDPStrategy(prefetch=0 if "p0" in flags else 3 if "p3" in flags else 1, reshard_after_forward="keep" not in flags,
+                           layers_per_unit=2 if "u2" in flags else 1, shard_adapters="whole" not in flags,
+                           vocab_parallel=False if "novp" in flags else "auto", **kwargs)
+
+
+def precision_plugin(flags: list[str], **kwargs):
+    from lightning_nf4 import NF4Precision
+
+    return NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto", **kwargs)
+
+
+def phase_clock():
+    """A callback that keeps, for every training step, the host's time to issue its forward (to the loss), its
+    backward and its optimizer step, and on a GPU the device's time to run each (events on the compute stream):
+    ``clock.steps[i] = {"host": [3 s], "device": [3 s or NaN]}``. Its batch-end hook waits for the device."""
+    import lightning.pytorch as pl
+
+    on_gpu = torch.cuda.is_available()
+
+    class PhaseClock(pl.Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple] = []
+            self.steps: list[dict] = []
+
+        def _mark(self) -> None:
+            self.marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True) if on_gpu else None))
+            if on_gpu:
+                self.marks[-1][1].record()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.marks = []
+            self._mark()
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self._mark()
+
+        def on_after_backward(self, trainer, pl_module):
+            self._mark()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._mark()
+            if on_gpu:
+                torch.cuda.synchronize()
+            if len(self.marks) == 4:
+                hosts, events = zip(*self.marks)
+                device = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])] if on_gpu else [float("nan")] * 3
+                self.steps.append({"host": [b - a for a, b in zip(hosts, hosts[1:])], "device": device})
+
+    return PhaseClock()
+
+
+def median_phases(steps: list[dict]) -> dict:
+    """Each phase's median over ``steps`` (``phase_clock``'s), host and device."""
+    return {kind: [statistics.median(p[kind][i] for p in steps) for i in range(3)] for kind in ("host", "device")} if steps else {}
+
+
 def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str = "chunked", checkpoint: str = "", profile: bool = True,
             host_profile: bool = False) -> None:
     import lightning.pytorch as pl
 
-    from lightning_nf4 import LoRACallback, NF4Precision
-    from lightning_nf4.strategies import NF4FSDPStrategy
+    from lightning_nf4 import LoRACallback
 
     shape, strategy_name, devices = spec.split(":")
     devices = int(devices)
     strategy_name, *flags = strategy_name.split("+")  # e.g. nf4_fsdp+compile+keep, ddp+compile
-    unknown = set(flags) - {"compile", "keep", "p0", "p3", "u2", "whole", "novp", "fastrc"}
+    unknown = set(flags) - {"compile", *SHARDED_FLAGS}
     if unknown:
-        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile, +keep (reshard_after_forward=False), +p0 (no prefetch), +p3 (three units ahead), "
-                         "+u2 (two layers per unit), +whole (adapters not sharded), +novp (no vocabulary-parallel tables), "
-                         "+fastrc (NF4Precision(low_memory_recompute=False): the recompute keeps its dequantized layer)")
+        raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {spec}: use +compile (each layer compiled), "
+                         + ", ".join(f"+{k} ({v})" for k, v in SHARDED_FLAGS.items()))
     config = shape_config(shape, seq)
     vocab = config.vocab_size
     on_gpu = torch.cuda.is_available()
@@ -121,7 +186,6 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
-            self.phases: list[dict] = []
             self.gather_ms = float("nan")
 
         def on_train_start(self, trainer, pl_module):
@@ -130,23 +194,10 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
                 self.build_peak = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
 
-        def _mark(self) -> None:  # host time, and an event on the compute stream (when the device got there)
-            self.marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True) if on_gpu else None))
-            if on_gpu:
-                self.marks[-1][1].record()
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            self._mark()
-
-        def on_after_backward(self, trainer, pl_module):
-            self._mark()
-
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if on_gpu:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
-            self.marks = []
-            self._mark()
             if batch_idx == warmup and host_profile:  # Python's own profiler over the timed steps
                 import cProfile
 
@@ -161,16 +212,10 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
                 self.prof.__enter__()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self._mark()
             if on_gpu:
                 torch.cuda.synchronize()
             if warmup <= batch_idx < warmup + steps:
                 self.times.append(time.perf_counter() - self.t0)
-                if len(self.marks) == 4:  # forward, backward, optimizer step: host time to issue, device time to run
-                    (h0, e0), (h1, e1), (h2, e2), (h3, e3) = self.marks
-                    host = [h1 - h0, h2 - h1, h3 - h2]
-                    device = [e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3, e2.elapsed_time(e3) / 1e3] if on_gpu else [float("nan")] * 3
-                    self.phases.append({"host": host, "device": device})
             if batch_idx == warmup + steps - 1 and getattr(self, "cprof", None) is not None:
                 self.cprof.disable()
                 out.mkdir(parents=True, exist_ok=True)
@@ -186,17 +231,15 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
     n = warmup + steps + (1 if devices > 1 and profile else 0)
     data = torch.randint(0, vocab, (n * devices, seq))
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    if strategy_name.startswith("nf4_fsdp"):  # +p0: FSDP2's own prefetching only; +keep: no reshard after forward
-        strategy = NF4FSDPStrategy(prefetch=0 if "p0" in flags or strategy_name.endswith("_p0") else 3 if "p3" in flags else 1, reshard_after_forward="keep" not in flags,
-                                   layers_per_unit=2 if "u2" in flags else 1, shard_adapters="whole" not in flags,
-                                   vocab_parallel=False if "novp" in flags else "auto")
+    if strategy_name.startswith("nf4_fsdp"):
+        strategy = sharded_strategy(flags + (["p0"] if strategy_name.endswith("_p0") else []))
     else:
         strategy = strategy_name if devices > 1 else "auto"
-    timer = Timer()
+    timer, clock = Timer(), phase_clock()  # the clock marks each step's end before the timer waits for the device
     trainer = pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu", devices=devices, strategy=strategy, max_steps=n, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        plugins=NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto"), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), timer],
+        plugins=precision_plugin(flags), callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), clock, timer],
     )
     module = llama_step_module(config, strategy_name.startswith("nf4_fsdp"), loss=loss, checkpoint=checkpoint)
     trainer.fit(module, train_dataloaders=loader)
@@ -206,7 +249,7 @@ def run_one(spec: str, steps: int, warmup: int, seq: int, out: Path, loss: str =
         "rss_gib": timer.rss_gib, "gather_ms": timer.gather_ms, "rank": trainer.global_rank, "tokens_per_step": seq * devices,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "loss": loss, "checkpoint": checkpoint,
         "profile": getattr(timer, "profile", {}),
-        "phases": {kind: [statistics.median(p[kind][i] for p in timer.phases) for i in range(3)] for kind in ("host", "device")} if timer.phases else {},
+        "phases": median_phases(clock.steps[warmup:warmup + steps]),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.replace(':', '_')}_rank{trainer.global_rank}.json").write_text(json.dumps(result))

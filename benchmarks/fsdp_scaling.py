@@ -278,12 +278,12 @@ def profile_summary(events, wall_s: float) -> dict:
     }
 
 
-def _launch(spec: str, r: int, lane: int, lanes: int, args: list[str], tag: Path) -> subprocess.Popen:
-    """One configuration's processes; with several lanes, on its own GPUs and rendezvous port."""
+def _launch(spec: str, r: int, lane: int, lanes: int, args: list[str], tag: Path, first_gpu: int = 0) -> subprocess.Popen:
+    """One configuration's processes; with several lanes, on its own GPUs (from ``first_gpu`` on) and rendezvous port."""
     env = dict(os.environ)
     if lanes > 1:
         per = int(spec.split(":")[2])
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(lane * per + i) for i in range(per))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first_gpu + i) for i in range(per))
         env["MASTER_PORT"] = str(29500 + 10 * lane + r % 10)
     elif spec.endswith(":1"):
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -303,7 +303,8 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
             tag = out / f"round{r}"
             args = ["--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--loss", loss, "--checkpoint", checkpoint] + ([] if r < profile_rounds else ["--no-profile"]) + (["--host-profile"] if host_profile else [])
             t0 = time.perf_counter()
-            procs = [(spec, _launch(spec, r, lane, lanes, args, tag)) for lane, spec in enumerate(batch)]
+            firsts = [sum(int(s.split(":")[2]) for s in batch[:lane]) for lane in range(len(batch))]  # disjoint GPUs per lane
+            procs = [(spec, _launch(spec, r, lane, lanes, args, tag, firsts[lane])) for lane, spec in enumerate(batch)]
             for spec, proc in procs:
                 try:
                     _, stderr = proc.communicate(timeout=timeout)

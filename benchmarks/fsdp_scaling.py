@@ -278,6 +278,12 @@ def profile_summary(events, wall_s: float) -> dict:
     }
 
 
+def lane_first_gpus(batch: list[str]) -> list[int]:
+    """The first GPU index of each configuration run at once: consecutive, disjoint ranges of their sizes
+    (``70b:nf4_fsdp:2`` beside ``70b:nf4_fsdp:1`` takes GPUs 0-1 and 2)."""
+    return [sum(int(spec.split(":")[2]) for spec in batch[:lane]) for lane in range(len(batch))]
+
+
 def _launch(spec: str, r: int, lane: int, lanes: int, args: list[str], tag: Path, first_gpu: int = 0) -> subprocess.Popen:
     """One configuration's processes; with several lanes, on its own GPUs (from ``first_gpu`` on) and rendezvous port."""
     env = dict(os.environ)
@@ -303,7 +309,7 @@ def drive(specs: list[str], rounds: int, steps: int, warmup: int, seq: int, out:
             tag = out / f"round{r}"
             args = ["--steps", str(steps), "--warmup", str(warmup), "--seq", str(seq), "--loss", loss, "--checkpoint", checkpoint] + ([] if r < profile_rounds else ["--no-profile"]) + (["--host-profile"] if host_profile else [])
             t0 = time.perf_counter()
-            firsts = [sum(int(s.split(":")[2]) for s in batch[:lane]) for lane in range(len(batch))]  # disjoint GPUs per lane
+            firsts = lane_first_gpus(batch)
             procs = [(spec, _launch(spec, r, lane, lanes, args, tag, firsts[lane])) for lane, spec in enumerate(batch)]
             for spec, proc in procs:
                 try:

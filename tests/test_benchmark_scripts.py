@@ -89,3 +89,16 @@ def test_fsdp_scaling_reports_host_and_device_time_of_each_phase(tmp_path):
     phases = re.findall(r"rank (\d) forward/backward/optimizer ms, median step: host issues (\d+)/(\d+)/(\d+), device runs nan/nan/nan", out)
     assert sorted(p[0] for p in phases) == ["0", "1"], out[-2000:]
     assert all(int(p[1]) + int(p[2]) > 0 for p in phases)
+
+
+def test_fsdp_scaling_lanes_of_different_sizes_get_disjoint_gpus():
+    """Two configurations run at once must not share a GPU: a 2-GPU one beside a 1-GPU one takes GPUs 0-1 and 2
+    (the 1-GPU one used to land on GPU 1, inside the other's pair)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from fsdp_scaling import lane_first_gpus
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert lane_first_gpus(["70b:nf4_fsdp:2", "70b:nf4_fsdp:1"]) == [0, 2]
+    assert lane_first_gpus(["8b:ddp:2", "8b:nf4_fsdp:2"]) == [0, 2]
+    assert lane_first_gpus(["70b:nf4_fsdp:1", "70b:nf4_fsdp:2"]) == [0, 1]

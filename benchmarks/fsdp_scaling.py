@@ -103,6 +103,7 @@ SHARDED_FLAGS = {
     "keep": "reshard_after_forward=False", "p0": "no explicit prefetch", "p3": "three units ahead", "u2": "two layers per unit",
     "whole": "adapters not sharded", "novp": "no vocabulary-parallel tables",
     "fastrc": "NF4Precision(low_memory_recompute=False): the recompute keeps its dequantized layer",
+    "offload": "NF4Precision(offload_activations=True): the layers' checkpointed inputs wait in host memory",
 }
 
 
@@ -118,7 +119,7 @@ def sharded_strategy(flags: list[str], **kwargs):
 def precision_plugin(flags: list[str], **kwargs):
     from lightning_nf4 import NF4Precision
 
-    return NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto", **kwargs)
+    return NF4Precision(low_memory_recompute=False if "fastrc" in flags else "auto", offload_activations="offload" in flags, **kwargs)
 
 
 def phase_clock():

@@ -207,4 +207,5 @@ if __name__ == "__main__":
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    mp.spawn(_ranks, args=(sys.argv[1], f"tcp://127.0.0.1:{port}"), nprocs=2)
+    # fork: the ranks inherit this process's imports (the package, torch) instead of importing them again
+    mp.start_processes(_ranks, args=(sys.argv[1], f"tcp://127.0.0.1:{port}"), nprocs=2, start_method="fork")

@@ -209,3 +209,40 @@ def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
     for setting in tk.GEMV_CANDIDATES:
         got = tk.gemv_plan(q.packed, q.absmax, q.code, 64, 384, 1024, *q.nested_args(), torch.bfloat16, setting=setting)(x.reshape(-1))
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{setting}: {m}")
+
+
+def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_inputs():
+    """``offload_activations``: under checkpointing the layers' inputs wait in pinned host memory. The gradients are
+    the same bit for bit (the copies are exact), and between forward and backward the device holds at least 90% of
+    those inputs' bytes less."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_nf4.layers.offload import offload_activations
+
+    device = cuda_or_skip()
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    ids = torch.randint(0, 256, (2, 1024), device=device)
+    results = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device, torch.bfloat16)
+        L.NF4Precision(device="cuda").convert_module(model)
+        model.model.embed_tokens.weight.requires_grad_(True)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if offload:
+                with offload_activations() as hooks:
+                    loss = model(input_ids=ids, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        results.append((loss.detach(), model.model.embed_tokens.weight.grad.clone(), held))
+    inputs = config.num_hidden_layers * ids.numel() * config.hidden_size * 2  # bf16 hidden states, one per layer
+    assert hooks.offloaded_bytes >= inputs
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][2] - results[1][2] >= 0.9 * inputs, (results[0][2], results[1][2], inputs)

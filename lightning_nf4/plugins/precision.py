@@ -46,6 +46,10 @@ class NF4Precision(MixedPrecision):
             to its backward, which dequantizes each weight again, one at a time (``NF4Linear.low_memory_recompute``):
             a decoder layer's dequantized weights less at the peak, for one more dequantize per weight and step.
             "auto" (default): the strategy decides (on under ``NF4FSDPStrategy``, off on one device and DDP).
+        offload_activations: keep the tensors a training step saves for its backward in pinned host memory
+            from forward to backward (``lightning_nf4.layers.offload``). Under activation checkpointing these are
+            the decoder layers' inputs: at Llama-3-8B shape and 2048 tokens 0.5 GiB less on the device, for one
+            copy out and one back per layer, issued without waiting. Off by default.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class NF4Precision(MixedPrecision):
         scaler: Optional[torch.amp.GradScaler] = None,
         group_dequantize: Union[bool, str] = "auto",
         low_memory_recompute: Union[bool, str] = "auto",
+        offload_activations: bool = False,
     ) -> None:
         compute_dtype = float_dtype(compute_dtype) or compute_dtype
         if compute_dtype not in _PRECISION_NAMES:
@@ -79,6 +84,9 @@ class NF4Precision(MixedPrecision):
         if not (isinstance(low_memory_recompute, bool) or low_memory_recompute == "auto"):
             raise NF4PrecisionError(f"low_memory_recompute must be True, False or 'auto', got {low_memory_recompute!r}.")
         self.low_memory_recompute = low_memory_recompute
+        if not isinstance(offload_activations, bool):
+            raise NF4PrecisionError(f"offload_activations must be True or False, got {offload_activations!r}.")
+        self.offload_activations = offload_activations
         self._post_convert: list[Callable[[nn.Module], None]] = []
 
     # -- device -----------------------------------------------------------------------------
@@ -150,6 +158,18 @@ class NF4Precision(MixedPrecision):
         if self.compute_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device, dtype=self.compute_dtype, cache_enabled=False)
+
+    @contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        """Autocast, and with ``offload_activations`` the saved tensors' trip to host memory (when grad is on)."""
+        with super().forward_context():
+            if self.offload_activations and torch.is_grad_enabled():
+                from lightning_nf4.layers.offload import offload_activations
+
+                with offload_activations():
+                    yield
+            else:
+                yield
 
     @contextmanager
     def module_init_context(self) -> Generator[None, None, None]:

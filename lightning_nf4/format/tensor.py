@@ -144,20 +144,19 @@ class NF4Tensor(Tensor):
         On a mesh of one rank FSDP2 copies a single input only, so the parts go as one byte buffer."""
         q = self.quant
         parts: tuple[Tensor, ...] = (q.packed.view(-1), q.absmax) + ((q.nested.absmax,) if q.nested is not None else ())
-        cols = math.prod(outer_size[1:])
         if mesh.size() == 1:
             # float parts first, so each stays 4-byte aligned inside the buffer
             order = sorted(range(len(parts)), key=lambda i: -parts[i].element_size())
             buffer = torch.cat([parts[i].contiguous().view(torch.uint8).view(-1) for i in order])
-            return (buffer,), (q, cols, [(i, parts[i].dtype, parts[i].numel()) for i in order])
-        return parts, (q, cols, None)
+            return (buffer,), (q, outer_size[0], [(i, parts[i].dtype, parts[i].numel()) for i in order])
+        return parts, (q, outer_size[0], None)
 
     def fsdp_post_all_gather(
         self, outputs: tuple[Tensor, ...], metadata: Any, param_dtype: torch.dtype, *, out: Optional[Tensor] = None
     ) -> Optional[tuple["NF4Tensor", tuple[Tensor, ...]]]:
         """The whole weight, built on the all-gather buffers themselves (no copy). When FSDP gathers again
         into the same buffers (``out``), the weight built the first time already sees the new bytes."""
-        shard, cols, layout = metadata
+        shard, rows, layout = metadata  # rows: the whole weight's (the byte count cannot tell them when it is odd)
         if layout is not None:  # one rank: the parts are views into the single buffer
             (buffer,) = outputs
             views: list[Optional[Tensor]] = [None] * len(layout)
@@ -175,7 +174,6 @@ class NF4Tensor(Tensor):
                 raise RuntimeError("FSDP re-gathered an NF4 weight into buffers its unsharded tensor does not view")
             return None
         nested = replace(shard.nested, absmax=rest[0]) if shard.nested is not None else None
-        rows = packed.numel() * 2 // cols
         quant = replace(shard, packed=packed.view(-1, 1), absmax=absmax, nested=nested, shape=torch.Size((rows, *shard.shape[1:])))
         return NF4Tensor(quant, dtype=param_dtype), tuple(outputs)
 
@@ -274,8 +272,15 @@ def _slice(t: NF4Tensor, dim: int = 0, start: Optional[int] = None, end: Optiona
     if step != 1:
         raise NotImplementedError("NF4Tensor slices rows with step 1 only.")
     rows = t.shape[0]
-    start, end = max(0, min(start or 0, rows)), max(0, min(rows if end is None else end, rows))
+    start, end = _clamp_index(0 if start is None else start, rows), _clamp_index(rows if end is None else end, rows)
+    if end <= start:  # an empty range, as a plain tensor gives one
+        return _new_zeros(t, [0, *t.shape[1:]])
     return t._alias(_row_slices(t.quant, [(start, end)])[0])
+
+
+def _clamp_index(index: int, rows: int) -> int:
+    """A slice bound as Python reads it: negative counts from the end; out of range clamps to the ends."""
+    return max(0, min(index + rows if index < 0 else index, rows))
 
 
 @_implements(aten.new_zeros.default)

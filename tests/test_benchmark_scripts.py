@@ -5,17 +5,17 @@ sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests import isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(args: list[str], env: dict | None = None, timeout: int = 240) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **(env or {})),
+    done = isolated.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **(env or {})),
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

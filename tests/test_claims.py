@@ -2,7 +2,6 @@
 checkpoints; ``NF4LoraLinear.merge`` re-quantizes and warns; bitsandbytes is not needed at run time."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision, quantize_nf4
 from lightning_nf4.layers.lora import NF4LoraLinear, lora_config
 from tests.lightning_models import CausalLM, Regressor, token_loader
+from tests import isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,5 +201,5 @@ def test_runs_without_bitsandbytes(tmp_path):
     NF4Precision + LoRACallback, export, load a float checkpoint into NF4, save it in bitsandbytes' format, load
     that back, generate."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_BITSANDBYTES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = isolated.run([sys.executable, "-c", _WITHOUT_BITSANDBYTES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]

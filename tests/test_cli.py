@@ -14,6 +14,7 @@ import yaml
 from lightning_nf4.cli import DEFAULT_CONFIG, NF4CLI, _with_default_config, main
 from lightning_nf4.data.instruction import IGNORE_INDEX, InstructionDataError, InstructionDataModule, pad_collate, read_jsonl
 from lightning_nf4.models.causal_lm import CausalLMModule
+from tests import isolated
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -167,7 +168,6 @@ def test_validate_and_test_report_the_held_out_perplexity_fit_printed(tmp_path, 
 
 def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch):
     """``lightning-nf4 fit ...`` as the shell runs it: the entry point's return value is the exit status."""
-    import subprocess
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-nf4"]
@@ -179,7 +179,7 @@ def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch)
     config = write_config(tmp_path, model_dir, data)
     code = f"import sys; sys.argv = ['lightning-nf4', 'fit', '--config', {str(config)!r}, '--trainer.max_steps', '1']; " \
            f"from {script.module} import {script.attr}; sys.exit({script.attr}())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = isolated.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

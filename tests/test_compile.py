@@ -3,7 +3,6 @@ CPU (inductor, which needs the C compiler). A compiled fit trains like an eager 
 checkpoint, exports the same artifacts, and runs under DDP and NF4FSDPStrategy (two gloo processes, in a
 subprocess with a timeout)."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 from lightning_nf4 import LoRACallback
 from lightning_nf4.plugins.compile import CompileConfigError, compile_blocks, compile_option, compiled_blocks, find_blocks
 from tests.lightning_models import Regressor, tiny_llama
+from tests import isolated
 
 WORKER = Path(__file__).with_name("compile_worker.py")
 
@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
     run(root / "compiled", "auto", 1, 4, compile=True)
     ckpt = next((root / "compiled" / "ckpt").glob("epoch=0-*.ckpt"))
     run(root / "resumed", "auto", 1, 4, compile=True, resume=str(ckpt))
-    done = subprocess.run([sys.executable, str(WORKER), str(root / "ddp"), "ddp", "2", "2", "1"],
+    done = isolated.run([sys.executable, str(WORKER), str(root / "ddp"), "ddp", "2", "2", "1"],
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
     return root
@@ -120,7 +120,7 @@ def test_compiled_fit_under_fsdp2_trains_like_eager_without_graph_breaks(tmp_pat
     the dequantize op, whole (no graph break, one graph for every layer), and train as the eager fit does."""
     results = {}
     for compile in ("0", "1"):
-        done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / compile), "nf4_fsdp", "2", "2", compile],
+        done = isolated.run([sys.executable, str(WORKER), str(tmp_path / compile), "nf4_fsdp", "2", "2", compile],
                               capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-4000:]
         results[compile] = [_load(tmp_path / compile, rank) for rank in (0, 1)]

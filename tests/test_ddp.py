@@ -1,18 +1,18 @@
 """Multi-process QLoRA with Lightning's DDP on CPU (gloo): same result as one process, NF4 kept out of
 DDP's sync, artifacts written once, and a failing rank ends the run instead of hanging it."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tests import isolated
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def run_worker(out: Path, strategy: str, devices: int, batch_size: int, fail_on_rank: int = -1, timeout: int = 240):
-    return subprocess.run(
+    return isolated.run(
         [sys.executable, str(WORKER), str(out), strategy, str(devices), str(batch_size), str(fail_on_rank)],
         capture_output=True, text=True, timeout=timeout,
     )

@@ -9,7 +9,6 @@ computation with the whole tables."""
 
 import os
 import re
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning_nf4.strategies.vocab_parallel import (  # noqa: E402
     vocab_parallel_cross_entropy,
     vocabulary_tables,
 )
+from tests import isolated  # noqa: E402
 
 
 def _frozen_llama():
@@ -162,7 +162,7 @@ def _ranks(rank: int, out: str, init: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("vp_edges")
-    done = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=180)
+    done = isolated.run([sys.executable, __file__, str(out)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 

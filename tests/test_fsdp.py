@@ -4,7 +4,6 @@ and against DDP. The XPU part is simulated at the device boundary only (see test
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from lightning_nf4.format.tensor import NF4ShardingError, NF4Tensor, check_shard
 from lightning_nf4.plugins.precision import NF4PrecisionError
 from lightning_nf4.strategies import NF4FSDPStrategy, NF4ShardingConfigError
 from lightning_nf4.strategies.fsdp import find_sharding_units
+from tests import isolated
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -159,7 +159,7 @@ def test_strategy_builds_its_mesh_on_xpu(monkeypatch):
 def run_worker(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2, resume: str = "", timeout: int = 300, checkpoint: str = ""):
     args = [sys.executable, str(WORKER), str(out), strategy, str(devices), str(batch_size), str(epochs)] + ([resume] if resume else [])
     env = {**os.environ, "FSDP_WORKER_CHECKPOINT": checkpoint} if checkpoint else None
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    done = isolated.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
 
@@ -354,7 +354,7 @@ def test_cli_fit_under_nf4_fsdp_streams_the_checkpoint(tmp_path):
 
     script = shutil.which("lightning-nf4")  # Lightning starts the second rank by running the same command again
     assert script is not None, "the package is not installed (pip install -e .)"
-    done = subprocess.run([script, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = isolated.run([script, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in done.stdout + done.stderr
     out = tmp_path / "fit-out"

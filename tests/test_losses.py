@@ -26,6 +26,7 @@ from lightning_nf4.losses import (
     linear_cross_entropy,
 )
 from tests.lightning_models import tiny_llama
+from tests import isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +211,7 @@ print("liger matches")
 def test_liger_backend_matches_under_the_triton_interpreter():
     pytest.importorskip("liger_kernel.transformers.functional")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", LIGER_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = isolated.run([sys.executable, "-c", LIGER_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "liger matches" in done.stdout
 
@@ -367,18 +368,17 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit"),
             "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head")}
     procs = {
-        name: subprocess.Popen([sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"],
+        name: isolated.popen([sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, (mode, strategy) in runs.items()
     }
-    for name, proc in procs.items():
-        try:
+    try:
+        for name, proc in procs.items():
             _, err = proc.communicate(timeout=500)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            raise
-        assert proc.returncode == 0, f"{name}: {err[-4000:]}"
+            assert proc.returncode == 0, f"{name}: {err[-4000:]}"
+    finally:  # a failed or timed-out run stops the others, and each run's ranks with it
+        for proc in procs.values():
+            isolated.kill(proc)
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
     assert out["plain"][0]["unsharded"] == 0
     for name in ("chunked", "head_unit", "frozen"):

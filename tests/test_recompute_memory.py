@@ -3,7 +3,6 @@ backward dequantizes each projection again, one at a time. The same gradients as
 projection alive in a layer's backward (all seven without it); eager, compiled, and under NF4FSDPStrategy."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from lightning_nf4.layers.linear import set_low_memory_recompute
 from lightning_nf4.plugins.precision import NF4PrecisionError
 from tests.lightning_models import tiny_llama
 from tests.recompute_worker import DequantLedger
+from tests import isolated
 
 WORKER = Path(__file__).with_name("recompute_worker.py")
 
@@ -156,7 +156,7 @@ def test_sharded_fit_with_the_option_keeps_one_projection_and_trains_the_same(tm
     the layer's dequantized block until the step ends."""
     figures, states = {}, {}
     for flag in ("off", "on"):
-        done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / flag), flag], capture_output=True, text=True, timeout=400)
+        done = isolated.run([sys.executable, str(WORKER), str(tmp_path / flag), flag], capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-4000:]
         figures[flag] = [json.loads((tmp_path / flag / f"dequant_rank{r}.json").read_text()) for r in (0, 1)]
         states[flag] = [torch.load(tmp_path / flag / f"rank{r}.pt")["trainable"] for r in (0, 1)]

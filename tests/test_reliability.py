@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
 from tests.lightning_models import CausalLM, tiny_llama, token_loader
+from tests import isolated
 
 
 def trainer(tmp_path, **kw):
@@ -314,14 +315,13 @@ def test_resume_mid_epoch_with_a_stateful_loader_that_draws_from_the_global_gene
 def test_ddp_resume_restores_every_ranks_generators(tmp_path):
     """Two gloo ranks with different dropout streams, stopped mid-epoch and resumed: the adapters equal an
     uninterrupted two-rank run's exactly (each rank got its own states back). Runs in subprocesses with timeouts."""
-    import subprocess
     import sys
     from pathlib import Path
 
     worker = Path(__file__).with_name("resume_worker.py")
 
     def run(out, *args):
-        done = subprocess.run([sys.executable, str(worker), str(out), *map(str, args)], capture_output=True, text=True, timeout=240)
+        done = isolated.run([sys.executable, str(worker), str(out), *map(str, args)], capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         return torch.load(out / "trainable.pt")
 
@@ -428,14 +428,13 @@ def test_a_kill_at_any_stage_leaves_a_complete_pair_and_the_next_start_finishes(
     """A real kill (os._exit in a child process) at each step of replacing export v1 by v2. Readers going by
     export.json see all of v1, all of v2, or no export (never a mix); the next start (recover) leaves exactly
     one complete pair: v2 once its journal was written, else v1. Nothing of the user's is lost."""
-    import subprocess
     import sys
 
     publish, path = _load_publish()
     root = tmp_path / "out"
 
     def run(version, kill="none"):
-        return subprocess.run([sys.executable, "-c", PUBLISH_KILL_SCRIPT, str(path), str(root), version, kill], timeout=60)
+        return isolated.run([sys.executable, "-c", PUBLISH_KILL_SCRIPT, str(path), str(root), version, kill], timeout=60)
 
     assert run("v1").returncode == 0
     (root / "adapter" / "NOTES.md").write_text("mine")  # a user's files, in an export folder and beside them

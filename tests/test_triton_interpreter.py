@@ -1,11 +1,11 @@
 """The Triton kernels on the CPU, through Triton's interpreter (a subprocess: the switch is read at import)."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests import isolated
 
 pytest.importorskip("triton")
 
@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 def test_triton_kernels_under_the_interpreter_match_the_cpu_kernels():
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, str(root / "tests" / "interpreter_check.py")], env=env, cwd=root,
+    done = isolated.run([sys.executable, str(root / "tests" / "interpreter_check.py")], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "interpreter kernels match" in done.stdout

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from lightning_nf4.strategies import NF4FSDPStrategy, NF4ShardingConfigError
 from lightning_nf4.strategies.vocab_parallel import vocabulary_tables
 from tests.lightning_models import tiny_llama
+from tests import isolated
 
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 
 
 def _run(args: list[str], timeout: int = 420) -> None:
-    done = subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout)
+    done = isolated.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -144,7 +145,7 @@ def model_dir(tmp_path_factory):
 def fits(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vp_fit")
     runs = {"vocab_parallel": ("chunked", "auto"), "plain": ("plain", "true"), "units": ("chunked", "false")}
-    procs = {name: subprocess.Popen([sys.executable, str(WORKER), "fit", str(model_dir), str(root / name), loss, setting],
+    procs = {name: isolated.popen([sys.executable, str(WORKER), "fit", str(model_dir), str(root / name), loss, setting],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for name, (loss, setting) in runs.items()}
     try:
@@ -153,9 +154,7 @@ def fits(model_dir, tmp_path_factory):
             assert proc.returncode == 0, f"{name}: {err[-4000:]}"
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+            isolated.kill(proc)
     out = {name: [torch.load(root / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
     out["root"] = root
     return out

@@ -21,7 +21,6 @@ no xccl collective, no IPEX import (a fake module stands in for a version-matche
 """
 
 import importlib.metadata
-import subprocess
 import sys
 import types
 import warnings
@@ -47,6 +46,7 @@ import lightning_nf4.strategies.xpu_ddp as xpu_ddp_mod
 from lightning_nf4 import NF4Linear, NF4Precision
 from lightning_nf4.accelerators import XPUAccelerator, XPUUnavailableError
 from lightning_nf4.strategies import XCCLUnavailableError, XPUDDPStrategy
+from tests import isolated
 
 
 class FakeXPU:
@@ -136,7 +136,7 @@ def test_import_lightning_nf4_registers_xpu():
         "assert 'xpu' in AcceleratorRegistry and 'ddp_xpu' in StrategyRegistry\n"
         "import sys; assert 'intel_extension_for_pytorch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    isolated.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_registration_leaves_a_foreign_xpu_accelerator():
@@ -509,7 +509,7 @@ def test_setup_model_real_ddp_on_cpu_with_nf4():
     """The same code path builds a real DistributedDataParallel (gloo, one process) around a model holding
     NF4 weights. In a child process with a timeout: a process group must never outlive its test, and a
     stuck gloo teardown must fail this test rather than hang the suite."""
-    done = subprocess.run([sys.executable, "-c", _REAL_DDP_CHECK], capture_output=True, text=True, timeout=180)
+    done = isolated.run([sys.executable, "-c", _REAL_DDP_CHECK], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
@@ -552,7 +552,7 @@ def test_xpu_ddp_registers_the_comm_hook():
     through it; Lightning's own DDPStrategy registers hooks for CUDA only (nothing on XPU: the premise). Real
     DDP and gloo on the CPU, one process, in a child process with a timeout."""
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", _COMM_HOOK_CHECK], capture_output=True, text=True, timeout=180, cwd=root)
+    done = isolated.run([sys.executable, "-c", _COMM_HOOK_CHECK], capture_output=True, text=True, timeout=180, cwd=root)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-1000:] + done.stderr[-3000:]
 
 

@@ -1,0 +1,58 @@
+"""``tests/isolated.py``: a test's child process and whatever it starts end with the test."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import isolated
+
+# the child starts a grandchild that would sleep for a minute, prints its pid, then sleeps itself or exits
+_FAMILY = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(grandchild.pid, flush=True)
+if sys.argv[1] == "hang":
+    time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a killed child not reaped yet by its (dead) parent is a zombie
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_child_that_returns_leaves_nothing_running():
+    done = isolated.run([sys.executable, "-c", _FAMILY, "exit"], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0
+    assert _gone(int(done.stdout.split()[0]))
+
+
+def test_a_child_that_hangs_is_killed_with_what_it_started(tmp_path):
+    out = tmp_path / "out.txt"
+    with open(out, "w") as sink:
+        started = time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired):
+            isolated.run([sys.executable, "-c", _FAMILY, "hang"], timeout=3, stdout=sink)
+    assert time.monotonic() - started < 40
+    assert _gone(int(out.read_text().split()[0]))
+
+
+def test_check_raises_on_failure():
+    with pytest.raises(subprocess.CalledProcessError):
+        isolated.run([sys.executable, "-c", "raise SystemExit(3)"], timeout=60, check=True)

@@ -26,6 +26,21 @@ def test_model_state_and_host_tensors_stay_where_they_are():
     assert hooks.offloaded_bytes == 0
 
 
+def test_only_activations_of_this_step_would_move():
+    """Device-independent part of the rule: what autograd saves that was made by a differentiable op of the step
+    moves; frozen weights, their shards and casts, parameters and their views, and small tensors do not."""
+    hooks = ActivationOffload(min_bytes=1 << 16)
+    trained = nn.Parameter(torch.randn(256, 256))
+    frozen = torch.randn(512, 512)  # e.g. a frozen head's local shard, or its autocast copy
+    hidden = torch.randn(256, 256, requires_grad=True) * 2  # an activation: made by this step's graph
+    assert hooks.is_activation(hidden)
+    assert not hooks.is_activation(hidden[:4])  # 4 KiB: under min_bytes
+    assert not hooks.is_activation(hidden.t())  # not contiguous
+    for kept in (trained, trained.t(), frozen, frozen.to(torch.bfloat16), frozen.t()):
+        assert not hooks.is_activation(kept)
+    assert hooks.keeps(hidden)  # on the CPU already: nothing to move
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="min_bytes"):
         ActivationOffload(min_bytes=-1)

@@ -8,9 +8,12 @@ that copies each such tensor to pinned host memory as autograd saves it and back
 The copies are issued on the current stream without waiting (``non_blocking``): the device-to-host copy runs
 before any later kernel could reuse the tensor's memory, and the copy back runs before the backward that
 reads it, both by stream order; the host never waits, so a host-bound step keeps running ahead of the device.
-Parameters (and views of them), tensor subclasses (an ``NF4Tensor``, a ``DTensor``), tensors already in host
-memory and tensors under ``min_bytes`` stay where they are: the first are model state, not activations, and
-moving the last costs more host time than it saves memory.
+Only activations move: tensors made by a differentiable op of this step (they have a ``grad_fn``), not views of
+parameters, at least ``min_bytes`` large. Model state stays where it is, frozen or not: a parameter, a view of one,
+a frozen weight's local shard or its autocast copy (no ``grad_fn``: a sharded output head is saved by the loss
+every step, and copying its 0.5 GiB out and back would cost more than it frees), a tensor subclass (an
+``NF4Tensor``, a ``DTensor``); so do tensors already in host memory, and small ones, whose copies cost more host
+time than they free.
 """
 
 from __future__ import annotations
@@ -36,15 +39,19 @@ class ActivationOffload:
         self.pin_memory = pin_memory
         self.offloaded_bytes = 0  # since this hook pair was made: what left the device
 
-    def keeps(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` stays where it is (see the module's docstring for why)."""
-        if type(tensor) is not Tensor or tensor.device.type in ("cpu", "meta"):
-            return True  # a Parameter, a subclass, or host memory already
+    def is_activation(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is an activation worth moving, wherever it is (see the module's docstring for why)."""
+        if type(tensor) is not Tensor or tensor.grad_fn is None:
+            return False  # a Parameter, a subclass, or not made by this step's graph
         if tensor._is_view() and isinstance(tensor._base, nn.Parameter):
-            return True
+            return False
         if not tensor.is_contiguous() or tensor.is_sparse:
-            return True  # a host copy of its storage would be another layout; few activations are
-        return tensor.numel() * tensor.element_size() < self.min_bytes
+            return False  # a host copy of its storage would be another layout; few activations are
+        return tensor.numel() * tensor.element_size() >= self.min_bytes
+
+    def keeps(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` stays where it is: not an activation, or in host memory already."""
+        return tensor.device.type in ("cpu", "meta") or not self.is_activation(tensor)
 
     def pack(self, tensor: Tensor) -> Packed:
         if self.keeps(tensor):

@@ -8,6 +8,7 @@ and torch.compile's counters (graphs built, graph breaks). Rank 0 exports the ad
 to OUT_DIR/export, and checkpoints go to OUT_DIR/ckpt, one per epoch.
 """
 
+import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +65,18 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, 
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), compile=compile), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

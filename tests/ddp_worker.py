@@ -6,6 +6,7 @@ Each rank writes its trainable weights to OUT_DIR/rank<r>.pt at the end of fit; 
 adapter is exported once, by rank 0.
 """
 
+import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -83,6 +84,18 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, fail_on_rank: i
         ],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size))
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

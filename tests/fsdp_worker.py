@@ -11,6 +11,7 @@ With FSDP_WORKER_CHECKPOINT=<folder> the model is loaded from that Hugging Face 
 NF4FSDPStrategy, on the CPU otherwise.
 """
 
+import atexit
 import os
 import sys
 from datetime import timedelta
@@ -147,6 +148,18 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ LoRA, so the head weight's gradient goes through the loss too; with a ``_frozen_
 measured before and after fit, and the trainable weights gathered whole.
 """
 
+import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -102,6 +103,18 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=None if frozen_head else ["lm_head"]), Record(out)],
     )
     trainer.fit(module, datamodule=Data(batch_size))
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Each rank writes OUT_DIR/rank<r>.pt (fsdp_worker's record) and OUT_DIR/dequant_r
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -94,6 +95,18 @@ def main(out: Path, low_memory: bool) -> None:
         fsdp_worker.run(out, "nf4_fsdp_ac", 2, 2, 1)
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", "0"))
     (out / f"dequant_rank{rank}.json").write_text(json.dumps(ledger.figures()))
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ tests/test_reliability.py to check that resuming restores every rank's generator
 Rank 0 writes its trainable weights to OUT_DIR/trainable.pt at the end of fit.
 """
 
+import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -52,6 +53,18 @@ def main(out: Path, max_steps: int, extra: str) -> None:
     trainer.fit(model, datamodule=Data(), ckpt_path=None if not resumed else extra, weights_only=True if resumed else None)
     if trainer.global_rank == 0:
         torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, out / "trainable.pt")
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 Each rank writes OUT_DIR/rank<r>.pt.
 """
 
+import atexit
 import os
 import sys
 from datetime import timedelta
@@ -187,6 +188,18 @@ def fit(model_dir: str, out: Path, loss: str, vocab_parallel: str) -> None:
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True), Record()],
     )
     trainer.fit(module, datamodule=Data(2))
+
+
+def _end_process_groups() -> None:
+    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
+    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_end_process_groups)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ QUANT_TYPES = ("nf4",)
 @lru_cache(maxsize=None)
 def _code_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":
-        return torch.tensor(NF4_CODE, dtype=torch.float32)
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device="cpu")  # cached: never on an ambient (meta) device
     raise ValueError(f"Unknown 4-bit quant_type {quant_type!r}; expected one of {QUANT_TYPES}.")
 
 
@@ -53,13 +53,13 @@ def _signed_dynamic_map_cpu() -> torch.Tensor:
     values: list[float] = [0.0, 1.0]
     for decade in range(7):
         steps = 2**decade
-        edges = torch.linspace(0.1, 1.0, steps + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1.0, steps + 1, dtype=torch.float32, device="cpu")
         centres = (edges[:-1] + edges[1:]) / 2.0
         magnitudes = ((10 ** (decade - 6)) * centres).tolist()
         values.extend(magnitudes)
         values.extend(-m for m in magnitudes)
     assert len(values) == 256
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:

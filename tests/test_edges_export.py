@@ -1,0 +1,131 @@
+"""Edges of ``lightning_nf4.export`` the main tests leave open: which layers an adapter's ``target_modules`` picks
+out when a leaf name is shared, the dtypes and keys of the merged state dict (NF4 and float bases), tied weights
+in a plain safetensors export, and the quantization config kept out of a merged model's ``config.json``."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lightning_nf4 import LoRACallback
+from lightning_nf4.export import merged_state_dict, save_adapter, save_merged
+from lightning_nf4.plugins.convert import convert_linears
+
+
+def _peft_selects(name, targets):
+    """PEFT's rule for a list of target names: the module's name, or its tail after a dot."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ModuleDict({"proj": nn.Linear(32, 32)})
+        self.b = nn.ModuleDict({"proj": nn.Linear(32, 32)})
+
+
+def test_adapter_targets_select_exactly_the_adapted_layers(tmp_path):
+    """Only ``a.proj`` has an adapter; ``b.proj`` shares its leaf name. The saved ``target_modules`` must not be
+    the bare leaf ``proj``, which would make ``PeftModel.from_pretrained`` wrap ``b.proj`` too."""
+    torch.manual_seed(0)
+    model = Shared()
+    convert_linears(model, compute_dtype=torch.float32, skip_modules=())
+    LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["a.proj"]).inject(model)
+    folder = save_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, lora_dropout=0.0)
+    targets = json.loads((folder / "adapter_config.json").read_text())["target_modules"]
+    selected = {n for n, m in Shared().named_modules() if isinstance(m, nn.Linear) and _peft_selects(n, targets)}
+    assert selected == {"a.proj"}, targets
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert set(tensors) == {"base_model.model.a.proj.lora_A.weight", "base_model.model.a.proj.lora_B.weight"}
+
+
+class Small(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.q = nn.Linear(64, 32, dtype=dtype)
+        self.plain = nn.Linear(32, 32, dtype=dtype)
+        self.register_buffer("scale", torch.ones(4, dtype=dtype))
+        self.register_buffer("cache", torch.zeros(4), persistent=False)
+
+
+def _nf4_small(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    model = Small(dtype)
+    convert_linears(model, compute_dtype=torch.float32, skip_modules=())
+    LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["q"]).inject(model)
+    with torch.no_grad():
+        model.q.lora_B["default"].weight.normal_()
+    return model
+
+
+def test_merged_state_dict_keeps_the_original_dtype_and_persistent_keys():
+    """By default the merged weights are in the dtype the base was quantized from (bf16 here), with the LoRA delta
+    in: ``dequantize(fp32) + B @ A * scaling``, rounded once. Non-persistent buffers are not part of it, as in
+    ``state_dict()``."""
+    model = _nf4_small()
+    state = merged_state_dict(model)
+    assert set(state) == {"q.weight", "q.bias", "plain.weight", "plain.bias", "scale"}
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    q = model.q
+    a, b = q.lora_A["default"].weight, q.lora_B["default"].weight
+    expected = (q.base_layer.dequantize(torch.float32) + b @ a * 2.0).to(torch.bfloat16)
+    assert torch.equal(state["q.weight"], expected)
+    assert torch.equal(state["plain.weight"], model.plain.dequantize())
+
+
+def test_merged_state_dict_in_a_given_dtype_casts_every_float_tensor():
+    """``dtype=float16``: weights and biases, of adapted and of plain NF4 layers, all come out float16."""
+    state = merged_state_dict(_nf4_small(), torch.float16)
+    params = ("q.weight", "q.bias", "plain.weight", "plain.bias")
+    assert {k: state[k].dtype for k in params} == dict.fromkeys(params, torch.float16)
+
+
+def test_float_base_lora_merges_its_delta():
+    """With a float base (the bf16 LoRA baseline) the merged weight is ``W + B @ A * scaling`` too."""
+    torch.manual_seed(0)
+    model = Small(torch.float32)
+    LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["q"]).inject(model)
+    with torch.no_grad():
+        model.q.lora_B["default"].weight.normal_()
+    q = model.q
+    expected = q.base_layer.weight + q.lora_B["default"].weight @ q.lora_A["default"].weight * 2.0
+    torch.testing.assert_close(merged_state_dict(model)["q.weight"], expected)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 32)
+        self.body = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_tied_weights_are_written_under_each_key(tmp_path):
+    """A plain (non-transformers) module with a tied embedding and head saves to safetensors, which refuses shared
+    memory: each key gets the tied values."""
+    torch.manual_seed(0)
+    model = Tied()
+    convert_linears(model, compute_dtype=torch.float32, skip_modules=("head",))
+    LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["body"]).inject(model)
+    folder = save_merged(model, tmp_path / "merged")
+    saved = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(saved["embed.weight"], model.embed.weight) and torch.equal(saved["head.weight"], model.embed.weight)
+
+
+def test_merged_config_has_no_quantization_config_and_the_model_keeps_its_own(tmp_path):
+    """The merged model is float: its ``config.json`` must not carry the bitsandbytes ``quantization_config`` (it
+    would be re-quantized or refused on load), while the live model's config keeps it."""
+    pytest.importorskip("transformers")
+    from tests.lightning_models import tiny_llama
+
+    model = tiny_llama()
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    convert_linears(model, compute_dtype=torch.float32)
+    LoRACallback(r=2, alpha=4, dropout=0.0).inject(model)
+    folder = save_merged(model, tmp_path / "merged")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert model.config.quantization_config["quant_method"] == "bitsandbytes"

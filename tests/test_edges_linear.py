@@ -1,0 +1,139 @@
+"""Edges of ``NF4Linear`` the main tests leave open: ``reset_parameters`` (how a meta-built layer gets values),
+the state dict with ``keep_vars``, a checkpoint in another NF4 layout, and a bias of the wrong shape."""
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nf4 import NF4Linear
+from lightning_nf4.format import quantize_nf4
+from tests import isolated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reset_parameters_draws_what_nn_linear_draws_then_quantizes(dtype):
+    """A layer built on ``meta`` and given storage by ``to_empty`` gets its values from ``reset_parameters``
+    (what a sharded strategy calls). From the same seed it must hold the NF4 quantization of the very weight
+    ``nn.Linear`` draws, in the layer's dtype, and ``nn.Linear``'s bias (bound ``1/sqrt(in_features)``, not
+    ``out_features``): a wrong bound, a skipped quantization or a float32 draw all change these numbers."""
+    in_features, out_features = 256, 48  # unequal, so in/out mix-ups show
+    layer = NF4Linear(in_features, out_features, dtype=dtype, device="meta")
+    layer.to_empty(device="cpu")
+    torch.manual_seed(7)
+    layer.reset_parameters()
+    torch.manual_seed(7)
+    ref = nn.Linear(in_features, out_features, dtype=dtype)
+    expected = quantize_nf4(ref.weight.detach(), 64, True)
+    assert layer.quant.dtype == dtype and layer.dequantize().dtype == dtype
+    assert torch.equal(layer.weight, expected.packed) and torch.equal(layer.quant.absmax, expected.absmax)
+    assert torch.equal(layer.dequantize(), expected.dequantize())
+    assert torch.equal(layer.bias, ref.bias)
+    assert layer.bias.abs().max() <= 1 / math.sqrt(in_features)
+    assert not layer.weight.requires_grad
+
+
+def test_reset_parameters_keeps_the_layers_nf4_layout():
+    """``reset_parameters`` quantizes with the layer's own block size and double quantization."""
+    layer = NF4Linear(128, 32, blocksize=128, double_quant=False)
+    layer.reset_parameters()
+    assert layer.quant.blocksize == 128 and layer.quant.nested is None
+    assert layer.quant.absmax.numel() == 128 * 32 // 128 and layer.dequantize().abs().sum() > 0
+
+
+def test_state_dict_with_keep_vars_holds_the_same_tensors():
+    """``state_dict(keep_vars=True)`` (used by checkpointing and FSDP code) hands the packed Parameter itself for
+    ``weight`` and, for every bitsandbytes part, the same values as a plain ``state_dict()``: not the packed codes
+    under ``weight.absmax`` and friends."""
+    layer = NF4Linear.from_linear(nn.Linear(130, 48))
+    plain, kept = layer.state_dict(), layer.state_dict(keep_vars=True)
+    assert plain.keys() == kept.keys()
+    assert kept["weight"] is layer.weight and kept["bias"] is layer.bias
+    for key in plain:
+        assert kept[key].dtype == plain[key].dtype and torch.equal(kept[key], plain[key]), key
+    fresh = NF4Linear(130, 48)
+    fresh.load_state_dict(kept)
+    assert torch.equal(fresh.dequantize(), layer.dequantize())
+
+
+def test_loading_another_nf4_layout_adopts_its_block_size():
+    """A checkpoint quantized with block size 128 and no double quantization, loaded into a default layer
+    (64, double): the layer takes the checkpoint's layout, and its attributes say so. A float weight loaded
+    afterwards, or ``reset_parameters``, then quantizes in that layout too, as the layer reports it."""
+    source = NF4Linear.from_linear(nn.Linear(256, 32), blocksize=128, double_quant=False)
+    layer = NF4Linear(256, 32)
+    layer.load_state_dict(source.state_dict())
+    assert (layer.blocksize, layer.double_quant) == (128, False)
+    assert (layer.quant.blocksize, layer.quant.nested) == (128, None)
+    assert "blocksize=128, double_quant=False" in repr(layer)
+    float_weight = torch.randn(32, 256)
+    layer.load_state_dict({"weight": float_weight, "bias": torch.zeros(32)})
+    assert torch.equal(layer.dequantize(torch.float32), quantize_nf4(float_weight, 128, False).dequantize(torch.float32))
+
+
+def test_a_bias_of_the_wrong_shape_is_an_error_not_a_broadcast():
+    """A one-element bias would broadcast into ``copy_`` silently; like ``nn.Linear``, the load must fail with a
+    size mismatch and leave the bias as it was."""
+    layer = NF4Linear.from_linear(nn.Linear(64, 16))
+    before = layer.bias.detach().clone()
+    state = dict(layer.state_dict(), bias=torch.ones(1))
+    with pytest.raises(RuntimeError, match=r"size mismatch for bias: checkpoint has shape \(1,\), this layer has \(16,\)"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.bias, before)
+    with pytest.raises(RuntimeError, match="size mismatch for bias"):
+        nn.Linear(64, 16).load_state_dict({"weight": torch.zeros(16, 64), "bias": torch.ones(1)})
+
+
+
+def test_one_token_that_needs_grad_gets_its_gradient():
+    """A single token (``x.numel() == in_features``) takes the matrix-vector kernel only without autograd; when
+    it needs a gradient (a batch of one token in training) the input's gradient is ``grad_out @ W`` as for any
+    batch, computed here from the dequantized weight."""
+    layer = NF4Linear.from_linear(nn.Linear(128, 64), compute_dtype=torch.float32)
+    x = torch.randn(1, 128, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn(1, 64)
+    out.backward(grad_out)
+    w = layer.dequantize(torch.float32)
+    torch.testing.assert_close(out.detach(), x.detach() @ w.t() + layer.bias.detach())
+    torch.testing.assert_close(x.grad, grad_out @ w)
+
+
+def test_a_float_weight_with_stray_nf4_parts_is_refused():
+    """A float ``weight`` next to NF4 parts (``weight.absmax`` ...) but without the quant state is a damaged
+    checkpoint: loading it must name the stray parts, not quantize the float weight and drop them."""
+    source = NF4Linear.from_linear(nn.Linear(64, 16))
+    state = {"weight": torch.randn(16, 64), "bias": torch.zeros(16), "weight.absmax": source.state_dict()["weight.absmax"]}
+    with pytest.raises(RuntimeError, match=r"float weight given together with \['absmax'\] but no quant state"):
+        NF4Linear(64, 16).load_state_dict(state)
+
+_META_FIRST = r"""
+import torch
+from lightning_nf4 import NF4Linear
+from lightning_nf4.format import quantize_nf4
+failures = []
+for double_quant in (True, False):  # the first NF4 layers this process builds, under a meta device context
+    try:
+        with torch.device("meta"):
+            layer = NF4Linear(70, 100, double_quant=double_quant)
+        assert layer.weight.is_meta and layer.quant.absmax.is_meta
+    except Exception as err:
+        failures.append(f"meta build, double_quant={double_quant}: {type(err).__name__}: {err}")
+try:  # later work on the CPU
+    q = quantize_nf4(torch.randn(100, 70), 64, False)
+    assert q.code.device.type == "cpu" and q.dequantize(torch.float32).shape == (100, 70)
+except Exception as err:
+    failures.append(f"CPU quantize afterwards: {type(err).__name__}: {err}")
+print(failures or "ok")
+"""
+
+
+def test_building_the_first_layer_under_a_meta_device_context():
+    """``with torch.device("meta"): NF4Linear(...)`` (as test_linear's meta construction does, there after other
+    tests have filled the caches) must work as the first thing a process does, with or without double
+    quantization, and leave CPU quantization working afterwards. A fresh interpreter: the tables are cached
+    per process."""
+    done = isolated.run([sys.executable, "-c", _META_FIRST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-2000:]

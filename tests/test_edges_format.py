@@ -14,14 +14,10 @@ from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.format.quantized import float_dtype, quantize_nf4
 
 
-def _parts(q):
-    return [q.packed, q.absmax, q.code] + ([q.nested.absmax, q.nested.code, q.nested.offset] if q.nested is not None else [])
-
-
 def _same(a, b):
     """Two NF4Weights with the same layout and the same bytes, part by part."""
     return (a.shape == b.shape and a.dtype == b.dtype and a.blocksize == b.blocksize and a.double_quant == b.double_quant
-            and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(_parts(a), _parts(b))))
+            and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors())))
 
 
 def _blob(meta: dict) -> torch.Tensor:
@@ -57,13 +53,13 @@ def test_moving_the_statistics_alone_and_then_the_codes():
     q = quantize_nf4(torch.randn(64, 128))
     stats = q.to("meta", stats_only=True)
     assert stats.packed is q.packed and stats.packed.device.type == "cpu"
-    assert all(p.device.type == "meta" for p in _parts(stats)[1:])
+    assert all(p.device.type == "meta" for p in stats.tensors()[1:])
     whole = stats.to("meta")
-    assert all(p.device.type == "meta" for p in _parts(whole))
+    assert all(p.device.type == "meta" for p in whole.tensors())
     assert q.to("cpu") is q
     moved = q.with_packed(q.packed.to("meta"))
-    assert all(p.device.type == "meta" for p in _parts(moved))
-    assert [p.shape for p in _parts(moved)] == [p.shape for p in _parts(q)]
+    assert all(p.device.type == "meta" for p in moved.tensors())
+    assert [p.shape for p in moved.tensors()] == [p.shape for p in q.tensors()]
 
 
 def test_dequantize_to_an_unsupported_dtype_is_named():

@@ -10,24 +10,11 @@ import torch
 
 from lightning_nf4 import quantize_nf4
 from lightning_nf4.format.tensor import NF4ShardingError, NF4Tensor
-
-
-class OneRankMesh:
-    """What the all-gather hooks read from FSDP's mesh: its size."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    def size(self) -> int:
-        return self._size
-
-
-def _parts(q):
-    return [q.packed, q.absmax, q.code] + ([q.nested.absmax, q.nested.code, q.nested.offset] if q.nested is not None else [])
+from tests.test_fsdp import OneRankMesh
 
 
 def _same_bytes(a, b):
-    pa, pb = _parts(a), _parts(b)
+    pa, pb = a.tensors(), b.tensors()
     return len(pa) == len(pb) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb))
 
 
@@ -68,7 +55,7 @@ def test_one_rank_shards_pads_and_gathers_any_layout_byte_for_byte(shape, double
     assert _same_bytes(shard.quant, quant)
     _check_rows(shard, quant, 0, shape[0])
     padded = tensor.new_zeros(shard.shape)  # FSDP's fresh storage for the shard
-    assert [(p.shape, p.dtype) for p in _parts(padded.quant)] == [(p.shape, p.dtype) for p in _parts(quant)]
+    assert [(p.shape, p.dtype) for p in padded.quant.tensors()] == [(p.shape, p.dtype) for p in quant.tensors()]
     assert not padded.quant.packed.any() and not padded.quant.absmax.any()
     padded.copy_(shard)
     assert _same_bytes(padded.quant, quant)
@@ -134,10 +121,10 @@ def test_copy_between_different_layouts_is_refused_with_the_layouts_named():
     plain = NF4Tensor(quantize_nf4(w, 64, double_quant=False))
     coarse = NF4Tensor(quantize_nf4(w, 128, double_quant=False))
     for dst, src in ((plain, nested), (nested, plain), (plain, coarse), (coarse, plain)):
-        before = [p.clone() for p in _parts(dst.quant)]
+        before = [p.clone() for p in dst.quant.tensors()]
         with pytest.raises(NF4ShardingError, match="cannot copy an NF4 weight"):
             dst.copy_(src)
-        assert all(torch.equal(a, b) for a, b in zip(_parts(dst.quant), before))  # nothing was written
+        assert all(torch.equal(a, b) for a, b in zip(dst.quant.tensors(), before))  # nothing was written
     with pytest.raises(NotImplementedError, match="quantize_nf4"):
         plain.copy_(w)
 
@@ -183,7 +170,7 @@ def test_views_detach_and_casts_keep_shape_dtype_and_bytes():
         assert piece.dtype == torch.float16, piece
     torch.testing.assert_close(half.split(128)[1].dequantize(), quant.dequantize(torch.float16)[128:], rtol=0, atol=0)
     on_meta = tensor.to("meta")  # a device move carries every part
-    assert on_meta.device.type == "meta" and all(p.device.type == "meta" for p in _parts(on_meta.quant))
+    assert on_meta.device.type == "meta" and all(p.device.type == "meta" for p in on_meta.quant.tensors())
     assert on_meta.shape == tensor.shape and on_meta.quant.shape == quant.shape
 
 

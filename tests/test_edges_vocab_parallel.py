@@ -101,21 +101,13 @@ def _ranks(rank: int, out: str, init: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_nf4.losses import linear_cross_entropy
-    from lightning_nf4.strategies.vocab_parallel import shard_by_vocabulary
+    from tests.vocab_parallel_worker import sharded_tables
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (2,))
         h, v = 16, 40
-        g = torch.Generator().manual_seed(0)  # the same tables on both ranks
-        embeddings, head = nn.Embedding(v, h), nn.Linear(h, v, bias=False)
-        with torch.no_grad():
-            embeddings.weight.copy_(torch.randn(v, h, generator=g))
-            head.weight.copy_(torch.randn(v, h, generator=g) * 0.3)
-        embeddings.requires_grad_(False)
-        head.requires_grad_(False)
-        full_embeddings, full_head = embeddings.weight.clone(), head.weight.clone()
-        shard_by_vocabulary((embeddings, head), mesh)
+        embeddings, head, full_embeddings, full_head = sharded_tables(v, h, mesh)  # the same tables on both ranks
         result: dict = {}
 
         # every id on and around the boundary between the ranks' rows (19 | 20), and both ends

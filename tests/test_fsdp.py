@@ -35,10 +35,6 @@ class OneRankMesh:
         return self._size
 
 
-def _parts(q):
-    return [q.packed, q.absmax, q.code] + ([q.nested.absmax, q.nested.code, q.nested.offset] if q.nested is not None else [])
-
-
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("world", [2, 4])
 def test_shards_and_all_gather_rebuild_the_weight_byte_for_byte(double_quant, world):
@@ -52,14 +48,14 @@ def test_shards_and_all_gather_rebuild_the_weight_byte_for_byte(double_quant, wo
         torch.testing.assert_close(shard.dequantize(torch.float32), quant.dequantize(torch.float32)[r * rows:(r + 1) * rows], rtol=0, atol=0)
         padded = tensor.new_zeros(shard.shape)  # FSDP pads into fresh storage, then copies the shard in
         padded.narrow(0, 0, rows).copy_(shard)
-        assert all(torch.equal(a, b) for a, b in zip(_parts(padded.quant), _parts(shard.quant)))
+        assert all(torch.equal(a, b) for a, b in zip(padded.quant.tensors(), shard.quant.tensors()))
     # the all-gather: each rank's inputs, concatenated per part (what the collective returns), then the post hook
     inputs = [s.fsdp_pre_all_gather(OneRankMesh(world), tensor.shape, (512, 1), None, None) for s in shards]
     gathered = tuple(torch.cat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0])))
     assert all(t.dtype in (torch.uint8, torch.float32) for t in gathered)  # bytes and fp32 scales, never cast
     whole, inner = shards[0].fsdp_post_all_gather(gathered, inputs[0][1], torch.bfloat16)
     assert isinstance(whole, NF4Tensor) and whole.shape == weight.shape and whole.dtype == torch.bfloat16
-    assert all(torch.equal(a, b) for a, b in zip(_parts(whole.quant), _parts(quant)))
+    assert all(torch.equal(a, b) for a, b in zip(whole.quant.tensors(), quant.tensors()))
     # a second gather into the same buffers: the first weight sees the new bytes without a rebuild
     for t in inner:
         t.zero_()
@@ -71,7 +67,7 @@ def test_one_rank_gathers_one_buffer():
     quant = quantize_nf4(torch.randn(128, 256))
     tensor = NF4Tensor(quant)
     (buffer,), meta = tensor.fsdp_pre_all_gather(OneRankMesh(1), tensor.shape, (256, 1), None, None)
-    assert buffer.dtype == torch.uint8 and buffer.numel() == sum(t.numel() * t.element_size() for t in _parts(quant)[:2] + [quant.nested.absmax])
+    assert buffer.dtype == torch.uint8 and buffer.numel() == sum(t.numel() * t.element_size() for t in quant.tensors()[:2] + [quant.nested.absmax])
     whole, _ = tensor.fsdp_post_all_gather((buffer.clone(),), meta, torch.float32)
     torch.testing.assert_close(whole.dequantize(), quant.dequantize(), rtol=0, atol=0)
 

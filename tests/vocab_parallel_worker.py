@@ -31,29 +31,39 @@ def _batch(rank: int, n: int, h: int, v: int, dtype: torch.dtype, all_ignored: b
     return hidden, labels
 
 
+def sharded_tables(v: int, h: int, mesh):
+    """Frozen input embeddings and output head of ``v`` rows, the same on every rank (a seeded generator, as a loaded
+    checkpoint gives), split by vocabulary rows over ``mesh``; returned with copies of their whole weights."""
+    from torch import nn
+
+    from lightning_nf4.strategies.vocab_parallel import shard_by_vocabulary
+
+    g = torch.Generator().manual_seed(0)
+    embeddings, head = nn.Embedding(v, h), nn.Linear(h, v, bias=False)
+    with torch.no_grad():
+        embeddings.weight.copy_(torch.randn(v, h, generator=g))
+        head.weight.copy_(torch.randn(v, h, generator=g) * 0.3)
+    embeddings.requires_grad_(False)
+    head.requires_grad_(False)
+    full_embeddings, full_head = embeddings.weight.clone(), head.weight.clone()
+    shard_by_vocabulary((embeddings, head), mesh)
+    return embeddings, head, full_embeddings, full_head
+
+
 def ops(rank: int, out: str, port: int) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_nf4.losses import linear_cross_entropy
-    from lightning_nf4.strategies.vocab_parallel import shard_by_vocabulary, vocab_parallel_cross_entropy
+    from lightning_nf4.strategies.vocab_parallel import vocab_parallel_cross_entropy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (2,))
         h, v = 32, 500
-        g = torch.Generator().manual_seed(0)  # the same tables on both ranks, as a loaded checkpoint gives
-        embeddings, head = nn.Embedding(v, h), nn.Linear(h, v, bias=False)
-        with torch.no_grad():
-            embeddings.weight.copy_(torch.randn(v, h, generator=g))
-            head.weight.copy_(torch.randn(v, h, generator=g) * 0.3)
-        embeddings.requires_grad_(False)
-        head.requires_grad_(False)
-        full_embeddings, full_head = embeddings.weight.clone(), head.weight.clone()
-        shard_by_vocabulary((embeddings, head), mesh)
+        embeddings, head, full_embeddings, full_head = sharded_tables(v, h, mesh)
         result: dict = {"local_rows": (embeddings.weight.to_local().shape[0], head.weight.to_local().shape[0])}
 
         # the lookup: ids of different shapes per rank, each rank gets its own rows

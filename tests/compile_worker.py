@@ -8,7 +8,6 @@ and torch.compile's counters (graphs built, graph breaks). Rank 0 exports the ad
 to OUT_DIR/export, and checkpoints go to OUT_DIR/ckpt, one per epoch.
 """
 
-import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from lightning_nf4.plugins.compile import compiled_blocks  # noqa: E402
 from tests.ddp_worker import OrderedData  # noqa: E402
 from tests.lightning_models import CausalLM  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 class Dump(pl.Callback):
@@ -67,16 +67,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, 
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Each rank writes its trainable weights to OUT_DIR/rank<r>.pt at the end of fit; 
 adapter is exported once, by rank 0.
 """
 
-import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from tests.lightning_models import CausalLM, token_loader  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 class DumpTrainable(pl.Callback):
@@ -86,16 +86,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, fail_on_rank: i
     trainer.fit(model, datamodule=OrderedData(batch_size))
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

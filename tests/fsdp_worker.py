@@ -11,7 +11,6 @@ With FSDP_WORKER_CHECKPOINT=<folder> the model is loaded from that Hugging Face 
 NF4FSDPStrategy, on the CPU otherwise.
 """
 
-import atexit
 import os
 import sys
 from datetime import timedelta
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from tests.ddp_worker import OrderedData  # noqa: E402  (the same global batches in every configuration)
 from tests.lightning_models import CausalLM  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 def shardable_llama():
@@ -150,16 +150,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

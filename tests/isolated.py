@@ -8,6 +8,7 @@ killed, so no process outlives its test.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -50,3 +51,17 @@ def run(args: Sequence[str], *, timeout: float, capture_output: bool = False, ch
     if check:
         done.check_returncode()
     return done
+
+
+def _end_process_groups() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def end_process_groups_at_exit() -> None:
+    """For a worker script: destroy its process group when it exits, before the interpreter's own teardown. Left to
+    destructors at exit, gloo can abort a finished run ("terminate called without an active exception", seen once
+    under load)."""
+    atexit.register(_end_process_groups)

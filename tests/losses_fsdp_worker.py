@@ -9,7 +9,6 @@ LoRA, so the head weight's gradient goes through the loss too; with a ``_frozen_
 measured before and after fit, and the trainable weights gathered whole.
 """
 
-import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from lightning_nf4.models import CausalLMModule  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 def batches(n: int = 8, seq: int = 24) -> list[dict]:
@@ -105,16 +105,7 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
     trainer.fit(module, datamodule=Data(batch_size))
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Each rank writes OUT_DIR/rank<r>.pt (fsdp_worker's record) and OUT_DIR/dequant_r
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import os
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nf4.format.quantized import NF4Weight  # noqa: E402
 from lightning_nf4.kernels import ops  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 class DequantLedger:
@@ -97,16 +97,7 @@ def main(out: Path, low_memory: bool) -> None:
     (out / f"dequant_rank{rank}.json").write_text(json.dumps(ledger.figures()))
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

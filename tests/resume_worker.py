@@ -6,7 +6,6 @@ tests/test_reliability.py to check that resuming restores every rank's generator
 Rank 0 writes its trainable weights to OUT_DIR/trainable.pt at the end of fit.
 """
 
-import atexit
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_nf4 import LoRACallback, NF4Precision  # noqa: E402
 from lightning_nf4.data.resumable import ResumableDataLoader  # noqa: E402
 from tests.lightning_models import CausalLM, token_loader  # noqa: E402
+from tests import isolated  # noqa: E402
 
 
 class PerRankStreams(pl.Callback):
@@ -55,16 +55,7 @@ def main(out: Path, max_steps: int, extra: str) -> None:
         torch.save({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, out / "trainable.pt")
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 Each rank writes OUT_DIR/rank<r>.pt.
 """
 
-import atexit
 import os
 import sys
 from datetime import timedelta
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import isolated  # noqa: E402
 
 
 # -- ops -------------------------------------------------------------------------------------------------------
@@ -200,16 +200,7 @@ def fit(model_dir: str, out: Path, loss: str, vocab_parallel: str) -> None:
     trainer.fit(module, datamodule=Data(2))
 
 
-def _end_process_groups() -> None:
-    """The process group is destroyed here, before the interpreter's own teardown: left to destructors at exit,
-    gloo can abort a finished run ("terminate called without an active exception", seen once under load)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-atexit.register(_end_process_groups)
+isolated.end_process_groups_at_exit()
 
 
 if __name__ == "__main__":

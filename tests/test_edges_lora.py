@@ -101,3 +101,21 @@ def test_dora_is_refused_not_silently_plain_lora():
     """``use_dora=True`` on an NF4 base must fail clearly rather than train plain LoRA under a DoRA config."""
     with pytest.raises(ValueError, match="DoRA and aLoRA are not implemented"):
         _layer(use_dora=True)
+
+
+def test_compiled_forward_leaves_the_lora_update_to_the_compiler(monkeypatch):
+    """Eager under autocast the update is added by ``addmm_`` into the base output; traced by torch.compile the
+    layer takes PEFT's mul + add instead (the in-place form costs a copy per projection there), with the same output."""
+    calls = []
+    fused = NF4LoraLinear._forward_fused
+    monkeypatch.setattr(NF4LoraLinear, "_forward_fused", lambda self, *a, **k: calls.append(1) or fused(self, *a, **k))
+    layer = _layer()
+    x = torch.randn(2, 6, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer(x).float()
+        assert calls, "the eager forward takes the fused update"
+        calls.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)(x).float()
+    assert not calls
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)

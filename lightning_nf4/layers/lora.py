@@ -22,7 +22,8 @@ from lightning_nf4.layers.linear import NF4Linear
 class NF4LoraLinear(nn.Module, LoraLayer):
     """``NF4Linear`` base plus LoRA adapters ``B @ A * scaling`` (PEFT's parameter names and layout)."""
 
-    fuse_update: bool = True  # under autocast, the update added by the matmul itself (_forward_fused); False: PEFT's mul + add
+    fuse_update: bool = True  # eager, under autocast: the update added by the matmul itself (_forward_fused); False: PEFT's mul + add
+    fuse_update_compiled: bool = False  # the same under torch.compile, where inductor fuses PEFT's mul + add itself (see forward)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()
@@ -73,7 +74,10 @@ class NF4LoraLinear(nn.Module, LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
         names = [name for name in self.active_adapters if name in self.lora_A]
-        if autocast and self.fuse_update and all(self.lora_B[name].bias is None for name in names):
+        # Compiled, the in-place addmm_ becomes an out-of-place addmm whose cuBLAS call needs the base output copied
+        # into its result first (a device-to-device copy per projection); PEFT's form lets inductor fuse the add.
+        fuse = self.fuse_update_compiled if torch.compiler.is_compiling() else self.fuse_update
+        if autocast and fuse and all(self.lora_B[name].bias is None for name in names):
             return self._forward_fused(x, names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in names:

@@ -45,9 +45,10 @@ CONFIGS = {  # --configs key: row name
     "nf4-chunked-portable": "lightning-nf4 QLoRA, chunked loss, portable path",  # liger-kernel not used even where installed
     "nf4-ungrouped": UNGROUPED,
     "nf4-unfused": UNFUSED,
+    "nf4-compiled-addmm": "lightning-nf4 QLoRA, layers compiled, eager's addmm_ LoRA update",  # fuse_update_compiled = True
 }
 PEERS, ABLATION = ("bnb", "torchao"), ("nf4-ungrouped", "nf4-unfused")
-COMPILED = ("bf16-compiled", "nf4-compiled")
+COMPILED = ("bf16-compiled", "nf4-compiled", "nf4-compiled-addmm")
 CPP_WRAPPER = ("bf16-compiled-cpp", "nf4-compiled-cpp")  # on request: the same, launched from C++ rather than Python
 
 
@@ -134,6 +135,7 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
         from lightning_nf4.losses import causal_lm_loss, liger_available
 
         NF4LoraLinear.fuse_update = name != UNFUSED
+        NF4LoraLinear.fuse_update_compiled = key == "nf4-compiled-addmm"
 
         class StepTimer(pl.Callback):
             def on_train_start(self, trainer, pl_module):
@@ -246,7 +248,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     else:
-        compiled = list(COMPILED) if args["device"] == "cuda" else []  # on the CPU on request: inductor takes minutes there
+        compiled = ["bf16-compiled", "nf4-compiled"] if args["device"] == "cuda" else []  # on the CPU on request: inductor takes minutes there
         keys = ["bf16", "nf4"] + (list(PEERS) if args["peers"] else []) + compiled + ["nf4-chunked"] + (list(ABLATION) if args["ablation"] else [])
     ctx = mp.get_context("spawn")
     rounds: list[dict[str, dict]] = []

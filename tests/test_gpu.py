@@ -211,10 +211,11 @@ def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{setting}: {m}")
 
 
-def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_inputs():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_inputs(compiled):
     """``offload_activations``: under checkpointing the layers' inputs wait in pinned host memory. The gradients are
     the same bit for bit (the copies are exact), and between forward and backward the device holds at least 90% of
-    those inputs' bytes less."""
+    those inputs' bytes less; the same with each decoder layer compiled (``LoRACallback(compile=True)``'s form)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_nf4.layers.offload import offload_activations
@@ -230,6 +231,10 @@ def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_input
         L.NF4Precision(device="cuda").convert_module(model)
         model.model.embed_tokens.weight.requires_grad_(True)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compiled:
+            from lightning_nf4.plugins.compile import compile_blocks
+
+            compile_blocks(model)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -90,16 +90,16 @@ class NF4LoraLinear(nn.Module, LoraLayer):
 
     def _forward_fused(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
         """``base(x) + scaling * B(A(x))`` with the update added by the matmul itself: ``addmm_`` into the base
-        output (``beta=1``), the scaling applied to ``B`` (``[out, r]``) rather than to the ``[tokens, out]``
-        update. That saves the multiply and the add passes over the output, and their backward, per layer.
+        output (``beta=1``), the scaling as the matmul's ``alpha`` rather than a pass over the ``[tokens, out]``
+        update or over ``B``. That saves the multiply and the add passes, and their backward, per layer.
         The base sees ``x`` flattened to 2-D (in-place on a fresh 2-D tensor needs no view bookkeeping), and
         ``lora_B``'s module hooks do not run (PEFT's forward calls them)."""
         flat = x.reshape(-1, x.shape[-1])
         result = self.base_layer(flat, *args, **kwargs)
         for name in names:
             down = self.lora_A[name](self.lora_dropout[name](flat))
-            up = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)
-            result.addmm_(down.to(result.dtype), up.t())
+            up = self.lora_B[name].weight.to(result.dtype)
+            result.addmm_(down.to(result.dtype), up.t(), alpha=self.scaling[name])
         return result.view(*x.shape[:-1], result.shape[-1])
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ hooks, the NF4 all-gather hooks, the layers' Python, the optimizer. On a GPU hos
 there, up to the host's speed.
 
     python benchmarks/fsdp_host_overhead.py                       # DDP against nf4_fsdp variants, tiny32 shape
-    python benchmarks/fsdp_host_overhead.py --specs nf4_fsdp --cprofile /tmp/p   # and each run's cProfile stats
+    python benchmarks/fsdp_host_overhead.py --specs nf4_fsdp --cprofile /tmp/p   # and each run's cProfile stats (timed steps)
 
 Prints, per configuration, the median host milliseconds of forward, backward and optimizer step, and the extra
 milliseconds per decoder layer against the first configuration. The gathered bytes are whatever the fake
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsdp_scaling import SHARDED_FLAGS  # noqa: E402
 
-FLAGS = {**SHARDED_FLAGS, "nodq": "double_quant=False",
+FLAGS = {**SHARDED_FLAGS, "nodq": "double_quant=False", "compile": "LoRACallback(compile=True): each decoder layer compiled",
          "one_nf4": "a what-if: FSDP2 handles one NF4 weight a layer, the other six left whole (as one flat NF4 parameter a layer would)"}
 
 
@@ -87,23 +87,32 @@ def run(spec: str, steps: int, warmup: int, seq: int, layers: int, cprofile: str
     if "one_nf4" in flags:
         _one_nf4_parameter_per_layer()
     data = torch.randint(0, config.vocab_size, (warmup + steps, seq))
+    timed_profile = None
+    if cprofile:  # Python's profiler over the timed steps only (set-up, compile and warm-up left out)
+        import cProfile
+
+        timed_profile = cProfile.Profile()
+
+        class TimedProfile(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == warmup:
+                    timed_profile.enable()
+
+            def on_train_end(self, trainer, pl_module):
+                timed_profile.disable()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         plugins=precision_plugin(flags, double_quant="nodq" not in flags),
-        callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear"), clock],
+        callbacks=[LoRACallback(r=16, alpha=32, dropout=0.0, target_modules="all-linear", compile="compile" in flags), clock]
+        + ([TimedProfile()] if cprofile else []),
     )
     module = llama_step_module(config, name == "nf4_fsdp")
     loader = torch.utils.data.DataLoader(data, batch_size=1)
-    if cprofile:  # the whole fit: set-up and warm-up steps are in the stats too
-        import cProfile
-
-        prof = cProfile.Profile()
-        prof.runcall(trainer.fit, module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader)
+    if timed_profile is not None:
         Path(cprofile).mkdir(parents=True, exist_ok=True)
-        prof.dump_stats(Path(cprofile) / f"{spec}.pstats")
-    else:
-        trainer.fit(module, train_dataloaders=loader)
+        timed_profile.dump_stats(Path(cprofile) / f"{spec}.pstats")
     phases = [1e3 * x for x in median_phases(clock.steps[warmup:warmup + steps])["host"]]
     return {"spec": spec, "forward": phases[0], "backward": phases[1], "optimizer": phases[2], "step": sum(phases)}
 
@@ -116,7 +125,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="configurations in turn, this many times; medians over rounds")
-    parser.add_argument("--cprofile", default="", help="folder for each configuration's cProfile stats of its fit (set-up and warm-up included)")
+    parser.add_argument("--cprofile", default="", help="folder for each configuration's cProfile stats of its timed steps")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a fresh process per configuration: FSDP and DDP leave state behind

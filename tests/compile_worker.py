@@ -47,12 +47,15 @@ class Dump(pl.Callback):
 def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, resume: str = "") -> None:
     pl.seed_everything(0)
     model = CausalLM(lr=1e-2)
-    if strategy == "nf4_fsdp":
+    precision = NF4Precision(compute_dtype=torch.float32)
+    if strategy in ("nf4_fsdp", "nf4_fsdp_whole"):  # _whole: the host-bound setting, adapters whole and offload on
         from lightning_nf4.strategies import NF4FSDPStrategy
         from tests.fsdp_worker import shardable_llama
 
         model = CausalLM(model=shardable_llama(), lr=1e-2)
-        strategy = NF4FSDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
+        whole = strategy == "nf4_fsdp_whole"
+        strategy = NF4FSDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60), shard_adapters=not whole)
+        precision = NF4Precision(compute_dtype=torch.float32, offload_activations=whole)
     elif strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -61,7 +64,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, 
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        plugins=NF4Precision(compute_dtype=torch.float32),
+        plugins=precision,
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), compile=compile), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)

@@ -164,7 +164,9 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
 
         if key == "nf4-chunked":
             note = "liger-kernel" if device == "cuda" and liger_available() else "portable chunks"
-        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile={"options": {"cpp_wrapper": True}} if key in CPP_WRAPPER else key in COMPILED)
+        options = {**args["inductor_options"], **({"cpp_wrapper": True} if key in CPP_WRAPPER else {})}
+        compiled = key in COMPILED or key in CPP_WRAPPER
+        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=({"options": options} if options else True) if compiled else False)
         kw = dict(precision="bf16-mixed") if key.startswith("bf16") else dict(plugins=NF4Precision(group_dequantize=False if key == "nf4-ungrouped" else "auto"))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,
@@ -240,6 +242,8 @@ def main() -> None:
     parser.add_argument("--configs", default=None,
                         help=f"comma-separated subset, run in this order: {','.join(CONFIGS)} (default: bf16, nf4, the peers with "
                              "--peers, bf16-compiled and nf4-compiled on cuda, nf4-chunked, the ablation rows with --ablation)")
+    parser.add_argument("--inductor-options", type=json.loads, default={},
+                        help='JSON of inductor options for every compiled configuration alike, e.g. \'{"size_asserts": false}\'')
     args = vars(parser.parse_args())
     args["preset"] = args["preset"] or ("small" if args["device"] == "cpu" else "llama3-8b")
     if args["configs"]:
@@ -271,7 +275,7 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} ({args['threads']} threads)"
     memory = "peak GPU memory in training" if args["device"] == "cuda" else "peak RSS in training"
-    print(f"\nDevice: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}")
+    print(f"\nDevice: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}" + (f"; inductor options {json.dumps(args['inductor_options'])}" if args['inductor_options'] else ""))
     print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up, "
           f"{args['rounds']} round(s); compiled rows are compared with compiled bf16 LoRA; first step includes the compile\n")
     print(f"| configuration | median step (s) | tokens/s | vs bf16 LoRA (range) | fastest step (s) | fastest vs bf16 (range) | first step (s) | {memory} |")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -58,11 +59,14 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
     """The adapter in PEFT's on-disk naming (``base_model.model.<path>.lora_A.weight`` ...)."""
     out: dict[str, Tensor] = {}
     tag = f".{adapter_name}."
+    wrapped = f".modules_to_save{tag}"  # a module PEFT wrapped (ModulesToSaveWrapper): its trained copy, saved by its own name
     for name, param in root.named_parameters():
         if ".lora_" in name and tag in name:
             out["base_model.model." + name.replace(tag, ".")] = _whole(param).contiguous().cpu()
         elif modules_to_save and param.requires_grad and ".lora_" not in name:
-            out["base_model.model." + name] = _whole(param).contiguous().cpu()
+            if ".modules_to_save." in name and wrapped not in name:
+                continue  # another adapter's copy
+            out["base_model.model." + name.replace(wrapped, ".")] = _whole(param).contiguous().cpu()
     return out
 
 
@@ -141,6 +145,11 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
     out: dict[str, Tensor] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, ModulesToSaveWrapper):  # PEFT's modules_to_save: the active trained copy, by the module's own name
+            names = [] if getattr(module, "disable_adapters", False) else list(module.active_adapters)
+            active = names[0] if names and names[0] in module.modules_to_save else None
+            visit(module.modules_to_save[active] if active is not None else module.original_module, prefix)
+            return
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = _merged_weight(module, base)

@@ -114,3 +114,36 @@ def test_a_peft_modules_to_save_wrapper_is_saved_as_peft_saves_it(tmp_path):
     assert torch.equal(tensors["base_model.model.head.weight"], head.weight)
     reloaded = _reload_with_peft(folder, original)
     assert torch.equal(reloaded.head.modules_to_save["default"].weight, head.weight)
+
+
+class TwoHeads(nn.Module):
+    """``head`` is a string suffix of ``lm_head``: PEFT's modules_to_save matching cannot tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 16)
+        self.lm_head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h).sum() + self.lm_head(h).sum()
+
+
+def test_a_modules_to_save_name_that_is_another_modules_suffix_is_warned_at_injection(tmp_path):
+    """``modules_to_save=["head"]`` beside an untrained ``lm_head``: the adapter it writes does not load in PEFT (which
+    selects by string suffix), so injection warns, naming ``lm_head``, before any training; naming both does not warn."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["body"], modules_to_save=["head"])
+    with pytest.warns(UserWarning, match=r"also names \['lm_head'\] under PEFT's suffix matching"):
+        callback.inject(model)
+    folder = save_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, lora_dropout=0.0, modules_to_save=["head"])
+    fresh = TwoHeads()
+    fresh.load_state_dict(original)
+    with pytest.raises(Exception):  # the failure the warning names
+        PeftModel.from_pretrained(fresh, str(folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoRACallback(r=2, alpha=4, dropout=0.0, target_modules=["body"], modules_to_save=["head", "lm_head"]).inject(TwoHeads())

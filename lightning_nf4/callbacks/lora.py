@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.callbacks import Callback
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -125,6 +125,7 @@ class LoRACallback(Callback):
         """Each ``modules_to_save`` entry names a module, and none holds frozen NF4 weights (those cannot be
         trained in full; NF4Precision must leave such a module in float)."""
         named = [(n, m) for n, m in module.named_modules() if n and ".lora_" not in n]
+        trained: list[str] = []
         for pattern in self.modules_to_save:
             found = [(n, m) for n, m in named if matches(n, [pattern])]
             if not found:
@@ -139,6 +140,9 @@ class LoRACallback(Callback):
                     f"frozen and cannot be trained in full. Keep it in float by adding it to NF4Precision's skip_modules, "
                     f"e.g. NF4Precision(skip_modules=('lm_head', {pattern!r})), or train it through LoRA (target_modules) instead."
                 )
+            trained.extend(n for n, _ in found)
+        for pattern in self.modules_to_save:
+            _warn_peft_suffix_match(pattern, trained, [n for n, _ in named])
 
     def _targets(self, module: nn.Module) -> list[str]:
         self._check_modules_to_save(module)
@@ -341,3 +345,18 @@ def _count(module: nn.Module) -> tuple[int, int]:
             total += n
             trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def _warn_peft_suffix_match(pattern: str, trained: list[str], names: list[str]) -> None:
+    """PEFT picks ``modules_to_save`` by a plain string suffix when it loads an adapter: ``"head"`` also selects
+    ``lm_head``, which this run neither trains nor saves, and ``PeftModel.from_pretrained`` then fails. Said at
+    injection, before any training, so the run can be set up again."""
+    if pattern.startswith("re:") or any(c in pattern for c in "*?["):
+        return
+    others = [n for n in names if n.endswith(pattern) and n not in trained and not any(n.startswith(t + ".") for t in trained)]
+    if others:
+        rank_zero_warn(
+            f"modules_to_save entry {pattern!r} also names {others[:4]} under PEFT's suffix matching, which this run does "
+            f"not train: PeftModel.from_pretrained will fail to load the adapter written at the end (a missing key). "
+            f"Train those too (add them to modules_to_save), or pick modules whose names end differently."
+        )

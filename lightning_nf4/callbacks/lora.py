@@ -141,8 +141,9 @@ class LoRACallback(Callback):
                     f"e.g. NF4Precision(skip_modules=('lm_head', {pattern!r})), or train it through LoRA (target_modules) instead."
                 )
             trained.extend(n for n, _ in found)
+        names = [n for n, _ in named]
         for pattern in self.modules_to_save:
-            _warn_peft_suffix_match(pattern, trained, [n for n, _ in named])
+            _warn_peft_suffix_match(pattern, trained, names)
 
     def _targets(self, module: nn.Module) -> list[str]:
         self._check_modules_to_save(module)

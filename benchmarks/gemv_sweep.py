@@ -8,13 +8,14 @@ same bytes (half read, half written), timed the same way; dense is ``F.linear`` 
 own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first use) is shown beside the best.
 
     python benchmarks/gemv_sweep.py                     # CUDA
+    python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run
     TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import types
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +28,28 @@ SHAPES = ((8192, 8192), (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)
 # (rows, blocks per step, warps, stages, split)
 SWEEP = tuple(dict.fromkeys([  # about 20 settings: each shape compiles each once (about a second apiece)
     *tk.GEMV_CANDIDATES,
-    (1, 64, 4, 3, 1), (2, 32, 4, 3, 1), (4, 32, 4, 3, 1), (8, 16, 8, 3, 1), (16, 8, 8, 3, 1),
-    (4, 16, 4, 2, 1), (4, 16, 4, 4, 1), (2, 32, 8, 4, 1), (8, 32, 8, 3, 1), (4, 64, 8, 3, 1),
-    (1, 32, 4, 3, 2), (2, 16, 4, 3, 4), (1, 16, 4, 3, 8), (4, 16, 4, 3, 2),
+    (4, 32, 2, 1, 1), (2, 16, 1, 3, 1), (1, 16, 1, 3, 1), (4, 128, 8, 3, 1), (4, 64, 8, 3, 1), (2, 64, 8, 3, 1),
+    (2, 32, 2, 3, 2), (1, 32, 2, 3, 4), (2, 32, 2, 3, 4), (4, 32, 2, 3, 8), (4, 64, 4, 3, 4),
 ]))
 QUICK = tk.GEMV_CANDIDATES
+# --before: the kernel of commit 37018f5 with its best settings of the last H200 sweep, tagged "before"
+BEFORE = (("before", 4, 16, 4, 3, 1), ("before", 4, 16, 4, 4, 1), ("before", 4, 64, 8, 3, 1), ("before", 4, 16, 4, 3, 4))
 
 
 def _nbytes(q: lightning_nf4.NF4Weight) -> int:
     return q.nbytes
+
+
+def _before_kernels():
+    import gemv_kernel_before  # this script's folder is on the path when it runs
+
+    return types.SimpleNamespace(gemv_kernel=gemv_kernel_before.gemv_kernel, gemv_split_sum_kernel=gemv_kernel_before.gemv_split_sum_kernel)
+
+
+def _plan(setting, weight):
+    if setting[0] == "before":
+        return tk.GemvLaunch(_before_kernels(), *weight, setting[1:])
+    return tk.gemv_plan(*weight, setting=setting)
 
 
 def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
@@ -64,7 +78,7 @@ def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
         result["choice"] = tk.gemv_launch_config(device, n, k, True, torch.bfloat16, 64)
     for setting in sweep:
         try:
-            plans = [tk.gemv_plan(*args(q), setting=setting) for q in qs]
+            plans = [_plan(setting, args(q)) for q in qs]
             got = plans[0].triton_launch(x).float()
             err = (got - ref).abs().max().item() / max(scale, 1e-30)
             if not err <= 1e-2:  # bf16 output of an fp32 sum: well inside 1e-2 of the largest output
@@ -83,16 +97,17 @@ def _label(s) -> str:
 def report(results: list[dict], sweep) -> list[str]:
     lines = ["settings: rows/blocks per step/warps/stages/split; GPU us per call from a CUDA graph, L2 cycled out",
              "", "| weight | MB read | dense us | copy us (same bytes) | package's choice | us | GB/s | % of copy | "
-             "sweep best | us | GB/s | % of copy | best / dense |", "|" + "---|" * 13]
+             "sweep best | us | GB/s | % of copy | best / dense | before's best | us | % of copy | best / before |", "|" + "---|" * 17]
     for r in results:
         mb = r["bytes"] / 1e6
         row = [r["shape"], f"{mb:.1f}"]
         if "copy_us" not in r:
-            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 10) + " |")
+            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 14) + " |")
             continue
         copy = r["copy_us"]
         row += [f"{r['dense_us']:.1f}", f"{copy:.1f}"]
-        times = {s: v for s, v in r["sweep"].items() if isinstance(v, float)}
+        times = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] != "before"}
+        before = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] == "before"}
         choice = r.get("choice")
         c = None if choice is None else tuple(choice[k] for k in ("rows", "blocks_per_step", "num_warps", "num_stages", "split"))
         if c in times:
@@ -105,6 +120,12 @@ def report(results: list[dict], sweep) -> list[str]:
                     f"{times[b] / r['dense_us']:.2f}x"]
         else:
             row += ["n/a"] * 5
+        if before:
+            b0 = min(before, key=before.get)
+            row += [_label(b0[1:]), f"{before[b0]:.1f}", f"{100 * copy / before[b0]:.0f}%",
+                    f"{times[b] / before[b0]:.2f}x" if times else "n/a"]
+        else:
+            row += [""] * 4
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Sweep detail, % of copy (or why not):", ""]
     lines.append("| setting | " + " | ".join(r["shape"] for r in results) + " |")
@@ -124,10 +145,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=None, help="NxK[,NxK...] (default: the Llama-3-8B shapes and 8192x8192)")
     parser.add_argument("--quick", action="store_true", help="only the package's candidates")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--before", action="store_true", help="also the kernel of commit 37018f5 (benchmarks/gemv_kernel_before.py)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in p.lower().split("x")) for p in args.shapes.split(","))
-    sweep = QUICK if args.quick else SWEEP
+    sweep = (QUICK if args.quick else SWEEP) + (BEFORE if args.before else ())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter: checks only)"
     print(f"{name}; torch {torch.__version__}; gemv sweep, {len(sweep)} settings", flush=True)
     results = []

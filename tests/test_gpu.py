@@ -211,6 +211,27 @@ def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{setting}: {m}")
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_cuda_gemv_of_codes_at_an_unaligned_address(double_quant):
+    """Codes at an address that is not 16-byte aligned (a view into a larger buffer): Triton specialises the gemv
+    kernel on its pointers' alignment, so they take a variant without vector loads (whose sums may be ordered
+    differently from the aligned variant's): same result as dequantize + matvec, prepared launch or not."""
+    from lightning_nf4.kernels import triton_kernels as tk
+
+    device = cuda_or_skip()
+    q = NF4Linear.from_linear(nn.Linear(512, 96, bias=False), double_quant=double_quant).to(device).quant
+    buffer = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8, device=device)
+    buffer[1:] = q.packed
+    shifted = buffer[1:]
+    assert shifted.data_ptr() % 4
+    x = torch.randn(512, device=device, dtype=torch.bfloat16)
+    ref = q.dequantize(torch.float32) @ x.float()
+    got = tk.gemv_4bit(x, shifted, q.absmax, q.code, 64, 96, 512, *q.nested_args())
+    torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+    plan = tk.gemv_plan(shifted, q.absmax, q.code, 64, 96, 512, *q.nested_args(), torch.bfloat16)
+    assert torch.equal(plan(x), got) and torch.equal(plan(x), got)  # Triton's launch, then the direct one
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_inputs(compiled):
     """``offload_activations``: under checkpointing the layers' inputs wait in pinned host memory. The gradients are

@@ -181,59 +181,88 @@ def quantize_8bit_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, num_blocks, BLOCK
 
 
 @triton.jit
+def x_pairs(x_ptr, col, X_PAIRS: tl.constexpr):
+    """(x[2c], x[2c + 1]) in fp32 for the byte offsets ``col`` of a packed row: the two inputs a byte's nibbles multiply."""
+    if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2c] in the low half, x[2c + 1] in the high half
+        word = tl.load(x_ptr + col)
+        return (word << 16).to(tl.float32, bitcast=True), (word & -65536).to(tl.float32, bitcast=True)
+    elif X_PAIRS == 2:  # fp16 x, the same words
+        word = tl.load(x_ptr + col)
+        return ((word & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+    else:
+        return tl.load(x_ptr + 2 * col).to(tl.float32), tl.load(x_ptr + 2 * col + 1).to(tl.float32)
+
+
+@triton.jit
+def gemv_row(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row, col, block, x_even, x_odd,
+             nested_blocksize: tl.constexpr, NESTED: tl.constexpr, ROW_BYTES: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
+             SHUFFLE: tl.constexpr):
+    """One weight row's share of a loop step, [groups, 1]: each group's sum of x * code, times its block's absmax."""
+    byte = tl.load(packed_ptr + row * ROW_BYTES + col)
+    block_idx = row * BLOCKS_PER_ROW + block
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, block_idx >= 0, nested_blocksize, NESTED)
+    high, low = code_pair(code_ptr, byte, SHUFFLE)
+    return tl.sum(high * x_even + low * x_odd, axis=1, keep_dims=True) * scale
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N,
-    nested_blocksize, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKS_PER_ROW: tl.constexpr,
-    BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr = 1,
+    nested_blocksize: tl.constexpr, NESTED: tl.constexpr, X_PAIRS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKS_PER_ROW: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr, ROWS: tl.constexpr, SHUFFLE: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT: tl.constexpr = 1,
 ):
-    # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once (a
-    # quarter of the bf16 bytes) and writes no dequantized copy. BLOCKS_PER_ROW % (BLOCKS_PER_STEP * SPLIT) == 0;
-    # EVEN: N % ROWS == 0. Products are summed within each quantization block and scaled once per block.
-    # x is loaded per row, in the layout of the packed bytes (it stays in L1): a shared x would be moved
-    # through shared memory to that layout at every step.
-    # SPLIT > 1 (split-K): program (i, s) sums the s-th of SPLIT slices of the rows into fp32 partials
-    # out_ptr[s * N + row], and gemv_split_sum_kernel adds them: more programs, and so more bytes in flight,
-    # for weights with few rows (a 1024-row weight makes 256 programs of 4 rows for 132 SMs).
-    pid = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    # out[n] = sum_k x[k] * code[q[n, k]] * scale[n, k // BLOCKSIZE]: reads the packed weight once (a quarter of
+    # the bf16 bytes) and writes no dequantized copy. A program takes ROWS (1, 2 or 4) rows; a loop step covers
+    # BLOCKS_PER_STEP blocks of each, as groups of 16 bytes, one group per thread at best (BLOCKS_PER_STEP * 2 ==
+    # 32 * num_warps): one 16-byte load per row, x loaded once per step and used for every row (a single [G, 16]
+    # layout throughout, so nothing moves through shared memory), and only a group's 16 products summed per step.
+    # BLOCKS_PER_ROW % (BLOCKS_PER_STEP * SPLIT) == 0. EVEN: N % ROWS == 0 (else the last rows are read twice and
+    # stored once). SPLIT > 1 (split-K): program (i, s) sums the s-th of SPLIT slices of its rows into fp32
+    # partials out_ptr[s * N + row], and gemv_split_sum_kernel adds them, for weights with few rows.
     HALF: tl.constexpr = BLOCKSIZE // 2
-    PART_BLOCKS: tl.constexpr = BLOCKS_PER_ROW // SPLIT
-    acc = tl.zeros([ROWS, BLOCKS_PER_STEP], dtype=tl.float32)
-    for step in range(0, PART_BLOCKS, BLOCKS_PER_STEP):  # a loop, not unrolled: unrolling spilled registers
+    GROUP: tl.constexpr = 16 if HALF % 16 == 0 else HALF
+    ROW_BYTES: tl.constexpr = BLOCKS_PER_ROW * HALF
+    PART_BYTES: tl.constexpr = ROW_BYTES // SPLIT
+    STEP_BYTES: tl.constexpr = BLOCKS_PER_STEP * HALF
+    G: tl.constexpr = STEP_BYTES // GROUP
+    tl.static_assert(ROWS == 1 or ROWS == 2 or ROWS == 4, "gemv_kernel takes 1, 2 or 4 rows per program")
+    first = tl.program_id(0).to(tl.int64) * ROWS
+    part = tl.program_id(1)
+    r0, r1, r2, r3 = first, first + 1, first + 2, first + 3
+    if not EVEN:
+        r1, r2, r3 = tl.minimum(r1, N - 1), tl.minimum(r2, N - 1), tl.minimum(r3, N - 1)
+    acc0 = tl.zeros([G, 1], dtype=tl.float32)
+    acc1 = tl.zeros([G, 1], dtype=tl.float32)
+    acc2 = tl.zeros([G, 1], dtype=tl.float32)
+    acc3 = tl.zeros([G, 1], dtype=tl.float32)
+    for start in range(0, PART_BYTES, STEP_BYTES):  # a loop, not unrolled: unrolling spilled registers
         if SPLIT == 1:  # constant bounds either way (Triton's interpreter before 3.7 takes no others)
-            blocks = step + tl.arange(0, BLOCKS_PER_STEP)
+            base = start
         else:
-            blocks = part * PART_BLOCKS + step + tl.arange(0, BLOCKS_PER_STEP)
-        pair = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte p of the row holds x[2p], x[2p + 1]
-        x_at = pair[None, :, :] + 0 * rows[:, None, None]
-        if X_PAIRS == 1:  # bf16 x read as 32-bit words: x[2p] in the low half, x[2p + 1] in the high half
-            word = tl.load(x_ptr + x_at)
-            x_even = (word << 16).to(tl.float32, bitcast=True)
-            x_odd = (word & -65536).to(tl.float32, bitcast=True)
-        elif X_PAIRS == 2:  # fp16 x, the same words
-            word = tl.load(x_ptr + x_at)
-            x_even = (word & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            x_odd = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        else:
-            x_even = tl.load(x_ptr + 2 * x_at).to(tl.float32)
-            x_odd = tl.load(x_ptr + 2 * x_at + 1).to(tl.float32)
-        byte_at = packed_ptr + rows[:, None, None] * (BLOCKS_PER_ROW * HALF) + pair[None, :, :]
-        block_idx = rows[:, None] * BLOCKS_PER_ROW + blocks[None, :]
-        if EVEN:
-            byte = tl.load(byte_at)
-            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, block_idx >= 0, nested_blocksize, NESTED)
-        else:
-            byte = tl.load(byte_at, mask=row_ok[:, None, None], other=0)
-            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block_idx, row_ok[:, None], nested_blocksize, NESTED)
-        high, low = code_pair(code_ptr, byte, SHUFFLE)
-        acc += tl.sum(high * x_even + low * x_odd, axis=2) * scale
-    total = tl.sum(acc, axis=1)
-    if SPLIT == 1:
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        tl.store(out_ptr + part * N + rows, total, mask=row_ok)
+            base = part * PART_BYTES + start
+        groups = tl.arange(0, G)[:, None]
+        col = base + groups * GROUP + tl.arange(0, GROUP)[None, :]  # byte c of a row holds x[2c], x[2c + 1]
+        block = (base + groups * GROUP) // HALF
+        x_even, x_odd = x_pairs(x_ptr, col, X_PAIRS)
+        acc0 += gemv_row(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, r0, col, block,
+                         x_even, x_odd, nested_blocksize, NESTED, ROW_BYTES, BLOCKS_PER_ROW, SHUFFLE)
+        if ROWS > 1:
+            acc1 += gemv_row(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, r1, col, block,
+                             x_even, x_odd, nested_blocksize, NESTED, ROW_BYTES, BLOCKS_PER_ROW, SHUFFLE)
+        if ROWS > 2:
+            acc2 += gemv_row(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, r2, col, block,
+                             x_even, x_odd, nested_blocksize, NESTED, ROW_BYTES, BLOCKS_PER_ROW, SHUFFLE)
+            acc3 += gemv_row(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, r3, col, block,
+                             x_even, x_odd, nested_blocksize, NESTED, ROW_BYTES, BLOCKS_PER_ROW, SHUFFLE)
+    out = out_ptr + part * N + first
+    tl.store(out, tl.sum(acc0).to(out_ptr.dtype.element_ty))
+    if ROWS > 1:
+        tl.store(out + 1, tl.sum(acc1).to(out_ptr.dtype.element_ty), mask=first + 1 < N)
+    if ROWS > 2:
+        tl.store(out + 2, tl.sum(acc2).to(out_ptr.dtype.element_ty), mask=first + 2 < N)
+        tl.store(out + 3, tl.sum(acc3).to(out_ptr.dtype.element_ty), mask=first + 3 < N)
 
 
 @triton.jit

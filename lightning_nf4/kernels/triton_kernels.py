@@ -261,14 +261,17 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Te
 
 
 # -- gemv (one token) --------------------------------------------------------------------------------
-# Launch settings (rows per program, quantization blocks per loop step, warps, pipeline stages, split-K
-# parts): timed per card and weight shape on first use, as for dequantize, because the best setting moves
-# with the number of rows (programs in flight) and of blocks per row (loop length). The first candidate is
-# the setting swept on an H100 before split-K existed (benchmarks/NOTES.md). GEMV_CONFIG forces one.
+# Launch settings (rows per program: 1, 2 or 4; quantization blocks per loop step; warps; pipeline stages;
+# split-K parts): timed per card and weight shape on first use, as for dequantize, because the best setting
+# moves with the number of rows (programs in flight) and of blocks per row (loop length). The kernel is at its
+# best with one 16-byte group of each row per thread and step (blocks per step == 16 * warps for blocksize 64).
+# Split-K (more programs for weights with few rows) is a candidate, though on an H200 it lost at every 8B shape
+# (benchmarks/results_h200_gemv_rows.md). GEMV_CONFIG forces one setting.
 GEMV_CANDIDATES: tuple[tuple[int, int, int, int, int], ...] = (
-    (4, 16, 4, 3, 1), (2, 16, 4, 3, 1), (1, 32, 4, 3, 1), (8, 8, 4, 3, 1),
-    (4, 16, 8, 4, 1), (4, 32, 4, 3, 1), (2, 64, 4, 3, 1), (2, 16, 4, 3, 2), (1, 32, 4, 3, 4), (4, 16, 4, 3, 4),
+    (4, 32, 2, 3, 1), (4, 16, 1, 3, 1), (4, 32, 4, 3, 1), (4, 64, 4, 3, 1), (2, 64, 4, 3, 1), (1, 32, 2, 3, 1),
+    (2, 128, 8, 3, 1), (2, 32, 2, 3, 1), (4, 16, 1, 3, 4), (4, 32, 2, 3, 2),
 )
+GEMV_ROWS = (1, 2, 4)  # rows per program the kernel takes
 GEMV_CONFIG: Optional[dict] = None  # e.g. {"rows": 4, "blocks_per_step": 16, "num_warps": 4, "num_stages": 3, "split": 1}
 FAST_LAUNCH = True  # launch prepared gemv plans through the compiled kernel's launcher (checked once per plan)
 _gemv_choice: dict[tuple, tuple[int, int, int, int, int]] = {}
@@ -278,6 +281,9 @@ def _gemv_setting(setting: tuple[int, int, int, int, int], blocks_per_row: int) 
     """``setting`` fitted to a row of ``blocks_per_row`` blocks: the kernel has no mask along K, so blocks per step
     and split parts are halved until each part is a whole number of steps."""
     rows, step, warps, stages, split = setting
+    if rows not in GEMV_ROWS:
+        raise ValueError(f"gemv setting {setting}: rows per program must be one of {GEMV_ROWS}, got {rows}; "
+                         "pick another setting (GEMV_CANDIDATES lists the timed ones).")
     while split > 1 and blocks_per_row % split:
         split //= 2
     while (blocks_per_row // split) % step:

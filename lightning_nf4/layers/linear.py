@@ -255,7 +255,14 @@ class NF4Linear(nn.Module):
         # The packed Parameter may have been replaced or moved by code outside this class (e.g. a
         # strategy's model.to(device)); the scales follow it here. An NF4Tensor weight (the form FSDP2
         # shards and all-gathers) carries its own scales.
-        weight = self.weight
+        weight = self._parameters.get("weight")
+        if weight is None:
+            weight = self.weight
+        quant = self._quant
+        if quant is not None and quant.packed is weight:  # the common case, cheaply (host time per 1-token call)
+            index = weight.get_device()  # -1 for CPU and meta alike: those take the full compare below
+            if index >= 0 and quant.absmax.get_device() == index:
+                return quant
         if isinstance(weight, NF4Tensor):
             return weight.quant
         if isinstance(weight, DTensor):
@@ -263,9 +270,8 @@ class NF4Linear(nn.Module):
                 "This NF4Linear's weight is sharded across ranks (FSDP2) and not gathered now; its full weight exists "
                 "only inside the module's forward/backward, or under NF4FSDPStrategy.gathered(module)."
             )
-        quant = self._quant
-        if quant.packed is not self.weight or quant.absmax.device != self.weight.device:
-            quant = self._quant = quant.with_packed(self.weight)
+        if quant.packed is not weight or quant.absmax.device != weight.device:
+            quant = self._quant = quant.with_packed(weight)
         return quant
 
     def forward(self, x: Tensor) -> Tensor:
@@ -279,8 +285,10 @@ class NF4Linear(nn.Module):
         compiling = torch.compiler.is_compiling()
         if compiling and isinstance(self.weight, NF4Tensor):  # gathered by FSDP2: read through its dequantize op
             out = self._compiled_nf4_tensor(x.to(dtype), dtype, needs_grad)
-        elif x.numel() == self.in_features and not needs_grad:
-            out = self._gemv(x.reshape(-1).to(dtype), self._synced_quant()).view(*x.shape[:-1], self.out_features)
+        elif x.numel() == self.in_features and not needs_grad:  # one token (generation): host time is the cost here
+            flat = x.reshape(-1)
+            out = self._gemv(flat if flat.dtype == dtype else flat.to(dtype), self._synced_quant(), compiling)
+            out = out.view(*x.shape[:-1], self.out_features)
         elif needs_grad and compiling:
             quant = self._synced_quant()
             out = _NF4Matmul.apply(x.to(dtype), self.weight, quant, dtype, self._compiled_weight(self._dequantized, quant, dtype))
@@ -299,7 +307,7 @@ class NF4Linear(nn.Module):
                 out = torch.nn.functional.linear(x.to(dtype), w)
         if self.bias is not None:
             out = out + self.bias.to(dtype)
-        return out if autocast else out.to(x.dtype)
+        return out if autocast or out.dtype == x.dtype else out.to(x.dtype)
 
     def _compiled_nf4_tensor(self, x: Tensor, dtype: torch.dtype, needs_grad: bool) -> Tensor:
         """The matmul under torch.compile when the weight is an ``NF4Tensor`` (sharded by FSDP2)."""
@@ -351,11 +359,11 @@ class NF4Linear(nn.Module):
         if group is not None:
             group.clear()
 
-    def _gemv(self, x: Tensor, quant: NF4Weight) -> Tensor:
+    def _gemv(self, x: Tensor, quant: NF4Weight, compiling: bool) -> Tensor:
         """One token without autograd (generation): a matrix-vector product read straight from NF4. Eager GPU calls
         reuse a launch prepared for this ``quant`` and dtype (``ops.prepared_gemv``); a new or moved weight gets a new
         one, since ``_synced_quant`` then hands out a new ``quant``. Compiled code calls the op."""
-        if not torch.compiler.is_compiling() and type(x) is Tensor:
+        if not compiling and type(x) is Tensor:
             plan = ops.prepared_gemv(self, quant, x.dtype, self.out_features, self.in_features)
             if plan is not None:
                 return plan(x)
@@ -366,7 +374,14 @@ class NF4Linear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
         super()._apply(fn, recurse)
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
-        weight = self.weight
+        weight = self._parameters.get("weight")
+        if weight is None:
+            weight = self.weight
+        quant = self._quant
+        if quant is not None and quant.packed is weight:  # the common case, cheaply (host time per 1-token call)
+            index = weight.get_device()  # -1 for CPU and meta alike: those take the full compare below
+            if index >= 0 and quant.absmax.get_device() == index:
+                return quant
         if isinstance(weight, NF4Tensor):
             self._quant = None
         elif self._quant.absmax.is_meta and not weight.is_meta:  # to_empty() of a meta-built layer: scales to fill

@@ -29,6 +29,14 @@ for double_quant in (True, False):
             ref = q.dequantize(torch.float32) @ x.float()
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+    # codes at an odd address (a view into a larger buffer): the kernel reads them where they are
+    q = L.quantize_nf4(torch.randn(8, 128) * 0.02, 64, double_quant)
+    buffer = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8)
+    buffer[1:] = q.packed.reshape(-1)
+    shifted = buffer[1:].view(q.packed.shape)
+    x = torch.randn(128)
+    got = tk.gemv_4bit(x, shifted, q.absmax, q.code, 64, 8, 128, *q.nested_args())
+    torch.testing.assert_close(got, q.dequantize(torch.float32) @ x, atol=1e-5, rtol=1e-5)
 print("interpreter kernels match")
 
 # Every gemv launch candidate (rows, blocks per step, warps, stages, split-K) against dequantize + matvec,

@@ -221,8 +221,8 @@ def test_cuda_gemv_of_codes_at_an_unaligned_address(double_quant):
     device = cuda_or_skip()
     q = NF4Linear.from_linear(nn.Linear(512, 96, bias=False), double_quant=double_quant).to(device).quant
     buffer = torch.zeros(q.packed.numel() + 1, dtype=torch.uint8, device=device)
-    buffer[1:] = q.packed
-    shifted = buffer[1:]
+    buffer[1:] = q.packed.reshape(-1)
+    shifted = buffer[1:].view(q.packed.shape)
     assert shifted.data_ptr() % 4
     x = torch.randn(512, device=device, dtype=torch.bfloat16)
     ref = q.dequantize(torch.float32) @ x.float()

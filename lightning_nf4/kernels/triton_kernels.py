@@ -119,10 +119,13 @@ def dequantize_4bit(
     constexprs = (nested, half, setting[0], shuffle, numel % setting[0] == 0)
     # Triton specialises a compiled kernel on the integer arguments and on each address's 16-byte alignment: a call
     # that matches all of them may reuse that kernel's launcher directly (no per-call argument binding).
-    key = (device.index, setting, numel, blocksize, nested_blocksize, dtype, constexprs, *(t.data_ptr() % 16 == 0 for t in args[:6]))
+    # The direct launch takes the addresses as ints: Triton's launcher would otherwise call data_ptr() and ask the
+    # driver about every tensor argument on every call (host time that a training step pays hundreds of times).
+    addresses = tuple(t.data_ptr() for t in args[:7])
+    key = (device.index, setting, numel, blocksize, nested_blocksize, dtype, constexprs, *(a % 16 == 0 for a in addresses[:6]))
     fast = _dequantize_launchers.get(key) if FAST_LAUNCH else False
     if fast:
-        fast(*args, *constexprs)
+        fast(*addresses, *args[7:], *constexprs)
         return out
     compiled = launch(setting)
     if fast is None and FAST_LAUNCH and device.type == "cuda" and not _capturing(device):
@@ -146,7 +149,7 @@ def _checked_dequantize_launch(kernels, compiled, grid: tuple[int, ...], device:
         if launch is None:
             return False
         again = torch.empty_like(expected)
-        launch(*args[:6], again, *args[7:], *constexprs)
+        launch(*(t.data_ptr() for t in args[:6]), again.data_ptr(), *args[7:], *constexprs)  # as dequantize_4bit calls it
         return launch if torch.equal(again, expected) else False
     except Exception:  # noqa: BLE001 - Triton's own launch stays
         return False
@@ -455,7 +458,10 @@ def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
         total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
         if gemv is None or (split > 1 and total is None):
             return False
-        head, n, nested_blocksize, dtype, device = plan.head, plan.out_features, plan.tail[1], plan.dtype, plan.device
+        # Addresses as ints (the plan holds the tensors): Triton's launcher would otherwise call data_ptr() and ask
+        # the driver about each tensor argument on every call.
+        head = tuple(t.data_ptr() for t in plan.head)
+        n, nested_blocksize, dtype, device = plan.out_features, plan.tail[1], plan.dtype, plan.device
 
         in_features, device_index = plan.in_features, plan.device_index
 
@@ -464,15 +470,16 @@ def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
             # or specialise on is checked instead (an unaligned or strided x takes Triton's launch).
             if x.dtype != dtype or x.numel() != in_features or x.get_device() != device_index:
                 plan._wrong(x)
-            if x.data_ptr() % 16 or not x.is_contiguous():
+            address = x.data_ptr()
+            if address % 16 or not x.is_contiguous():
                 return plan.triton_launch(x)
             out = torch.empty(n, dtype=dtype, device=device)
             if split == 1:
-                gemv(x, *head, out, n, nested_blocksize, *constexprs)
+                gemv(address, *head, out.data_ptr(), n, nested_blocksize, *constexprs)
             else:
                 partial = torch.empty(split * n, dtype=torch.float32, device=device)
-                gemv(x, *head, partial, n, nested_blocksize, *constexprs)
-                total(partial, out, n, split, 1024)
+                gemv(address, *head, partial.data_ptr(), n, nested_blocksize, *constexprs)
+                total(partial.data_ptr(), out.data_ptr(), n, split, 1024)
             return out
 
         return fast if torch.equal(fast(x), expected) else False

@@ -137,3 +137,14 @@ def test_building_the_first_layer_under_a_meta_device_context():
     per process."""
     done = isolated.run([sys.executable, "-c", _META_FIRST], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-2000:]
+
+
+def test_gemv_setting_with_rows_the_kernel_does_not_take_is_refused_by_name():
+    """The gemv kernel takes 1, 2 or 4 rows per program (one accumulator each); a forced setting with another
+    count is an error that names the allowed counts, not a kernel compiled to compute the wrong rows."""
+    from lightning_nf4.kernels import triton_kernels as tk
+
+    assert tk._gemv_setting((4, 32, 2, 3, 1), 64) == (4, 32, 2, 3, 1)
+    assert tk._gemv_setting((2, 32, 2, 3, 4), 40) == (2, 2, 2, 3, 4)  # 40 blocks: 4 parts of 10, steps of 2
+    with pytest.raises(ValueError, match=r"rows per program must be one of \(1, 2, 4\), got 8"):
+        tk._gemv_setting((8, 16, 4, 3, 1), 64)

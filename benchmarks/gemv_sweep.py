@@ -9,12 +9,14 @@ own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first us
 
     python benchmarks/gemv_sweep.py                     # CUDA
     python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run
+    python benchmarks/gemv_sweep.py --variant two_steps # and a candidate kernel (gemv_kernel_two_steps.py) beside it
     TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import types
 
 import torch
@@ -34,21 +36,22 @@ SWEEP = tuple(dict.fromkeys([  # about 20 settings: each shape compiles each onc
 QUICK = tk.GEMV_CANDIDATES
 # --before: the kernel of commit 37018f5 with its best settings of the last H200 sweep, tagged "before"
 BEFORE = (("before", 4, 16, 4, 3, 1), ("before", 4, 16, 4, 4, 1), ("before", 4, 64, 8, 3, 1), ("before", 4, 16, 4, 3, 4))
+# --variant NAME: a candidate kernel from benchmarks/gemv_kernel_NAME.py (same parameters), at these settings
+VARIANT_SETTINGS = ((4, 32, 2, 3, 1), (4, 16, 1, 3, 1), (4, 32, 4, 3, 1), (2, 64, 4, 3, 1), (2, 32, 2, 3, 1), (1, 32, 2, 3, 1))
 
 
 def _nbytes(q: lightning_nf4.NF4Weight) -> int:
     return q.nbytes
 
 
-def _before_kernels():
-    import gemv_kernel_before  # this script's folder is on the path when it runs
-
-    return types.SimpleNamespace(gemv_kernel=gemv_kernel_before.gemv_kernel, gemv_split_sum_kernel=gemv_kernel_before.gemv_split_sum_kernel)
+def _tagged_kernels(tag: str):
+    module = importlib.import_module(f"gemv_kernel_{tag}")  # this script's folder is on the path when it runs
+    return types.SimpleNamespace(gemv_kernel=module.gemv_kernel, gemv_split_sum_kernel=module.gemv_split_sum_kernel)
 
 
 def _plan(setting, weight):
-    if setting[0] == "before":
-        return tk.GemvLaunch(_before_kernels(), *weight, setting[1:])
+    if isinstance(setting[0], str):
+        return tk.GemvLaunch(_tagged_kernels(setting[0]), *weight, setting[1:])
     return tk.gemv_plan(*weight, setting=setting)
 
 
@@ -97,17 +100,19 @@ def _label(s) -> str:
 def report(results: list[dict], sweep) -> list[str]:
     lines = ["settings: rows/blocks per step/warps/stages/split; GPU us per call from a CUDA graph, L2 cycled out",
              "", "| weight | MB read | dense us | copy us (same bytes) | package's choice | us | GB/s | % of copy | "
-             "sweep best | us | GB/s | % of copy | best / dense | before's best | us | % of copy | best / before |", "|" + "---|" * 17]
+             "sweep best | us | GB/s | % of copy | best / dense | before's best | us | % of copy | best / before | "
+             "variant's best | us | % of copy | variant / best |", "|" + "---|" * 21]
     for r in results:
         mb = r["bytes"] / 1e6
         row = [r["shape"], f"{mb:.1f}"]
         if "copy_us" not in r:
-            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 14) + " |")
+            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 18) + " |")
             continue
         copy = r["copy_us"]
         row += [f"{r['dense_us']:.1f}", f"{copy:.1f}"]
-        times = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] != "before"}
+        times = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and not isinstance(s[0], str)}
         before = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] == "before"}
+        variant = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and isinstance(s[0], str) and s[0] != "before"}
         choice = r.get("choice")
         c = None if choice is None else tuple(choice[k] for k in ("rows", "blocks_per_step", "num_warps", "num_stages", "split"))
         if c in times:
@@ -124,6 +129,12 @@ def report(results: list[dict], sweep) -> list[str]:
             b0 = min(before, key=before.get)
             row += [_label(b0[1:]), f"{before[b0]:.1f}", f"{100 * copy / before[b0]:.0f}%",
                     f"{times[b] / before[b0]:.2f}x" if times else "n/a"]
+        else:
+            row += [""] * 4
+        if variant:
+            v0 = min(variant, key=variant.get)
+            row += [_label(v0), f"{variant[v0]:.1f}", f"{100 * copy / variant[v0]:.0f}%",
+                    f"{variant[v0] / times[b]:.2f}x" if times else "n/a"]
         else:
             row += [""] * 4
         lines.append("| " + " | ".join(row) + " |")
@@ -146,10 +157,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the package's candidates")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--before", action="store_true", help="also the kernel of commit 37018f5 (benchmarks/gemv_kernel_before.py)")
+    parser.add_argument("--variant", default=None, help="also the kernel of benchmarks/gemv_kernel_VARIANT.py (e.g. two_steps)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in p.lower().split("x")) for p in args.shapes.split(","))
     sweep = (QUICK if args.quick else SWEEP) + (BEFORE if args.before else ())
+    if args.variant:
+        sweep += tuple((args.variant, *setting) for setting in VARIANT_SETTINGS)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter: checks only)"
     print(f"{name}; torch {torch.__version__}; gemv sweep, {len(sweep)} settings", flush=True)
     results = []

@@ -1,6 +1,7 @@
 """The GPU benchmarks run end to end on the CPU, so that the one GPU run that fills their tables does
 not stop on a bug in the scripts: ``kernels.py --dequant-shapes`` (its launch-setting sweep through Triton's
-interpreter), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
+interpreter), ``gemv_sweep.py`` (every gemv setting, the old kernel and a candidate kernel, checked against
+dequantize + matvec under the interpreter), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
 sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host_overhead.py``)."""
 
 import os
@@ -44,6 +45,19 @@ def test_kernels_dequant_shapes_sweeps_every_setting_under_the_interpreter():
         assert re.fullmatch(r"\d+/[48]", row[9]), row  # the sweep's best setting (outputs/warps)
     for row in detail:  # each setting ran and gave the reference's bits (a wrong output would read "wrong")
         assert len(row) == 10 and all(cell.endswith("%") for cell in row[2:]), row
+
+
+@pytest.mark.slow
+def test_gemv_sweep_checks_every_setting_and_both_other_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    out = _run(["benchmarks/gemv_sweep.py", "--device", "cpu", "--shapes", "8x4096,6x320", "--quick", "--before",
+                "--variant", "two_steps"], env={"TRITON_INTERPRET": "1"}, timeout=600)
+    detail = _rows(out.split("Sweep detail")[1], "setting")
+    labels = [row[0] for row in detail]
+    assert any(label.startswith("before/") for label in labels) and any(label.startswith("two_steps/") for label in labels)
+    for row in detail:  # every setting ran and matched the reference (else "wrong (...)"), or the variant said why not
+        for cell in row[1:]:
+            assert cell == "ok" or (row[0].startswith("two_steps/") and "needs an even number" in cell), row
 
 
 @pytest.mark.slow

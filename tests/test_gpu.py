@@ -95,6 +95,7 @@ def test_cuda_nf4linear_forward_backward_and_move():
     out.float().sum().backward()
     assert x.grad is not None and layer.weight.grad is None
     on_gpu = layer.dequantize().cpu()
+    assert layer.to(device) is layer and layer.cuda() is layer  # a move within the card returns the module itself
     back = layer.to("cpu")
     assert back.quant.absmax.device.type == "cpu" and torch.equal(back.dequantize(), on_gpu)
 

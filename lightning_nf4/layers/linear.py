@@ -374,14 +374,7 @@ class NF4Linear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "NF4Linear":
         super()._apply(fn, recurse)
         # Only devices move: absmax and the code tables stay fp32 whatever dtype cast ``fn`` carries.
-        weight = self._parameters.get("weight")
-        if weight is None:
-            weight = self.weight
-        quant = self._quant
-        if quant is not None and quant.packed is weight:  # the common case, cheaply (host time per 1-token call)
-            index = weight.get_device()  # -1 for CPU and meta alike: those take the full compare below
-            if index >= 0 and quant.absmax.get_device() == index:
-                return quant
+        weight = self.weight
         if isinstance(weight, NF4Tensor):
             self._quant = None
         elif self._quant.absmax.is_meta and not weight.is_meta:  # to_empty() of a meta-built layer: scales to fill

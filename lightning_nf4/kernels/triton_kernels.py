@@ -129,7 +129,7 @@ def dequantize_4bit(
         return out
     compiled = launch(setting)
     if fast is None and FAST_LAUNCH and device.type == "cuda" and not _capturing(device):
-        _dequantize_launchers[key] = _checked_dequantize_launch(kernels, compiled, grid(setting[0]), device, args, constexprs, out)
+        _dequantize_launchers[key] = _checked_dequantize_launch(kernels, compiled, grid(setting[0]), device, addresses, args, constexprs, out)
     return out
 
 
@@ -139,8 +139,8 @@ DEQUANTIZE_PARAMETERS = ("packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_
                          "numel", "blocksize", "nested_blocksize", "NESTED", "HALF", "OUTPUTS", "SHUFFLE", "EVEN")
 
 
-def _checked_dequantize_launch(kernels, compiled, grid: tuple[int, ...], device: torch.device, args: tuple, constexprs: tuple,
-                               expected: Tensor) -> Any:
+def _checked_dequantize_launch(kernels, compiled, grid: tuple[int, ...], device: torch.device, addresses: tuple, args: tuple,
+                               constexprs: tuple, expected: Tensor) -> Any:
     """The compiled kernel's direct launcher, if it gives Triton's launch's result bit for bit; False otherwise."""
     try:
         if tuple(kernels.dequantize_kernel.arg_names) != DEQUANTIZE_PARAMETERS:
@@ -149,7 +149,7 @@ def _checked_dequantize_launch(kernels, compiled, grid: tuple[int, ...], device:
         if launch is None:
             return False
         again = torch.empty_like(expected)
-        launch(*(t.data_ptr() for t in args[:6]), again.data_ptr(), *args[7:], *constexprs)  # as dequantize_4bit calls it
+        launch(*addresses[:6], again.data_ptr(), *args[7:], *constexprs)  # as dequantize_4bit calls it
         return launch if torch.equal(again, expected) else False
     except Exception:  # noqa: BLE001 - Triton's own launch stays
         return False

@@ -10,6 +10,7 @@ own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first us
     python benchmarks/gemv_sweep.py                     # CUDA
     python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run
     python benchmarks/gemv_sweep.py --variant two_steps # and a candidate kernel (gemv_kernel_two_steps.py) beside it
+    python benchmarks/gemv_sweep.py --variant chain,probe_loads   # several; a probe_* kernel is timed, not checked
     TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
 """
 
@@ -84,7 +85,8 @@ def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
             plans = [_plan(setting, args(q)) for q in qs]
             got = plans[0].triton_launch(x).float()
             err = (got - ref).abs().max().item() / max(scale, 1e-30)
-            if not err <= 1e-2:  # bf16 output of an fp32 sum: well inside 1e-2 of the largest output
+            probe = isinstance(setting[0], str) and setting[0].startswith("probe_")  # times a part; no gemv result
+            if not err <= 1e-2 and not probe:  # bf16 output of an fp32 sum: well inside 1e-2 of the largest output
                 result["sweep"][setting] = f"wrong ({err:.1e})"
                 continue
             result["sweep"][setting] = graph_us([lambda p=p: p.triton_launch(x) for p in plans], calls, replays=3) if timed else "ok"
@@ -100,19 +102,21 @@ def _label(s) -> str:
 def report(results: list[dict], sweep) -> list[str]:
     lines = ["settings: rows/blocks per step/warps/stages/split; GPU us per call from a CUDA graph, L2 cycled out",
              "", "| weight | MB read | dense us | copy us (same bytes) | package's choice | us | GB/s | % of copy | "
-             "sweep best | us | GB/s | % of copy | best / dense | before's best | us | % of copy | best / before | "
-             "variant's best | us | % of copy | variant / best |", "|" + "---|" * 21]
+             "sweep best | us | GB/s | % of copy | best / dense | before's best | us | % of copy | best / before |",
+             "|" + "---|" * 17]
+    variants = ["", "Variants (benchmarks/gemv_kernel_NAME.py; a probe_* kernel computes no gemv: it times a part of one):",
+                "", "| weight | variant | best setting | us | % of copy | variant / package's sweep best |", "|---|---|---|---|---|---|"]
     for r in results:
         mb = r["bytes"] / 1e6
         row = [r["shape"], f"{mb:.1f}"]
         if "copy_us" not in r:
-            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 18) + " |")
+            lines.append("| " + " | ".join(row + ["n/a (no GPU: checked only)"] + [""] * 14) + " |")
             continue
         copy = r["copy_us"]
         row += [f"{r['dense_us']:.1f}", f"{copy:.1f}"]
         times = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and not isinstance(s[0], str)}
         before = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] == "before"}
-        variant = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and isinstance(s[0], str) and s[0] != "before"}
+        tags = dict.fromkeys(s[0] for s in r["sweep"] if isinstance(s[0], str) and s[0] != "before")
         choice = r.get("choice")
         c = None if choice is None else tuple(choice[k] for k in ("rows", "blocks_per_step", "num_warps", "num_stages", "split"))
         if c in times:
@@ -131,13 +135,17 @@ def report(results: list[dict], sweep) -> list[str]:
                     f"{times[b] / before[b0]:.2f}x" if times else "n/a"]
         else:
             row += [""] * 4
-        if variant:
-            v0 = min(variant, key=variant.get)
-            row += [_label(v0), f"{variant[v0]:.1f}", f"{100 * copy / variant[v0]:.0f}%",
-                    f"{variant[v0] / times[b]:.2f}x" if times else "n/a"]
-        else:
-            row += [""] * 4
         lines.append("| " + " | ".join(row) + " |")
+        for tag in tags:
+            mine = {s: v for s, v in r["sweep"].items() if isinstance(v, float) and s[0] == tag}
+            if mine:
+                v0 = min(mine, key=mine.get)
+                variants.append(f"| {r['shape']} | {tag} | {_label(v0[1:])} | {mine[v0]:.1f} | {100 * copy / mine[v0]:.0f}% | "
+                                + (f"{mine[v0] / times[b]:.2f}x |" if times else "n/a |"))
+            else:
+                variants.append(f"| {r['shape']} | {tag} | none ran | | | |")
+    if len(variants) > 5:
+        lines += variants
     lines += ["", "Sweep detail, % of copy (or why not):", ""]
     lines.append("| setting | " + " | ".join(r["shape"] for r in results) + " |")
     lines.append("|" + "---|" * (len(results) + 1))
@@ -157,13 +165,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the package's candidates")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--before", action="store_true", help="also the kernel of commit 37018f5 (benchmarks/gemv_kernel_before.py)")
-    parser.add_argument("--variant", default=None, help="also the kernel of benchmarks/gemv_kernel_VARIANT.py (e.g. two_steps)")
+    parser.add_argument("--variant", default=None,
+                        help="also the kernels of benchmarks/gemv_kernel_NAME.py, NAME[,NAME...] (e.g. two_steps,chain)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in p.lower().split("x")) for p in args.shapes.split(","))
     sweep = (QUICK if args.quick else SWEEP) + (BEFORE if args.before else ())
     if args.variant:
-        sweep += tuple((args.variant, *setting) for setting in VARIANT_SETTINGS)
+        sweep += tuple((tag, *setting) for tag in args.variant.split(",") for setting in VARIANT_SETTINGS)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter: checks only)"
     print(f"{name}; torch {torch.__version__}; gemv sweep, {len(sweep)} settings", flush=True)
     results = []

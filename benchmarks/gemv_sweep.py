@@ -9,8 +9,8 @@ own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first us
 
     python benchmarks/gemv_sweep.py                     # CUDA
     python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run
-    python benchmarks/gemv_sweep.py --variant two_steps # and a candidate kernel (gemv_kernel_two_steps.py) beside it
-    python benchmarks/gemv_sweep.py --variant chain,probe_loads   # several; a probe_* kernel is timed, not checked
+    python benchmarks/gemv_sweep.py --variant probe_loads,probe_noshuffle  # kernels of gemv_kernel_NAME.py beside it;
+                                                                           # a probe_* kernel is timed, not checked
     TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
 """
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--before", action="store_true", help="also the kernel of commit 37018f5 (benchmarks/gemv_kernel_before.py)")
     parser.add_argument("--variant", default=None,
-                        help="also the kernels of benchmarks/gemv_kernel_NAME.py, NAME[,NAME...] (e.g. two_steps,chain)")
+                        help="also the kernels of benchmarks/gemv_kernel_NAME.py, NAME[,NAME...] (e.g. probe_loads)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = SHAPES if not args.shapes else tuple(tuple(int(v) for v in p.lower().split("x")) for p in args.shapes.split(","))

@@ -1,7 +1,7 @@
 """The GPU benchmarks run end to end on the CPU, so that the one GPU run that fills their tables does
 not stop on a bug in the scripts: ``kernels.py --dequant-shapes`` (its launch-setting sweep through Triton's
-interpreter), ``gemv_sweep.py`` (every gemv setting, the old kernel and a candidate kernel, checked against
-dequantize + matvec under the interpreter), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
+interpreter), ``gemv_sweep.py`` (every gemv setting and the old kernel checked against dequantize + matvec under the
+interpreter, a probe kernel run), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
 sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host_overhead.py``)."""
 
 import os
@@ -48,16 +48,22 @@ def test_kernels_dequant_shapes_sweeps_every_setting_under_the_interpreter():
 
 
 @pytest.mark.slow
-def test_gemv_sweep_checks_every_setting_and_both_other_kernels_under_the_interpreter():
+def test_gemv_sweep_checks_every_setting_and_the_other_kernels_under_the_interpreter(tmp_path):
+    """Every setting of the package's and the old kernel matches dequantize + matvec; a probe_* kernel runs unchecked;
+    a variant that is not a probe and gives wrong numbers (the probe under another name) is reported wrong."""
     pytest.importorskip("triton")
+    (tmp_path / "gemv_kernel_unchecked.py").write_text((ROOT / "benchmarks" / "gemv_kernel_probe_loads.py").read_text())
     out = _run(["benchmarks/gemv_sweep.py", "--device", "cpu", "--shapes", "8x4096,6x320", "--quick", "--before",
-                "--variant", "two_steps"], env={"TRITON_INTERPRET": "1"}, timeout=600)
-    detail = _rows(out.split("Sweep detail")[1], "setting")
-    labels = [row[0] for row in detail]
-    assert any(label.startswith("before/") for label in labels) and any(label.startswith("two_steps/") for label in labels)
-    for row in detail:  # every setting ran and matched the reference (else "wrong (...)"), or the variant said why not
-        for cell in row[1:]:
-            assert cell == "ok" or (row[0].startswith("two_steps/") and "needs an even number" in cell), row
+                "--variant", "probe_loads,unchecked"],
+               env={"TRITON_INTERPRET": "1", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+               timeout=600)
+    detail = {row[0]: row[1:] for row in _rows(out.split("Sweep detail")[1], "setting")}
+    assert any(label.startswith("before/") for label in detail) and any(label.startswith("probe_loads/") for label in detail)
+    for label, cells in detail.items():
+        if label.startswith("unchecked/"):
+            assert all(cell.startswith("wrong (") for cell in cells), (label, cells)
+        else:  # ran and matched the reference (else "wrong (...)"); a probe ran
+            assert all(cell == "ok" for cell in cells), (label, cells)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ per loop step, warps, pipeline stages, split-K parts) is checked against dequant
 time per call from a CUDA graph that cycles through enough copies of the weight that L2 holds none (256 MiB of
 codes). Each time is given as GB/s of the weight's bytes (codes and scales) and as % of a device copy moving the
 same bytes (half read, half written), timed the same way; dense is ``F.linear`` on the bf16 weight. The package's
-own choice (``triton_kernels._choose_gemv``, timed with ``do_bench`` on first use) is shown beside the best.
+own choice (``triton_kernels._choose_gemv``, timed on first use) is shown beside the best.
 
     python benchmarks/gemv_sweep.py                     # CUDA
     python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run

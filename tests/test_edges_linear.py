@@ -148,3 +148,16 @@ def test_gemv_setting_with_rows_the_kernel_does_not_take_is_refused_by_name():
     assert tk._gemv_setting((2, 32, 2, 3, 4), 40) == (2, 2, 2, 3, 4)  # 40 blocks: 4 parts of 10, steps of 2
     with pytest.raises(ValueError, match=r"rows per program must be one of \(1, 2, 4\), got 8"):
         tk._gemv_setting((8, 16, 4, 3, 1), 64)
+
+
+def test_gemv_first_use_timing_reads_more_than_l2_holds():
+    """The first-use timing cycles through copies of the weight that together outgrow any card's L2 (a decode step
+    reads each weight cold), 2 to 64 of them: an 8B q projection (8.7 MB) gets 16, an 8192x8192 weight 4."""
+    from lightning_nf4.kernels import triton_kernels as tk
+
+    assert tk.GEMV_TIMING_BYTES >= 100 << 20  # H100 and H200: 50 MB of L2
+    for nbytes in (2_200_000, 8_700_000, 34_600_000, 10, 1 << 30):
+        copies = tk.gemv_timing_copies(nbytes)
+        assert 2 <= copies <= 64
+        assert copies * nbytes >= tk.GEMV_TIMING_BYTES or copies == 64
+    assert tk.gemv_timing_copies(8_700_000) == 16 and tk.gemv_timing_copies(34_600_000) == 4

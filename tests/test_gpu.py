@@ -212,6 +212,37 @@ def test_cuda_prepared_gemv_direct_launch_and_every_candidate():
         torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{setting}: {m}")
 
 
+def test_cuda_gemv_first_use_timing_picks_a_candidate_and_frees_its_copies():
+    """The first 1-token call of a shape times the candidates over L2-cold copies of the weight: it records one of
+    them, leaves no copy allocated, and under CUDA graph capture (where nothing may be timed) it times nothing."""
+    from lightning_nf4.format import quantize_nf4
+    from lightning_nf4.kernels import triton_kernels as tk
+
+    device = cuda_or_skip()
+    if tk.GEMV_CONFIG is not None:
+        pytest.skip("GEMV_CONFIG forces a setting")
+    n, k = 640, 2048  # a shape no other test uses: its choice is made here
+    q = quantize_nf4(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, 64, True)
+    x = torch.randn(k, device=device, dtype=torch.bfloat16)
+    key = tk._gemv_key(q.packed.device, n, k, True, torch.bfloat16, 64)  # cuda:N, as the op keys it
+    tk._gemv_choice.pop(key, None)
+    tk.gemv_plan(q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.bfloat16, setting=tk.GEMV_CANDIDATES[0])(x)  # compiled
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            tk.gemv_4bit(x, q.packed, q.absmax, q.code, 64, n, k, *q.nested_args())
+    assert key not in tk._gemv_choice, "a setting was timed while a CUDA graph was captured"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    out = tk.gemv_4bit(x, q.packed, q.absmax, q.code, 64, n, k, *q.nested_args())
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(device) - before <= out.nbytes + (1 << 20), "the timing's weight copies outlived it"
+    fitted = {tk._gemv_setting(c, k // 64) for c in tk.GEMV_CANDIDATES}
+    assert tk._gemv_choice[key] in fitted
+    torch.testing.assert_close(out.float(), q.dequantize(torch.float32) @ x.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_cuda_gemv_of_codes_at_an_unaligned_address(double_quant):
     """Codes at an address that is not 16-byte aligned (a view into a larger buffer): Triton specialises the gemv

@@ -3,6 +3,7 @@ output allocation, launch settings and grids. The kernels themselves are in ``tr
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -513,8 +514,9 @@ def gemv_plan(
 
 
 def _choose_gemv(kernels, weight: tuple) -> tuple[int, int, int, int, int]:
-    """The fastest of GEMV_CANDIDATES for this weight's shape, timed once per card; the first one while a CUDA
-    graph is captured or off CUDA (the interpreter). ``weight``: GemvLaunch's arguments after ``kernels``."""
+    """The fastest of GEMV_CANDIDATES for this weight's shape, timed once per card (``_time_gemv_settings``); the
+    first one while a CUDA graph is captured or off CUDA (the interpreter). ``weight``: GemvLaunch's arguments
+    after ``kernels``."""
     if GEMV_CONFIG is not None:
         c = GEMV_CONFIG
         return c["rows"], c["blocks_per_step"], c["num_warps"], c.get("num_stages", 3), c.get("split", 1)
@@ -525,20 +527,68 @@ def _choose_gemv(kernels, weight: tuple) -> tuple[int, int, int, int, int]:
     if choice is None:
         if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             return GEMV_CANDIDATES[0]
-        from triton.testing import do_bench
-
-        x = torch.randn(in_features, device=device).to(dtype)
-        times, failed = {}, None
-        for c in dict.fromkeys(_gemv_setting(c, in_features // blocksize) for c in GEMV_CANDIDATES):
-            plan = GemvLaunch(kernels, *weight, c)
-            try:
-                times[c] = do_bench(lambda plan=plan: plan.triton_launch(x), warmup=5, rep=20, return_mode="median")
-            except Exception as err:  # noqa: BLE001 - a setting this card cannot run (e.g. out of resources) is not chosen
-                failed = err
+        settings = list(dict.fromkeys(_gemv_setting(c, in_features // blocksize) for c in GEMV_CANDIDATES))
+        times, failed = _time_gemv_settings(kernels, weight, settings)
         if not times:
             raise RuntimeError(f"gemv_4bit: no launch setting ran on {device} for {out_features}x{in_features}") from failed
         choice = _gemv_choice[key] = min(times, key=times.get)
     return choice
+
+
+GEMV_TIMING_BYTES = 128 << 20  # weight copies the timing cycles through: more than any card's L2, as decoding sees
+GEMV_TIMING_ROUNDS = 5
+
+
+def gemv_timing_copies(weight_bytes: int, budget: int = GEMV_TIMING_BYTES) -> int:
+    """How many copies of a weight the first-use timing reads in turn: enough that L2 holds none when it is read
+    again (each layer's weight is read once a token), 2 to 64."""
+    return min(64, max(2, -(-budget // max(weight_bytes, 1))))
+
+
+def _time_gemv_settings(kernels, weight: tuple, settings: list) -> tuple[dict, Optional[BaseException]]:
+    """GPU microseconds per call of each setting, as a decode step sees them: each timed batch launches over copies of
+    the weight's codes and scales (L2 cold), queued behind a GPU sleep so that the host's launch cost stays out of the
+    time, settings interleaved over GEMV_TIMING_ROUNDS rounds, median per setting. A single ``do_bench`` launch per
+    rep picked settings 1.4x slower than the best at small shapes (benchmarks/results_h200_gemv_rows.md)."""
+    packed, absmax, nested_absmax = weight[0], weight[1], weight[6]
+    device, dtype, in_features = packed.device, weight[10], weight[5]
+    nbytes = packed.nbytes + absmax.nbytes + (0 if nested_absmax is None else nested_absmax.nbytes)
+    x = torch.randn(in_features, device=device).to(dtype)
+    try:
+        copies = [weight] + [(packed.clone(), absmax.clone(), *weight[2:6], None if nested_absmax is None else nested_absmax.clone(),
+                              *weight[7:]) for _ in range(gemv_timing_copies(nbytes) - 1)]
+    except torch.cuda.OutOfMemoryError:
+        copies = [weight]  # no room: the times are L2-warm, the ranking still holds at large shapes
+    plans, failed = {}, None
+    for setting in settings:
+        try:
+            plans[setting] = [GemvLaunch(kernels, *c, setting) for c in copies]
+            for plan in plans[setting][:2]:  # compiles: the weight's own alignment, then the copies' (one for all)
+                plan.triton_launch(x)
+        except Exception as err:  # noqa: BLE001 - a setting this card cannot run (e.g. out of resources) is not chosen
+            plans.pop(setting, None)
+            failed = err
+    launches = max(8, len(copies))
+    samples: dict = {setting: [] for setting in plans}
+    host_s = 1e-3  # the host's time to queue one batch, measured on each: the sleep in front lasts about 4x that
+    stream = torch.cuda.current_stream(device)
+    for _ in range(GEMV_TIMING_ROUNDS):
+        for setting, ps in plans.items():
+            for _attempt in range(4):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(int(min(1 << 32, max(1 << 20, 8e9 * host_s))))  # cycles: 4x host_s at 2 GHz
+                began = time.perf_counter()
+                start.record(stream)
+                for i in range(launches):
+                    ps[i % len(ps)].triton_launch(x)
+                end.record(stream)
+                host_s = time.perf_counter() - began
+                starved = start.query()  # the GPU reached the launches before the host had queued them all
+                end.synchronize()
+                if not starved:
+                    break
+            samples[setting].append(start.elapsed_time(end) * 1e3 / launches)
+    return {s: sorted(v)[len(v) // 2] for s, v in samples.items()}, failed
 
 
 def gemv_4bit(

@@ -9,8 +9,8 @@ own choice (``triton_kernels._choose_gemv``, timed on first use) is shown beside
 
     python benchmarks/gemv_sweep.py                     # CUDA
     python benchmarks/gemv_sweep.py --before            # and the kernel of commit 37018f5 beside it, same run
-    python benchmarks/gemv_sweep.py --variant probe_loads,probe_noshuffle  # kernels of gemv_kernel_NAME.py beside it;
-                                                                           # a probe_* kernel is timed, not checked
+    python benchmarks/gemv_sweep.py --variant probe_loads  # kernels of gemv_kernel_NAME.py beside it (NAME[,NAME...]);
+                                                          # a probe_* kernel is timed, not checked
     TRITON_INTERPRET=1 python benchmarks/gemv_sweep.py --device cpu --shapes 64x256 --quick   # plumbing check only
 """
 

@@ -4,8 +4,8 @@
 #   2. generate.py: greedy decode at Llama-3-8B shape, eager and the compiled step in a loop (CUDA graphs), bf16 vs
 #      lightning-nf4 (bitsandbytes beside when installed), 5 repeats interleaved;
 #   3. gemv_sweep.py: the gemv kernel's launch settings at the 8B shapes and 8192x8192, % of copy bandwidth.
-#      (--before: the kernel of commit 37018f5 beside it; --variant probe_loads,probe_noshuffle: the loads alone and
-#      the kernel without its lookups, the two bounds of results_h200_gemv_probes.md)
+#      (--before: the kernel of commit 37018f5 beside it; --variant probe_loads: the loads alone, the memory floor of
+#      results_h200_gemv_probes.md)
 # Results go to ${OUT:-.}: one_token.txt, generate.md (+ .err), gemv_sweep.md (+ .err).
 set -uo pipefail
 out="${OUT:-.}"
@@ -21,6 +21,6 @@ timeout 250 python3 benchmarks/generate.py --device cuda --preset llama3-8b --co
 cat "$out/generate.md"; grep -E "Error|error" "$out/generate.err" | tail -5
 echo "(generate: $((SECONDS - start)) s)"
 left=$(( 460 - (SECONDS - start) )); [ "$left" -lt 30 ] && left=30
-timeout "$left" python3 benchmarks/gemv_sweep.py --before --variant probe_loads,probe_noshuffle > "$out/gemv_sweep.md" 2> "$out/gemv_sweep.err"
+timeout "$left" python3 benchmarks/gemv_sweep.py --before --variant probe_loads > "$out/gemv_sweep.md" 2> "$out/gemv_sweep.err"
 cat "$out/gemv_sweep.md"; tail -3 "$out/gemv_sweep.err"
 echo "(whole script: $((SECONDS - start)) s)"

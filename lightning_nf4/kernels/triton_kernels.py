@@ -558,7 +558,7 @@ def _time_gemv_settings(kernels, weight: tuple, settings: list) -> tuple[dict, O
         copies = [weight] + [(packed.clone(), absmax.clone(), *weight[2:6], None if nested_absmax is None else nested_absmax.clone(),
                               *weight[7:]) for _ in range(gemv_timing_copies(nbytes) - 1)]
     except torch.cuda.OutOfMemoryError:
-        copies = [weight]  # no room: the times are L2-warm, the ranking still holds at large shapes
+        copies = [weight]  # no room for copies: L2-warm times, a weaker guide for weights that fit in L2
     plans, failed = {}, None
     for setting in settings:
         try:

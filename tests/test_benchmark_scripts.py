@@ -122,3 +122,31 @@ def test_fsdp_scaling_lanes_of_different_sizes_get_disjoint_gpus():
     assert lane_first_gpus(["70b:nf4_fsdp:2", "70b:nf4_fsdp:1"]) == [0, 2]
     assert lane_first_gpus(["8b:ddp:2", "8b:nf4_fsdp:2"]) == [0, 2]
     assert lane_first_gpus(["70b:nf4_fsdp:1", "70b:nf4_fsdp:2"]) == [0, 1]
+
+
+def test_mma_research_kernel_and_its_probes_build_for_hopper(tmp_path):
+    """``gemv_mma.py`` compiles ``gemv_kernel_mma.cu`` on the GPU (NVRTC): here nvcc builds it for sm_90 at each 8B
+    row length, with and without double quantization, and each probe's text substitution applies exactly once."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gemv_mma
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    source = gemv_mma.SOURCE.read_text()
+    builds = [(source, blocks, nested, gemv_mma.MMA_SETTINGS[0]) for blocks in (64, 128, 224) for nested in (1, 0)]
+    for old, new in gemv_mma.PROBES.values():
+        assert source.count(old) == 1, old
+        builds.append((source.replace(old, new), 128, 1, gemv_mma.PROBE_SETTINGS[0]))
+    for i, (text, blocks, nested, (warps, ring, ctas)) in enumerate(builds):
+        cu = tmp_path / f"k{i}.cu"
+        cu.write_text(text)
+        done = subprocess.run([nvcc, "-arch=sm_90", "-cubin", "-o", str(tmp_path / f"k{i}.cubin"), str(cu), f"-DBLOCKS={blocks}",
+                               f"-DWARPS={warps}", f"-DRING={ring}", f"-DCTAS={ctas}", f"-DNESTED={nested}", "-DNESTED_SHIFT=8"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

@@ -2,7 +2,8 @@
 not stop on a bug in the scripts: ``kernels.py --dequant-shapes`` (its launch-setting sweep through Triton's
 interpreter), ``gemv_sweep.py`` (every gemv setting and the old kernel checked against dequantize + matvec under the
 interpreter, a probe kernel run), ``generate.py --compiled`` (eager, compiled and loop decoding of a tiny random Llama), and the
-sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host_overhead.py``)."""
+sharded step's phase reports (``fsdp_scaling.py`` on two gloo ranks, ``fsdp_host_overhead.py``), and the research
+tensor-core kernel of ``gemv_mma.py`` with its probes, built for sm_90 by nvcc where there is one."""
 
 import os
 import re

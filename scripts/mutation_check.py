@@ -51,7 +51,7 @@ MUTATIONS: list[Mutation] = [
         "fallback-offset",
         "the plain-PyTorch fallback's nested-scale decode drops `+ offset` (CPU kernels enabled)",
         "lightning_nf4/kernels/reference.py",
-        (("    return code[q.reshape(-1).long()] * scale + offset\n", "    return code[q.reshape(-1).long()] * scale\n"),),
+        (("    return product + offset\n", "    return product\n"),),
         ("tests/test_format.py", "tests/test_linear.py", "tests/test_group.py", "tests/test_lora.py", "tests/test_cpu_paths.py"),
         issue_table=True,
     ),
@@ -92,7 +92,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "loader-nested-1.03",
         "the loader scales `nested_absmax` by 1.03",
-        "lightning_nf4/loading/auto.py",
+        "lightning_nf4/loading/keys.py",
         ((_LOAD_PARTS, _LOAD_PARTS.replace("v.to(device)", '(v * 1.03 if k == "nested_absmax" else v).to(device)')),),
         ("tests/test_loading.py::test_prequantized_bitsandbytes_checkpoint_loads_bit_exactly",),
         issue_table=True,
@@ -100,7 +100,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "loader-nested-1.10",
         "the loader scales `nested_absmax` by 1.10",
-        "lightning_nf4/loading/auto.py",
+        "lightning_nf4/loading/keys.py",
         ((_LOAD_PARTS, _LOAD_PARTS.replace("v.to(device)", '(v * 1.10 if k == "nested_absmax" else v).to(device)')),),
         ("tests/test_loading.py::test_prequantized_bitsandbytes_checkpoint_loads_bit_exactly",),
         issue_table=True,

@@ -205,6 +205,21 @@ MUTATIONS: list[Mutation] = [
         (("from lightning_nf4.layers import NF4Linear\n", "from lightning_nf4.layers import NF4Linear\nimport bitsandbytes  # noqa: E402,F401\n"),),
         ("tests/test_claims.py::test_runs_without_bitsandbytes",),
     ),
+    Mutation(
+        "gemv-row-unclamped",
+        "the Triton gemv's rows past N (a partial last program) are read unclamped, past the weight's end",
+        "lightning_nf4/kernels/triton_jit.py",
+        (("        r1, r2, r3 = tl.minimum(r1, N - 1), tl.minimum(r2, N - 1), tl.minimum(r3, N - 1)\n", "        pass\n"),),
+        ("tests/test_triton_interpreter.py::test_triton_kernels_read_nothing_past_their_tensors",),
+    ),
+    Mutation(
+        "dequant-tail-unmasked",
+        "the Triton dequantize loads its last program's codes without the tail mask",
+        "lightning_nf4/kernels/triton_jit.py",
+        (("        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0)\n",
+          "        byte = tl.load(packed_ptr + byte_idx)\n"),),
+        ("tests/test_triton_interpreter.py::test_triton_kernels_read_nothing_past_their_tensors",),
+    ),
 ]
 
 

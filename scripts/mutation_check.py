@@ -143,6 +143,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_format.py", "tests/test_cpu_paths.py"),
     ),
     Mutation(
+        "avx512-tail-overread",
+        "the AVX-512 dequantize runs its 16-byte loop into a partial last block (reads past the codes' end)",
+        "lightning_nf4/kernels/_cpu_kernels.c",
+        (("        for (; j + 16 <= pairs; j += 16) {\n", "        for (; j < pairs; j += 16) {\n"),),
+        ("tests/test_cpu_paths.py::test_c_kernels_read_nothing_past_their_tensors",),
+    ),
+    Mutation(
         "full-checkpoint-ignored",
         "`LoRACallback(full_checkpoint=True)` still writes adapter-only checkpoints",
         "lightning_nf4/callbacks/lora.py",

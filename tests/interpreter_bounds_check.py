@@ -4,38 +4,11 @@ read (``mprotect``), so a read past the end kills this process (SIGSEGV) instead
 The shapes leave a partial last program: the gemv's rows past N (clamped to the last row) and the dequantize's
 masked tail."""
 
-import ctypes
-import mmap
-
 import torch
 
 import lightning_nf4 as L
 from lightning_nf4.kernels import triton_kernels as tk
-
-PAGE = mmap.PAGESIZE
-_libc = ctypes.CDLL(None)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_held = []  # the mappings outlive the tensors viewing them
-
-
-def at_page_end(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` whose last byte is the last readable one: the next page is mapped unreadable."""
-    nbytes = t.numel() * t.element_size()
-    pages = -(-nbytes // PAGE) + 1
-    region = mmap.mmap(-1, (pages + 1) * PAGE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    assert _libc.mprotect(base + pages * PAGE, PAGE, 0) == 0, "mprotect failed"
-    _held.append(region)
-    view = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=pages * PAGE - nbytes)
-    view.copy_(t.reshape(-1).view(torch.uint8))
-    return view.view(t.dtype).view(t.shape)
-
-
-def guarded(q):
-    nested_absmax, nested_code, offset, nested_blocksize = q.nested_args()
-    return (at_page_end(q.packed), at_page_end(q.absmax), at_page_end(q.code),
-            None if nested_absmax is None else at_page_end(nested_absmax), nested_code, offset, nested_blocksize)
-
+from tests.guarded import at_page_end, guarded
 
 torch.manual_seed(0)
 tk.DEQUANT_CONFIG = {"outputs": 256, "num_warps": 4}  # no timing: triton.testing needs a GPU

@@ -3,6 +3,9 @@ subprocesses): a kernel that reads past a tensor's end then dies of SIGSEGV inst
 
 import ctypes
 import mmap
+import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -32,3 +35,18 @@ def guarded(q) -> tuple:
     return (at_page_end(q.packed), at_page_end(q.absmax), at_page_end(q.code),
             None if nested_absmax is None else at_page_end(nested_absmax),
             None if nested_code is None else at_page_end(nested_code), offset, nested_blocksize)
+
+
+def run_bounds_check(script: str, done_line: str, **env: str) -> None:
+    """Run ``tests/<script>`` in a subprocess (with ``env`` added) and assert it finished and printed ``done_line``;
+    a death by signal is reported as what it means here: a read past a tensor's end hit the unreadable page."""
+    from tests import isolated
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, **env, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    done = isolated.run([sys.executable, str(root / "tests" / script)], env=env, cwd=root, capture_output=True, text=True,
+                        timeout=300)
+    assert done.returncode == 0, (
+        f"exit status {done.returncode}" + (" (killed by a signal: a read past a tensor's end hit the unreadable page)"
+                                            if done.returncode < 0 else "") + f"\n{done.stderr[-3000:]}")
+    assert done_line in done.stdout

@@ -3,9 +3,6 @@ and their portable C, on one thread and on two (a tensor past the threading thre
 fallback that serves when the C library was not built, double quantization included."""
 
 import logging
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +11,8 @@ from torch import nn
 import lightning_nf4 as L
 from lightning_nf4 import NF4Linear
 from lightning_nf4.kernels import cpu, ops
-from tests import isolated
 from tests.cpu_paths import CPU_PATHS, assert_gemv_within_rounding, cpu_path, two_threads
+from tests.guarded import run_bounds_check
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 try:
@@ -130,11 +127,4 @@ def test_c_kernels_read_nothing_past_their_tensors():
     """Dequantize (every output dtype), quantize and the gemv with each tensor they read ending just before an
     unreadable page, AVX-512 and portable paths, partial last blocks and a half byte at the end: a read past a
     tensor's end kills the subprocess (``tests/cpu_bounds_check.py``) instead of passing."""
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    done = isolated.run([sys.executable, str(root / "tests" / "cpu_bounds_check.py")], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (
-        f"exit status {done.returncode}" + (" (killed by a signal: a read past a tensor's end hit the unreadable page)"
-                                            if done.returncode < 0 else "") + f"\n{done.stderr[-3000:]}")
-    assert "C kernels read within their tensors" in done.stdout
+    run_bounds_check("cpu_bounds_check.py", "C kernels read within their tensors")

@@ -22,11 +22,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-import torch.nn.functional as F
 
-import lightning_nf4
 from lightning_nf4.kernels import triton_kernels as tk
-from one_token import graph_us  # this script's folder is on the path when it runs
+from gemv_sweep import dense_and_copy_us, nf4_weights  # this script's folder is on the path when it runs
+from one_token import graph_us
 
 SOURCE = Path(__file__).with_name("gemv_kernel_mma.cu")
 LUT_BYTES = 65536
@@ -115,23 +114,13 @@ def _probe_kernel(name: str, blocks: int, warps: int, ring: int, ctas: int):
 
 def measure(n: int, k: int, calls: int, nested: bool = True, probes: bool = False) -> dict:
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-    q0 = lightning_nf4.quantize_nf4(w, 64, nested)
-    copies = max(1, -(-(256 << 20) // q0.nbytes))
-    qs = [q0] + [lightning_nf4.quantize_nf4(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, 64, nested)
-                 for _ in range(copies - 1)]
+    w, qs = nf4_weights(n, k, device, nested)
+    q0 = qs[0]
     x = torch.randn(k, device=device, dtype=torch.bfloat16)
     ref = q0.dequantize(torch.float32) @ x.float()
     scale = ref.abs().max().item()
     row = {"shape": f"{n}x{k}", "nested": nested, "mma": {}}
-    dense = [w] + [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, -(-(256 << 20) // (2 * n * k))) - 1)]
-    row["dense_us"] = graph_us([lambda d=d: F.linear(x, d) for d in dense], calls, replays=3)
-    del dense
-    src = torch.empty(q0.nbytes // 2, dtype=torch.uint8, device=device)
-    dst = [torch.empty_like(src) for _ in range(max(1, -(-(512 << 20) // q0.nbytes)))]
-    row["copy_us"] = graph_us([lambda d=d: d.copy_(src) for d in dst], calls, replays=3)
-    del dst
+    row["dense_us"], row["copy_us"] = dense_and_copy_us(w, x, q0.nbytes, calls)
     plans = [tk.gemv_plan(q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.bfloat16) for q in qs]
     got = plans[0].triton_launch(x).float()
     row["triton_err"] = (got - ref).abs().max().item() / scale

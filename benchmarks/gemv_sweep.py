@@ -56,14 +56,33 @@ def _plan(setting, weight):
     return tk.gemv_plan(*weight, setting=setting)
 
 
-def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
+def nf4_weights(n: int, k: int, device: torch.device, double_quant: bool = True) -> tuple[torch.Tensor, list]:
+    """A random bf16 ``[n, k]`` weight (seed 0) and its NF4 form, followed on CUDA by other NF4 weights of that shape,
+    enough that cycling through them reads 256 MiB: L2 holds none when one is read again, as in decoding."""
     torch.manual_seed(0)
     w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-    q0 = lightning_nf4.quantize_nf4(w, 64, True)
+    q0 = lightning_nf4.quantize_nf4(w, 64, double_quant)
+    copies = max(1, -(-(256 << 20) // q0.nbytes)) if device.type == "cuda" else 1
+    return w, [q0] + [lightning_nf4.quantize_nf4(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, 64, double_quant)
+                      for _ in range(copies - 1)]
+
+
+def dense_and_copy_us(w: torch.Tensor, x: torch.Tensor, nbytes: int, calls: int) -> tuple[float, float]:
+    """GPU us per call, replayed from a CUDA graph with L2 cycled out, of ``F.linear(x, w)`` (over copies of ``w``)
+    and of a device copy of ``nbytes`` bytes (half read, half written)."""
+    n, k = w.shape
+    dense = [w] + [torch.randn(n, k, device=w.device, dtype=w.dtype) for _ in range(max(1, -(-(256 << 20) // (2 * n * k))) - 1)]
+    dense_us = graph_us([lambda d=d: F.linear(x, d) for d in dense], calls, replays=3)
+    del dense  # before the copy's buffers
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=w.device)
+    dst = [torch.empty_like(src) for _ in range(max(1, -(-(512 << 20) // nbytes)))]
+    return dense_us, graph_us([lambda d=d: d.copy_(src) for d in dst], calls, replays=3)
+
+
+def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
+    w, qs = nf4_weights(n, k, device)
+    q0, copies = qs[0], len(qs)
     nbytes = _nbytes(q0)
-    copies = max(1, -(-(256 << 20) // nbytes)) if device.type == "cuda" else 1
-    qs = [q0] + [lightning_nf4.quantize_nf4(torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, 64, True)
-                 for _ in range(copies - 1)]
     x = torch.randn(k, device=device, dtype=torch.bfloat16)
     ref = (q0.dequantize(torch.float32) @ x.float())
     scale = ref.abs().max().item()
@@ -71,13 +90,7 @@ def measure(n: int, k: int, device: torch.device, sweep, calls: int) -> dict:
     args = lambda q: (q.packed, q.absmax, q.code, 64, n, k, *q.nested_args(), torch.bfloat16)  # noqa: E731
     timed = device.type == "cuda"
     if timed:
-        dense_w = [w] + [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(max(1, -(-(256 << 20) // (2 * n * k))) - 1)]
-        result["dense_us"] = graph_us([lambda d=d: F.linear(x, d) for d in dense_w], calls, replays=3)
-        del dense_w
-        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-        dst = [torch.empty_like(src) for _ in range(max(1, -(-(512 << 20) // nbytes)))]
-        result["copy_us"] = graph_us([lambda d=d: d.copy_(src) for d in dst], calls, replays=3)
-        del src, dst
+        result["dense_us"], result["copy_us"] = dense_and_copy_us(w, x, nbytes, calls)
         tk.gemv_4bit(x, *args(q0)[:-1])  # the package's own choice for this shape (timed here, once)
         result["choice"] = tk.gemv_launch_config(device, n, k, True, torch.bfloat16, 64)
     for setting in sweep:

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,10 +65,7 @@ def _load(name: str, args: argparse.Namespace) -> torch.nn.Module:
         from lora_step import PRESETS, _build_model
 
         preset = {k: v for k, v in PRESETS[args.preset].items() if k not in ("batch", "seq")}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient checkpointing
-            model = _build_model(preset, args.prompt_tokens + args.new_tokens, args.device)
-            model.gradient_checkpointing_disable()
+        model = _build_model(preset, args.prompt_tokens + args.new_tokens, args.device, checkpointing=False)
         model.config.use_cache = True
         if name == "lightning-nf4":
             from lightning_nf4.plugins.convert import convert_linears

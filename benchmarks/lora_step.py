@@ -28,6 +28,9 @@ import time
 PRESETS = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, batch=1, seq=64),
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, batch=2, seq=256),
+    # Llama-3-8B's 32 layers at a width where the matmuls cost next to nothing: the step is host time (Python,
+    # dispatcher, autograd), the part of an eager 8B step on a GPU that the GPU does not hide
+    "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=256, batch=1, seq=8),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048),
 }
 UNGROUPED = "lightning-nf4 QLoRA, one dequantize launch per weight"  # --ablation: NF4Precision(group_dequantize=False)
@@ -58,7 +61,11 @@ def baseline_of(key: str) -> str:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _build_model(preset: dict, seq: int, device: str):
+def _build_model(preset: dict, seq: int, device: str, checkpointing: bool = True):
+    """The preset's Llama with random bf16 weights on ``device``; ``checkpointing``: set up for training as the
+    steps here are (non-reentrant activation checkpointing, no KV cache). A model for decoding passes False:
+    transformers' checkpointing switch also hooks the embeddings' output (``requires_grad_``), and turning
+    checkpointing off again leaves that hook, a graph break for torch.compile before 2.13."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,8 +81,9 @@ def _build_model(preset: dict, seq: int, device: str):
                 value = torch.empty(param.shape, dtype=torch.bfloat16, device=device).normal_(std=0.02)
                 module._parameters[name] = torch.nn.Parameter(value)
     model.to(device)  # buffers (the rotary table) were built on the CPU
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return model
 
 

@@ -71,7 +71,10 @@ class Dump(pl.Callback):
         self.first_loss = None
 
     def on_train_start(self, trainer, pl_module):
+        from lightning_nf4.layers import NF4Linear
+
         self.base = {n: local_parts(p) for n, p in pl_module.named_parameters() if not p.requires_grad}
+        self.low_memory = sorted({m.low_memory_recompute for m in pl_module.modules() if isinstance(m, NF4Linear)})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 1 and trainer.current_epoch == 0:  # one whole step (forward, backward, optimizer) profiled
@@ -108,7 +111,8 @@ class Dump(pl.Callback):
 
         state = full_trainable_state(pl_module)
         torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__,
-                    "base": self.base, "first_loss": self.first_loss, "gathers": getattr(self, "gathers", {})},
+                    "base": self.base, "first_loss": self.first_loss, "gathers": getattr(self, "gathers", {}),
+                    "low_memory_recompute": self.low_memory},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 

@@ -199,6 +199,14 @@ def test_each_rank_holds_half_of_every_weight_between_steps(runs):
             assert h["absmax"] * 2 == elements // 64 and h["nested"] * 2 == elements // (64 * 256), name
 
 
+def test_sharded_runs_recompute_without_keeping_dequantized_weights(runs):
+    """NF4FSDPStrategy turns low_memory_recompute on for every NF4 layer (NF4Precision's "auto"): sharding is for
+    memory. One process under the default strategy keeps it off (speed)."""
+    for rank in runs["fsdp"]:
+        assert rank["low_memory_recompute"] == [True]
+    assert runs["single"][0]["low_memory_recompute"] == [False]
+
+
 def test_each_unit_is_gathered_where_a_step_needs_it(runs):
     """Per step: each decoder layer for its forward and again for its backward; the frozen input embeddings never
     (split by vocabulary: tests/test_vocab_parallel.py)."""

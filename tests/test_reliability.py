@@ -288,7 +288,9 @@ def test_the_package_data_modules_resume_exactly(tmp_path, model_dir, stop):
 
 def test_resume_mid_epoch_with_a_stateful_loader_that_draws_from_the_global_generator(tmp_path):
     """A user's resumable loader whose iterator draws its worker seed from the global generator (no generator of
-    its own): the states are restored again right before the next batch, after that draw."""
+    its own): the states are restored again right before the next batch, after that draw. A resumed run that is
+    stopped again in the same epoch and resumed once more still ends where the uninterrupted run does: the batches
+    the first resume skipped count as trained on in the second checkpoint."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DistributedSampler
 
@@ -296,20 +298,22 @@ def test_resume_mid_epoch_with_a_stateful_loader_that_draws_from_the_global_gene
 
     dataset = token_loader(n=24).dataset  # 6 batches an epoch
 
-    def run(max_steps, ckpt_path=None, save=False):
+    def run(max_steps, ckpt_path=None, save=None):
         pl.seed_everything(0 if ckpt_path is None else 1234)
         model = CausalLM(lr=1e-2)
         loader = ResumableDataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=3))
         callbacks = [LoRACallback(r=4, alpha=8)]
         if save:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=max_steps))
-        t = trainer(tmp_path, max_steps=max_steps, max_epochs=-1, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / save, save_last=True, every_n_train_steps=max_steps))
+        t = trainer(tmp_path, max_steps=max_steps, max_epochs=-1, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=bool(save))
         t.fit(model, loader, ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
         return _trainable(model)
 
     straight = run(16)
-    run(9, save=True)  # three batches into the second epoch
-    _assert_same(straight, run(16, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
+    run(9, save="first")  # three batches into the second epoch
+    _assert_same(straight, run(16, ckpt_path=str(tmp_path / "first" / "last.ckpt")))
+    run(11, ckpt_path=str(tmp_path / "first" / "last.ckpt"), save="second")  # resumed, stopped again 2 batches on
+    _assert_same(straight, run(16, ckpt_path=str(tmp_path / "second" / "last.ckpt")))
 
 
 def test_ddp_resume_restores_every_ranks_generators(tmp_path):

@@ -550,6 +550,31 @@ def test_merged_written_at_the_end_of_fit_is_a_complete_hf_folder(tmp_path, mode
     assert manifest["step"] == 3 and "tokenizer.json" in manifest["parts"]["merged"]["files"]
 
 
+def test_read_export_refuses_an_export_whose_listed_files_changed(tmp_path):
+    """export.json lists each file with its size: a listed file removed, cut short or rewritten at another size
+    makes read_export fail naming it; a file of the same size, or one the manifest does not list, is accepted."""
+    publish, _ = _load_publish()
+
+    def write(folder):
+        (folder / "weights.bin").write_bytes(b"w" * 64)
+        (folder / "config.json").write_text("{}")
+
+    root = tmp_path / "out"
+    publish.publish(root, {"adapter": write, "merged": write}, manifest={"step": 7})
+    assert publish.read_export(root)["step"] == 7
+    (root / "merged" / "NOTES.md").write_text("a user's file, not listed")
+    (root / "adapter" / "config.json").write_text("[]")  # same size
+    assert publish.read_export(root)["step"] == 7
+    weights = root / "merged" / "weights.bin"
+    for altered in (b"w" * 32, b"w" * 65, None):
+        if altered is None:
+            weights.unlink()
+        else:
+            weights.write_bytes(altered)
+        with pytest.raises(publish.ExportIncompleteError, match="merged/weights.bin is missing or not the 64 bytes"):
+            publish.read_export(root)
+
+
 def test_publish_refuses_to_replace_what_is_not_its_own(tmp_path):
     publish, _ = _load_publish()
     write = lambda text: (lambda folder: (folder / "f.txt").write_text(text))  # noqa: E731

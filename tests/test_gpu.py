@@ -132,6 +132,32 @@ def test_cuda_one_token_gemv_matches_dequantized_matmul(double_quant, shape, dty
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_cuda_repeated_one_token_call_takes_the_checked_direct_launch(split):
+    """A layer's second 1-token call goes through its plan's direct launcher (checked once against Triton's launch),
+    with and without the split-sum kernel; every call equals Triton's launch bit for bit, and an input at an
+    unaligned address still takes Triton's launch."""
+    from lightning_nf4.kernels import ops, triton_kernels
+
+    device = cuda_or_skip()
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(1024, 768, bias=False, device=device), compute_dtype=torch.bfloat16)
+    quant = layer.quant
+    plan = triton_kernels.gemv_plan(quant.packed, quant.absmax, quant.code, 64, 768, 1024, *quant.nested_args(),
+                                    torch.bfloat16, setting=triton_kernels._gemv_setting((4, 16, 1, 3, split), 1024 // 64))
+    xs = [torch.randn(1024, device=device).to(torch.bfloat16) for _ in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(plan(x), plan.triton_launch(x))
+        assert callable(plan.fast), plan.fast  # checked bit for bit, and taken since
+        unaligned = torch.randn(1025, device=device).to(torch.bfloat16)[1:]
+        assert torch.equal(plan(unaligned), plan.triton_launch(unaligned))
+        outs = [layer(x.view(1, 1, -1)).view(-1) for x in xs]  # the layer's own prepared plan takes the same path
+        own = ops.prepared_gemv(layer, layer.quant, torch.bfloat16, 768, 1024)
+        assert callable(own.fast), own.fast
+        assert all(torch.equal(out, own.triton_launch(x)) for out, x in zip(outs, xs))
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_group_dequantize_equals_one_weight_at_a_time(double_quant, dtype):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -143,15 +143,29 @@ DEQUANTIZE_PARAMETERS = ("packed_ptr", "absmax_ptr", "code_ptr", "nested_absmax_
 def _checked_dequantize_launch(kernels, compiled, grid: tuple[int, ...], device: torch.device, addresses: tuple, args: tuple,
                                constexprs: tuple, expected: Tensor) -> Any:
     """The compiled kernel's direct launcher, if it gives Triton's launch's result bit for bit; False otherwise."""
+    def make() -> Any:
+        return _direct_launcher(compiled, grid, device.index if device.index is not None else torch.cuda.current_device())
+
+    def again(launch) -> Tensor:
+        out = torch.empty_like(expected)
+        launch(*addresses[:6], out.data_ptr(), *args[7:], *constexprs)  # as dequantize_4bit calls it
+        return out
+
+    return _checked_launch(kernels.dequantize_kernel, DEQUANTIZE_PARAMETERS, make, again, expected)
+
+
+def _checked_launch(kernel, parameters: tuple[str, ...], make: Callable[[], Any], run: Callable[[Any], Tensor],
+                    expected: Tensor) -> Any:
+    """``make()``'s launch if ``kernel`` still takes ``parameters`` (the order a direct launch passes them in) and
+    ``run(launch)`` equals Triton's own launch's result ``expected`` bit for bit; False otherwise, and on any error:
+    the caller then keeps Triton's launch."""
     try:
-        if tuple(kernels.dequantize_kernel.arg_names) != DEQUANTIZE_PARAMETERS:
+        if tuple(kernel.arg_names) != parameters:
             return False
-        launch = _direct_launcher(compiled, grid, device.index if device.index is not None else torch.cuda.current_device())
+        launch = make()
         if launch is None:
             return False
-        again = torch.empty_like(expected)
-        launch(*addresses[:6], again.data_ptr(), *args[7:], *constexprs)  # as dequantize_4bit calls it
-        return launch if torch.equal(again, expected) else False
+        return launch if torch.equal(run(launch), expected) else False
     except Exception:  # noqa: BLE001 - Triton's own launch stays
         return False
 
@@ -449,43 +463,43 @@ GEMV_PARAMETERS = ("x_ptr", "packed_ptr", "absmax_ptr", "code_ptr", "nested_absm
 
 def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
     """The plan's direct launch, if it gives Triton's launch's result bit for bit; False otherwise (kept)."""
-    try:
-        if tuple(plan.kernels.gemv_kernel.arg_names) != GEMV_PARAMETERS:
-            return False
-        meta, split = plan.meta, plan.setting[4]
-        index = plan.device_index
-        constexprs = tuple(meta[k] for k in GEMV_PARAMETERS[10:])
-        gemv = _direct_launcher(plan.compiled, plan.grid, index)
-        total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
-        if gemv is None or (split > 1 and total is None):
-            return False
-        # Addresses as ints (the plan holds the tensors): Triton's launcher would otherwise call data_ptr() and ask
-        # the driver about each tensor argument on every call.
-        head = tuple(t.data_ptr() for t in plan.head)
-        n, nested_blocksize, dtype, device = plan.out_features, plan.tail[1], plan.dtype, plan.device
+    return _checked_launch(plan.kernels.gemv_kernel, GEMV_PARAMETERS, lambda: _direct_gemv(plan), lambda fast: fast(x), expected)
 
-        in_features, device_index = plan.in_features, plan.device_index
 
-        def fast(x: Tensor) -> Tensor:
-            # The launcher reads only addresses, so x needs no int32 view here; what Triton's launch would check
-            # or specialise on is checked instead (an unaligned or strided x takes Triton's launch).
-            if x.dtype != dtype or x.numel() != in_features or x.get_device() != device_index:
-                plan._wrong(x)
-            address = x.data_ptr()
-            if address % 16 or not x.is_contiguous():
-                return plan.triton_launch(x)
-            out = torch.empty(n, dtype=dtype, device=device)
-            if split == 1:
-                gemv(address, *head, out.data_ptr(), n, nested_blocksize, *constexprs)
-            else:
-                partial = torch.empty(split * n, dtype=torch.float32, device=device)
-                gemv(address, *head, partial.data_ptr(), n, nested_blocksize, *constexprs)
-                total(partial.data_ptr(), out.data_ptr(), n, split, 1024)
-            return out
+def _direct_gemv(plan: GemvLaunch) -> Optional[Callable[[Tensor], Tensor]]:
+    """``fast(x)``: the plan's gemv (and split-sum) through the compiled kernels' launchers; None where this Triton's
+    objects lack the form ``_direct_launcher`` knows."""
+    meta, split = plan.meta, plan.setting[4]
+    index = plan.device_index
+    constexprs = tuple(meta[k] for k in GEMV_PARAMETERS[10:])
+    gemv = _direct_launcher(plan.compiled, plan.grid, index)
+    total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
+    if gemv is None or (split > 1 and total is None):
+        return None
+    # Addresses as ints (the plan holds the tensors): Triton's launcher would otherwise call data_ptr() and ask
+    # the driver about each tensor argument on every call.
+    head = tuple(t.data_ptr() for t in plan.head)
+    n, nested_blocksize, dtype, device = plan.out_features, plan.tail[1], plan.dtype, plan.device
+    in_features, device_index = plan.in_features, plan.device_index
 
-        return fast if torch.equal(fast(x), expected) else False
-    except Exception:  # noqa: BLE001 - Triton's own launch stays
-        return False
+    def fast(x: Tensor) -> Tensor:
+        # The launcher reads only addresses, so x needs no int32 view here; what Triton's launch would check
+        # or specialise on is checked instead (an unaligned or strided x takes Triton's launch).
+        if x.dtype != dtype or x.numel() != in_features or x.get_device() != device_index:
+            plan._wrong(x)
+        address = x.data_ptr()
+        if address % 16 or not x.is_contiguous():
+            return plan.triton_launch(x)
+        out = torch.empty(n, dtype=dtype, device=device)
+        if split == 1:
+            gemv(address, *head, out.data_ptr(), n, nested_blocksize, *constexprs)
+        else:
+            partial = torch.empty(split * n, dtype=torch.float32, device=device)
+            gemv(address, *head, partial.data_ptr(), n, nested_blocksize, *constexprs)
+            total(partial.data_ptr(), out.data_ptr(), n, split, 1024)
+        return out
+
+    return fast
 
 
 def gemv_plan(

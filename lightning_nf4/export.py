@@ -39,6 +39,19 @@ def find_hf_model(module: nn.Module) -> tuple[str, Optional[nn.Module]]:
     return "", None
 
 
+def export_root(module: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
+    """``(hf, root)``: the Hugging Face model inside ``module`` (or None) and the module whose parameter names the
+    exports use. That is the HF model when there is one; else, inside a ``PeftModel``, the user's own model (PEFT's
+    ``base_model.model``), since PEFT adds its ``base_model.model.`` prefix to the names itself; else ``module``."""
+    hf = find_hf_model(module)[1]
+    if hf is not None:
+        return hf, hf
+    from peft.tuners.tuners_utils import BaseTuner
+
+    tuner = next((m for m in module.modules() if isinstance(m, BaseTuner)), None)
+    return None, tuner.model if tuner is not None else module
+
+
 def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
 
@@ -88,8 +101,7 @@ def write_adapter(
 ) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, loadable by ``PeftModel.from_pretrained``.
     The adapters are gathered first (a collective for a sharded model); with ``folder=None`` nothing is written."""
-    prefix, hf = find_hf_model(module)
-    root = hf if hf is not None else module
+    hf, root = export_root(module)
     tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
     if folder is None:
         return
@@ -258,8 +270,7 @@ def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
 def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] = None) -> None:
     """A float model with adapters merged into ``folder``: a Hugging Face folder (``save_pretrained``) for HF
     models, else ``model.safetensors`` holding the module's state dict."""
-    prefix, hf = find_hf_model(module)
-    root = hf if hf is not None else module
+    hf, root = export_root(module)
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:

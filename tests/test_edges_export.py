@@ -129,3 +129,37 @@ def test_merged_config_has_no_quantization_config_and_the_model_keeps_its_own(tm
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     assert model.config.quantization_config["quant_method"] == "bitsandbytes"
+
+
+def test_the_named_adapter_alone_is_exported_when_a_model_has_two(tmp_path):
+    """A PEFT model (``get_peft_model`` on a plain module with NF4 bases) with two adapters: ``save_adapter(...,
+    adapter_name="other")`` writes that adapter's tensors only, under PEFT's adapter-free names, and PEFT loads them
+    back into a fresh model as its adapter; the merged export keeps the plain module's own names."""
+    from peft import PeftModel, get_peft_model
+
+    from lightning_nf4.layers.lora import lora_config, register_nf4_lora
+
+    def base():
+        torch.manual_seed(0)
+        model = Small(torch.float32)
+        convert_linears(model, compute_dtype=torch.float32, skip_modules=())
+        return model
+
+    model = get_peft_model(base(), lora_config(r=2, lora_alpha=4, target_modules=["q"]))
+    model.add_adapter("other", lora_config(r=2, lora_alpha=4, target_modules=["q"]))
+    with torch.no_grad():
+        for name in ("default", "other"):
+            model.base_model.model.q.lora_B[name].weight.normal_()
+    folder = save_adapter(model, tmp_path / "adapter", r=2, lora_alpha=4, lora_dropout=0.0, adapter_name="other")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert set(tensors) == {"base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"}
+    q = model.base_model.model.q
+    assert torch.equal(tensors["base_model.model.q.lora_B.weight"], q.lora_B["other"].weight)
+    assert not torch.equal(q.lora_B["other"].weight, q.lora_B["default"].weight)
+    config = register_nf4_lora(lora_config(r=2, lora_alpha=4, target_modules=["q"]))
+    loaded = PeftModel.from_pretrained(base(), str(folder), config=config)
+    assert torch.equal(loaded.base_model.model.q.lora_B["default"].weight, q.lora_B["other"].weight)
+    # the merged export of the PEFT-wrapped model has the user's model's names, not PEFT's wrapper's
+    merged = load_file(str(save_merged(model, tmp_path / "merged") / "model.safetensors"))
+    assert set(merged) == set(Small(torch.float32).state_dict())
+    torch.testing.assert_close(merged["q.weight"], q.merged_weight(torch.float32, ["default"]))

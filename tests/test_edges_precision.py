@@ -87,3 +87,22 @@ def test_load_in_4bit_false_as_a_hyperparameter_keeps_a_float_base():
     quantized = Flagged(load_in_4bit=True)
     NF4Precision().convert_module(quantized)
     assert sum(isinstance(m, NF4Linear) for m in quantized.modules()) == 2
+
+
+def test_packed_weights_are_left_out_of_ddps_start_up_broadcast():
+    """Every rank quantizes the same float weights to the same frozen bytes, so DDP must not broadcast them: after
+    conversion (with or without LoRA, which moves each weight under ``base_layer``) the list DDP reads,
+    ``_ddp_params_and_buffers_to_ignore`` (set by DDP's own ``_set_params_and_buffers_to_ignore_for_model``),
+    names every packed NF4 weight, keeps the user's own entries, and drops names that no longer exist."""
+    from lightning_nf4 import LoRACallback
+
+    model = Named()
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["proj.bias", "gone.weight"])
+    NF4Precision(device="cpu", skip_modules=("blocks.1.proj",)).convert_module(model)
+    packed = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear))
+    assert packed == ["blocks.0.proj.weight", "o_proj.weight", "proj.weight"]
+    assert model._ddp_params_and_buffers_to_ignore == sorted(packed + ["proj.bias"])
+    LoRACallback(r=2, alpha=4, target_modules=["proj", "o_proj"]).inject(model)
+    moved = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear))
+    assert all(".base_layer.weight" in name for name in moved) and len(moved) == 3
+    assert model._ddp_params_and_buffers_to_ignore == moved  # "proj.bias" is now "proj.base_layer.bias": dropped

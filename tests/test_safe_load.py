@@ -45,6 +45,22 @@ def test_load_checkpoint_refuses_code(tmp_path, legacy):
             load_checkpoint(ckpt)
 
 
+def test_check_checkpoint_refuses_code_and_passes_a_package_checkpoint(tmp_path):
+    """The fast check the CLI makes before building a model: the same verdicts as the weights-only load."""
+    from lightning_nf4.checkpoint_io import UntrustedCheckpointError, check_checkpoint
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(UntrustedCheckpointError, match=r"needs \[.(io|builtins)\.open.\]"):
+        check_checkpoint(_malicious_checkpoint(tmp_path / "shared.ckpt", marker))
+    with pytest.raises(UntrustedCheckpointError, match="not the zip archive"):
+        check_checkpoint(_malicious_checkpoint(tmp_path / "legacy.ckpt", marker, legacy=True))
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(3)}, "lightning_nf4": {"adapter_only": True}, "epoch": 1}, tmp_path / "ok.ckpt")
+    assert check_checkpoint(tmp_path / "ok.ckpt") == tmp_path / "ok.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
+        check_checkpoint(tmp_path / "nope.ckpt")
+
+
 def test_load_checkpoint_reports_missing_and_non_checkpoint_files(tmp_path):
     from lightning_nf4.checkpoint_io import UntrustedCheckpointError, load_checkpoint
 
@@ -94,7 +110,8 @@ def model_dir(tmp_path):
 
 def test_export_does_not_run_a_shared_checkpoint(tmp_path, model_dir):
     """``NF4Trainer.export(ckpt_path=...)`` (the ``export`` subcommand's body) on a file someone shared: nothing in
-    it runs, nothing is written, and the error names the file and says why."""
+    it runs, nothing is written, the error names the file and says why, and it comes before the model is built
+    (``check_checkpoint`` reads the pickle's list of globals only, not a model's worth of tensors)."""
     from lightning_nf4 import LoRACallback, NF4Precision
     from lightning_nf4.checkpoint_io import UntrustedCheckpointError
     from lightning_nf4.cli import NF4Trainer
@@ -103,10 +120,12 @@ def test_export_does_not_run_a_shared_checkpoint(tmp_path, model_dir):
     marker = tmp_path / "pwned"
     ckpt = _malicious_checkpoint(tmp_path / "shared.ckpt", marker)
     trainer = NF4Trainer(accelerator="cpu", devices=1, logger=False, plugins=NF4Precision(), callbacks=[LoRACallback(r=4, alpha=8)])
+    module = CausalLMModule(str(model_dir))
     with pytest.raises(UntrustedCheckpointError, match=r"shared\.ckpt.*untrusted"):
-        trainer.export(CausalLMModule(str(model_dir)), ckpt_path=str(ckpt), out_dir=str(tmp_path / "export"))
+        trainer.export(module, ckpt_path=str(ckpt), out_dir=str(tmp_path / "export"))
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
+    assert module.model is None  # refused before the model was loaded
 
 
 def test_cli_export_does_not_run_a_shared_checkpoint(tmp_path, model_dir, monkeypatch):

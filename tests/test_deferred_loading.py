@@ -73,6 +73,19 @@ def test_a_missing_tensor_is_named_before_anything_is_read(tmp_path):
         AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device="meta")
 
 
+def test_a_tensor_of_another_shape_is_named_not_broadcast(tmp_path):
+    """A checkpoint whose norm weight has one element, which ``copy_`` would broadcast over the model's 128: the
+    deferred load names the key and both shapes when the unit gets its storage, and fills nothing with it."""
+    folder = _save_llama(tmp_path, tie=False)
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.0.input_layernorm.weight"] = torch.full((1,), 3.0)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    lazy = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device="meta")
+    with pytest.raises(CheckpointError, match=r"size mismatch for model\.layers\.0\.input_layernorm\.weight: checkpoint has \(1,\), "
+                                              r"the model built from its config has \(128,\)"):
+        materialize(lazy, "cpu")
+
+
 def test_materialize_needs_a_meta_loaded_model(tmp_path):
     with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., device='meta'\)"):
         materialize(torch.nn.Linear(2, 2), "cpu")

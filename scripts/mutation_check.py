@@ -6,7 +6,7 @@ text patch (exact old text -> new text) on one file of a copy of the repository 
 working tree is never touched. For each bug the script first runs the chosen tests on the unpatched copy (they
 must pass), then on the patched copy, and prints a table: bug, tests, caught. Run it by hand, not in CI:
 
-    python scripts/mutation_check.py             # every bug (about 10 minutes on a 2-core machine)
+    python scripts/mutation_check.py             # every bug (about 40 minutes on a 2-core machine)
     python scripts/mutation_check.py --list      # the bugs and their tests
     python scripts/mutation_check.py --only gemv-gain export-in-place
 

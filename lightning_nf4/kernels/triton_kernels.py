@@ -469,18 +469,16 @@ def _checked_fast_launch(plan: GemvLaunch, x: Tensor, expected: Tensor):
 def _direct_gemv(plan: GemvLaunch) -> Optional[Callable[[Tensor], Tensor]]:
     """``fast(x)``: the plan's gemv (and split-sum) through the compiled kernels' launchers; None where this Triton's
     objects lack the form ``_direct_launcher`` knows."""
-    meta, split = plan.meta, plan.setting[4]
-    index = plan.device_index
+    meta, split, device_index = plan.meta, plan.setting[4], plan.device_index
     constexprs = tuple(meta[k] for k in GEMV_PARAMETERS[10:])
-    gemv = _direct_launcher(plan.compiled, plan.grid, index)
-    total = _direct_launcher(plan.sum_compiled, plan.split_grid, index) if split > 1 else None
+    gemv = _direct_launcher(plan.compiled, plan.grid, device_index)
+    total = _direct_launcher(plan.sum_compiled, plan.split_grid, device_index) if split > 1 else None
     if gemv is None or (split > 1 and total is None):
         return None
     # Addresses as ints (the plan holds the tensors): Triton's launcher would otherwise call data_ptr() and ask
     # the driver about each tensor argument on every call.
     head = tuple(t.data_ptr() for t in plan.head)
-    n, nested_blocksize, dtype, device = plan.out_features, plan.tail[1], plan.dtype, plan.device
-    in_features, device_index = plan.in_features, plan.device_index
+    n, nested_blocksize, dtype, device, in_features = plan.out_features, plan.tail[1], plan.dtype, plan.device, plan.in_features
 
     def fast(x: Tensor) -> Tensor:
         # The launcher reads only addresses, so x needs no int32 view here; what Triton's launch would check

@@ -206,7 +206,9 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
 
     from torch.distributed.fsdp import FSDPModule
 
-    prefix, hf = find_hf_model(module)
+    hf, root = export_root(module)
+    prefix = next(name for name, sub in module.named_modules() if sub is root)  # the same names as ``write_merged``
+    prefix = prefix + "." if prefix else ""
     owners = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
     tied = set(getattr(hf, "_tied_weights_keys", None) or []) if hf is not None and getattr(hf.config, "tie_word_embeddings", False) else set()
     write, tmp = folder is not None, folder

@@ -163,3 +163,64 @@ def test_the_named_adapter_alone_is_exported_when_a_model_has_two(tmp_path):
     merged = load_file(str(save_merged(model, tmp_path / "merged") / "model.safetensors"))
     assert set(merged) == set(Small(torch.float32).state_dict())
     torch.testing.assert_close(merged["q.weight"], q.merged_weight(torch.float32, ["default"]))
+
+
+_SHARDED_PEFT_EXPORT = """
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from pathlib import Path
+from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+from peft import get_peft_model
+from tests.test_edges_export import Small
+from lightning_nf4.export import save_merged, save_merged_sharded
+from lightning_nf4.layers.lora import lora_config
+from lightning_nf4.plugins.convert import convert_linears
+from lightning_nf4.strategies.fsdp import _prepare_nf4
+
+def build():
+    torch.manual_seed(0)
+    model = Small(torch.float32)
+    convert_linears(model, compute_dtype=torch.float32, skip_modules=())
+    model = get_peft_model(model, lora_config(r=2, lora_alpha=4, target_modules=["q"]))
+    with torch.no_grad():
+        model.base_model.model.q.lora_B["default"].weight.normal_()
+    return model
+
+out = Path(sys.argv[2])
+whole = load_file(str(save_merged(build(), out / "whole") / "model.safetensors"))
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
+mesh = init_device_mesh("cpu", (1,))
+model = build()
+inner = model.base_model.model
+for unit in (inner.q, inner):  # a unit, then the user's model as the root, as NF4FSDPStrategy shards
+    _prepare_nf4(unit)
+    fully_shard(unit, mesh=mesh)
+folder = save_merged_sharded(model, out / "sharded", write=True)
+index = __import__("json").loads((folder / "model.safetensors.index.json").read_text())
+sharded = {}
+for file in sorted(set(index["weight_map"].values())):
+    sharded.update(load_file(str(folder / file)))
+assert set(sharded) == set(whole) == set(Small(torch.float32).state_dict()), (sorted(sharded), sorted(whole))
+for key, value in whole.items():
+    assert torch.equal(sharded[key], value), key
+del model, inner
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_sharded_merged_export_of_a_peft_wrapped_plain_module_keeps_its_own_names(tmp_path):
+    """The sharded merged export (one FSDP unit at a time) of ``get_peft_model`` around a plain module writes the
+    same keys and values as the unsharded one: the module's own names, without PEFT's ``base_model.model.``. One
+    gloo process in a child with a timeout, so no process group outlives the test."""
+    import sys
+    from pathlib import Path
+
+    from tests import isolated
+
+    root = Path(__file__).resolve().parents[1]
+    done = isolated.run([sys.executable, "-c", _SHARDED_PEFT_EXPORT, str(root), str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

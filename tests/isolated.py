@@ -12,7 +12,9 @@ import atexit
 import os
 import signal
 import subprocess
-from typing import Any, Sequence
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
 
 
 def popen(args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
@@ -51,6 +53,44 @@ def run(args: Sequence[str], *, timeout: float, capture_output: bool = False, ch
     if check:
         done.check_returncode()
     return done
+
+
+def run_many(commands: Mapping[str, Sequence[str]], *, timeout: float, at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
+    """Run ``commands`` (name -> argv), at most ``at_once`` at a time, each with ``timeout`` seconds from its start,
+    and return each one's text result. Multi-rank runs side by side oversubscribe a 2-core machine: ten ranks at
+    once made a collective wait long enough to fail. Output goes to files (no pipe to fill while another run is
+    waited on). A run past its timeout raises ``subprocess.TimeoutExpired``; the others are killed with it."""
+    pending, running, done = list(commands.items()), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < at_once:
+                name, args = pending.pop(0)
+                out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+                running[name] = (popen(args, stdout=out, stderr=err, text=True), out, err, time.monotonic() + timeout)
+            for name, (proc, out, err, deadline) in list(running.items()):
+                if proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                    continue
+                kill(proc)  # whatever it started and left running
+                out.seek(0), err.seek(0)
+                done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+                out.close(), err.close()
+                del running[name]
+            time.sleep(0.2)
+    finally:  # a timeout, a failed assertion in the caller's loop or Ctrl-C: nothing outlives the call
+        for proc, out, err, _ in running.values():
+            kill(proc)
+            out.close(), err.close()
+    return done
+
+
+def failure(done: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """What a failed multi-rank run printed that says why: every line naming an error, from any rank (the first
+    rank to fail is often not the last to print), then the end of its stderr."""
+    marks = ("Error", "Exception", "terminate called", "Fatal Python", "Timeout", "timed out", "Aborted")
+    named = [line for line in done.stderr.splitlines() if any(mark in line for mark in marks)]
+    return f"exit {done.returncode}; lines naming an error:\n" + "\n".join(named[:30]) + f"\n... stderr's end:\n{done.stderr[-tail:]}"
 
 
 def _end_process_groups() -> None:

@@ -56,3 +56,26 @@ def test_a_child_that_hangs_is_killed_with_what_it_started(tmp_path):
 def test_check_raises_on_failure():
     with pytest.raises(subprocess.CalledProcessError):
         isolated.run([sys.executable, "-c", "raise SystemExit(3)"], timeout=60, check=True)
+
+
+_SPAN = "import sys, time; start = time.monotonic(); time.sleep(0.5); print(start, time.monotonic()); sys.exit(int(sys.argv[1]))"
+
+
+def test_run_many_runs_at_most_at_once_at_a_time_and_returns_each_result():
+    done = isolated.run_many({f"run{i}": [sys.executable, "-c", _SPAN, str(i)] for i in range(3)}, timeout=60, at_once=1)
+    assert [done[f"run{i}"].returncode for i in range(3)] == [0, 1, 2]
+    spans = sorted(tuple(map(float, done[f"run{i}"].stdout.split())) for i in range(3))
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans  # one after another
+    assert isolated.failure(done["run1"]).startswith("exit 1")
+
+
+def test_run_many_kills_every_running_family_when_one_times_out(tmp_path):
+    # each child starts a grandchild, writes its pid to a file, and sleeps past the timeout
+    family = _FAMILY.replace("print(grandchild.pid, flush=True)", "open(sys.argv[2], 'w').write(str(grandchild.pid))")
+    commands = {name: [sys.executable, "-c", family, "hang", str(tmp_path / name)] for name in ("a", "b")}
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        isolated.run_many(commands, timeout=3, at_once=2)
+    assert time.monotonic() - started < 40
+    for name in ("a", "b"):
+        assert _gone(int((tmp_path / name).read_text()))

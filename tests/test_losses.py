@@ -5,7 +5,6 @@ backward), the HF glue (tied heads, trained heads, LoRA on lm_head, FSDP2 in two
 liger-kernel's fused kernel where it is installed (under Triton's interpreter on CPU)."""
 
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -367,18 +366,10 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     worker = ROOT / "tests" / "losses_fsdp_worker.py"
     runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit"),
             "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head")}
-    procs = {
-        name: isolated.popen([sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, (mode, strategy) in runs.items()
-    }
-    try:
-        for name, proc in procs.items():
-            _, err = proc.communicate(timeout=500)
-            assert proc.returncode == 0, f"{name}: {err[-4000:]}"
-    finally:  # a failed or timed-out run stops the others, and each run's ranks with it
-        for proc in procs.values():
-            isolated.kill(proc)
+    done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"]
+                              for name, (mode, strategy) in runs.items()}, timeout=400)
+    for name, result in done.items():
+        assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
     assert out["plain"][0]["unsharded"] == 0
     for name in ("chunked", "head_unit", "frozen"):

@@ -7,7 +7,6 @@ greedy generation); no all-gather of either table; the merged export still holds
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -145,16 +144,10 @@ def model_dir(tmp_path_factory):
 def fits(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vp_fit")
     runs = {"vocab_parallel": ("chunked", "auto"), "plain": ("plain", "true"), "units": ("chunked", "false")}
-    procs = {name: isolated.popen([sys.executable, str(WORKER), "fit", str(model_dir), str(root / name), loss, setting],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, (loss, setting) in runs.items()}
-    try:
-        for name, proc in procs.items():
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"{name}: {err[-4000:]}"
-    finally:
-        for proc in procs.values():
-            isolated.kill(proc)
+    done = isolated.run_many({name: [sys.executable, str(WORKER), "fit", str(model_dir), str(root / name), loss, setting]
+                              for name, (loss, setting) in runs.items()}, timeout=400)
+    for name, result in done.items():
+        assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(root / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
     out["root"] = root
     return out

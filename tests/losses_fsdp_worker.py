@@ -95,7 +95,7 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
         units = ["LlamaDecoderLayer", "Linear"] if strategy.endswith("head_unit") else "auto"
         # the head as FSDP holds it, gathered again by the loss (what these runs observe); a frozen head split by
         # vocabulary instead (the default with a frozen head) is tests/test_vocab_parallel.py's
-        strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=180), vocab_parallel=False)
+        strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=120), vocab_parallel=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,

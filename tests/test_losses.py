@@ -358,6 +358,7 @@ def test_module_validation_perplexity_is_unchanged(model_dir):
         CausalLMModule(str(model_dir), loss="fused")
 
 
+@pytest.mark.timeout(700)  # five two-rank runs, two at a time, each stopped at 200 s
 def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     """Two gloo ranks each, side by side: the plain loss, the chunked loss with lm_head in the FSDP root (the
     strategy's layout) and with lm_head a unit of its own. lm_head is trained too, so its gradient goes through
@@ -367,7 +368,7 @@ def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit"),
             "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head")}
     done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"]
-                              for name, (mode, strategy) in runs.items()}, timeout=400)
+                              for name, (mode, strategy) in runs.items()}, timeout=200)
     for name, result in done.items():
         assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}

@@ -19,6 +19,8 @@ from lightning_nf4.strategies.vocab_parallel import vocabulary_tables
 from tests.lightning_models import tiny_llama
 from tests import isolated
 
+pytestmark = pytest.mark.timeout(600)  # the first test to use ``fits`` waits for its three two-rank runs, two at a time
+
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
 
 
@@ -145,7 +147,7 @@ def fits(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vp_fit")
     runs = {"vocab_parallel": ("chunked", "auto"), "plain": ("plain", "true"), "units": ("chunked", "false")}
     done = isolated.run_many({name: [sys.executable, str(WORKER), "fit", str(model_dir), str(root / name), loss, setting]
-                              for name, (loss, setting) in runs.items()}, timeout=400)
+                              for name, (loss, setting) in runs.items()}, timeout=200)
     for name, result in done.items():
         assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(root / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}

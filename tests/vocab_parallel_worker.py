@@ -59,7 +59,7 @@ def ops(rank: int, out: str, port: int) -> None:
     from lightning_nf4.strategies.vocab_parallel import vocab_parallel_cross_entropy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=180))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     try:
         mesh = init_device_mesh("cpu", (2,))
         h, v = 32, 500
@@ -190,7 +190,7 @@ def fit(model_dir: str, out: Path, loss: str, vocab_parallel: str) -> None:
     pl.seed_everything(0)
     module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=4)
     setting = {"true": True, "false": False}.get(vocab_parallel, vocab_parallel)
-    strategy = NF4FSDPStrategy(timeout=timedelta(seconds=180), vocab_parallel=setting)
+    strategy = NF4FSDPStrategy(timeout=timedelta(seconds=120), vocab_parallel=setting)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,

@@ -364,6 +364,15 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_edges_export.py", "tests/test_edges_export2.py", "tests/test_lora.py", "tests/test_lightning.py"),
     ),
     Mutation(
+        "sharded-export-peft-prefix",
+        "the sharded merged export names keys from the first transformers model only (a PEFT-wrapped plain module keeps PEFT's prefix)",
+        "lightning_nf4/export.py",
+        (('    prefix = next(name for name, sub in module.named_modules() if sub is root)  # the same names as ``write_merged``\n',
+          '    prefix = find_hf_model(module)[0]\n'),
+         ('    prefix = prefix + "." if prefix else ""\n    owners', '    owners')),
+        ("tests/test_edges_export.py", "tests/test_edges_export2.py", "tests/test_lora.py", "tests/test_lightning.py"),
+    ),
+    Mutation(
         "ddp-syncs-nf4",
         "`NF4Precision` no longer keeps the packed NF4 weights out of DDP's start-up broadcast",
         "lightning_nf4/plugins/precision.py",

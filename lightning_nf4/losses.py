@@ -333,7 +333,7 @@ def causal_lm_loss(
                 f"{type(model).__name__}'s output head weight is a sharded DTensor that no fully_shard'ed module of the model "
                 "holds; use the plain loss: CausalLMModule(loss='plain') or causal_lm_loss(..., mode='plain')."
             )
-        if not _head_matches(model, captured[0], weight, head.bias, output.logits):
+        if not _head_matches(model, captured[0], weight, head.bias, output.logits, sharded=bool(gathered)):
             return _plain(model, input_ids, labels, attention_mask)
         return linear_cross_entropy(captured[0], weight, labels, bias=head.bias, ignore_index=ignore_index, shift=True,
                                     chunk_size=chunk_size, backend=backend)
@@ -413,10 +413,12 @@ def _unshard_for_loss(model: nn.Module, head: nn.Module) -> list[nn.Module]:
 
 
 def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits: Tensor,
-                  head: Optional[nn.Module] = None) -> bool:
+                  head: Optional[nn.Module] = None, sharded: bool = False) -> bool:
     """Checked once per model: the logits HF returned for the last position are ``F.linear`` of the captured
     hidden states. A model that fails is warned about and goes the plain way from then on. A vocabulary-parallel
-    ``head`` computes the reference itself (its full logits; a collective), and all ranks decide together."""
+    ``head`` computes the reference itself (its full logits; a collective), and all ranks decide together; so do
+    the ranks of an FSDP-``sharded`` model, whose two paths gather different units (one rank alone going the
+    plain way would pair its gathers with another rank's other collectives)."""
     if model in _head_checked:
         return True
     parallel = _is_vocab_parallel(head)
@@ -428,18 +430,32 @@ def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Option
             ours = F.linear(last, weight.to(logits.dtype), None if bias is None else bias.to(logits.dtype)).float()
         theirs = logits[:, -1:].float()
         tol = float(2e-2 * theirs.abs().max().clamp(min=1e-6))
-        matches = bool(torch.allclose(ours, theirs, rtol=2e-2, atol=tol))
+        matches = here = bool(torch.allclose(ours, theirs, rtol=2e-2, atol=tol))
         if parallel:
             from lightning_nf4.strategies.vocab_parallel import all_ranks_agree
 
             matches = all_ranks_agree(matches, head)  # type: ignore[arg-type]
+        elif sharded:
+            matches = _all_ranks_agree(matches, logits.device)
     if matches:
         _head_checked.add(model)
         return True
-    reason = f"its logits are not lm_head(final hidden states) (largest difference {(ours - theirs).abs().max().item():.3g})"
+    reason = (f"its logits are not lm_head(final hidden states) (largest difference {(ours - theirs).abs().max().item():.3g})"
+              if not here else "another rank found its logits are not lm_head(final hidden states)")
     _logits_differ[model] = reason
     _warn_once(model, reason)
     return False
+
+
+def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over every rank of the default process group (FSDP's ranks): one choice for all."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _warn_once(model: nn.Module, reason: str) -> None:

@@ -58,7 +58,7 @@ def run(args: Sequence[str], *, timeout: float, capture_output: bool = False, ch
 def run_many(commands: Mapping[str, Sequence[str]], *, timeout: float, at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
     """Run ``commands`` (name -> argv), at most ``at_once`` at a time, each with ``timeout`` seconds from its start,
     and return each one's text result. Multi-rank runs side by side oversubscribe a 2-core machine: ten ranks at
-    once ran when a rank aborted in CI (the cause is not confirmed; fewer at once is cheap insurance). Output goes to files (no pipe to fill while another run is
+    once ran when a rank aborted in CI (a collective mismatch, see test_losses; fewer at once is cheap insurance). Output goes to files (no pipe to fill while another run is
     waited on). A run past its timeout raises ``subprocess.TimeoutExpired``; the others are killed with it."""
     pending, running, done = list(commands.items()), {}, {}
     try:
@@ -88,7 +88,7 @@ def run_many(commands: Mapping[str, Sequence[str]], *, timeout: float, at_once: 
 def failure(done: subprocess.CompletedProcess, tail: int = 3000) -> str:
     """What a failed multi-rank run printed that says why: every line naming an error, from any rank (the first
     rank to fail is often not the last to print), then the end of its stderr."""
-    marks = ("Error", "Exception", "terminate called", "Fatal Python", "Timeout", "timed out", "Aborted")
+    marks = ("Error", "Exception", "terminate called", "what():", "Fatal Python", "Timeout", "timed out", "Aborted")
     named = [line for line in done.stderr.splitlines() if any(mark in line for mark in marks)]
     return f"exit {done.returncode}; lines naming an error:\n" + "\n".join(named[:30]) + f"\n... stderr's end:\n{done.stderr[-tail:]}"
 

@@ -1,6 +1,9 @@
 """CausalLMModule fit with one loss mode under NF4FSDPStrategy (FSDP2, gloo) or one process; used by tests/test_losses.py.
 
-    python tests/losses_fsdp_worker.py MODEL_DIR OUT_DIR LOSS STRATEGY DEVICES BATCH_SIZE
+    python tests/losses_fsdp_worker.py MODEL_DIR OUT_DIR LOSS STRATEGY DEVICES BATCH_SIZE [disagree]
+
+With ``disagree``, rank 1 alone finds the model's logits unlike lm_head's (its check sees them shifted): the
+ranks must still take one loss path together, the plain one.
 
 STRATEGY: nf4_fsdp (lm_head in the FSDP root), nf4_fsdp_head_unit (lm_head sharded as a unit of its own, as
 a user may do), or auto (one process). The model's lm_head is trained in full (modules_to_save) besides
@@ -52,8 +55,9 @@ class Data(pl.LightningDataModule):
 
 
 class Record(pl.Callback):
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, disagree: bool = False) -> None:
         self.out, self.losses, self.unsharded, self.resharded, self.released = out, [], 0, 0, 0
+        self.disagree = disagree
         import lightning_nf4.losses as losses
 
         unshard = losses._unshard_for_loss
@@ -66,6 +70,17 @@ class Record(pl.Callback):
 
         losses._unshard_for_loss = counting
 
+    def setup(self, trainer, pl_module, stage):
+        import lightning_nf4.losses as losses
+
+        if self.disagree and trainer.global_rank == 1:
+            check = losses._head_matches
+
+            def shifted(model, hidden, weight, bias, logits, *args, **kwargs):
+                return check(model, hidden, weight, bias, logits + 1e3, *args, **kwargs)
+
+            losses._head_matches = shifted
+
     def on_before_backward(self, trainer, pl_module, loss):
         import lightning_nf4.losses as losses
 
@@ -75,15 +90,16 @@ class Record(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
     def on_fit_end(self, trainer, pl_module):
+        import lightning_nf4.losses as losses
         from lightning_nf4.strategies.fsdp import full_trainable_state
 
         state = full_trainable_state(pl_module)
         torch.save({"losses": self.losses, "before": pl_module.perplexity_before, "after": pl_module.perplexity_after,
                     "trainable": state, "unsharded": self.unsharded, "resharded": self.resharded,
-                    "released": self.released}, self.out / f"rank{trainer.global_rank}.pt")
+                    "released": self.released, "fell_back": len(losses._logits_differ) > 0}, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch_size: int) -> None:
+def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch_size: int, disagree: bool = False) -> None:
     pl.seed_everything(0)
     frozen_head = strategy.endswith("_frozen_head")
     strategy = strategy.removesuffix("_frozen_head")
@@ -100,7 +116,7 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
         accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         plugins=NF4Precision(compute_dtype=torch.float32),
-        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=None if frozen_head else ["lm_head"]), Record(out)],
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=None if frozen_head else ["lm_head"]), Record(out, disagree)],
     )
     trainer.fit(module, datamodule=Data(batch_size))
 
@@ -111,4 +127,4 @@ isolated.end_process_groups_at_exit()
 if __name__ == "__main__":
     out_dir = Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    run(sys.argv[1], out_dir, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    run(sys.argv[1], out_dir, sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7:] == ["disagree"])

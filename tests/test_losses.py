@@ -358,21 +358,27 @@ def test_module_validation_perplexity_is_unchanged(model_dir):
         CausalLMModule(str(model_dir), loss="fused")
 
 
-@pytest.mark.timeout(700)  # five two-rank runs, two at a time, each stopped at 200 s
+@pytest.mark.timeout(700)  # six two-rank runs, two at a time, each stopped at 200 s
 def test_module_under_fsdp2_matches_the_plain_loss(model_dir, tmp_path):
     """Two gloo ranks each, side by side: the plain loss, the chunked loss with lm_head in the FSDP root (the
     strategy's layout) and with lm_head a unit of its own. lm_head is trained too, so its gradient goes through
     the units the chunked loss gathers again after the forward; and both losses with lm_head frozen, where the
-    chunked loss reshards the head before backward."""
+    chunked loss reshards the head before backward. Last, the frozen chunked run where rank 1 alone finds the
+    logits unlike lm_head's: both ranks take the plain path together (apart, their collectives would not pair)."""
     worker = ROOT / "tests" / "losses_fsdp_worker.py"
     runs = {"plain": ("plain", "nf4_fsdp"), "chunked": ("chunked", "nf4_fsdp"), "head_unit": ("chunked", "nf4_fsdp_head_unit"),
-            "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head")}
-    done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2"]
-                              for name, (mode, strategy) in runs.items()}, timeout=200)
+            "frozen_plain": ("plain", "nf4_fsdp_frozen_head"), "frozen": ("chunked", "nf4_fsdp_frozen_head"),
+            "disagree": ("chunked", "nf4_fsdp_frozen_head", "disagree")}
+    done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode, strategy, "2", "2", *rest]
+                              for name, (mode, strategy, *rest) in runs.items()}, timeout=200)
     for name, result in done.items():
         assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
     assert out["plain"][0]["unsharded"] == 0
+    assert [rank["fell_back"] for rank in out["disagree"]] == [True, True]
+    assert not any(rank["fell_back"] for name in ("chunked", "head_unit", "frozen") for rank in out[name])
+    for got, want in zip(out["disagree"], out["frozen_plain"]):
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=1e-5)
     for name in ("chunked", "head_unit", "frozen"):
         chunked, plain = out[name], out["frozen_plain" if name == "frozen" else "plain"]
         assert chunked[0]["unsharded"] > 0, name  # the chunked loss gathered FSDP's units itself

@@ -364,6 +364,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_edges_export.py", "tests/test_edges_export2.py", "tests/test_lora.py", "tests/test_lightning.py"),
     ),
     Mutation(
+        "loss-path-per-rank",
+        "under FSDP each rank decides alone whether the logits are lm_head's (one may take the plain loss while the others chunk)",
+        "lightning_nf4/losses.py",
+        (("        elif sharded:\n            matches = _all_ranks_agree(matches, logits.device)\n", ""),),
+        ("tests/test_losses.py",),
+    ),
+    Mutation(
         "sharded-export-peft-prefix",
         "the sharded merged export names keys from the first transformers model only (a PEFT-wrapped plain module keeps PEFT's prefix)",
         "lightning_nf4/export.py",

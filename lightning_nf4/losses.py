@@ -431,12 +431,9 @@ def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Option
         theirs = logits[:, -1:].float()
         tol = float(2e-2 * theirs.abs().max().clamp(min=1e-6))
         matches = here = bool(torch.allclose(ours, theirs, rtol=2e-2, atol=tol))
-        if parallel:
-            from lightning_nf4.strategies.vocab_parallel import all_ranks_agree
-
-            matches = all_ranks_agree(matches, head)  # type: ignore[arg-type]
-        elif sharded:
-            matches = _all_ranks_agree(matches, logits.device)
+        if parallel or sharded:  # the vocabulary-parallel head's ranks, or all of FSDP's
+            group = head.weight.device_mesh.get_group() if parallel else None  # type: ignore[union-attr]
+            matches = _all_ranks_agree(matches, logits.device, group)
     if matches:
         _head_checked.add(model)
         return True
@@ -447,14 +444,15 @@ def _head_matches(model: nn.Module, hidden: Tensor, weight: Tensor, bias: Option
     return False
 
 
-def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """``flag`` and-ed over every rank of the default process group (FSDP's ranks): one choice for all."""
+def _all_ranks_agree(flag: bool, device: torch.device, group: Any = None) -> bool:
+    """``flag`` and-ed over ``group``'s ranks (the default group: every rank): a choice between paths with
+    different collectives is made together."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return flag
     value = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return bool(value.item())
 
 

@@ -367,7 +367,8 @@ MUTATIONS: list[Mutation] = [
         "loss-path-per-rank",
         "under FSDP each rank decides alone whether the logits are lm_head's (one may take the plain loss while the others chunk)",
         "lightning_nf4/losses.py",
-        (("        elif sharded:\n            matches = _all_ranks_agree(matches, logits.device)\n", ""),),
+        (("        if parallel or sharded:  # the vocabulary-parallel head's ranks, or all of FSDP's\n",
+          "        if parallel:\n"),),
         ("tests/test_losses.py",),
     ),
     Mutation(

@@ -58,8 +58,9 @@ def run(args: Sequence[str], *, timeout: float, capture_output: bool = False, ch
 def run_many(commands: Mapping[str, Sequence[str]], *, timeout: float, at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
     """Run ``commands`` (name -> argv), at most ``at_once`` at a time, each with ``timeout`` seconds from its start,
     and return each one's text result. Multi-rank runs side by side oversubscribe a 2-core machine: ten ranks at
-    once ran when a rank aborted in CI (a collective mismatch, see test_losses; fewer at once is cheap insurance). Output goes to files (no pipe to fill while another run is
-    waited on). A run past its timeout raises ``subprocess.TimeoutExpired``; the others are killed with it."""
+    once ran when a rank aborted in CI (a collective mismatch, see test_losses; fewer at once is cheap insurance).
+    Output goes to files (no pipe to fill while another run is waited on). A run past its timeout raises
+    ``subprocess.TimeoutExpired``; the others are killed with it."""
     pending, running, done = list(commands.items()), {}, {}
     try:
         while pending or running:

@@ -84,14 +84,6 @@ def is_vocab_parallel(module: Optional[nn.Module]) -> bool:
     return isinstance(module, (VocabParallelEmbedding, VocabParallelHead))
 
 
-def all_ranks_agree(flag: bool, table: nn.Module) -> bool:
-    """``flag`` and-ed over the table's ranks: a choice between paths with different collectives is made together."""
-    _, group, _ = _local(table.weight)
-    value = torch.tensor([int(flag)], dtype=torch.int64, device=table.weight.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-    return bool(value.item())
-
-
 @contextmanager
 def local_logits(head: nn.Module) -> Iterator[None]:
     """While active, a ``VocabParallelHead`` returns its local vocabulary columns only (no communication)."""

@@ -1,4 +1,5 @@
-"""CausalLMModule fit with one loss mode under NF4FSDPStrategy (FSDP2, gloo) or one process; used by tests/test_losses.py.
+"""CausalLMModule fit with one loss mode under NF4FSDPStrategy (FSDP2; gloo, or NCCL with
+LOSSES_WORKER_ACCELERATOR=gpu) or one process; used by tests/test_losses.py and tests/test_gpu_fsdp.py.
 
     python tests/losses_fsdp_worker.py MODEL_DIR OUT_DIR LOSS STRATEGY DEVICES BATCH_SIZE [disagree]
 
@@ -6,12 +7,14 @@ With ``disagree``, rank 1 alone finds the model's logits unlike lm_head's (its c
 ranks must still take one loss path together, the plain one.
 
 STRATEGY: nf4_fsdp (lm_head in the FSDP root), nf4_fsdp_head_unit (lm_head sharded as a unit of its own, as
-a user may do), or auto (one process). The model's lm_head is trained in full (modules_to_save) besides
+a user may do), nf4_fsdp_vocab (the strategy's default: a frozen lm_head and embeddings split by vocabulary
+rows), or auto (one process). The model's lm_head is trained in full (modules_to_save) besides
 LoRA, so the head weight's gradient goes through the loss too; with a ``_frozen_head`` suffix it stays frozen
 (the usual QLoRA set-up), and the loss may let the gathered head go before backward. Each rank writes OUT_DIR/rank<r>.pt: the step losses, the perplexities the module
 measured before and after fit, and the trainable weights gathered whole.
 """
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -103,6 +106,8 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
     pl.seed_everything(0)
     frozen_head = strategy.endswith("_frozen_head")
     strategy = strategy.removesuffix("_frozen_head")
+    by_vocabulary = strategy.endswith("_vocab")  # the strategy's default for a frozen head: split by vocabulary rows
+    strategy = strategy.removesuffix("_vocab")
     module = CausalLMModule(model_dir, compute_dtype="float32", loss=loss, loss_chunk_size=16, learning_rate=1e-2, max_new_tokens=2)
     if strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
@@ -111,9 +116,9 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
         units = ["LlamaDecoderLayer", "Linear"] if strategy.endswith("head_unit") else "auto"
         # the head as FSDP holds it, gathered again by the loss (what these runs observe); a frozen head split by
         # vocabulary instead (the default with a frozen head) is tests/test_vocab_parallel.py's
-        strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=120), vocab_parallel=False)
+        strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=120), vocab_parallel="auto" if by_vocabulary else False)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
+        accelerator=os.environ.get("LOSSES_WORKER_ACCELERATOR", "cpu"), devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         plugins=NF4Precision(compute_dtype=torch.float32),
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=None if frozen_head else ["lm_head"]), Record(out, disagree)],

@@ -112,6 +112,26 @@ def test_strategy_names_resolve(name):
     assert trainer.strategy.cpu_offload is name.endswith("offload")
 
 
+def test_what_sharding_leaves_moves_to_the_device_and_parameters_stay():
+    """A LightningModule's metric (no parameters, so in no FSDP unit) and a loose buffer must follow the model to
+    the root device, or a GPU run fails at the first validation step; parameters stay where sharding put them."""
+    from torchmetrics.aggregation import MeanMetric
+
+    from lightning_nf4.strategies.fsdp import move_unsharded_state
+
+    module = torch.nn.Module()
+    module.body = torch.nn.Linear(4, 4)
+    module.body.register_buffer("scale", torch.ones(4))
+    module.metric = MeanMetric()
+    module.register_buffer("pending", torch.zeros(2, device="meta"))  # materialized later by its owner: left alone
+    target = torch.device("meta")  # another device than the CPU, the only one here
+    move_unsharded_state(module, target)
+    assert module.metric.device == target and all(t.device == target for t in module.metric.metric_state.values())
+    assert module.body.scale.device == target
+    assert module.body.weight.device.type == "cpu" and module.body.bias.device.type == "cpu"
+    assert module.pending.is_meta
+
+
 def test_sharding_units_default_to_the_decoder_layer():
     from tests.lightning_models import tiny_llama
 

@@ -58,3 +58,37 @@ def test_two_gpu_checkpoint_streams_into_shards(tmp_path):
     assert_ranks_hold_their_rows(sharded, tmp_path / "hf", device="cuda")
     loss = (sharded[0]["first_loss"].cpu() + sharded[1]["first_loss"].cpu()) / 2  # each rank's loss on its own GPU
     torch.testing.assert_close(loss, whole["first_loss"].cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(1300)  # four two-rank runs, one at a time, each stopped at 300 s
+def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path):
+    """CausalLMModule (the CLI's module) under NCCL, with its validation metric: the chunked loss with lm_head frozen
+    equals the plain loss, gathered by FSDP or split by vocabulary rows (the default); and when rank 1 alone finds
+    the logits unlike lm_head's, both ranks take the plain path together (an all-reduce on the logits' device).
+    tests/test_losses.py and tests/test_vocab_parallel.py run the same on gloo."""
+    import sys
+
+    from tests import isolated
+    from tests.test_losses import ROOT, save_shardable_llama
+
+    model_dir = save_shardable_llama(tmp_path / "model")
+    runs = {"frozen_plain": ("plain", "nf4_fsdp"), "frozen": ("chunked", "nf4_fsdp"), "disagree": ("chunked", "nf4_fsdp", "disagree"),
+            "vocab": ("chunked", "nf4_fsdp_vocab")}
+    worker = ROOT / "tests" / "losses_fsdp_worker.py"
+    os.environ["LOSSES_WORKER_ACCELERATOR"] = "gpu"
+    try:
+        done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode,
+                                         f"{strategy}_frozen_head", "2", "2", *rest] for name, (mode, strategy, *rest) in runs.items()},
+                                 timeout=300, at_once=1)
+    finally:
+        del os.environ["LOSSES_WORKER_ACCELERATOR"]
+    for name, result in done.items():
+        assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
+    out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
+    assert [rank["fell_back"] for rank in out["disagree"]] == [True, True]
+    assert not any(rank["fell_back"] for name in ("frozen", "vocab") for rank in out[name])
+    assert out["frozen"][0]["unsharded"] > 0  # the chunked loss gathered the head itself
+    assert out["vocab"][0]["unsharded"] == 0  # split by vocabulary: never gathered
+    for name in ("frozen", "disagree", "vocab"):
+        for got, want in zip(out[name], out["frozen_plain"]):
+            torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-4)

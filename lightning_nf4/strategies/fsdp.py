@@ -167,12 +167,20 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             apply = getattr(self.precision_plugin, "apply_low_memory_recompute", None)
             if apply is not None:  # sharding is for memory: the recompute keeps no dequantized layer, unless told otherwise
                 apply(self.model, default=True)
+        self.model_to_device()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def model_to_device(self) -> None:
+        """What sharding left where it was (modules without parameters: torchmetrics' metrics, buffers) goes to
+        the root device, as Lightning's strategies move the rest of a model; parameters stay where sharding (and
+        CPU offload) put them, so this is not ``model.to(device)``."""
+        assert self.model is not None
+        move_unsharded_state(self.model, self.root_device)
 
     def _check_precision(self) -> None:
         from lightning.pytorch.plugins.precision import BitsandbytesPrecision, FSDPPrecision
@@ -452,6 +460,20 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
                     sub.reset_parameters()
             else:  # a transformers model's own init: also norms and rotary tables, which have no reset_parameters
                 hf._init_weights(sub)
+
+
+def move_unsharded_state(module: nn.Module, device: torch.device) -> None:
+    """Move every buffer and every module without parameters (a metric's states) under ``module`` to ``device``,
+    leaving the parameters alone. Tensors still on ``meta`` are left for whoever materializes them."""
+    if next(module.parameters(), None) is None:
+        if not any(t.is_meta for t in module.buffers()):
+            module.to(device)  # not _apply: a torchmetrics Metric's states and its device follow .to
+        return
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer is not None and not buffer.is_meta and buffer.device != device:
+            setattr(module, name, buffer.to(device))
+    for child in module.children():
+        move_unsharded_state(child, device)
 
 
 def own_modules(module: nn.Module, fsdp_type: type) -> Iterable[nn.Module]:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import lightning.pytorch as pl
 import pytest
@@ -358,8 +359,14 @@ def test_prefetch_must_be_a_count():
 
 
 def test_cli_fit_under_nf4_fsdp_streams_the_checkpoint(tmp_path):
-    """``lightning-nf4 fit`` with ``strategy: nf4_fsdp`` on two gloo ranks: CausalLMModule loads its checkpoint on
-    meta, each rank fills its shards, the chunked loss runs on the sharded model, and the exports are written."""
+    """``lightning-nf4 fit`` with ``strategy: nf4_fsdp`` on two gloo ranks (tests/test_gpu_fsdp.py: on two GPUs)."""
+    cli_fsdp_fit(tmp_path)
+
+
+def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[list[str]] = None) -> None:
+    """``lightning-nf4 fit`` (or ``command``) with ``strategy: nf4_fsdp`` on two ranks: CausalLMModule loads its
+    checkpoint on meta, each rank fills its shards, the chunked loss runs on the sharded model, validation measures
+    perplexity, and the exports are written."""
     import yaml
 
     from tests.test_cli import SENTENCES, save_tiny_llama, write_config
@@ -371,16 +378,23 @@ def test_cli_fit_under_nf4_fsdp_streams_the_checkpoint(tmp_path):
             "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 2, "val_fraction": 0.25}}
     config_path = write_config(tmp_path, model_dir, data, bnb_4bit_use_double_quant=False)
     config = yaml.safe_load(config_path.read_text())
-    config["trainer"].update(devices=2, max_steps=2, strategy="nf4_fsdp")
+    config["trainer"].update(devices=2, max_steps=2, strategy="nf4_fsdp", accelerator=accelerator, val_check_interval=1,
+                             logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}})
     config["trainer"]["plugins"]["init_args"]["double_quant"] = False  # 64-wide layers split on 64-element blocks
     config_path.write_text(yaml.safe_dump(config))
-    import shutil
+    if command is None:
+        import shutil
 
-    script = shutil.which("lightning-nf4")  # Lightning starts the second rank by running the same command again
-    assert script is not None, "the package is not installed (pip install -e .)"
-    done = isolated.run([script, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        script = shutil.which("lightning-nf4")  # Lightning starts the second rank by running the same command again
+        assert script is not None, "the package is not installed (pip install -e .)"
+        command = [script]
+    done = isolated.run([*command, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in said
+    assert "perplexity change:" in said  # measured before and after fit, on the sharded model
+    logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
+    assert "val_perplexity" in logged.splitlines()[0]  # validation steps ran (the metric on the ranks' device)
     out = tmp_path / "fit-out"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "model.safetensors.index.json").is_file()

@@ -92,3 +92,12 @@ def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path):
     for name in ("frozen", "disagree", "vocab"):
         for got, want in zip(out[name], out["frozen_plain"]):
             torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-4)
+
+
+def test_two_gpu_cli_fit_under_nf4_fsdp(tmp_path):
+    """The CLI's sharded fit (tests/test_fsdp.py runs it on gloo) on two GPUs, started as ``python -m``."""
+    import sys
+
+    from tests.test_fsdp import cli_fsdp_fit
+
+    cli_fsdp_fit(tmp_path, "gpu", [sys.executable, "-m", "lightning_nf4.cli"])

@@ -120,7 +120,7 @@ def test_what_sharding_leaves_moves_to_the_device_and_parameters_stay():
 
     from lightning_nf4.strategies.fsdp import move_unsharded_state
 
-    module = torch.nn.Module()
+    module = pl.LightningModule()
     module.body = torch.nn.Linear(4, 4)
     module.body.register_buffer("scale", torch.ones(4))
     module.metric = MeanMetric()
@@ -131,6 +131,7 @@ def test_what_sharding_leaves_moves_to_the_device_and_parameters_stay():
     assert module.body.scale.device == target
     assert module.body.weight.device.type == "cpu" and module.body.bias.device.type == "cpu"
     assert module.pending.is_meta
+    assert module.device == target  # the LightningModule's own record (its generate and perplexity place tensors by it)
 
 
 def test_sharding_units_default_to_the_decoder_layer():
@@ -376,7 +377,7 @@ def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[lis
     corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
     data = {"class_path": "lightning_nf4.data.TextDataModule",
             "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 2, "val_fraction": 0.25}}
-    config_path = write_config(tmp_path, model_dir, data, bnb_4bit_use_double_quant=False)
+    config_path = write_config(tmp_path, model_dir, data, bnb_4bit_use_double_quant=False, generation_prompts=["The quick"])
     config = yaml.safe_load(config_path.read_text())
     config["trainer"].update(devices=2, max_steps=2, strategy="nf4_fsdp", accelerator=accelerator, val_check_interval=1,
                              logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}})
@@ -393,6 +394,7 @@ def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[lis
     said = done.stdout + done.stderr
     assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in said
     assert "perplexity change:" in said  # measured before and after fit, on the sharded model
+    assert "generation: 'The quick' -> " in said  # generate() on the sharded model, its prompt on the module's device
     logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
     assert "val_perplexity" in logged.splitlines()[0]  # validation steps ran (the metric on the ranks' device)
     out = tmp_path / "fit-out"

@@ -464,7 +464,16 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
 
 def move_unsharded_state(module: nn.Module, device: torch.device) -> None:
     """Move every buffer and every module without parameters (a metric's states) under ``module`` to ``device``,
-    leaving the parameters alone. Tensors still on ``meta`` are left for whoever materializes them."""
+    leaving the parameters alone, and record ``device`` as a LightningModule's ``.device`` (what ``.to`` would
+    record: ``self.device`` places a module's own tensors). Tensors still on ``meta`` are left for whoever
+    materializes them."""
+    from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+
+    _update_properties(module, device=device)
+    _move_leftovers(module, device)
+
+
+def _move_leftovers(module: nn.Module, device: torch.device) -> None:
     if next(module.parameters(), None) is None:
         if not any(t.is_meta for t in module.buffers()):
             module.to(device)  # not _apply: a torchmetrics Metric's states and its device follow .to
@@ -473,7 +482,7 @@ def move_unsharded_state(module: nn.Module, device: torch.device) -> None:
         if buffer is not None and not buffer.is_meta and buffer.device != device:
             setattr(module, name, buffer.to(device))
     for child in module.children():
-        move_unsharded_state(child, device)
+        _move_leftovers(child, device)
 
 
 def own_modules(module: nn.Module, fsdp_type: type) -> Iterable[nn.Module]:

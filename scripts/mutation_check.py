@@ -372,6 +372,21 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_losses.py",),
     ),
     Mutation(
+        "fsdp-leftovers-stay",
+        "NF4FSDPStrategy leaves what sharding does not move (a metric, loose buffers) where it was: on GPUs validation fails",
+        "lightning_nf4/strategies/fsdp.py",
+        (("    for name, buffer in module.named_buffers(recurse=False):\n        if buffer is not None",
+          "    return\n    for name, buffer in module.named_buffers(recurse=False):\n        if buffer is not None"),),
+        ("tests/test_fsdp.py",),
+    ),
+    Mutation(
+        "fsdp-module-device-unset",
+        "NF4FSDPStrategy does not record the root device as the LightningModule's .device (generation prompts stay on the CPU)",
+        "lightning_nf4/strategies/fsdp.py",
+        (("    _update_properties(module, device=device)\n", ""),),
+        ("tests/test_fsdp.py",),
+    ),
+    Mutation(
         "sharded-export-peft-prefix",
         "the sharded merged export names keys from the first transformers model only (a PEFT-wrapped plain module keeps PEFT's prefix)",
         "lightning_nf4/export.py",

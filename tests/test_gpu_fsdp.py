@@ -20,6 +20,7 @@ def gpu_runs(tmp_path_factory):
             "single": run_worker(root / "single", "auto", 1, 4, timeout=600),
             "fsdp": run_worker(root / "fsdp", "nf4_fsdp", 2, 2, timeout=600),
             "ddp": run_worker(root / "ddp", "ddp", 2, 2, timeout=600),
+            "root": root,
         }
     finally:
         del os.environ["FSDP_WORKER_ACCELERATOR"]
@@ -36,6 +37,19 @@ def test_two_gpu_sharded_run_matches_one_gpu_and_ddp(gpu_runs):
         # 5e-4 absolute, as the CPU test (test_vocab_parallel). Seen on 2 x H100: 1.2e-4 in one of 1024 elements.
         torch.testing.assert_close(value, ddp["trainable"][name], atol=5e-4, rtol=1e-3)
         torch.testing.assert_close(value, single["trainable"][name], atol=5e-4, rtol=1e-3)
+
+
+def test_two_gpu_sharded_resume_continues_exactly(gpu_runs, tmp_path):
+    """Resumed from the end of the first epoch on two GPUs, the second epoch ends on the same adapters, to the bit
+    (as tests/test_fsdp.py checks on gloo)."""
+    ckpt = next((gpu_runs["root"] / "fsdp" / "ckpt").glob("epoch=0-*.ckpt"))
+    os.environ["FSDP_WORKER_ACCELERATOR"] = "gpu"
+    try:
+        resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt), timeout=600)
+    finally:
+        del os.environ["FSDP_WORKER_ACCELERATOR"]
+    for name, value in gpu_runs["fsdp"][0]["trainable"].items():
+        torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)
 
 
 def test_two_gpu_ranks_hold_half_of_every_weight(gpu_runs):

@@ -387,6 +387,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_fsdp.py",),
     ),
     Mutation(
+        "fsdp-user-sharded-accepted",
+        "NF4FSDPStrategy accepts a model the user sharded in configure_model (it trains in float, without NF4 or LoRA)",
+        "lightning_nf4/strategies/fsdp.py",
+        (("        elif self.model not in _SHARDED_HERE:\n", "        elif False:\n"),),
+        ("tests/test_fsdp.py",),
+    ),
+    Mutation(
         "sharded-export-peft-prefix",
         "the sharded merged export names keys from the first transformers model only (a PEFT-wrapped plain module keeps PEFT's prefix)",
         "lightning_nf4/export.py",

@@ -134,6 +134,20 @@ def test_what_sharding_leaves_moves_to_the_device_and_parameters_stay():
     assert module.device == target  # the LightningModule's own record (its generate and perplexity place tensors by it)
 
 
+def test_a_model_sharded_by_the_user_is_refused_and_a_refit_is_not():
+    """A LightningModule whose configure_model calls fully_shard itself (Lightning's ModelParallelStrategy idiom)
+    would train in float, without NF4 or LoRA: an error naming the fix. The same model fit a second time, found
+    sharded by the strategy itself, trains on (one gloo rank in a child process, tests/fsdp_setup_worker.py)."""
+    worker = str(Path(__file__).parent / "fsdp_setup_worker.py")
+    refused = isolated.run([sys.executable, worker, "user_sharded"], capture_output=True, text=True, timeout=200)
+    assert refused.returncode != 0 and "fit:" not in refused.stdout
+    assert "already sharded (fully_shard in configure_model?)" in refused.stderr, refused.stderr[-3000:]
+    refit = isolated.run([sys.executable, worker, "refit"], capture_output=True, text=True, timeout=200)
+    assert refit.returncode == 0, refit.stderr[-3000:]
+    fits = [line for line in refit.stdout.splitlines() if line.startswith("fit:")]
+    assert len(fits) == 2 and fits[0] == fits[1] and "NF4LoraLinear" in fits[0], refit.stdout
+
+
 def test_sharding_units_default_to_the_decoder_layer():
     from tests.lightning_models import tiny_llama
 

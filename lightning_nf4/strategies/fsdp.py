@@ -16,6 +16,7 @@ the root (``lm_head``). Checkpoints hold the trainable weights, consolidated on 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +39,10 @@ from lightning_nf4.layers.linear import NF4Linear
 
 class NF4ShardingConfigError(MisconfigurationException):
     """A sharded-QLoRA configuration that cannot run; the message names the fix."""
+
+
+# Models this strategy sharded (a second fit or a validate with the same model finds them sharded already)
+_SHARDED_HERE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def has_sharded_parameters(module: nn.Module) -> bool:
@@ -167,6 +172,13 @@ class NF4FSDPStrategy(ModelParallelStrategy):
             apply = getattr(self.precision_plugin, "apply_low_memory_recompute", None)
             if apply is not None:  # sharding is for memory: the recompute keeps no dequantized layer, unless told otherwise
                 apply(self.model, default=True)
+        elif self.model not in _SHARDED_HERE:
+            raise NF4ShardingConfigError(
+                f"{type(self.model).__name__}'s parameters are already sharded (fully_shard in configure_model?). NF4FSDPStrategy "
+                "shards the model itself, after the precision plugin has quantized its linears and LoRA is injected; a model "
+                "sharded before that would train in float, without NF4 or LoRA. Build the model in configure_model (on meta "
+                "if you like) without fully_shard, and choose the units with NF4FSDPStrategy(sharding_units=...)."
+            )
         self.model_to_device()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
@@ -277,6 +289,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
         source = deferred_checkpoint(hf)
         filled = f", each filled from {source.index.files[0].parent} as it was sharded" if source is not None else ""
+        _SHARDED_HERE.add(module)
         rank_zero_info(
             f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, "
             + ("the embeddings and head by vocabulary rows" if by_vocabulary else f"{len(tables)} embedding unit(s)")

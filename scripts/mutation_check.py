@@ -375,8 +375,8 @@ MUTATIONS: list[Mutation] = [
         "fsdp-leftovers-stay",
         "NF4FSDPStrategy leaves what sharding does not move (a metric, loose buffers) where it was: on GPUs validation fails",
         "lightning_nf4/strategies/fsdp.py",
-        (("    for name, buffer in module.named_buffers(recurse=False):\n        if buffer is not None",
-          "    return\n    for name, buffer in module.named_buffers(recurse=False):\n        if buffer is not None"),),
+        (("    for name, buffer in module.named_buffers(recurse=False):\n        if not buffer.is_meta",
+          "    return\n    for name, buffer in module.named_buffers(recurse=False):\n        if not buffer.is_meta"),),
         ("tests/test_fsdp.py",),
     ),
     Mutation(

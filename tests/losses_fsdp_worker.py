@@ -114,8 +114,8 @@ def run(model_dir: str, out: Path, loss: str, strategy: str, devices: int, batch
 
         # "Linear" outside the decoder layers is lm_head alone (the LoRA linears sit inside the layer units)
         units = ["LlamaDecoderLayer", "Linear"] if strategy.endswith("head_unit") else "auto"
-        # the head as FSDP holds it, gathered again by the loss (what these runs observe); a frozen head split by
-        # vocabulary instead (the default with a frozen head) is tests/test_vocab_parallel.py's
+        # the head as FSDP holds it, gathered again by the loss, unless "_vocab" asks for the default with a frozen
+        # head: split by vocabulary rows, never gathered (tests/test_vocab_parallel.py covers that layout further)
         strategy = NF4FSDPStrategy(sharding_units=units, timeout=timedelta(seconds=120), vocab_parallel="auto" if by_vocabulary else False)
     trainer = pl.Trainer(
         accelerator=os.environ.get("LOSSES_WORKER_ACCELERATOR", "cpu"), devices=devices, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,

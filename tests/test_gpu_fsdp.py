@@ -2,6 +2,7 @@
 into the shards. Skipped without two GPUs; each run is a subprocess with a timeout (tests/fsdp_worker.py)."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -39,15 +40,12 @@ def test_two_gpu_sharded_run_matches_one_gpu_and_ddp(gpu_runs):
         torch.testing.assert_close(value, single["trainable"][name], atol=5e-4, rtol=1e-3)
 
 
-def test_two_gpu_sharded_resume_continues_exactly(gpu_runs, tmp_path):
+def test_two_gpu_sharded_resume_continues_exactly(gpu_runs, tmp_path, monkeypatch):
     """Resumed from the end of the first epoch on two GPUs, the second epoch ends on the same adapters, to the bit
     (as tests/test_fsdp.py checks on gloo)."""
     ckpt = next((gpu_runs["root"] / "fsdp" / "ckpt").glob("epoch=0-*.ckpt"))
-    os.environ["FSDP_WORKER_ACCELERATOR"] = "gpu"
-    try:
-        resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt), timeout=600)
-    finally:
-        del os.environ["FSDP_WORKER_ACCELERATOR"]
+    monkeypatch.setenv("FSDP_WORKER_ACCELERATOR", "gpu")
+    resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt), timeout=600)
     for name, value in gpu_runs["fsdp"][0]["trainable"].items():
         torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)
 
@@ -59,14 +57,11 @@ def test_two_gpu_ranks_hold_half_of_every_weight(gpu_runs):
         assert sum(h["dtype"] == "torch.uint8" for h in rank["held"].values()) == 14
 
 
-def test_two_gpu_checkpoint_streams_into_shards(tmp_path):
+def test_two_gpu_checkpoint_streams_into_shards(tmp_path, monkeypatch):
     load_worker().shardable_llama().save_pretrained(tmp_path / "hf")
-    os.environ["FSDP_WORKER_ACCELERATOR"] = "gpu"
-    try:
-        sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(tmp_path / "hf"), timeout=600)
-        whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(tmp_path / "hf"), timeout=600)[0]
-    finally:
-        del os.environ["FSDP_WORKER_ACCELERATOR"]
+    monkeypatch.setenv("FSDP_WORKER_ACCELERATOR", "gpu")
+    sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(tmp_path / "hf"), timeout=600)
+    whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(tmp_path / "hf"), timeout=600)[0]
     # quantized on each GPU as the unit is filled: compared with the whole checkpoint quantized on a GPU (the
     # double quantization's offset is a mean, whose last bit depends on the device's reduction order)
     assert_ranks_hold_their_rows(sharded, tmp_path / "hf", device="cuda")
@@ -75,13 +70,11 @@ def test_two_gpu_checkpoint_streams_into_shards(tmp_path):
 
 
 @pytest.mark.timeout(1300)  # four two-rank runs, one at a time, each stopped at 300 s
-def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path):
+def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path, monkeypatch):
     """CausalLMModule (the CLI's module) under NCCL, with its validation metric: the chunked loss with lm_head frozen
     equals the plain loss, gathered by FSDP or split by vocabulary rows (the default); and when rank 1 alone finds
     the logits unlike lm_head's, both ranks take the plain path together (an all-reduce on the logits' device).
     tests/test_losses.py and tests/test_vocab_parallel.py run the same on gloo."""
-    import sys
-
     from tests import isolated
     from tests.test_losses import ROOT, save_shardable_llama
 
@@ -89,13 +82,10 @@ def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path):
     runs = {"frozen_plain": ("plain", "nf4_fsdp"), "frozen": ("chunked", "nf4_fsdp"), "disagree": ("chunked", "nf4_fsdp", "disagree"),
             "vocab": ("chunked", "nf4_fsdp_vocab")}
     worker = ROOT / "tests" / "losses_fsdp_worker.py"
-    os.environ["LOSSES_WORKER_ACCELERATOR"] = "gpu"
-    try:
-        done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode,
-                                         f"{strategy}_frozen_head", "2", "2", *rest] for name, (mode, strategy, *rest) in runs.items()},
-                                 timeout=300, at_once=1)
-    finally:
-        del os.environ["LOSSES_WORKER_ACCELERATOR"]
+    monkeypatch.setenv("LOSSES_WORKER_ACCELERATOR", "gpu")
+    done = isolated.run_many({name: [sys.executable, str(worker), str(model_dir), str(tmp_path / name), mode,
+                                     f"{strategy}_frozen_head", "2", "2", *rest] for name, (mode, strategy, *rest) in runs.items()},
+                             timeout=300, at_once=1)
     for name, result in done.items():
         assert result.returncode == 0, f"{name}: {isolated.failure(result)}"
     out = {name: [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)] for name in runs}
@@ -110,8 +100,6 @@ def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path):
 
 def test_two_gpu_cli_fit_under_nf4_fsdp(tmp_path):
     """The CLI's sharded fit (tests/test_fsdp.py runs it on gloo) on two GPUs, started as ``python -m``."""
-    import sys
-
     from tests.test_fsdp import cli_fsdp_fit
 
     cli_fsdp_fit(tmp_path, "gpu", [sys.executable, "-m", "lightning_nf4.cli"])

@@ -492,7 +492,7 @@ def _move_leftovers(module: nn.Module, device: torch.device) -> None:
             module.to(device)  # not _apply: a torchmetrics Metric's states and its device follow .to
         return
     for name, buffer in module.named_buffers(recurse=False):
-        if buffer is not None and not buffer.is_meta and buffer.device != device:
+        if not buffer.is_meta:
             setattr(module, name, buffer.to(device))
     for child in module.children():
         _move_leftovers(child, device)

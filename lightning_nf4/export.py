@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear
-from lightning_nf4.publish import MANIFEST, publish
+from lightning_nf4.publish import publish
 
 
 def find_hf_model(module: nn.Module) -> tuple[str, Optional[nn.Module]]:

@@ -258,7 +258,7 @@ class LoRACallback(Callback):
             info={"step": trainer.global_step, "epoch": trainer.current_epoch, "source": "fit"},
         )
         if written:
-            rank_zero_info(f"LoRACallback: {' and '.join(written)} written to {self.save_dir} ({export.MANIFEST} lists them)")
+            rank_zero_info(f"LoRACallback: {' and '.join(written)} written to {self.save_dir} ({publish.MANIFEST} lists them)")
         if sharded:
             trainer.strategy.barrier()
 

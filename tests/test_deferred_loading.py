@@ -49,6 +49,17 @@ def test_meta_load_reads_nothing_then_materializes_to_the_eager_load(tmp_path, t
     _assert_same(eager, lazy)
 
 
+def test_materialize_reads_into_host_memory_under_a_default_device(tmp_path):
+    """``materialize`` called where a default device is set (``meta`` standing in for the GPU of a Lightning
+    configure_model) still reads the checkpoint into host memory, and equals the eager load."""
+    folder = _save_llama(tmp_path, tie=False)
+    eager = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, progress=False)
+    lazy = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device="meta")
+    with torch.device("meta"):
+        materialize(lazy, "cpu")
+    _assert_same(eager, lazy)
+
+
 def test_meta_load_of_a_prequantized_checkpoint(tmp_path):
     folder = _save_llama(tmp_path, tie=False)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, progress=False)

@@ -139,6 +139,40 @@ def test_building_the_first_layer_under_a_meta_device_context():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-2000:]
 
 
+_UNDER_A_DEFAULT_DEVICE = """
+import torch
+from lightning_nf4 import NF4Linear
+from lightning_nf4.format import quantize_nf4
+from lightning_nf4.layers.group import DequantGroup
+from lightning_nf4.kernels import cpu
+
+assert cpu.available(), "the C library is not built; this check needs it"
+torch.manual_seed(0)
+layers = [NF4Linear.from_linear(torch.nn.Linear(256, n, dtype=torch.bfloat16)) for n in (64, 96)]
+w = torch.randn(96, 256)
+one, many = torch.randn(1, 256, dtype=torch.bfloat16), torch.randn(5, 256, dtype=torch.bfloat16)
+
+def results():
+    q = quantize_nf4(w, 64, True)
+    group = DequantGroup(layers)
+    return [q.packed, q.absmax, q.dequantize(torch.float32), layers[0](one), layers[0](many), group.weight(layers[1], torch.bfloat16)]
+
+outside = results()
+with torch.device("meta"):  # the C kernels must write into host memory they allocate, never a default device's
+    inside = results()
+assert all(b.device.type == "cpu" and torch.equal(a, b) for a, b in zip(outside, inside))
+print("ok")
+"""
+
+
+def test_the_cpu_kernels_allocate_host_memory_under_a_default_device():
+    """Lightning's configure_model runs under ``torch.device(root_device)``: a CPU kernel called there (quantize,
+    dequantize, the 1-token product, a group's dequantize) must still allocate what its C code writes on the host
+    (``meta`` stands in for the GPU here). A child process, since a C write through a meta pointer crashes it."""
+    done = isolated.run([sys.executable, "-c", _UNDER_A_DEFAULT_DEVICE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.stdout + done.stderr)[-2000:]
+
+
 def test_gemv_setting_with_rows_the_kernel_does_not_take_is_refused_by_name():
     """The gemv kernel takes 1, 2 or 4 rows per program (one accumulator each); a forced setting with another
     count is an error that names the allowed counts, not a kernel compiled to compute the wrong rows."""

@@ -50,6 +50,18 @@ def test_streaming_load_equals_load_then_convert(float_dir):
     assert ours.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
 
 
+def test_a_default_device_set_by_the_caller_does_not_reach_the_loader(float_dir):
+    """Lightning runs configure_model under ``torch.device(root_device)`` (CUDA on a GPU run): the loader must still
+    read into host memory and place each tensor itself. ``meta`` stands in for the GPU on a CPU machine."""
+    outside = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False)
+    with torch.device("meta"):
+        inside = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, device="cpu", progress=False)
+    assert all(t.device.type == "cpu" for t in [*inside.parameters(), *inside.buffers()])
+    a, b = nf4_state(outside), nf4_state(inside)
+    assert a.keys() == b.keys() and all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
+    assert torch.equal(logits(outside), logits(inside))
+
+
 def test_bin_fallback_and_float_load(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)

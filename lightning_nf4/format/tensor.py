@@ -162,7 +162,7 @@ class NF4Tensor(Tensor):
             views: list[Optional[Tensor]] = [None] * len(layout)
             offset = 0
             for index, dtype, numel in layout:
-                size = numel * torch.empty((), dtype=dtype).element_size()
+                size = numel * dtype.itemsize
                 views[index] = buffer[offset:offset + size].view(dtype)
                 offset += size
             parts = tuple(v for v in views if v is not None)

@@ -115,8 +115,8 @@ def quantize_4bit(weight: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     weight = weight.contiguous()
     n = weight.numel()
     num_blocks = -(-n // blocksize)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(num_blocks, dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device="cpu")  # C writes here: never a default device's
+    absmax = torch.empty(num_blocks, dtype=torch.float32, device="cpu")
     mids = midpoints(code.float().cpu()).contiguous()
     zero_code = int((mids < 0).sum())
     fn = getattr(lib, f"lnf4_quantize_4bit_{_SUFFIX[weight.dtype]}")
@@ -143,7 +143,7 @@ def dequantize_4bit(
     assert lib is not None
     keep, scales = _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize)
     if out is None:
-        out = torch.empty(numel, dtype=dtype)
+        out = torch.empty(numel, dtype=dtype, device="cpu")
         _prefer_huge_pages(out)
     fn = getattr(lib, f"lnf4_dequantize_4bit_{_SUFFIX[dtype]}")
     args = (keep[0].data_ptr(), ctypes.byref(scales), keep[2].data_ptr(), numel, blocksize, out.data_ptr())
@@ -196,7 +196,7 @@ def gemv_4bit(
     lib = _library()
     assert lib is not None and has_gemv(in_features, blocksize)
     keep, scales = _scales(packed, absmax, code, nested_absmax, nested_code, offset, nested_blocksize)
-    out = torch.empty(out_features, dtype=torch.float32)
+    out = torch.empty(out_features, dtype=torch.float32, device="cpu")
     if x.dtype == torch.bfloat16:  # read in place, two elements per 32-bit word
         x = x.reshape(-1).contiguous()
         if x.data_ptr() % 4:

@@ -176,7 +176,7 @@ def _(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code
 def _dequantize_4bit_group_cpu(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize=256):
     if not cpu.supports(dtype):
         return _group_by_parts(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
-    out = torch.empty(sum(numels), dtype=dtype)
+    out = torch.empty(sum(numels), dtype=dtype, device="cpu")
     start = 0
     for p, a, n, nested in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):
         cpu.dequantize_4bit(p, a, code, blocksize, n, dtype, *nested, nested_blocksize, out=out[start:start + n])

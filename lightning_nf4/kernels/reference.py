@@ -49,8 +49,8 @@ _LUT_SIZE = 65536
 def _nearest_code_lut(code_key: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # bitsandbytes' CPU reference maps a normalised value to one of 65536 evenly spaced grid points
     # and takes the code nearest to that point. Reproducing the grid keeps nested codes bit-identical.
-    code = torch.tensor(code_key, dtype=torch.float32)
-    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    code = torch.tensor(code_key, dtype=torch.float32, device="cpu")
+    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device="cpu")) / (_LUT_SIZE - 1)
     return torch.searchsorted(midpoints(code), grid).to(torch.uint8).to(device)
 
 

@@ -207,7 +207,7 @@ def _group_table(device: torch.device, packed, absmax, nested_absmax, offsets, n
         # From pinned memory without blocking: a copy from pageable memory waits for the stream to drain, which
         # under FSDP2 (fresh all-gather buffers, so a new table, every layer and pass) stalls the host each
         # layer and leaves no all-gather overlapped with compute.
-        host = torch.tensor(rows, dtype=torch.int64)
+        host = torch.tensor(rows, dtype=torch.int64, device="cpu")
         if device.type == "cuda":
             host = host.pin_memory()
         table = _group_tables[key] = host.to(device, non_blocking=True)

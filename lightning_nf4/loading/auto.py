@@ -55,6 +55,16 @@ class AutoModelForCausalLM:
         ``NF4FSDPStrategy`` fills it one sharding unit at a time on each rank, keeping only that rank's
         shard (``lightning_nf4.loading.materialize(model, device)`` fills it whole, for one device).
         """
+        # Lightning calls configure_model under ``torch.device(root_device)``; the loader reads into host memory and
+        # places every tensor itself, so a default device set by the caller must not reach its factory calls.
+        with torch.device("cpu"):
+            return cls._load(pretrained_model_name_or_path, quantization_config, device, dtype, gguf_file, progress, config_kwargs)
+
+    @classmethod
+    def _load(
+        cls, pretrained_model_name_or_path: Union[str, Path], quantization_config: Any, device: Union[str, torch.device, None],
+        dtype: Optional[torch.dtype], gguf_file: Optional[str], progress: bool, config_kwargs: dict[str, Any],
+    ) -> nn.Module:
         import transformers
 
         path = resolve_model_path(str(pretrained_model_name_or_path))

@@ -110,7 +110,7 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
             if dtype is None:
                 raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which lightning-nf4 cannot read.")
             begin, stop = entry["data_offsets"]
-            buffer = torch.empty(stop - begin, dtype=torch.uint8)
+            buffer = torch.empty(stop - begin, dtype=torch.uint8, device="cpu")  # host memory, whatever the default device
             handle.seek(data_start + begin)
             if handle.readinto(memoryview(buffer.numpy())) != stop - begin:
                 raise CheckpointError(f"{file} ended inside tensor {name!r}; the file is truncated. Re-download it.")
@@ -155,7 +155,7 @@ class CheckpointIndex:
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which lightning-nf4 cannot read.")
         begin, stop = entry["data_offsets"]
-        buffer = torch.empty(stop - begin, dtype=torch.uint8)
+        buffer = torch.empty(stop - begin, dtype=torch.uint8, device="cpu")  # host memory, whatever the default device
         with open(file, "rb") as handle:
             handle.seek(data_start + begin)
             if handle.readinto(memoryview(buffer.numpy())) != stop - begin:

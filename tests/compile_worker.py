@@ -1,5 +1,5 @@
 """A QLoRA fit with LoRACallback(compile=...) on CPU, one process, DDP or NF4FSDPStrategy (gloo); used by
-tests/test_compile.py.
+tests/test_compile.py (and, in-process on one GPU, by tests/test_gpu_lightning.py).
 
     python tests/compile_worker.py OUT_DIR STRATEGY DEVICES BATCH_SIZE COMPILE [RESUME_CKPT]
 
@@ -44,10 +44,11 @@ class Dump(pl.Callback):
         }, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, resume: str = "") -> None:
+def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, resume: str = "",
+        accelerator: str = "cpu", compute_dtype: torch.dtype = torch.float32) -> None:
     pl.seed_everything(0)
     model = CausalLM(lr=1e-2)
-    precision = NF4Precision(compute_dtype=torch.float32)
+    precision = NF4Precision(compute_dtype=compute_dtype)
     if strategy in ("nf4_fsdp", "nf4_fsdp_whole"):  # _whole: the host-bound setting, adapters whole and offload on
         from lightning_nf4.strategies import NF4FSDPStrategy
         from tests.fsdp_worker import shardable_llama
@@ -62,7 +63,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, compile: bool, 
         strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_epochs=2, logger=False,
+        accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=2, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         plugins=precision,
         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), compile=compile), Dump(out), checkpoint],

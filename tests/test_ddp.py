@@ -47,3 +47,12 @@ def test_failing_rank_stops_the_run(tmp_path):
     assert result.returncode != 0
     assert "injected failure on rank 1" in result.stderr
     assert not (tmp_path / "rank0.pt").exists()
+
+
+def test_cli_fit_under_ddp_on_two_ranks(tmp_path):
+    """``lightning-nf4 fit`` with ``strategy: ddp`` on two gloo ranks (configs/ddp-2gpu.yaml's setup; on two GPUs in
+    tests/test_gpu_fsdp.py): each rank loads the whole model in configure_model, validation and generation run, and
+    rank 0 writes the exports."""
+    from tests.test_fsdp import cli_fit_on_two_ranks
+
+    cli_fit_on_two_ranks(tmp_path, strategy="ddp")

@@ -375,13 +375,13 @@ def test_prefetch_must_be_a_count():
 
 def test_cli_fit_under_nf4_fsdp_streams_the_checkpoint(tmp_path):
     """``lightning-nf4 fit`` with ``strategy: nf4_fsdp`` on two gloo ranks (tests/test_gpu_fsdp.py: on two GPUs)."""
-    cli_fsdp_fit(tmp_path)
+    cli_fit_on_two_ranks(tmp_path)
 
 
-def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[list[str]] = None) -> None:
+def cli_fit_on_two_ranks(tmp_path: Path, accelerator: str = "cpu", command: Optional[list[str]] = None, strategy: str = "nf4_fsdp") -> None:
     """``lightning-nf4 fit`` (or ``command``) with ``strategy: nf4_fsdp`` on two ranks: CausalLMModule loads its
     checkpoint on meta, each rank fills its shards, the chunked loss runs on the sharded model, validation measures
-    perplexity, and the exports are written."""
+    perplexity, and the exports are written. ``strategy="ddp"``: each rank loads the whole model on its device."""
     import yaml
 
     from tests.test_cli import SENTENCES, save_tiny_llama, write_config
@@ -393,7 +393,7 @@ def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[lis
             "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 2, "val_fraction": 0.25}}
     config_path = write_config(tmp_path, model_dir, data, bnb_4bit_use_double_quant=False, generation_prompts=["The quick"])
     config = yaml.safe_load(config_path.read_text())
-    config["trainer"].update(devices=2, max_steps=2, strategy="nf4_fsdp", accelerator=accelerator, val_check_interval=1,
+    config["trainer"].update(devices=2, max_steps=2, strategy=strategy, accelerator=accelerator, val_check_interval=1,
                              logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}})
     config["trainer"]["plugins"]["init_args"]["double_quant"] = False  # 64-wide layers split on 64-element blocks
     config_path.write_text(yaml.safe_dump(config))
@@ -406,11 +406,13 @@ def cli_fsdp_fit(tmp_path: Path, accelerator: str = "cpu", command: Optional[lis
     done = isolated.run([*command, "fit", "--config", str(config_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     said = done.stdout + done.stderr
-    assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in said
+    sharded = strategy == "nf4_fsdp"
+    if sharded:
+        assert f"sharded 2 LlamaDecoderLayer units, the embeddings and head by vocabulary rows and the root across 2 ranks, each filled from {model_dir}" in said
     assert "perplexity change:" in said  # measured before and after fit, on the sharded model
     assert "generation: 'The quick' -> " in said  # generate() on the sharded model, its prompt on the module's device
     logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
     assert "val_perplexity" in logged.splitlines()[0]  # validation steps ran (the metric on the ranks' device)
     out = tmp_path / "fit-out"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "merged" / "model.safetensors.index.json").is_file()
+    assert (out / "merged" / ("model.safetensors.index.json" if sharded else "model.safetensors")).is_file()

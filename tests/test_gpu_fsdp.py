@@ -100,6 +100,14 @@ def test_two_gpu_chunked_loss_ranks_take_one_path(tmp_path, monkeypatch):
 
 def test_two_gpu_cli_fit_under_nf4_fsdp(tmp_path):
     """The CLI's sharded fit (tests/test_fsdp.py runs it on gloo) on two GPUs, started as ``python -m``."""
-    from tests.test_fsdp import cli_fsdp_fit
+    from tests.test_fsdp import cli_fit_on_two_ranks
 
-    cli_fsdp_fit(tmp_path, "gpu", [sys.executable, "-m", "lightning_nf4.cli"])
+    cli_fit_on_two_ranks(tmp_path, "gpu", [sys.executable, "-m", "lightning_nf4.cli"])
+
+
+def test_two_gpu_cli_fit_under_ddp(tmp_path):
+    """The CLI's DDP fit on two GPUs (configs/ddp-2gpu.yaml's setup): each rank loads the whole model in
+    configure_model, under Lightning's default device for that rank."""
+    from tests.test_fsdp import cli_fit_on_two_ranks
+
+    cli_fit_on_two_ranks(tmp_path, "gpu", [sys.executable, "-m", "lightning_nf4.cli"], strategy="ddp")

@@ -426,6 +426,30 @@ MUTATIONS: list[Mutation] = [
           "        if False:\n"),),
         ("tests/test_deferred_loading.py", "tests/test_fsdp.py"),
     ),
+    Mutation(
+        "loader-follows-default-device",
+        "the loader reads checkpoint tensors into buffers on the caller's default device (Lightning's GPU in configure_model)",
+        "lightning_nf4/loading/checkpoint.py",
+        (('        buffer = torch.empty(stop - begin, dtype=torch.uint8, device="cpu")  # host memory, whatever the default device\n'
+          '        with open(file, "rb") as handle:\n',
+          '        buffer = torch.empty(stop - begin, dtype=torch.uint8)\n        with open(file, "rb") as handle:\n'),),
+        ("tests/test_loading.py", "tests/test_deferred_loading.py"),
+    ),
+    Mutation(
+        "loader-under-callers-device",
+        "from_pretrained builds and fills the model under the caller's default device (buffers land there)",
+        "lightning_nf4/loading/auto.py",
+        (('        with torch.device("cpu"):\n            return cls._load(', '        if True:\n            return cls._load('),),
+        ("tests/test_loading.py", "tests/test_deferred_loading.py"),
+    ),
+    Mutation(
+        "cpu-quantize-follows-default-device",
+        "the C quantize kernel writes into codes allocated on the caller's default device",
+        "lightning_nf4/kernels/cpu.py",
+        (('    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device="cpu")  # C writes here: never a default device\'s\n',
+          '    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)\n'),),
+        ("tests/test_edges_linear.py",),
+    ),
 ]
 
 

@@ -241,6 +241,45 @@ def test_resume_at_an_epoch_boundary_is_exact_with_dropout_and_a_shuffling_loade
     _assert_same(straight, run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
 
 
+class BuiltInConfigureModel(CausalLM):
+    """The tiny Llama built in ``configure_model`` (as CausalLMModule and the CLI build theirs)."""
+
+    def __init__(self, lr: float = 1e-2):
+        pl.LightningModule.__init__(self)
+        self.model, self.lr = None, lr
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny_llama()
+
+
+def test_a_full_checkpoint_of_a_model_built_in_configure_model_resumes_exactly(tmp_path):
+    """``full_checkpoint=True`` with a model built in configure_model: Lightning restores the checkpoint before the
+    conversion and injection, so its NF4 and LoRA keys are held back and loaded once the model has them; the resumed
+    run ends on the uninterrupted run's adapters, and a checkpoint that does not fit is named."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_nf4.checkpoint_io import load_checkpoint
+
+    def run(max_epochs, ckpt_path=None, save=False, r=4):
+        pl.seed_everything(0 if ckpt_path is None else 1234)
+        model = BuiltInConfigureModel()
+        callbacks = [LoRACallback(r=r, alpha=8, full_checkpoint=True)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
+        t = trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
+        t.fit(model, shuffled_tokens(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(model)
+
+    straight = run(4)
+    run(2, save=True)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    assert any(k.endswith(".base_layer.weight.absmax") for k in load_checkpoint(last)["state_dict"])  # a full checkpoint
+    _assert_same(straight, run(4, ckpt_path=last))
+    with pytest.raises(RuntimeError, match="full checkpoint does not fit"):
+        run(4, ckpt_path=last, r=8)
+
+
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
 def test_the_package_data_modules_resume_exactly(tmp_path, model_dir, stop):
     """CausalLMModule + TextDataModule (a shuffling, resumable loader), default dropout: a run stopped at an epoch's

@@ -98,6 +98,8 @@ class LoRACallback(Callback):
         self.init_seed = init_seed
         self.compile = compile_option(compile)
         self._pending_state: Optional[dict[str, torch.Tensor]] = None
+        self._held_state: Optional[dict[str, torch.Tensor]] = None  # a full checkpoint, until the model is injected
+        self._hold_hook: Any = None
         self._rng = RNGCheckpoint()  # exact resume with dropout and shuffling
 
     # -- setup ------------------------------------------------------------------------------
@@ -115,7 +117,42 @@ class LoRACallback(Callback):
                 precision.convert_module(pl_module)  # LoRA wraps NF4Linear layers, never the reverse
             self.inject(pl_module)
         else:  # built in configure_model (NF4 or float base): inject right after the precision plugin's conversion
+            if self.full_checkpoint:
+                self._hold_full_state(pl_module)
             _after_conversion(precision, self.inject)
+
+    def _hold_full_state(self, pl_module: pl.LightningModule) -> None:
+        """Lightning restores a checkpoint after ``configure_model`` but before the conversion and injection (single
+        device and DDP): a full checkpoint's NF4 and LoRA keys would meet the float model. Its state is held back
+        here, and loaded strictly once the model is converted and injected (``_load_held_state``)."""
+        pl_module.strict_loading = False
+
+        def take(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+            if not prefix and not self._injected(module):
+                self._held_state = dict(state_dict)
+                state_dict.clear()
+
+        self._hold_hook = pl_module.register_load_state_dict_pre_hook(take)
+
+    def _load_held_state(self, module: nn.Module) -> None:
+        hook, self._hold_hook = self._hold_hook, None
+        if hook is None:
+            return
+        hook.remove()
+        module.strict_loading = True
+        state, self._held_state = self._held_state, None
+        if state is None:
+            return
+        fix = "Use the NF4Precision and LoRACallback settings (r, target_modules, modules_to_save) of the run that wrote it."
+        try:
+            result = module.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes that differ (another r, block size or layout)
+            raise RuntimeError(f"The full checkpoint does not fit this model. {fix}\n{err}") from err
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(
+                f"The full checkpoint does not fit this model: missing {result.missing_keys[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}. {fix}"
+            )
 
     @staticmethod
     def _injected(module: nn.Module) -> bool:
@@ -191,6 +228,7 @@ class LoRACallback(Callback):
         if self._pending_state is not None:
             self._apply_state(module, self._pending_state)
             self._pending_state = None
+        self._load_held_state(module)
         if self.compile is not None:
             compile_blocks(module, **self.compile)
 

@@ -101,7 +101,7 @@ def test_unfused_update_gives_the_fused_result(monkeypatch):
 # -- LoRACallback: argument checks and the parameter count -------------------------------------
 
 
-def _fit(tmp_path, callback, precision=None):
+def _fit(tmp_path, callback, precision=None, module=None):
     import lightning.pytorch as pl
 
     from lightning_nf4 import NF4Precision
@@ -112,7 +112,7 @@ def _fit(tmp_path, callback, precision=None):
         enable_model_summary=False, max_steps=1, default_root_dir=str(tmp_path),
         plugins=precision or NF4Precision(compute_dtype=torch.float32), callbacks=[callback],
     )
-    module = Regressor()
+    module = module if module is not None else Regressor()
     trainer.fit(module, regression_loader())
     return module
 
@@ -126,11 +126,15 @@ def test_modules_to_save_must_match_a_module(tmp_path):
 
 def test_modules_to_save_on_an_nf4_layer_says_to_skip_it(tmp_path):
     from lightning_nf4 import LoRACallback, NF4Precision
+    from tests.lightning_models import Regressor
 
+    module = Regressor()
+    weight = module.net[0].weight.detach().clone()
     with pytest.raises(ValueError, match=r"modules_to_save entry 'net\.0' names the NF4 layer 'net\.0'.*skip_modules=\('lm_head', 'net\.0'\)"):
-        _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]))
-    # the fix the message gives: the module stays float and trains in full, beside LoRA on the others
-    module = _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]), NF4Precision(compute_dtype=torch.float32, skip_modules=("lm_head", "net.0")))
+        _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]), module=module)
+    assert type(module.net[0]) is nn.Linear and torch.equal(module.net[0].weight, weight)  # refused before quantizing
+    # the fix the message gives, on the same model: the module stays float and trains in full, beside LoRA on the others
+    _fit(tmp_path, LoRACallback(r=2, modules_to_save=["net.0"]), NF4Precision(compute_dtype=torch.float32, skip_modules=("lm_head", "net.0")), module)
     assert type(module.net[0]) is nn.Linear and module.net[0].weight.requires_grad and module.net[0].bias.requires_grad
     assert isinstance(module.net[2].base_layer, NF4Linear) and not module.net[2].base_layer.weight.requires_grad
 

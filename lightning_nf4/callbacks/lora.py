@@ -114,6 +114,8 @@ class LoRACallback(Callback):
         has_linears = any(isinstance(m, (nn.Linear, NF4Linear)) for m in pl_module.modules())
         if has_linears:
             if isinstance(precision, NF4Precision):
+                # checked before quantizing: a module to train in full must not lose its float weights to a failed setup
+                self._check_modules_to_save(pl_module, precision.pending_conversion(pl_module))
                 precision.convert_module(pl_module)  # LoRA wraps NF4Linear layers, never the reverse
             self.inject(pl_module)
         else:  # built in configure_model (NF4 or float base): inject right after the precision plugin's conversion
@@ -158,9 +160,9 @@ class LoRACallback(Callback):
     def _injected(module: nn.Module) -> bool:
         return any(isinstance(m, LoraLayer) for m in module.modules())
 
-    def _check_modules_to_save(self, module: nn.Module) -> None:
+    def _check_modules_to_save(self, module: nn.Module, to_quantize: Sequence[str] = ()) -> None:
         """Each ``modules_to_save`` entry names a module, and none holds frozen NF4 weights (those cannot be
-        trained in full; NF4Precision must leave such a module in float)."""
+        trained in full; NF4Precision must leave such a module in float), now or after quantizing ``to_quantize``."""
         named = [(n, m) for n, m in module.named_modules() if n and ".lora_" not in n]
         trained: list[str] = []
         for pattern in self.modules_to_save:
@@ -170,7 +172,8 @@ class LoRACallback(Callback):
                     f"modules_to_save entry {pattern!r} matched no module of {type(module).__name__}. "
                     f"Modules found: {[n for n, _ in named][:8]}"
                 )
-            nf4 = [".".join(filter(None, (n, c))) for n, m in found for c, sub in m.named_modules() if isinstance(sub, NF4Linear)]
+            nf4 = [".".join(filter(None, (n, c))) for n, m in found for c, sub in m.named_modules()
+                   if isinstance(sub, NF4Linear) or ".".join(filter(None, (n, c))) in to_quantize]
             if nf4:
                 raise ValueError(
                     f"modules_to_save entry {pattern!r} names the NF4 layer {nf4[0]!r}, whose packed 4-bit weights are "

@@ -109,6 +109,10 @@ class NF4Precision(MixedPrecision):
             raise NF4PrecisionError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use NF4Precision(compute_dtype=torch.float16).")
 
     # -- Lightning hooks --------------------------------------------------------------------
+    def pending_conversion(self, module: nn.Module) -> set[str]:
+        """Names of the linears ``convert_module`` would quantize now (none when the module keeps a float base)."""
+        return {name for name, _ in convertible_linears(module, self.skip_modules)} if wants_4bit(module) else set()
+
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Quantize every convertible ``nn.Linear`` on the training device; idempotent. A module whose
         ``load_in_4bit`` (attribute or hyperparameter, as ``CausalLMModule`` has) is False keeps a float base:

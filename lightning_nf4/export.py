@@ -76,11 +76,28 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
     for name, param in root.named_parameters():
         if ".lora_" in name and tag in name:
             out["base_model.model." + name.replace(tag, ".")] = _whole(param).contiguous().cpu()
-        elif modules_to_save and param.requires_grad and ".lora_" not in name:
-            if ".modules_to_save." in name and wrapped not in name:
+    if modules_to_save:
+        for names, param in _trained_in_full(root):  # a tied module trained in full: under each of its names
+            if ".modules_to_save." in names[0] and wrapped not in names[0]:
                 continue  # another adapter's copy
-            out["base_model.model." + name.replace(wrapped, ".")] = _whole(param).contiguous().cpu()
+            value = _whole(param).contiguous().cpu()
+            for name in names:  # safetensors stores no shared memory: a copy per further name
+                out["base_model.model." + name.replace(wrapped, ".")] = value if name == names[0] else value.clone()
     return out
+
+
+def _trained_in_full(root: nn.Module) -> list[tuple[list[str], Tensor]]:
+    """``(names, parameter)`` for each trainable tensor outside LoRA, with every name it has (a tied head: two)."""
+    found: dict[int, tuple[list[str], Tensor]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        if param.requires_grad and ".lora_" not in name:
+            found.setdefault(id(param), ([], param))[0].append(name)
+    return list(found.values())
+
+
+def _ties_saved(root: nn.Module) -> bool:
+    """Whether a tensor trained in full is saved under two names (a tied embedding and head): PEFT must tie them."""
+    return any(len(names) > 1 for names, _ in _trained_in_full(root))
 
 
 def _whole(param: Tensor) -> Tensor:
@@ -109,7 +126,7 @@ def write_adapter(
         raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
-        modules_to_save=modules_to_save or None, task_type=_task_type(hf),
+        modules_to_save=modules_to_save or None, task_type=_task_type(hf), ensure_weight_tying=_ties_saved(root),
         base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
     )
     config.save_pretrained(str(folder))

@@ -1,6 +1,7 @@
 """Reliability on misuse and interruption (issue 13): skipped modules under LoRA, exact resume, safe export
 folders, complete merged folders, clear errors for bad input. Everything runs on CPU."""
 
+import json
 import os
 
 import lightning.pytorch as pl
@@ -10,6 +11,13 @@ from torch import nn
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
 from tests.lightning_models import CausalLM, tiny_llama, token_loader
+
+
+def tiny_llama_tied():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    return model
 from tests import isolated
 
 
@@ -47,6 +55,36 @@ def test_lora_on_a_skipped_module_trains_and_exports(tmp_path):
         via_peft = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out" / "adapter")).eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
     assert (via_peft - ours).abs().mean() < 0.1 * ours.abs().mean()  # the float base: NF4 error only
+
+
+def test_a_tied_head_trained_in_full_trains_the_shared_table_and_exports_it_under_both_names(tmp_path):
+    """``modules_to_save=["lm_head"]`` on a model whose head is tied to its embeddings (SmolLM2, Llama-3.2): the shared
+    tensor trains (it is listed under the embeddings' name only), with a warning, and the adapter saves it under both
+    names with ``ensure_weight_tying``, so PEFT's loader gives the trained model on the float base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = CausalLM(model=tiny_llama_tied(), lr=1e-2)
+    table = model.model.lm_head.weight.detach().clone()
+    callback = LoRACallback(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"], save_dir=str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match=r"lm_head's weight is tied to \['model.embed_tokens'\]"):
+        trainer(tmp_path, max_epochs=3, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback]).fit(model, token_loader())
+
+    head, embed = model.model.lm_head.weight, model.model.model.embed_tokens.weight
+    assert head is embed and head.requires_grad and not torch.equal(head, table)  # trained, still one tensor
+    adapter = tmp_path / "out" / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.lm_head.weight"], head.detach()) and torch.equal(saved["base_model.model.model.embed_tokens.weight"], head.detach())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) == {"lm_head", "model.embed_tokens"} and config["ensure_weight_tying"]
+    ids = next(iter(token_loader(n=4)))[0]
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids).float()
+        via_peft = PeftModel.from_pretrained(tiny_llama_tied(), str(adapter)).eval()(input_ids=ids).logits
+    assert (via_peft - ours).abs().mean() < 0.1 * ours.abs().mean()  # the float base: NF4 error only
+    untrained = CausalLM(model=tiny_llama_tied()).eval()(ids).float()
+    assert (via_peft - ours).abs().mean() < 0.5 * (untrained - ours).abs().mean()  # the trained table was loaded
 
 
 def test_a_skipped_layer_stays_float_inside_any_wrapper():

@@ -98,6 +98,7 @@ class LoRACallback(Callback):
         self.init_seed = init_seed
         self.compile = compile_option(compile)
         self._pending_state: Optional[dict[str, torch.Tensor]] = None
+        self._saved_modules = list(self.modules_to_save)  # and the modules tied to them, once injected
         self._held_state: Optional[dict[str, torch.Tensor]] = None  # a full checkpoint, until the model is injected
         self._hold_hook: Any = None
         self._rng = RNGCheckpoint()  # exact resume with dropout and shuffling
@@ -219,10 +220,24 @@ class LoRACallback(Callback):
             if self.init_seed is not None:
                 torch.manual_seed(self.init_seed)
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
+        names: dict[int, list[str]] = {}  # every name of each tensor: a tied lm_head is listed under the embeddings only
+        for name, param in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        self._saved_modules = list(self.modules_to_save)
+        _, root = export.export_root(module)  # the adapter's names start at the model it exports
+        prefix = next(n for n, sub in module.named_modules() if sub is root)
         for name, param in module.named_parameters():
+            owners = [n.rsplit(".", 1)[0] for n in names[id(param)]]
             is_lora = ".lora_" in name
-            trainable = is_lora or any(matches(name.rsplit(".", 1)[0], [m]) for m in self.modules_to_save)
-            param.requires_grad_(trainable)
+            saved = [o for o in owners if matches(o, self.modules_to_save)]
+            param.requires_grad_(is_lora or bool(saved))
+            if saved and len(saved) < len(owners):  # tied to a module not named: both train as one tensor
+                partners = [o.removeprefix(prefix + ".") if prefix else o for o in owners if o not in saved]
+                self._saved_modules += [p for p in partners if p not in self._saved_modules]
+                rank_zero_warn(
+                    f"modules_to_save: {saved[0]}'s weight is tied to {partners}; the shared tensor trains, and the "
+                    f"adapter saves it under both names with PEFT's ensure_weight_tying."
+                )
             if is_lora and param.dtype != self.adapter_dtype:
                 param.data = param.data.to(self.adapter_dtype)
         exclude_nf4_from_ddp_sync(module)  # LoRA moved the NF4 weights under base_layer
@@ -311,7 +326,7 @@ class LoRACallback(Callback):
         ``export.json`` written last; ``merged/`` gets the tokenizer when one is given."""
         return export.save_export(
             pl_module, out_dir, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, adapter_name=self.adapter_name,
-            modules_to_save=self.modules_to_save or None, merged=self.export_merged if merged is None else merged,
+            modules_to_save=self._saved_modules or None, merged=self.export_merged if merged is None else merged,
             dtype=self.merged_dtype, tokenizer=tokenizer, info=info, write=write,
         )
 
@@ -319,7 +334,7 @@ class LoRACallback(Callback):
         """PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         return export.save_adapter(
             pl_module, path, r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            adapter_name=self.adapter_name, modules_to_save=self.modules_to_save or None,
+            adapter_name=self.adapter_name, modules_to_save=self._saved_modules or None,
         )
 
     def save_merged(self, pl_module: nn.Module, path: Union[str, Path]) -> Path:

@@ -279,7 +279,8 @@ def _original_dtype(base: nn.Module) -> torch.dtype:
 def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
     if isinstance(layer, NF4LoraLinear):
         return layer.merged_weight(torch.float32)
-    weight = base.weight.detach().float()
+    # PEFT's own LoRA layer around a base NF4Precision quantized (a model that carried LoRA before the conversion)
+    weight = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.detach().float()
     for name in layer.active_adapters:
         if name in layer.lora_A:
             weight = weight + layer.get_delta_weight(name).float()

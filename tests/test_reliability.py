@@ -87,6 +87,49 @@ def test_a_tied_head_trained_in_full_trains_the_shared_table_and_exports_it_unde
     assert (via_peft - ours).abs().mean() < 0.5 * (untrained - ours).abs().mean()  # the trained table was loaded
 
 
+class CarriesPeftLoRA(pl.LightningModule):
+    """The usual PEFT workflow: adapters injected in ``__init__``, before NF4Precision quantizes the base layers."""
+
+    def __init__(self):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False), self.net)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self.net(batch[0]).float(), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_a_model_that_carries_peft_lora_trains_on_nf4_and_exports_a_merged_model(tmp_path):
+    """PEFT's own LoRA layers around bases NF4Precision quantized: training runs, and the merged export dequantizes
+    the NF4 base before adding the update (it added the update to the packed codes and failed after the fit).
+    LoRACallback settings that differ from the layers' are refused before training, since its exports use them."""
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, 64, generator=g), torch.randn(16, 64, generator=g)), batch_size=4)
+    with pytest.raises(ValueError, match=r"r=4, lora_alpha=8, but LoRACallback has r=8, alpha=8"):
+        trainer(tmp_path, max_steps=1, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=8, alpha=8)]).fit(CarriesPeftLoRA(), loader)
+    model = CarriesPeftLoRA()
+    callback = LoRACallback(r=4, alpha=8, save_dir=str(tmp_path / "out"))
+    trainer(tmp_path, max_steps=3, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback]).fit(model, loader)
+    assert isinstance(model.net[0].base_layer, NF4Linear)
+    plain = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in load_file(tmp_path / "out" / "merged" / "model.safetensors").items()})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.eval()(x).float(), atol=1e-5, rtol=1e-5)
+
+
 def test_a_skipped_layer_stays_float_inside_any_wrapper():
     class Wrapper(nn.Module):  # e.g. a user's or a checkpointing wrapper: the layer's name changes
         def __init__(self, inner):

@@ -110,6 +110,7 @@ class LoRACallback(Callback):
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
         if self._injected(pl_module):
+            self._check_existing_adapters(pl_module)
             return
         precision = trainer.precision_plugin
         has_linears = any(isinstance(m, (nn.Linear, NF4Linear)) for m in pl_module.modules())
@@ -156,6 +157,19 @@ class LoRACallback(Callback):
                 f"The full checkpoint does not fit this model: missing {result.missing_keys[:5]}, unexpected "
                 f"{result.unexpected_keys[:5]}. {fix}"
             )
+
+    def _check_existing_adapters(self, module: nn.Module) -> None:
+        """A model that carries LoRA already (PEFT's ``get_peft_model`` in ``__init__``, or an earlier fit) is trained
+        as it is; the exports describe it with this callback's ``r`` and ``alpha``, so those must be the layers'."""
+        for name, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and self.adapter_name in getattr(layer, "r", {}):
+                r, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
+                if (r, alpha) != (self.r, self.alpha):
+                    raise ValueError(
+                        f"{name} already carries LoRA adapter {self.adapter_name!r} with r={r}, lora_alpha={alpha}, but "
+                        f"LoRACallback has r={self.r}, alpha={self.alpha}: its exports would describe another adapter. "
+                        f"Give LoRACallback(r={r}, alpha={alpha}), or let LoRACallback inject the adapters itself."
+                    )
 
     @staticmethod
     def _injected(module: nn.Module) -> bool:

@@ -139,6 +139,13 @@ def test_modules_to_save_on_an_nf4_layer_says_to_skip_it(tmp_path):
     assert isinstance(module.net[2].base_layer, NF4Linear) and not module.net[2].base_layer.weight.requires_grad
 
 
+def test_fp16_adapters_under_a_grad_scaler_are_refused_before_training(tmp_path):
+    from lightning_nf4 import LoRACallback, NF4Precision
+
+    with pytest.raises(ValueError, match=r"adapter_dtype=torch.float16\) under fp16 mixed precision.*float32"):
+        _fit(tmp_path, LoRACallback(r=2, adapter_dtype=torch.float16), NF4Precision(compute_dtype=torch.float16))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -105,6 +105,11 @@ class LoRACallback(Callback):
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.adapter_dtype == torch.float16 and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "LoRACallback(adapter_dtype=torch.float16) under fp16 mixed precision: the GradScaler cannot unscale fp16 "
+                "gradients (torch refuses at the first step). Keep the adapters in float32 (the default)."
+            )
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
         if not self.full_checkpoint:

@@ -40,6 +40,8 @@ def test_ddp_matches_single_process(tmp_path, single, strategy):
     assert len(rank0["ddp_ignored"]) == 14 and all(n.endswith(".base_layer.weight") for n in rank0["ddp_ignored"])
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "exporters.txt").read_text().split() == ["0"]  # written once, by rank 0
+    # spawned workers cannot hand LoRA back to the launching process's float model: the user is told where it is
+    assert ("LoRACallback under a spawned or forked strategy" in result.stderr) == (strategy == "ddp_spawn")
 
 
 def test_failing_rank_stops_the_run(tmp_path):

@@ -112,6 +112,12 @@ class LoRACallback(Callback):
             )
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
+        if stage == "fit" and type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+            rank_zero_warn(
+                "LoRACallback under a spawned or forked strategy (ddp_spawn, ddp_fork): the adapters train in the worker "
+                "processes, and Lightning's copy back cannot fit them into the float model of the launching process, which "
+                "keeps no LoRA after fit. Use the exports (save_dir) or a checkpoint, or strategy='ddp'."
+            )
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
         if self._injected(pl_module):

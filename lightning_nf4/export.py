@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear
+from lightning_nf4.plugins.convert import within
 from lightning_nf4.publish import publish
 
 
@@ -83,6 +84,11 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
             value = _whole(param).contiguous().cpu()
             for name in names:  # safetensors stores no shared memory: a copy per further name
                 out["base_model.model." + name.replace(wrapped, ".")] = value if name == names[0] else value.clone()
+        for name, buffer in root.named_buffers():  # their running statistics too, as PEFT saves them
+            if "." in name and ".lora_" not in name and within(name.rsplit(".", 1)[0], modules_to_save):
+                if ".modules_to_save." in name and wrapped not in name:
+                    continue
+                out["base_model.model." + name.replace(wrapped, ".")] = buffer.detach().contiguous().cpu()
     return out
 
 

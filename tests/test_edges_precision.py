@@ -32,12 +32,16 @@ def test_a_skip_name_matches_whole_components_only():
 
 
 def test_a_regular_expression_must_match_the_whole_name():
-    """``re:blocks\\.0`` names the container ``blocks.0`` only, not the layers under it; ``re:blocks\\.0\\..*``
-    names those."""
+    """``re:blocks\\.0`` names the container ``blocks.0``, and so the layers it holds (as transformers'
+    ``llm_int8_skip_modules`` does), not ``blocks.1``; ``re:lock`` names nothing (a partial match);
+    ``re:blocks\\.0\\..*`` names the layers directly."""
     assert not matches("blocks.0.proj", [r"re:blocks\.0"]) and matches("blocks.0.proj", [r"re:blocks\.0\..*"])
     model = Named()
     convert_linears(model, skip_modules=(r"re:blocks\.0",))
-    assert _kinds(model)["blocks.0.proj"] == "NF4Linear"
+    assert _kinds(model) == {"proj": "NF4Linear", "o_proj": "NF4Linear", "blocks.0.proj": "Linear", "blocks.1.proj": "NF4Linear"}
+    model = Named()
+    convert_linears(model, skip_modules=(r"re:lock",))
+    assert set(_kinds(model).values()) == {"NF4Linear"}
     model = Named()
     convert_linears(model, skip_modules=(r"re:blocks\.0\..*",))
     assert _kinds(model) == {"proj": "NF4Linear", "o_proj": "NF4Linear", "blocks.0.proj": "Linear", "blocks.1.proj": "NF4Linear"}

@@ -139,6 +139,64 @@ def test_modules_to_save_on_an_nf4_layer_says_to_skip_it(tmp_path):
     assert isinstance(module.net[2].base_layer, NF4Linear) and not module.net[2].base_layer.weight.requires_grad
 
 
+def _with_head():
+    import lightning.pytorch as pl
+
+    class WithHead(pl.LightningModule):
+        """NF4 body, and a float head with a norm and a linear inside, trained in full through modules_to_save."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+            self.head = nn.Sequential(nn.BatchNorm1d(32), nn.Linear(32, 1))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self(batch[0]).float(), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    return WithHead()
+
+
+def test_modules_to_save_and_skip_modules_cover_what_the_named_module_holds(tmp_path):
+    """``skip_modules=["head"]`` keeps the linear inside ``head`` in float and ``modules_to_save=["head"]`` trains all
+    that ``head`` holds (transformers' and PEFT's meaning of a parent's name); the head's buffers (the norm's running
+    statistics) go into the adapter-only checkpoint and the adapter, and a checkpoint load restores them."""
+    import lightning.pytorch as pl
+    from safetensors.torch import load_file
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from tests.lightning_models import regression_loader
+
+    def trainer(save_dir=None):
+        return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=str(tmp_path), max_steps=3, plugins=NF4Precision(skip_modules=("head",)),
+                          callbacks=[LoRACallback(r=2, target_modules=["body.0", "body.2"], modules_to_save=["head"], save_dir=save_dir)])
+
+    model = _with_head()
+    t = trainer(save_dir=str(tmp_path / "out"))
+    t.fit(model, regression_loader())
+    assert type(model.head[1]) is nn.Linear and all(p.requires_grad for p in model.head.parameters())
+    assert isinstance(model.body[0].base_layer, NF4Linear)
+    assert model.head[0].num_batches_tracked.item() == 3 and not torch.equal(model.head[0].running_mean, torch.zeros(32))
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    saved = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(saved[f"base_model.model.head.0.{name}"], getattr(model.head[0], name)), name
+    restored = _with_head()
+    trainer().validate(restored, regression_loader(), ckpt_path=str(tmp_path / "a.ckpt"), verbose=False)
+    for name, value in model.head.state_dict().items():
+        assert torch.equal(restored.head.state_dict()[name], value), name
+
+
 def test_fp16_adapters_under_a_grad_scaler_are_refused_before_training(tmp_path):
     from lightning_nf4 import LoRACallback, NF4Precision
 

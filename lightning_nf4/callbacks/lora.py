@@ -28,7 +28,7 @@ from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import lora_config
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
-from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches
+from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches, within
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import has_sharded_parameters
 
@@ -216,7 +216,7 @@ class LoRACallback(Callback):
         skip = set(self.modules_to_save)
         names = []
         for name, sub in module.named_modules():
-            if not isinstance(sub, (nn.Linear, NF4Linear)) or ".lora_" in name or matches(name, list(skip)):
+            if not isinstance(sub, (nn.Linear, NF4Linear)) or ".lora_" in name or within(name, list(skip)):
                 continue
             if self.target_modules == "all-linear":
                 if not matches(name, ["lm_head", "classifier", "score"]) or isinstance(sub, NF4Linear):
@@ -254,7 +254,7 @@ class LoRACallback(Callback):
         for name, param in module.named_parameters():
             owners = [n.rsplit(".", 1)[0] for n in names[id(param)]]
             is_lora = ".lora_" in name
-            saved = [o for o in owners if matches(o, self.modules_to_save)]
+            saved = [o for o in owners if within(o, self.modules_to_save)]
             param.requires_grad_(is_lora or bool(saved))
             if saved and len(saved) < len(owners):  # tied to a module not named: both train as one tensor
                 partners = [o.removeprefix(prefix + ".") if prefix else o for o in owners if o not in saved]
@@ -281,7 +281,7 @@ class LoRACallback(Callback):
         meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
         if self.full_checkpoint:
             return
-        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad} | self._saved_buffers(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         meta.update({"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)})
 
@@ -298,9 +298,12 @@ class LoRACallback(Callback):
         else:
             self._pending_state = dict(state)
 
-    @staticmethod
-    def _apply_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = dict(module.named_parameters())
+    def _saved_buffers(self, module: nn.Module) -> set[str]:
+        """Buffers of the modules trained in full (a norm's running statistics): saved with them, as PEFT does."""
+        return {n for n, _ in module.named_buffers() if "." in n and within(n.rsplit(".", 1)[0], self.modules_to_save)}
+
+    def _apply_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = {**dict(module.named_parameters()), **{n: b for n, b in module.named_buffers() if n in self._saved_buffers(module)}}
         trainable = {n for n, p in params.items() if p.requires_grad}
         missing = sorted(trainable - state.keys())
         unexpected = sorted(state.keys() - params.keys())

@@ -27,6 +27,13 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def within(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` or one of the modules it sits in matches (``skip_modules=["head"]`` covers ``head.1``, as
+    transformers' ``llm_int8_skip_modules`` and PEFT's ``modules_to_save`` name a parent for all it holds)."""
+    parts = name.split(".")
+    return any(matches(".".join(parts[:end]), patterns) for end in range(1, len(parts) + 1))
+
+
 def _is_lora_part(name: str, module: nn.Module) -> bool:
     # PEFT's adapter matrices live under lora_A / lora_B (or other tuners' ModuleDicts).
     return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "modules_to_save") for part in name.split("."))
@@ -50,7 +57,7 @@ def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[t
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
             continue
-        if matches(name, skip_modules) or matches(logical_name(name), skip_modules):
+        if within(name, skip_modules) or within(logical_name(name), skip_modules):
             setattr(module, _KEEP_FLOAT, True)
             continue
         found.append((name, module))

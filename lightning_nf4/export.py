@@ -266,16 +266,35 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
 
 
 @contextmanager
-def _float_config(config: Any) -> Iterator[None]:
-    """The config without its ``quantization_config`` while a merged (float) model is saved, restored after."""
+def _float_config(config: Any, untie: bool = False) -> Iterator[None]:
+    """The config without its ``quantization_config`` while a merged (float) model is saved, restored after; with
+    ``untie``, ``tie_word_embeddings`` off as well (the merged head is no longer the embedding table)."""
     saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
     for k in saved:
         delattr(config, k)
+    tie = getattr(config, "tie_word_embeddings", None)
+    if untie:
+        config.tie_word_embeddings = False
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(config, k, v)
+        if untie:
+            config.tie_word_embeddings = tie
+
+
+def _head_untied(hf: nn.Module, state: dict[str, Tensor]) -> bool:
+    """Whether a model saved with tied embeddings has a merged head that differs from its table (LoRA on a tied
+    ``lm_head``): its config must then say untied, or loaders tie the two again and drop the trained head."""
+    if not getattr(hf.config, "tie_word_embeddings", False):
+        return False
+    head, table = hf.get_output_embeddings(), hf.get_input_embeddings()
+    names = {id(m): n for n, m in hf.named_modules()}
+    keys = [f"{names[id(m)]}.weight" if id(m) in names else None for m in (head, table)]
+    if None in keys or not all(k in state for k in keys):
+        return False
+    return not torch.equal(state[keys[0]], state[keys[1]])
 
 
 def _original_dtype(base: nn.Module) -> torch.dtype:
@@ -300,7 +319,7 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:
-        with _float_config(hf.config):
+        with _float_config(hf.config, untie=_head_untied(hf, state)):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
     else:
         save_file(_untie(state), str(folder / "model.safetensors"), metadata={"format": "pt"})

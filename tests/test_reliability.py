@@ -87,6 +87,23 @@ def test_a_tied_head_trained_in_full_trains_the_shared_table_and_exports_it_unde
     assert (via_peft - ours).abs().mean() < 0.5 * (untrained - ours).abs().mean()  # the trained table was loaded
 
 
+def test_lora_on_a_tied_head_exports_a_merged_model_that_says_untied(tmp_path):
+    """LoRA on ``lm_head`` when it is tied to the embeddings: the merged head (table + update) is no longer the table,
+    so ``merged/config.json`` must say ``tie_word_embeddings: false``, or loaders tie the two and drop the update."""
+    from transformers import AutoModelForCausalLM
+
+    model = CausalLM(model=tiny_llama_tied(), lr=1e-2)
+    callback = LoRACallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"], save_dir=str(tmp_path / "out"))
+    trainer(tmp_path, max_epochs=3, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback]).fit(model, token_loader())
+    assert model.model.lm_head.lora_B["default"].weight.abs().sum() > 0
+    config = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and model.model.config.tie_word_embeddings  # the live model keeps its own
+    ids = next(iter(token_loader(n=4)))[0]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged")).eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged, model.eval()(ids).float(), atol=1e-4, rtol=1e-4)
+
+
 class CarriesPeftLoRA(pl.LightningModule):
     """The usual PEFT workflow: adapters injected in ``__init__``, before NF4Precision quantizes the base layers."""
 

@@ -62,6 +62,41 @@ def test_a_default_device_set_by_the_caller_does_not_reach_the_loader(float_dir)
     assert torch.equal(logits(outside), logits(inside))
 
 
+def test_transformers_load_arguments_are_honoured_or_refused(tmp_path):
+    """What a transformers user passes: ``torch_dtype`` (the older name), ``dtype="auto"`` (the checkpoint's) or a
+    string, ``device_map`` naming one device; a map over devices and a non-float dtype are refused by name; and the
+    folder's ``generation_config.json`` (an instruct model's end-of-turn token) comes with the model."""
+    from transformers import GenerationConfig
+
+    tiny_llama().to(torch.float16).save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[2, 77], temperature=0.6, do_sample=True).save_pretrained(tmp_path)
+
+    def load(**kw):
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False, **kw)
+
+    assert load(torch_dtype=torch.float16).model.norm.weight.dtype == torch.float16
+    assert load(dtype="auto").model.norm.weight.dtype == torch.float16  # the checkpoint's own
+    assert load(dtype="float32").model.norm.weight.dtype == torch.float32
+    model = load(device_map={"": "cpu"})
+    assert model.model.norm.weight.device.type == "cpu" and model.generation_config.eos_token_id == [2, 77]
+    with pytest.raises(ValueError, match="spreads the model over devices"):
+        load(device_map="auto")
+    with pytest.raises(ValueError, match="not a floating-point torch dtype"):
+        load(dtype="int8")
+    with pytest.raises(ValueError, match="not both"):
+        load(dtype=torch.float16, torch_dtype=torch.float16)
+
+
+def test_gpt2_conv1d_layers_left_in_float_are_named(tmp_path):
+    """GPT-2's Conv1D projections are not nn.Linear: they stay in float, and the load says so instead of
+    reporting a 4-bit model quietly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"8 Conv1D layers \(GPT-2 style, e.g. 'transformer.h.0.attn.c_attn'\) stay in float"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
+
+
 def test_bin_fallback_and_float_load(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)
@@ -276,3 +311,6 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
             assert p.dtype == torch.bfloat16 and torch.equal(p, theirs.get_parameter(n)), n
     assert type(ours.lm_head) is torch.nn.Linear and ours.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
     torch.testing.assert_close(logits(ours), logits(theirs.eval()), rtol=0, atol=0)
+    ours.save_pretrained(tmp_path / "saved")  # no GGUF quantizer left on the model: it saves as a bnb-4bit folder
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
+    assert torch.equal(logits(again), logits(ours))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
@@ -39,9 +39,11 @@ class AutoModelForCausalLM:
         *,
         quantization_config: Any = None,
         device: Union[str, torch.device, None] = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[torch.dtype, str, None] = None,
         gguf_file: Optional[str] = None,
         progress: bool = True,
+        device_map: Any = None,
+        torch_dtype: Union[torch.dtype, str, None] = None,
         **config_kwargs: Any,
     ) -> nn.Module:
         """Load ``pretrained_model_name_or_path`` (a local folder or ``packaged:<name>``) onto ``device``.
@@ -49,7 +51,9 @@ class AutoModelForCausalLM:
         ``quantization_config``: a ``transformers.BitsAndBytesConfig`` (or its dict) with
         ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``; None loads in float unless the checkpoint
         itself is a bitsandbytes 4-bit one. ``dtype`` is the dtype of everything left in float
-        (default: the quantization compute dtype, else bfloat16).
+        (default: the quantization compute dtype, else bfloat16; ``"auto"`` takes the checkpoint's, a string names a
+        torch dtype; transformers' older ``torch_dtype`` is the same argument). ``device_map`` takes one device
+        (``"cuda:0"``, ``0``, ``{"": 0}``) as ``device`` does; a map spreading the model over devices is refused.
 
         ``device="meta"`` reads no weight: the model comes back on ``meta``, remembering its checkpoint, and
         ``NF4FSDPStrategy`` fills it one sharding unit at a time on each rank, keeping only that rank's
@@ -57,13 +61,18 @@ class AutoModelForCausalLM:
         """
         # Lightning calls configure_model under ``torch.device(root_device)``; the loader reads into host memory and
         # places every tensor itself, so a default device set by the caller must not reach its factory calls.
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("Pass dtype or torch_dtype (its older name), not both.")
+            dtype = torch_dtype
+        device = _one_device(device, device_map)
         with torch.device("cpu"):
             return cls._load(pretrained_model_name_or_path, quantization_config, device, dtype, gguf_file, progress, config_kwargs)
 
     @classmethod
     def _load(
         cls, pretrained_model_name_or_path: Union[str, Path], quantization_config: Any, device: Union[str, torch.device, None],
-        dtype: Optional[torch.dtype], gguf_file: Optional[str], progress: bool, config_kwargs: dict[str, Any],
+        dtype: Union[torch.dtype, str, None], gguf_file: Optional[str], progress: bool, config_kwargs: dict[str, Any],
     ) -> nn.Module:
         import transformers
 
@@ -77,16 +86,19 @@ class AutoModelForCausalLM:
         config = transformers.AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, **config_kwargs)
         saved = getattr(config, "quantization_config", None)
         nf4 = parse_quantization_config(quantization_config, saved)
-        dtype = dtype or (nf4.compute_dtype if nf4 else torch.bfloat16)
+        dtype = _float_dtype(dtype, config) or (nf4.compute_dtype if nf4 else torch.bfloat16)
 
         if gguf_file is not None:  # transformers dequantizes GGUF on load; we quantize afterwards
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=dtype)
+            # dequantize=True: plain weights, no GGUF quantizer left on the model (it would refuse save_pretrained)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path), gguf_file=gguf_file, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True))
             if nf4 is not None:
                 convert_linears(model, **nf4.convert_kwargs(), device=target)
             return _finish(model.to(target), nf4)
 
         with _parameters_on_meta():
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _read_generation_config(model, path)
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs())  # NF4Linear placeholders on meta
         files = checkpoint_files(path)
@@ -99,9 +111,54 @@ class AutoModelForCausalLM:
         return _finish(model, nf4)
 
 
+def _one_device(device: Union[str, torch.device, None], device_map: Any) -> Union[str, torch.device, None]:
+    """transformers' ``device_map`` when it names one device (``"cuda:0"``, ``0``, ``{"": 0}``); ``"auto"`` and maps
+    that spread layers over devices are refused: one model, one device here (NF4FSDPStrategy shards across devices)."""
+    if device_map is None:
+        return device
+    one = device_map[""] if isinstance(device_map, dict) and set(device_map) == {""} else device_map
+    if isinstance(one, (dict, list)) or one in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"device_map={device_map!r} spreads the model over devices, which lightning-nf4's loader does not do. Pass "
+            "one device (device='cuda:0'), or device='meta' and train with strategy='nf4_fsdp' to shard across devices."
+        )
+    if isinstance(one, int):  # an index on this machine's accelerator, as transformers reads it
+        accelerator = torch.accelerator.current_accelerator()
+        one = f"{accelerator.type if accelerator is not None else 'cuda'}:{one}"
+    if device is not None and torch.device(device) != torch.device(one):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} name different devices; pass one of them.")
+    return one
+
+
+def _float_dtype(dtype: Union[torch.dtype, str, None], config: Any) -> Optional[torch.dtype]:
+    """``dtype`` as a torch dtype: ``"auto"`` is the checkpoint's own (its config's ``dtype``), a string a torch name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return _float_dtype(saved, None) if saved is not None and saved != "auto" else None
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.bfloat16, 'float16' or 'auto'.")
+    return value
+
+
+def _read_generation_config(model: nn.Module, path: Path) -> None:
+    """The folder's ``generation_config.json`` (an instruct model's end-of-turn token, sampling defaults): the
+    skeleton built from ``config.json`` alone would not stop at the end of a turn."""
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+
+
 def _finish(model: nn.Module, nf4: Optional[NF4LoadConfig]) -> nn.Module:
     if nf4 is not None:
         model.config.quantization_config = nf4.to_bnb_dict()
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv1d:  # GPT-2's transposed linears: bitsandbytes quantizes them, this loader does not (yet)
+            rank_zero_warn(f"lightning-nf4: {len(conv1d)} Conv1D layers (GPT-2 style, e.g. {conv1d[0]!r}) stay in float: "
+                           "only nn.Linear layers are quantized to NF4.")
         layers = nf4_layers(model)
         packed = sum(layer.memory_bytes for _, layer in layers)
         floats = sum(layer.in_features * layer.out_features * layer.quant.dtype.itemsize for _, layer in layers)

@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers import BitsAndBytesConfig
 
-from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
+from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision, quantize_nf4
 from lightning_nf4.format import NF4FormatError
 from lightning_nf4.loading import AutoModelForCausalLM, CheckpointError
 from tests.lightning_models import CausalLM, tiny_llama, token_loader
@@ -95,6 +95,55 @@ def test_gpt2_conv1d_layers_left_in_float_are_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match=r"8 Conv1D layers \(GPT-2 style, e.g. 'transformer.h.0.attn.c_attn'\) stay in float"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
+
+
+def _edit_saved(folder, edit_tensors, edit_quantization):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit_tensors(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    edit_quantization(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_prequantized_checkpoint_with_codes_stored_as_bf16_loads_bit_exactly(float_dir, tmp_path):
+    """bitsandbytes' ``bnb_4bit_quant_storage=bfloat16`` (the FSDP-QLoRA setting) stores the same code bytes viewed as
+    bf16: a floating tensor that is not a float weight. The loader waits for its quant state instead of quantizing it."""
+    ours = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False)
+    ours.save_pretrained(tmp_path)
+
+    def as_bf16(state):
+        for key in [k for k in state if k + ".quant_state.bitsandbytes__nf4" in state]:
+            state[key] = state[key].reshape(-1).view(torch.bfloat16).reshape(-1, 1)
+
+    _edit_saved(tmp_path, as_bf16, lambda q: q.update(bnb_4bit_quant_storage="bfloat16"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert nf4_state(again).keys() == nf4_state(ours).keys()
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_a_prequantized_checkpoint_follows_its_own_skip_list(float_dir, tmp_path):
+    """transformers + bitsandbytes quantize ``lm_head`` too when ``llm_int8_skip_modules`` is given without it; such a
+    checkpoint loads with ``lm_head`` in NF4 (bit-exact), and a layer its list skipped stays float."""
+    from lightning_nf4.format import to_bnb_tensors
+
+    skip = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=skip, progress=False)
+    model.save_pretrained(tmp_path)
+    head = quantize_nf4(model.lm_head.weight.detach().float(), 64, False)
+
+    def quantized_head(state):
+        state.pop("lm_head.weight")
+        for suffix, tensor in to_bnb_tensors(head).items():
+            state["lm_head.weight" + (f".{suffix}" if suffix else "")] = tensor.contiguous()
+
+    _edit_saved(tmp_path, quantized_head, lambda q: q.update(llm_int8_skip_modules=["down_proj"]))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert isinstance(again.lm_head, NF4Linear) and torch.equal(again.lm_head.quant.packed, head.packed)
+    assert type(again.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(again.model.layers[0].mlp.up_proj, NF4Linear)
 
 
 def test_bin_fallback_and_float_load(tmp_path):

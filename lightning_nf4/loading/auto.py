@@ -204,7 +204,7 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
         if match and match["layer"] in layers:
             parts = pending.setdefault(match["layer"], {})
             parts[match["suffix"] or ""] = tensor
-            if _complete(parts):
+            if _complete(parts, prequantized):
                 load_layer(layers[match["layer"]], pending.pop(match["layer"]), match["layer"], device, dtype)
         elif key in params:
             _assign(model, key, tensor, device, dtype, parameter=True, expected=params[key].shape)
@@ -213,6 +213,8 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
         else:
             unexpected.append(raw_key)
     bar.close()
+    for name in [n for n, parts in pending.items() if set(parts) == {""} and parts[""].is_floating_point()]:
+        load_layer(layers[name], pending.pop(name), name, device, dtype)  # a float weight in a pre-quantized checkpoint
 
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -229,11 +231,13 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     model.to(device)  # buffers built on the CPU with the skeleton
 
 
-def _complete(parts: dict[str, Tensor]) -> bool:
+def _complete(parts: dict[str, Tensor], prequantized: bool) -> bool:
     if "" not in parts:
         return False
     if QUANT_STATE_KEY not in parts and not any(k.startswith("quant_state.") for k in parts):
-        return parts[""].is_floating_point()  # a float weight: quantize it now
+        # a float weight: quantize it now. In a pre-quantized checkpoint it may be codes stored as bf16/fp32
+        # (bnb_4bit_quant_storage) whose quant state comes later: wait; a float weight left alone is loaded at the end.
+        return parts[""].is_floating_point() and not prequantized
     needed = required_parts(parts[next(k for k in parts if k.startswith("quant_state."))])
     return needed is None or needed <= parts.keys()
 

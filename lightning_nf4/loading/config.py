@@ -78,10 +78,13 @@ def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadCon
 
 
 def _settings(settings: dict[str, Any], prequantized: bool) -> NF4LoadConfig:
-    skip = settings.get("llm_int8_skip_modules") or []
+    skip = settings.get("llm_int8_skip_modules")
+    # A pre-quantized checkpoint was quantized by its own list: transformers keeps lm_head in float only when the
+    # list is left unset, and quantizes it when a list leaves it out. Quantizing here, lm_head always stays float.
+    keep = list(skip) if prequantized and skip is not None else [*_DEFAULT_SKIP, *(skip or [])]
     return NF4LoadConfig(
         double_quant=bool(settings.get("bnb_4bit_use_double_quant", False)),
         compute_dtype=_dtype(settings.get("bnb_4bit_compute_dtype")),
-        skip_modules=tuple(dict.fromkeys([*_DEFAULT_SKIP, *skip])),
+        skip_modules=tuple(dict.fromkeys(keep)),
         prequantized=prequantized,
     )

@@ -9,11 +9,10 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
 from tests.lightning_models import CausalLM, token_loader
-from tests.test_reliability import _assert_same, _trainable
+from tests.test_reliability import _assert_same
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,26 +61,20 @@ def test_one_gpu_cli_fit_validates_generates_and_exports(tmp_path, monkeypatch, 
 def test_one_gpu_resume_is_exact_with_dropout_and_a_shuffling_loader(tmp_path):
     """Default dropout draws its masks from the GPU's generator: a run stopped after two epochs and resumed from its
     checkpoint ends on the uninterrupted run's adapters, to the bit, only if that generator's state is restored."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from tests.test_reliability import fit_for_resume
 
-    def loader():
-        return DataLoader(token_loader(n=24).dataset, batch_size=4, shuffle=True)
+    devices = []
 
-    def run(max_epochs, ckpt_path=None, save=False):
-        pl.seed_everything(0 if ckpt_path is None else 1234)  # a resumed run starts from other states
-        model = CausalLM(lr=1e-2)
-        callbacks = [LoRACallback(r=4, alpha=8)]
-        if save:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
-        t = gpu_trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
-        t.fit(model, loader(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
-        assert t.strategy.root_device.type == "cuda"
-        return _trainable(model)
+    def on_gpu(*args, **kw):
+        t = gpu_trainer(*args, **kw)
+        devices.append(t.strategy.root_device.type)
+        return t
 
     assert LoRACallback().dropout > 0
-    straight = run(4)
-    run(2, save=True)
-    _assert_same(straight, run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
+    straight = fit_for_resume(tmp_path, 4, make_trainer=on_gpu)
+    fit_for_resume(tmp_path, 2, save=True, make_trainer=on_gpu)
+    _assert_same(straight, fit_for_resume(tmp_path, 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), make_trainer=on_gpu))
+    assert devices == ["cuda"] * 3
 
 
 def test_one_gpu_fp16_trains_with_a_grad_scaler(tmp_path):

@@ -315,28 +315,31 @@ def shuffled_tokens(n: int = 24, batch_size: int = 4):
     return DataLoader(token_loader(n=n).dataset, batch_size=batch_size, shuffle=True)
 
 
+def fit_for_resume(tmp_path, max_epochs, ckpt_path=None, save=False, make_trainer=trainer, model=None, **lora):
+    """One fit of the resume tests: default dropout, a shuffling loader, a fresh seed when resumed (a resumed process
+    starts from other generator states), ``last.ckpt`` kept each epoch when ``save``; the trainable weights after."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0 if ckpt_path is None else 1234)
+    model = model if model is not None else CausalLM(lr=1e-2)
+    callbacks = [LoRACallback(**{"r": 4, "alpha": 8, **lora})]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
+    t = make_trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
+    t.fit(model, shuffled_tokens(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+    return _trainable(model)
+
+
 def test_resume_at_an_epoch_boundary_is_exact_with_dropout_and_a_shuffling_loader(tmp_path):
     """LoRACallback's default dropout (0.05) and a plain shuffling DataLoader: stopping after epoch 2 and resuming
     (a weights-only load) ends with the adapters of an uninterrupted 4-epoch run, bit for bit."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lightning_nf4.checkpoint_io import load_checkpoint
 
-    def run(max_epochs, ckpt_path=None, save=False):
-        pl.seed_everything(0 if ckpt_path is None else 1234)  # a resumed process starts from other states
-        model = CausalLM(lr=1e-2)
-        callbacks = [LoRACallback(r=4, alpha=8)]
-        if save:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
-        t = trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
-        t.fit(model, shuffled_tokens(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
-        return _trainable(model)
-
     assert LoRACallback().dropout == 0.05
-    straight = run(4)
-    run(2, save=True)
+    straight = fit_for_resume(tmp_path, 4)
+    fit_for_resume(tmp_path, 2, save=True)
     load_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # the checkpoint loads weights-only
-    _assert_same(straight, run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
+    _assert_same(straight, fit_for_resume(tmp_path, 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")))
 
 
 class BuiltInConfigureModel(CausalLM):
@@ -355,19 +358,10 @@ def test_a_full_checkpoint_of_a_model_built_in_configure_model_resumes_exactly(t
     """``full_checkpoint=True`` with a model built in configure_model: Lightning restores the checkpoint before the
     conversion and injection, so its NF4 and LoRA keys are held back and loaded once the model has them; the resumed
     run ends on the uninterrupted run's adapters, and a checkpoint that does not fit is named."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lightning_nf4.checkpoint_io import load_checkpoint
 
     def run(max_epochs, ckpt_path=None, save=False, r=4):
-        pl.seed_everything(0 if ckpt_path is None else 1234)
-        model = BuiltInConfigureModel()
-        callbacks = [LoRACallback(r=r, alpha=8, full_checkpoint=True)]
-        if save:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1))
-        t = trainer(tmp_path, max_epochs=max_epochs, plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=save)
-        t.fit(model, shuffled_tokens(), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
-        return _trainable(model)
+        return fit_for_resume(tmp_path, max_epochs, ckpt_path, save, model=BuiltInConfigureModel(), r=r, full_checkpoint=True)
 
     straight = run(4)
     run(2, save=True)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sharded QLoRA checks for one multi-GPU lease (device time is scarce), in parts that each fit one command:
-#   bash benchmarks/gpu_fsdp.sh tests     # the 2-GPU tests (tests/test_gpu_fsdp.py; its CLI test needs
-#                                         # benchmarks/cli_deps_for_gpu.sh's .whl/cli_site, put on PYTHONPATH here)
+#   bash benchmarks/gpu_fsdp.sh tests [K] # the 2-GPU tests (tests/test_gpu_fsdp.py; its CLI tests need
+#                                         # benchmarks/cli_deps_for_gpu.sh's .whl/cli_site, put on PYTHONPATH here);
+#                                         # K selects tests (pytest -k) when the whole file would pass one call's
+#                                         # limit: "not cli and not chunked_loss", then "cli or chunked_loss"
 #   bash benchmarks/gpu_fsdp.sh 70b       # 70B shape: 4 GPUs (if present) and 2 GPUs, peak memory and speed
 #   bash benchmarks/gpu_fsdp.sh 8b [ROUNDS] [SPECS]   # 8B shape on 2 GPUs: sharded against DDP, eager and compiled
 #                                                     (on 4 GPUs two configurations run at once, each on its own pair)
@@ -14,9 +16,9 @@ gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 case "${1:-}" in
   tests)
-    # about 7 minutes on 2 x H200: four two-rank loss runs, the CLI's sharded fit, a resume, besides the runs compared
+    # about 8-9 minutes on 2 x H200 in all: four two-rank loss runs, the CLI's sharded and DDP fits, a resume, besides the runs compared
     CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH="$PWD:$PWD/.whl/cli_site:${PYTHONPATH:-}" timeout 590 python3 -m pytest -q -rf \
-        tests/test_gpu_fsdp.py -p no:cacheprovider --durations=8 2>&1 | tail -25 | tee "$out/tests.txt" ;;
+        tests/test_gpu_fsdp.py -k "${2:-}" -p no:cacheprovider --durations=8 2>&1 | tail -25 | tee "$out/tests.txt" ;;
   70b)
     specs="70b:nf4_fsdp:2"
     [ "$gpus" -ge 4 ] && specs="70b:nf4_fsdp:4,$specs"

@@ -146,6 +146,16 @@ def test_a_prequantized_checkpoint_follows_its_own_skip_list(float_dir, tmp_path
     assert isinstance(again.model.layers[0].mlp.up_proj, NF4Linear)
 
 
+def test_a_checkpoint_whose_keys_transformers_renames_is_named_with_the_way_round(tmp_path):
+    """GPT-NeoX's checkpoint stores its head as ``embed_out``, which transformers renames as it loads; this loader
+    does not, and says so (naming the unused key and the float-then-NF4Precision way) rather than only 'incomplete'."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"lacks tensors: \['lm_head.weight'\].*'embed_out.weight'.*NF4Precision quantize it"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
+
+
 def test_bin_fallback_and_float_load(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)

@@ -221,10 +221,15 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     incomplete = {name: sorted(parts) for name, parts in pending.items()}
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if incomplete or missing:
+        renamed = (
+            f" It also holds tensors this model does not use, e.g. {unexpected[:4]}: transformers renames or fuses some "
+            "architectures' checkpoint keys as it loads them (GPT-NeoX's embed_out, Mixtral's per-expert weights), which "
+            "this loader does not do. For such a model, load it in float with transformers and let NF4Precision quantize it."
+        ) if unexpected else ""
         raise CheckpointError(
             f"The checkpoint in {files[0].parent} lacks tensors: {missing[:8]}{'...' if len(missing) > 8 else ''}"
             f"{f' and the rest of the quantized layers {list(incomplete)[:4]}' if incomplete else ''}. "
-            "It is incomplete or belongs to another model/config."
+            f"It is incomplete or belongs to another model/config.{renamed}"
         )
     if unexpected:
         rank_zero_info(f"lightning-nf4: ignored {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")

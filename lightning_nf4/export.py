@@ -10,7 +10,7 @@ only take part in the gathers a sharded model needs on every rank.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -53,6 +53,19 @@ def export_root(module: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
     return None, tuner.model if tuner is not None else module
 
 
+def root_prefix(module: nn.Module) -> str:
+    """``"<path>."`` of ``export_root``'s root inside ``module`` (``""`` when it is ``module``): what the exports strip."""
+    root = export_root(module)[1]
+    prefix = next(name for name, sub in module.named_modules() if sub is root)
+    return prefix + "." if prefix else ""
+
+
+def saved_buffers(module: nn.Module, modules_to_save: Sequence[str]) -> list[tuple[str, Tensor]]:
+    """The buffers of the modules trained in full (a norm's running statistics), which PEFT saves with them."""
+    return [(n, b) for n, b in module.named_buffers()
+            if "." in n and ".lora_" not in n and within(n.rsplit(".", 1)[0], modules_to_save)]
+
+
 def lora_layers(root: nn.Module) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLayer)]
 
@@ -84,11 +97,10 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
             value = _whole(param).contiguous().cpu()
             for name in names:  # safetensors stores no shared memory: a copy per further name
                 out["base_model.model." + name.replace(wrapped, ".")] = value if name == names[0] else value.clone()
-        for name, buffer in root.named_buffers():  # their running statistics too, as PEFT saves them
-            if "." in name and ".lora_" not in name and within(name.rsplit(".", 1)[0], modules_to_save):
-                if ".modules_to_save." in name and wrapped not in name:
-                    continue
-                out["base_model.model." + name.replace(wrapped, ".")] = buffer.detach().contiguous().cpu()
+        for name, buffer in saved_buffers(root, modules_to_save):
+            if ".modules_to_save." in name and wrapped not in name:
+                continue  # another adapter's copy
+            out["base_model.model." + name.replace(wrapped, ".")] = buffer.detach().contiguous().cpu()
     return out
 
 
@@ -230,8 +242,7 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     from torch.distributed.fsdp import FSDPModule
 
     hf, root = export_root(module)
-    prefix = next(name for name, sub in module.named_modules() if sub is root)  # the same names as ``write_merged``
-    prefix = prefix + "." if prefix else ""
+    prefix = root_prefix(module)  # the same names as ``write_merged``
     owners = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
     tied = set(getattr(hf, "_tied_weights_keys", None) or []) if hf is not None and getattr(hf.config, "tie_word_embeddings", False) else set()
     write, tmp = folder is not None, folder

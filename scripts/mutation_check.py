@@ -397,9 +397,7 @@ MUTATIONS: list[Mutation] = [
         "sharded-export-peft-prefix",
         "the sharded merged export names keys from the first transformers model only (a PEFT-wrapped plain module keeps PEFT's prefix)",
         "lightning_nf4/export.py",
-        (('    prefix = next(name for name, sub in module.named_modules() if sub is root)  # the same names as ``write_merged``\n',
-          '    prefix = find_hf_model(module)[0]\n'),
-         ('    prefix = prefix + "." if prefix else ""\n    owners', '    owners')),
+        (('    prefix = root_prefix(module)  # the same names as ``write_merged``\n', '    prefix = find_hf_model(module)[0]\n'),),
         ("tests/test_edges_export.py", "tests/test_edges_export2.py", "tests/test_lora.py", "tests/test_lightning.py"),
     ),
     Mutation(
@@ -458,10 +456,9 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "saved-module-buffers-dropped",
-        "a module trained in full loses its buffers (running statistics) from checkpoints",
-        "lightning_nf4/callbacks/lora.py",
-        (("        return {n for n, _ in module.named_buffers() if \".\" in n and within(n.rsplit(\".\", 1)[0], self.modules_to_save)}\n",
-          "        return set()\n"),),
+        "a module trained in full loses its buffers (running statistics) from checkpoints and the adapter",
+        "lightning_nf4/export.py",
+        (("    return [(n, b) for n, b in module.named_buffers()\n", "    return [(n, b) for n, b in module.named_buffers() if False\n"),),
         ("tests/test_lora.py",),
     ),
     Mutation(

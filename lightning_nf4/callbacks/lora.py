@@ -198,8 +198,8 @@ class LoRACallback(Callback):
                     f"modules_to_save entry {pattern!r} matched no module of {type(module).__name__}. "
                     f"Modules found: {[n for n, _ in named][:8]}"
                 )
-            nf4 = [".".join(filter(None, (n, c))) for n, m in found for c, sub in m.named_modules()
-                   if isinstance(sub, NF4Linear) or ".".join(filter(None, (n, c))) in to_quantize]
+            inside = [(".".join(filter(None, (n, c))), sub) for n, m in found for c, sub in m.named_modules()]
+            nf4 = [full for full, sub in inside if isinstance(sub, NF4Linear) or full in to_quantize]
             if nf4:
                 raise ValueError(
                     f"modules_to_save entry {pattern!r} names the NF4 layer {nf4[0]!r}, whose packed 4-bit weights are "
@@ -249,15 +249,14 @@ class LoRACallback(Callback):
         for name, param in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
         self._saved_modules = list(self.modules_to_save)
-        _, root = export.export_root(module)  # the adapter's names start at the model it exports
-        prefix = next(n for n, sub in module.named_modules() if sub is root)
+        prefix = export.root_prefix(module)  # the adapter's names start at the model it exports
         for name, param in module.named_parameters():
             owners = [n.rsplit(".", 1)[0] for n in names[id(param)]]
             is_lora = ".lora_" in name
             saved = [o for o in owners if within(o, self.modules_to_save)]
             param.requires_grad_(is_lora or bool(saved))
             if saved and len(saved) < len(owners):  # tied to a module not named: both train as one tensor
-                partners = [o.removeprefix(prefix + ".") if prefix else o for o in owners if o not in saved]
+                partners = [o.removeprefix(prefix) for o in owners if o not in saved]
                 self._saved_modules += [p for p in partners if p not in self._saved_modules]
                 rank_zero_warn(
                     f"modules_to_save: {saved[0]}'s weight is tied to {partners}; the shared tensor trains, and the "
@@ -299,11 +298,10 @@ class LoRACallback(Callback):
             self._pending_state = dict(state)
 
     def _saved_buffers(self, module: nn.Module) -> set[str]:
-        """Buffers of the modules trained in full (a norm's running statistics): saved with them, as PEFT does."""
-        return {n for n, _ in module.named_buffers() if "." in n and within(n.rsplit(".", 1)[0], self.modules_to_save)}
+        return {n for n, _ in export.saved_buffers(module, self.modules_to_save)}
 
     def _apply_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = {**dict(module.named_parameters()), **{n: b for n, b in module.named_buffers() if n in self._saved_buffers(module)}}
+        params = {**dict(module.named_parameters()), **dict(export.saved_buffers(module, self.modules_to_save))}
         trainable = {n for n, p in params.items() if p.requires_grad}
         missing = sorted(trainable - state.keys())
         unexpected = sorted(state.keys() - params.keys())

@@ -11,7 +11,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 from lightning_nf4 import NF4Linear
 from lightning_nf4.format import NF4FormatError, quantize_nf4, to_bnb_tensors
 from lightning_nf4.loading import AutoModelForCausalLM, materialize
-from lightning_nf4.loading.keys import NF4_KEY, load_layer, model_key
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
 
@@ -23,7 +23,12 @@ def _same_quant(a, b, name=""):
         assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
-# -- NF4_KEY and model_key, on their own ------------------------------------------------------------------------
+def model_key(key, known, layers):
+    """A key as a plain module (no transformers renames, prefix ``model``) with these names maps it."""
+    return KeyMap(torch.nn.Module(), known, layers)(key)
+
+
+# -- NF4_KEY and KeyMap, on their own ------------------------------------------------------------------------
 
 
 def test_a_key_splits_into_its_layer_and_bitsandbytes_part():
@@ -63,7 +68,7 @@ def test_bare_and_wrapped_keys_find_their_module():
     assert model_key("rotary_emb.inv_freq", known, layers) == "rotary_emb.inv_freq"
 
 
-# -- model_key inside the two loaders ---------------------------------------------------------------------------
+# -- KeyMap inside the two loaders ---------------------------------------------------------------------------
 
 
 def _config(tie):

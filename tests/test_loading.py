@@ -146,13 +146,39 @@ def test_a_prequantized_checkpoint_follows_its_own_skip_list(float_dir, tmp_path
     assert isinstance(again.model.layers[0].mlp.up_proj, NF4Linear)
 
 
-def test_a_checkpoint_whose_keys_transformers_renames_is_named_with_the_way_round(tmp_path):
-    """GPT-NeoX's checkpoint stores its head as ``embed_out``, which transformers renames as it loads; this loader
-    does not, and says so (naming the unused key and the float-then-NF4Precision way) rather than only 'incomplete'."""
+def test_a_checkpoint_whose_keys_transformers_renames_loads_as_transformers_loads_it(tmp_path):
+    """GPT-NeoX's checkpoint stores its head as ``embed_out`` (transformers' save writes it so), which transformers
+    renames to ``lm_head`` as it loads: the NF4 load does the same, and equals transformers' float load quantized."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from lightning_nf4.plugins.convert import convert_linears
 
+    torch.manual_seed(0)
     GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"lacks tensors: \['lm_head.weight'\].*'embed_out.weight'.*NF4Precision quantize it"):
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        assert "embed_out.weight" in saved.keys() and "lm_head.weight" not in saved.keys()
+    fp32 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=fp32, progress=False)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    convert_linears(reference, double_quant=False, compute_dtype=torch.float32)
+    assert isinstance(ours.gpt_neox.layers[0].attention.query_key_value, NF4Linear)
+    assert torch.equal(ours.lm_head.weight, reference.lm_head.weight)
+    assert torch.equal(logits(ours), logits(reference))
+    from lightning_nf4.loading import materialize
+
+    deferred = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=fp32, device="meta", progress=False)
+    assert torch.equal(logits(materialize(deferred, "cpu")), logits(reference))  # the meta path maps keys the same way
+
+
+def test_a_checkpoint_whose_tensors_transformers_fuses_is_named_with_the_way_round(tmp_path):
+    """Mixtral's checkpoint holds one tensor per expert, which transformers fuses into one as it loads; this loader
+    does not, and says so (naming the unused keys and the float-then-NF4Precision way) rather than only 'incomplete'."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           vocab_size=128, num_local_experts=2, num_experts_per_tok=1)
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"lacks tensors: \['model.layers.0.mlp.experts.*'model.layers.0.block_sparse_moe.experts.0.w1.weight'.*NF4Precision quantize it"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
 
 

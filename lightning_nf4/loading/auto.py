@@ -23,7 +23,7 @@ from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex, c
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.deferred import attach
 from lightning_nf4.loading.devices import resolve_device
-from lightning_nf4.loading.keys import NF4_KEY, load_layer, model_key
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
@@ -194,12 +194,12 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)}
     pending: dict[str, dict[str, Tensor]] = {}
     unexpected: list[str] = []
-    known = set(params) | set(buffers) | {f"{n}.weight" for n in layers}
+    model_key = KeyMap(model, set(params) | set(buffers) | {f"{n}.weight" for n in layers}, layers)
 
     bar = tqdm(total=count_tensors(files), desc="Loading (NF4)" if layers else "Loading", unit="tensor", disable=not progress)
     for raw_key, tensor in iter_tensors(files):
         bar.update(1)
-        key = model_key(raw_key, known, layers)
+        key = model_key(raw_key)
         match = NF4_KEY.match(key)
         if match and match["layer"] in layers:
             parts = pending.setdefault(match["layer"], {})
@@ -222,9 +222,8 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if incomplete or missing:
         renamed = (
-            f" It also holds tensors this model does not use, e.g. {unexpected[:4]}: transformers renames or fuses some "
-            "architectures' checkpoint keys as it loads them (GPT-NeoX's embed_out, Mixtral's per-expert weights), which "
-            "this loader does not do. For such a model, load it in float with transformers and let NF4Precision quantize it."
+            f" It also holds tensors this model does not use, e.g. {unexpected[:4]}: transformers fuses some architectures' "
+            "checkpoint tensors as it loads them (Mixtral's per-expert weights into one), which this loader does not do. For such a model, load it in float with transformers and let NF4Precision quantize it."
         ) if unexpected else ""
         raise CheckpointError(
             f"The checkpoint in {files[0].parent} lacks tensors: {missing[:8]}{'...' if len(missing) > 8 else ''}"

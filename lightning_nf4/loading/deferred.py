@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
-from lightning_nf4.loading.keys import NF4_KEY, load_layer, model_key
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
 # Wrappers PEFT puts around a module: their tensors come from the wrapped module's checkpoint keys.
@@ -77,8 +77,9 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
     known = (params - {f"{n}.weight" for n in layers}) | buffers
     deferred = DeferredCheckpoint(index, dtype)
+    model_key = KeyMap(model, known, layers)
     for raw in index.names():
-        key = model_key(raw, known, layers)
+        key = model_key(raw)
         match = NF4_KEY.match(key)
         if match and match["layer"] in layers:
             deferred.layers.setdefault(match["layer"], {})[match["suffix"] or ""] = raw

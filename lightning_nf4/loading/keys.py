@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_nf4.layers.linear import NF4Linear
 
@@ -14,13 +15,42 @@ from lightning_nf4.layers.linear import NF4Linear
 NF4_KEY = re.compile(r"^(?P<layer>.+)\.weight(?:\.(?P<suffix>.+))?$")
 
 
-def model_key(key: str, known: Container[str], layers: Container[str]) -> str:
-    """Checkpoints of the bare model (``layers.0...``) load into ``*ForCausalLM`` (``model.layers.0...``)."""
-    def fits(candidate: str) -> bool:
-        match = NF4_KEY.match(candidate)
-        return candidate in known or bool(match and match["layer"] in layers)
+class KeyMap:
+    """A checkpoint key as the model names it: transformers' renames for the architecture first (GPT-NeoX's
+    ``embed_out`` is ``lm_head``, old ``LayerNorm.gamma`` is ``.weight``), as transformers applies them on load; then a
+    bare model's keys (``layers.0...``) go under the ``*ForCausalLM``'s prefix (``model.layers.0...``).
 
-    return next((c for c in (key, f"model.{key}", key.removeprefix("model.")) if fits(c)), key)
+    Renames only: a conversion that fuses tensors (Mixtral's per-expert weights into one) is not done here, so such
+    keys stay unused and the load fails naming them."""
+
+    def __init__(self, model: nn.Module, known: Container[str], layers: Container[str]) -> None:
+        self.known, self.layers = known, layers
+        self.prefix = getattr(model, "base_model_prefix", "") or "model"
+        self.renamings = _renamings(model)
+
+    def __call__(self, key: str) -> str:
+        for renaming in self.renamings:
+            key, _ = renaming.rename_source_key(key)
+        dotted = f"{self.prefix}."
+        return next((c for c in (key, dotted + key, key.removeprefix(dotted)) if self._fits(c)), key)
+
+    def _fits(self, candidate: str) -> bool:
+        match = NF4_KEY.match(candidate)
+        return candidate in self.known or bool(match and match["layer"] in self.layers)
+
+
+def _renamings(model: nn.Module) -> list[Any]:
+    """transformers' key renames for ``model`` (5.x keeps them beside the model code); none on older versions."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (AttributeError, TypeError):  # not a transformers model
+        return []
+    return [t for t in transforms if isinstance(t, WeightRenaming)]
 
 
 def load_layer(layer: NF4Linear, parts: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -244,7 +244,10 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     hf, root = export_root(module)
     prefix = root_prefix(module)  # the same names as ``write_merged``
     owners = [(n, m) for n, m in module.named_modules() if isinstance(m, FSDPModule)]
-    tied = set(getattr(hf, "_tied_weights_keys", None) or []) if hf is not None and getattr(hf.config, "tie_word_embeddings", False) else set()
+    tie = hf is not None and getattr(hf.config, "tie_word_embeddings", False)
+    # LoRA on a tied head: the merged head is no longer the table, so both are written and the config says untied
+    untie = tie and isinstance(hf.get_output_embeddings(), LoraLayer)
+    tied = set(getattr(hf, "_tied_weights_keys", None) or []) if tie and not untie else set()
     write, tmp = folder is not None, folder
     weight_map: dict[str, str] = {}
     total = 0
@@ -270,7 +273,7 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     if write:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         if hf is not None:
-            with _float_config(hf.config):
+            with _float_config(hf.config, untie=untie):
                 hf.config.save_pretrained(str(tmp))
             if getattr(hf, "generation_config", None) is not None:
                 hf.generation_config.save_pretrained(str(tmp))

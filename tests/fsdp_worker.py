@@ -27,14 +27,14 @@ from tests.lightning_models import CausalLM  # noqa: E402
 from tests import isolated  # noqa: E402
 
 
-def shardable_llama():
+def shardable_llama(tie: bool = False):
     """A Llama whose every projection splits into 2 row shards on whole NF4 scale groups (16384 elements)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config)
 
@@ -120,7 +120,10 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     pl.seed_everything(0)
     accelerator = os.environ.get("FSDP_WORKER_ACCELERATOR", "cpu")  # "gpu": tests/test_gpu_fsdp.py
     folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
-    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama()
+    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead: below
+    strategy = strategy.split("+")[0]
+    tied_head = "tiedhead" in options  # the head tied to the embeddings, with LoRA on it as well
+    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama(tie=tied_head)
     model = CausalLM(base, lr=1e-2)
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -129,7 +132,6 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     elif strategy.startswith("nf4_fsdp"):
         from lightning_nf4.strategies import NF4FSDPStrategy
 
-        options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded
         kind = NF4FSDPStrategy
         if "skew" in options:  # +skew: the ranks' adapters start apart; sharding must leave every rank rank 0's
 
@@ -142,14 +144,15 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
                     return super().shard(module)
 
             kind = SkewedStart
-        strategy = kind(timeout=timedelta(seconds=60), activation_checkpointing=strategy.split("+")[0].endswith("_ac"),
+        strategy = kind(timeout=timedelta(seconds=60), activation_checkpointing=strategy.endswith("_ac"),
                         layers_per_unit=2 if "u2" in options else 1, shard_adapters="whole" not in options)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"] if tied_head else "all-linear"
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         plugins=NF4Precision(compute_dtype=torch.float32),
-        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True), Dump(out), checkpoint],
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True, target_modules=targets), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
 

@@ -316,6 +316,22 @@ def test_sharded_exports_match_the_single_process_ones(runs):
         torch.testing.assert_close(sharded[k], whole[k], atol=1e-4, rtol=1e-3)
 
 
+def test_lora_on_a_tied_head_survives_the_sharded_merged_export(tmp_path):
+    """With the head tied to the embeddings and LoRA on the head, the merged head is no longer the table: the
+    sharded export writes both and says untied, as one process's does (a tied key dropped as a duplicate loses
+    the head's training, silently: transformers ties it to the table again)."""
+    from transformers import AutoModelForCausalLM
+
+    run_worker(tmp_path / "single", "auto+tiedhead", 1, 4)
+    run_worker(tmp_path / "fsdp", "nf4_fsdp+tiedhead", 2, 2)
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "export" / "merged")
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "export" / "merged")
+    assert not sharded.config.tie_word_embeddings and not whole.config.tie_word_embeddings
+    assert not torch.equal(whole.lm_head.weight, whole.model.embed_tokens.weight)  # the head trained apart
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
 def test_sharded_resume_continues_exactly(runs, tmp_path):
     ckpt = next((runs["root"] / "fsdp" / "ckpt").glob("epoch=0-*.ckpt"))
     state = torch.load(ckpt, weights_only=True)

@@ -113,6 +113,13 @@ def _trained_in_full(root: nn.Module) -> list[tuple[list[str], Tensor]]:
     return list(found.values())
 
 
+def _conv1d_targets(root: nn.Module) -> bool:
+    """Whether LoRA sits on a ``Conv1D`` (GPT-2), NF4 or float: PEFT's ``fan_in_fan_out``, so that the adapter merges
+    right into a float ``Conv1D`` base ([in, out]); PEFT turns it off itself for any ``nn.Linear`` target."""
+    return any(getattr(layer.get_base_layer(), "stored_transposed", False) or getattr(layer, "fan_in_fan_out", False)
+               for _, layer in lora_layers(root))
+
+
 def _ties_saved(root: nn.Module) -> bool:
     """Whether a tensor trained in full is saved under two names (a tied embedding and head): PEFT must tie them."""
     return any(len(names) > 1 for names, _ in _trained_in_full(root))
@@ -145,6 +152,7 @@ def write_adapter(
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
         modules_to_save=modules_to_save or None, task_type=_task_type(hf), ensure_weight_tying=_ties_saved(root),
+        fan_in_fan_out=_conv1d_targets(root),
         base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
     )
     config.save_pretrained(str(folder))
@@ -200,12 +208,13 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = _merged_weight(module, base)
-            out[prefix + "weight"] = weight.to(dtype or _original_dtype(base))
+            weight = base.float_layout(weight) if isinstance(base, NF4Linear) else weight
+            out[prefix + "weight"] = weight.contiguous().to(dtype or _original_dtype(base))
             if getattr(base, "bias", None) is not None:
                 out[prefix + "bias"] = base.bias.detach().to(dtype or base.bias.dtype)
             return
         if isinstance(module, NF4Linear):
-            out[prefix + "weight"] = module.dequantize(dtype)
+            out[prefix + "weight"] = module.float_layout(module.dequantize(dtype)).contiguous()
             if module.bias is not None:
                 out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
             return
@@ -318,11 +327,14 @@ def _original_dtype(base: nn.Module) -> torch.dtype:
 def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
     if isinstance(layer, NF4LoraLinear):
         return layer.merged_weight(torch.float32)
-    # PEFT's own LoRA layer around a base NF4Precision quantized (a model that carried LoRA before the conversion)
-    weight = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.detach().float()
+    # PEFT's own LoRA layer around a base NF4Precision quantized (a model that carried LoRA before the conversion).
+    # Its delta follows its fan_in_fan_out (True on a Conv1D: [in, out]); an NF4 base dequantizes [out, in].
+    nf4 = isinstance(base, NF4Linear)
+    weight = base.dequantize(torch.float32) if nf4 else base.weight.detach().float()
     for name in layer.active_adapters:
         if name in layer.lora_A:
-            weight = weight + layer.get_delta_weight(name).float()
+            delta = layer.get_delta_weight(name).float()
+            weight = weight + (delta.t() if nf4 and getattr(layer, "fan_in_fan_out", False) else delta)
     return weight
 
 

@@ -87,16 +87,6 @@ def test_transformers_load_arguments_are_honoured_or_refused(tmp_path):
         load(dtype=torch.float16, torch_dtype=torch.float16)
 
 
-def test_gpt2_conv1d_layers_left_in_float_are_named(tmp_path):
-    """GPT-2's Conv1D projections are not nn.Linear: they stay in float, and the load says so instead of
-    reporting a 4-bit model quietly."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"8 Conv1D layers \(GPT-2 style, e.g. 'transformer.h.0.attn.c_attn'\) stay in float"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
-
-
 def _edit_saved(folder, edit_tensors, edit_quantization):
     from safetensors.torch import load_file, save_file
 

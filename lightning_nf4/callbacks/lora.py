@@ -25,7 +25,7 @@ from torch import nn
 from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.format.quantized import float_dtype
-from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import lora_config
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches, within
@@ -124,7 +124,7 @@ class LoRACallback(Callback):
             self._check_existing_adapters(pl_module)
             return
         precision = trainer.precision_plugin
-        has_linears = any(isinstance(m, (nn.Linear, NF4Linear)) for m in pl_module.modules())
+        has_linears = any(_is_linear(m) for m in pl_module.modules())
         if has_linears:
             if isinstance(precision, NF4Precision):
                 # checked before quantizing: a module to train in full must not lose its float weights to a failed setup
@@ -216,7 +216,7 @@ class LoRACallback(Callback):
         skip = set(self.modules_to_save)
         names = []
         for name, sub in module.named_modules():
-            if not isinstance(sub, (nn.Linear, NF4Linear)) or ".lora_" in name or within(name, list(skip)):
+            if not _is_linear(sub) or ".lora_" in name or within(name, list(skip)):
                 continue
             if self.target_modules == "all-linear":
                 if not matches(name, ["lm_head", "classifier", "score"]) or isinstance(sub, NF4Linear):
@@ -226,7 +226,7 @@ class LoRACallback(Callback):
         if not names:
             raise ValueError(
                 f"target_modules={self.target_modules!r} matched no linear layer of {type(module).__name__}. "
-                f"Linear layers found: {[n for n, m in module.named_modules() if isinstance(m, (nn.Linear, NF4Linear))][:8]}"
+                f"Linear layers found: {[n for n, m in module.named_modules() if _is_linear(m)][:8]}"
             )
         return names
 
@@ -428,6 +428,11 @@ def _count(module: nn.Module) -> tuple[int, int]:
             total += n
             trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer LoRA can target: ``nn.Linear``, ``NF4Linear`` or transformers' ``Conv1D`` (GPT-2)."""
+    return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
 
 
 def _warn_peft_suffix_match(pattern: str, trained: list[str], names: list[str]) -> None:

@@ -144,6 +144,11 @@ def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant
     return NF4Weight(packed, absmax, code_table("nf4", device), torch.Size((out_features, in_features)), dtype, blocksize, nested)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linears): ``x @ W + b`` with ``W`` stored ``[in_features, out_features]``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor)
+
+
 class NF4Linear(nn.Module):
     """A drop-in for ``nn.Linear`` whose weight is stored in bitsandbytes' NF4 format and frozen.
 
@@ -157,6 +162,11 @@ class NF4Linear(nn.Module):
     backward dequantizes again, and the recompute dequantizes this weight alone (not its group's block). Saves
     a decoder layer's dequantized weights at the start of its backward for one more dequantize per weight and
     step; off by default (speed), on under ``NF4FSDPStrategy``. Set it with ``set_low_memory_recompute``."""
+
+    stored_transposed: bool = False
+    """The float weight this layer stands for is stored ``[in_features, out_features]`` (transformers' ``Conv1D``,
+    GPT-2): a float weight is read, and a merged export written, in that layout. The NF4 codes are ``[out, in]``
+    either way, as bitsandbytes quantizes a ``Conv1D``."""
 
     def __init__(
         self,
@@ -193,21 +203,29 @@ class NF4Linear(nn.Module):
         *,
         name: str = "linear",
     ) -> "NF4Linear":
-        """Quantize ``linear`` on the device its weight is on; the bias is kept as is (same Parameter)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name}: from_linear expects an nn.Linear, got {type(linear).__name__}.")
+        """Quantize ``linear`` (an ``nn.Linear``, or transformers' ``Conv1D``) on the device its weight is on; the
+        bias is kept as is (same Parameter)."""
+        transposed = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or transposed):
+            raise TypeError(f"{name}: from_linear expects an nn.Linear or transformers' Conv1D, got {type(linear).__name__}.")
         weight = linear.weight
         if weight.dim() != 2:
             raise NF4FormatError(f"{name}.weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
+        weight = weight.detach().t().contiguous() if transposed else weight.detach()
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._group = None
         _check_compute_dtype(compute_dtype)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.out_features, layer.in_features = weight.shape
         layer.blocksize, layer.double_quant, layer.compute_dtype = check_blocksize(blocksize), double_quant, compute_dtype
-        layer._set_quant(quantize_nf4(weight.detach(), blocksize, double_quant, name=f"{name}.weight"))
+        layer.stored_transposed = transposed
+        layer._set_quant(quantize_nf4(weight, blocksize, double_quant, name=f"{name}.weight"))
         layer.bias = linear.bias
         return layer
+
+    def float_layout(self, weight: Tensor) -> Tensor:
+        """``weight`` (``[out_features, in_features]``) in the layout of the float layer this one stands for."""
+        return weight.t() if self.stored_transposed else weight
 
     def reset_parameters(self) -> None:
         """Draw a float weight as ``nn.Linear`` does and quantize it: how a layer built on the meta device gets
@@ -449,6 +467,8 @@ class NF4Linear(nn.Module):
             weight = tensors[""].detach()
             if target.type != "meta":
                 weight = weight.to(target)
+            if self.stored_transposed:  # a Conv1D's float weight: [in_features, out_features]
+                weight = weight.t().contiguous()
             quant = quantize_nf4(weight, self.blocksize, self.double_quant, name=name)
         else:
             raise NF4FormatError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
@@ -155,10 +155,6 @@ def _read_generation_config(model: nn.Module, path: Path) -> None:
 def _finish(model: nn.Module, nf4: Optional[NF4LoadConfig]) -> nn.Module:
     if nf4 is not None:
         model.config.quantization_config = nf4.to_bnb_dict()
-        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-        if conv1d:  # GPT-2's transposed linears: bitsandbytes quantizes them, this loader does not (yet)
-            rank_zero_warn(f"lightning-nf4: {len(conv1d)} Conv1D layers (GPT-2 style, e.g. {conv1d[0]!r}) stay in float: "
-                           "only nn.Linear layers are quantized to NF4.")
         layers = nf4_layers(model)
         packed = sum(layer.memory_bytes for _, layer in layers)
         floats = sum(layer.in_features * layer.out_features * layer.quant.dtype.itemsize for _, layer in layers)

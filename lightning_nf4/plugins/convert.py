@@ -1,4 +1,4 @@
-"""Replacing a model's ``nn.Linear`` layers by ``NF4Linear``, one layer at a time."""
+"""Replacing a model's ``nn.Linear`` (and ``Conv1D``) layers by ``NF4Linear``, one layer at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from lightning_nf4.layers.linear import NF4Linear
+from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -47,15 +47,16 @@ def logical_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
-def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    """The plain ``nn.Linear`` layers that should become NF4 (not skipped, not LoRA, not converted).
+def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The plain ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's transposed linear) layers that should become
+    NF4 (not skipped, not LoRA, not converted).
 
     A skipped layer stays skipped however it is wrapped later: it matches by its name without PEFT's
     ``base_layer`` parts, and a layer once found skipped is marked so that no later conversion takes it
     (Lightning converts again after ``LoRACallback`` wrapped it)."""
     found = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
+        if not (type(module) is nn.Linear or is_conv1d(module)) or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
             continue
         if within(name, skip_modules) or within(logical_name(name), skip_modules):
             setattr(module, _KEEP_FLOAT, True)

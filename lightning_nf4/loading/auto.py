@@ -44,8 +44,13 @@ class AutoModelForCausalLM:
         progress: bool = True,
         device_map: Any = None,
         torch_dtype: Union[torch.dtype, str, None] = None,
-        **config_kwargs: Any,
-    ) -> nn.Module:
+        config: Any = None,
+        subfolder: str = "",
+        use_safetensors: Optional[bool] = None,
+        output_loading_info: bool = False,
+        low_cpu_mem_usage: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[nn.Module, tuple[nn.Module, dict[str, list]]]:
         """Load ``pretrained_model_name_or_path`` (a local folder or ``packaged:<name>``) onto ``device``.
 
         ``quantization_config``: a ``transformers.BitsAndBytesConfig`` (or its dict) with
@@ -54,6 +59,13 @@ class AutoModelForCausalLM:
         (default: the quantization compute dtype, else bfloat16; ``"auto"`` takes the checkpoint's, a string names a
         torch dtype; transformers' older ``torch_dtype`` is the same argument). ``device_map`` takes one device
         (``"cuda:0"``, ``0``, ``{"": 0}``) as ``device`` does; a map spreading the model over devices is refused.
+
+        As in transformers: ``config`` (a config object or folder) replaces the folder's ``config.json``;
+        ``subfolder`` is where config and weights are; ``use_safetensors`` True/False reads only safetensors/``.bin``;
+        ``output_loading_info`` returns ``(model, info)`` with the checkpoint keys the model did not use; other keyword
+        arguments override config attributes (``num_hidden_layers=...``, ``attn_implementation=...``,
+        ``trust_remote_code``, ``revision``), and one that is none of these is an error. ``low_cpu_mem_usage`` is
+        accepted and changes nothing: loading is always tensor by tensor.
 
         ``device="meta"`` reads no weight: the model comes back on ``meta``, remembering its checkpoint, and
         ``NF4FSDPStrategy`` fills it one sharding unit at a time on each rank, keeping only that rank's
@@ -66,24 +78,28 @@ class AutoModelForCausalLM:
                 raise ValueError("Pass dtype or torch_dtype (its older name), not both.")
             dtype = torch_dtype
         device = _one_device(device, device_map)
+        source = _Source(resolve_model_path(str(pretrained_model_name_or_path)) / subfolder, use_safetensors, config, kwargs)
         with torch.device("cpu"):
-            return cls._load(pretrained_model_name_or_path, quantization_config, device, dtype, gguf_file, progress, config_kwargs)
+            model, unexpected = cls._load(source, quantization_config, device, dtype, gguf_file, progress)
+        if output_loading_info:
+            return model, {"missing_keys": [], "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
     def _load(
-        cls, pretrained_model_name_or_path: Union[str, Path], quantization_config: Any, device: Union[str, torch.device, None],
-        dtype: Union[torch.dtype, str, None], gguf_file: Optional[str], progress: bool, config_kwargs: dict[str, Any],
-    ) -> nn.Module:
+        cls, source: "_Source", quantization_config: Any, device: Union[str, torch.device, None],
+        dtype: Union[torch.dtype, str, None], gguf_file: Optional[str], progress: bool,
+    ) -> tuple[nn.Module, list[str]]:
         import transformers
 
-        path = resolve_model_path(str(pretrained_model_name_or_path))
+        path = source.path
         target = resolve_device(device)
         if gguf_file is not None and target.type == "meta":
             raise ValueError(
                 "device='meta' defers reading safetensors/.bin checkpoints; a GGUF file is dequantized whole by "
                 "transformers as it loads. Load it on a device, or convert it once with save_pretrained()."
             )
-        config = transformers.AutoConfig.from_pretrained(str(path), gguf_file=gguf_file, **config_kwargs)
+        config, model_kwargs = source.config(gguf_file)
         saved = getattr(config, "quantization_config", None)
         nf4 = parse_quantization_config(quantization_config, saved)
         dtype = _float_dtype(dtype, config) or (nf4.compute_dtype if nf4 else torch.bfloat16)
@@ -91,24 +107,58 @@ class AutoModelForCausalLM:
         if gguf_file is not None:  # transformers dequantizes GGUF on load; we quantize afterwards
             # dequantize=True: plain weights, no GGUF quantizer left on the model (it would refuse save_pretrained)
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path), gguf_file=gguf_file, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True))
+                str(path), gguf_file=gguf_file, config=config, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True), **model_kwargs)
             if nf4 is not None:
-                convert_linears(model, **nf4.convert_kwargs(), device=target)
-            return _finish(model.to(target), nf4)
+                convert_linears(model, **nf4.convert_kwargs(model), device=target)
+            return _finish(model.to(target), nf4), []
 
         with _parameters_on_meta():
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, **model_kwargs)
         _read_generation_config(model, path)
         if nf4 is not None:
-            convert_linears(model, **nf4.convert_kwargs())  # NF4Linear placeholders on meta
-        files = checkpoint_files(path)
+            convert_linears(model, **nf4.convert_kwargs(model))  # NF4Linear placeholders on meta
+        files = checkpoint_files(path, source.use_safetensors)
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
             if nf4 is not None:
                 model.config.quantization_config = nf4.to_bnb_dict()
-            return model.eval()
-        _stream_into(model, files, target, dtype, progress, prequantized=nf4 is not None and nf4.prequantized)
-        return _finish(model, nf4)
+            return model.eval(), []
+        unexpected = _stream_into(model, files, target, dtype, progress, prequantized=nf4 is not None and nf4.prequantized)
+        return _finish(model, nf4), unexpected
+
+
+class _Source:
+    """Where a model comes from: its folder, its config (the folder's, or the caller's), transformers' keyword arguments."""
+
+    # read by the config or the model constructor, never config attributes
+    _MODEL_KWARGS = ("trust_remote_code", "attn_implementation")
+    # where transformers would download from; meaningless beside a config object and a local folder
+    _HUB_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
+
+    def __init__(self, path: Path, use_safetensors: Optional[bool], config: Any, kwargs: dict[str, Any]) -> None:
+        self.path, self.use_safetensors, self._config, self._kwargs = path, use_safetensors, config, kwargs
+
+    def config(self, gguf_file: Optional[str]) -> tuple[Any, dict[str, Any]]:
+        """The config to build from and the keyword arguments for the model's constructor; an argument neither
+        the config nor the constructor takes is refused, as transformers refuses it."""
+        import copy
+
+        import transformers
+
+        model_kwargs = {k: self._kwargs[k] for k in self._MODEL_KWARGS if k in self._kwargs}
+        if isinstance(self._config, transformers.PretrainedConfig):
+            config, unused = copy.deepcopy(self._config), {k: v for k, v in self._kwargs.items() if k not in self._HUB_KWARGS}
+        else:
+            where = str(self._config) if self._config is not None else str(self.path)
+            gguf = {"gguf_file": gguf_file} if gguf_file is not None else {}
+            config, unused = transformers.AutoConfig.from_pretrained(where, return_unused_kwargs=True, **gguf, **self._kwargs)
+        unused = {k: v for k, v in unused.items() if k not in model_kwargs and k != "gguf_file"}
+        if unused:
+            raise TypeError(
+                f"from_pretrained() got unexpected keyword arguments {sorted(unused)}: neither config attributes of "
+                f"{type(config).__name__} nor loading arguments. Check the spelling (e.g. quantization_config)."
+            )
+        return config, model_kwargs
 
 
 def _one_device(device: Union[str, torch.device, None], device_map: Any) -> Union[str, torch.device, None]:
@@ -182,7 +232,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype, progress: bool, prequantized: bool) -> None:
+def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype, progress: bool, prequantized: bool) -> list[str]:
+    """Read ``files`` into ``model`` tensor by tensor; returns the checkpoint keys the model does not use."""
     from tqdm.auto import tqdm
 
     layers = dict(nf4_layers(model))
@@ -214,21 +265,33 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
 
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    incomplete = {name: sorted(parts) for name, parts in pending.items()}
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if incomplete or missing:
+    incomplete = [key for name, parts in pending.items() for key in _missing_parts(name, parts)]
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n.removesuffix(".weight") not in pending]
+    missing += incomplete
+    if missing:
         renamed = (
             f" It also holds tensors this model does not use, e.g. {unexpected[:4]}: transformers fuses some architectures' "
             "checkpoint tensors as it loads them (Mixtral's per-expert weights into one), which this loader does not do. For such a model, load it in float with transformers and let NF4Precision quantize it."
         ) if unexpected else ""
         raise CheckpointError(
-            f"The checkpoint in {files[0].parent} lacks tensors: {missing[:8]}{'...' if len(missing) > 8 else ''}"
-            f"{f' and the rest of the quantized layers {list(incomplete)[:4]}' if incomplete else ''}. "
+            f"The checkpoint in {files[0].parent} lacks tensors: {missing[:8]}{'...' if len(missing) > 8 else ''}. "
             f"It is incomplete or belongs to another model/config.{renamed}"
         )
     if unexpected:
         rank_zero_info(f"lightning-nf4: ignored {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")
     model.to(device)  # buffers built on the CPU with the skeleton
+    return unexpected
+
+
+def _missing_parts(layer: str, parts: dict[str, Tensor]) -> list[str]:
+    """The keys a quantized layer's weight still lacks: its codes, its quant state, or what the quant state names."""
+    weight = f"{layer}.weight"
+    if "" not in parts:
+        return [weight]
+    state = next((k for k in parts if k.startswith("quant_state.")), None)
+    if state is None:
+        return [f"{weight}.{QUANT_STATE_KEY}"]
+    return [f"{weight}.{part}" for part in sorted((required_parts(parts[state]) or set()) - parts.keys())]
 
 
 def _complete(parts: dict[str, Tensor], prequantized: bool) -> bool:
@@ -244,7 +307,10 @@ def _complete(parts: dict[str, Tensor], prequantized: bool) -> bool:
 
 def _assign(model: nn.Module, key: str, tensor: Tensor, device: torch.device, dtype: torch.dtype, *, parameter: bool, expected: torch.Size) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"size mismatch for {key}: checkpoint has {tuple(tensor.shape)}, the model built from its config has {tuple(expected)}.")
+        packed = tensor.dtype == torch.uint8 and tensor.dim() == 2 and tensor.shape[1] == 1 and len(expected) == 2
+        hint = (" It holds packed 4-bit codes: the checkpoint is bitsandbytes-quantized but its config.json has no "
+                "quantization_config; pass quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4').") if packed else ""
+        raise CheckpointError(f"size mismatch for {key}: checkpoint has {tuple(tensor.shape)}, the model built from its config has {tuple(expected)}.{hint}")
     owner_name, _, attr = key.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     # copy=True: safetensors hands out views of its memory-mapped file; keeping one would keep the whole

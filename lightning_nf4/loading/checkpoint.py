@@ -10,7 +10,7 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Optional
 
 import torch
 from torch import Tensor
@@ -24,9 +24,14 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The weight files of ``folder`` in load order; every shard an index names must exist."""
-    for index_name in _INDEXES:
+def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None) -> list[Path]:
+    """The weight files of ``folder`` in load order; every shard an index names must exist. ``use_safetensors`` as
+    in transformers: True reads safetensors only, False ``.bin`` only, None prefers safetensors."""
+    indexes, singles = _INDEXES, _SINGLES
+    if use_safetensors is not None:
+        keep = 0 if use_safetensors else 1
+        indexes, singles = (_INDEXES[keep],), (_SINGLES[keep],)
+    for index_name in indexes:
         index = folder / index_name
         if index.is_file():
             try:
@@ -38,12 +43,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(f"{index.name} lists shards that are missing from {folder}: {missing}. The download is incomplete.")
             return [folder / s for s in shards]
-    for single in _SINGLES:
+    for single in singles:
         if (folder / single).is_file():
             return [folder / single]
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    asked = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"
     raise CheckpointError(
-        f"No weights in {folder}: expected {_INDEXES[0]}, {_SINGLES[0]} or {_SINGLES[1]} (found {found[:10]}). "
+        f"No weights in {folder}{asked}: expected {' or '.join((*indexes, *singles))} (found {found[:10]}). "
         "For a GGUF file pass gguf_file=..."
     )
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from lightning_nf4.format.quantized import NF4FormatError, float_dtype
+from lightning_nf4.layers.linear import is_conv1d
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -20,8 +23,11 @@ class NF4LoadConfig:
     blocksize: int = 64
     prequantized: bool = False  # the checkpoint already holds bitsandbytes 4-bit tensors
 
-    def convert_kwargs(self) -> dict[str, Any]:
-        return dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules)
+    def convert_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """``convert_linears``' arguments for ``model``: the layers to keep in float named one by one, chosen by
+        transformers' own reading of ``llm_int8_skip_modules`` so that a saved config means the same to both."""
+        return dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype,
+                    skip_modules=skipped_by_transformers(model, self.skip_modules))
 
     def to_bnb_dict(self) -> dict[str, Any]:
         """The model's ``config.quantization_config``, as transformers writes it for bnb-4bit models."""
@@ -31,6 +37,19 @@ class NF4LoadConfig:
             "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(self.skip_modules),
         }
+
+
+def skipped_by_transformers(model: nn.Module, patterns: Sequence[str]) -> tuple[str, ...]:
+    """The names of ``model``'s modules that transformers leaves unquantized for ``llm_int8_skip_modules=patterns``
+    (a module path from the start, a regular expression, or a suffix of the name); with a transformers that lacks
+    its rule, the patterns as lightning-nf4 reads them (``plugins.convert.within``)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return tuple(patterns)
+    # transformers asks for each linear by its own name (a parent's name matching covers nothing by itself)
+    return tuple(n for n, m in model.named_modules()
+                 if (type(m) is nn.Linear or is_conv1d(m)) and not should_convert_module(n, list(patterns)))
 
 
 def _as_dict(config: Any) -> Optional[dict[str, Any]]:
@@ -44,8 +63,8 @@ def _as_dict(config: Any) -> Optional[dict[str, Any]]:
 
 
 def _dtype(value: Any) -> torch.dtype:
-    if value is None:
-        return torch.bfloat16
+    if value is None:  # BitsAndBytesConfig's default, so that its dict means the same as the object
+        return torch.float32
     dtype = float_dtype(value)
     if dtype is None:
         raise NF4FormatError(f"bnb_4bit_compute_dtype {value!r} is not supported; use bfloat16, float16 or float32.")

@@ -258,3 +258,24 @@ def test_trainable_count_counts_tied_weights_once(caplog):
     assert trainable == sum(p.numel() for p in unique if p.requires_grad) > 0
     every_name = sum(nf4.get(id(p), p.numel()) for _, p in model.named_parameters(remove_duplicate=False))
     assert every_name - total == 128 * 64  # the tied matrix, once
+
+
+def test_olora_init_splits_the_dequantized_weight_between_adapters_and_a_requantized_base():
+    """``init_lora_weights="olora"`` (PEFT runs it on bitsandbytes 4-bit bases by dequantizing): the adapters hold
+    the rank-r QR part of the dequantized weight, the base is re-quantized from the rest, and the layer still computes
+    (to NF4's error) what it did before."""
+    from lightning_nf4 import quantize_nf4
+
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(nn.Linear(128, 96, bias=False), compute_dtype=torch.float32)
+    before = base.dequantize(torch.float32)
+    config = lora_config(r=8, lora_alpha=16, target_modules=["x"], init_lora_weights="olora")
+    layer = NF4LoraLinear(base, "default", config, r=8, lora_alpha=16, init_lora_weights="olora")
+    q, r = torch.linalg.qr(before)
+    torch.testing.assert_close(layer.lora_A["default"].weight, r[:8])
+    torch.testing.assert_close(layer.lora_B["default"].weight, q[:, :8])
+    residual = quantize_nf4(before - 2.0 * q[:, :8] @ r[:8], 64, True)
+    assert torch.equal(layer.base_layer.quant.packed, residual.packed)
+    x = torch.randn(4, 128)
+    error = (layer(x) - x @ before.t()).norm() / (x @ before.t()).norm()
+    assert error < 0.1, error

@@ -37,6 +37,18 @@ class NF4LoraLinear(nn.Module, LoraLayer):
             raise ValueError("NF4LoraLinear supports plain LoRA; DoRA and aLoRA are not implemented for NF4 bases.")
         return None
 
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA (``init_lora_weights="olora"``) as PEFT runs it on a bitsandbytes 4-bit base: the adapters take the
+        rank-r part of the dequantized weight's QR decomposition, and the base is re-quantized from the rest."""
+        base: NF4Linear = self.get_base_layer()
+        weight = base.dequantize(torch.float32)
+        q, r = torch.linalg.qr(weight)
+        rank = self.r[adapter_name]
+        self.lora_A[adapter_name].weight.data = r[:rank].contiguous()
+        self.lora_B[adapter_name].weight.data = q[:, :rank].contiguous()
+        residual = weight - self.scaling[adapter_name] * q[:, :rank] @ r[:rank]
+        base._set_quant(quantize_nf4(residual.to(base.quant.dtype), base.blocksize, base.double_quant, name="OLoRA residual"))
+
     def get_delta_weight(self, adapter: str) -> Tensor:
         a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         return (b.float() @ a.float()) * self.scaling[adapter]

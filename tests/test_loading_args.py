@@ -151,3 +151,12 @@ def _saved_float(tmp_path):
     if not folder.exists():
         llama(0).save_pretrained(folder)
     return folder
+
+
+def test_a_requested_storage_dtype_is_named_as_ignored(tmp_path):
+    """``bnb_4bit_quant_storage`` is a bitsandbytes + FSDP1 setting; the codes stay uint8 and the load says so."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16)
+    with pytest.warns(UserWarning, match="bnb_4bit_quant_storage='bfloat16' is ignored"):
+        model = AutoModelForCausalLM.from_pretrained(_saved_float(tmp_path), quantization_config=config, progress=False)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
+    assert model.config.quantization_config["bnb_4bit_quant_storage"] == "uint8"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -97,6 +98,13 @@ def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadCon
 
 
 def _settings(settings: dict[str, Any], prequantized: bool) -> NF4LoadConfig:
+    storage = str(settings.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+    if not prequantized and storage != "uint8":
+        warnings.warn(
+            f"bnb_4bit_quant_storage={storage!r} is ignored: lightning-nf4 keeps NF4 codes as uint8 (NF4FSDPStrategy shards "
+            "them as bytes; the storage dtype is a bitsandbytes + FSDP1 workaround), and save_pretrained records uint8.",
+            stacklevel=4,
+        )
     skip = settings.get("llm_int8_skip_modules")
     # A pre-quantized checkpoint was quantized by its own list: transformers keeps lm_head in float only when the
     # list is left unset, and quantizes it when a list leaves it out. Quantizing here, lm_head always stays float.

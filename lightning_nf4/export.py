@@ -89,7 +89,10 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
     wrapped = f".modules_to_save{tag}"  # a module PEFT wrapped (ModulesToSaveWrapper): its trained copy, saved by its own name
     for name, param in root.named_parameters():
         if ".lora_" in name and tag in name:
-            out["base_model.model." + name.replace(tag, ".")] = _whole(param).contiguous().cpu()
+            key = name.replace(tag, ".")
+            if key.endswith(".lora_magnitude_vector.weight"):  # DoRA's magnitude: PEFT saves it without ".weight"
+                key = key.removesuffix(".weight")
+            out["base_model.model." + key] = _whole(param).contiguous().cpu()
     if modules_to_save:
         for names, param in _trained_in_full(root):  # a tied module trained in full: under each of its names
             if ".modules_to_save." in names[0] and wrapped not in names[0]:
@@ -152,7 +155,7 @@ def write_adapter(
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
         modules_to_save=modules_to_save or None, task_type=_task_type(hf), ensure_weight_tying=_ties_saved(root),
-        fan_in_fan_out=_conv1d_targets(root),
+        fan_in_fan_out=_conv1d_targets(root), use_dora=any(getattr(layer, "lora_magnitude_vector", None) for _, layer in lora_layers(root)),
         base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
     )
     config.save_pretrained(str(folder))
@@ -332,7 +335,10 @@ def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
     nf4 = isinstance(base, NF4Linear)
     weight = base.dequantize(torch.float32) if nf4 else base.weight.detach().float()
     for name in layer.active_adapters:
-        if name in layer.lora_A:
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        if variant is not None and not nf4:  # PEFT's DoRA on a float base: PEFT's own merge, on a copy
+            weight = variant.merge_safe(layer, name, weight)
+        elif name in layer.lora_A:
             delta = layer.get_delta_weight(name).float()
             weight = weight + (delta.t() if nf4 and getattr(layer, "fan_in_fan_out", False) else delta)
     return weight

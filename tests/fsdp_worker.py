@@ -120,7 +120,7 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     pl.seed_everything(0)
     accelerator = os.environ.get("FSDP_WORKER_ACCELERATOR", "cpu")  # "gpu": tests/test_gpu_fsdp.py
     folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
-    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead: below
+    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead, +dora: below
     strategy = strategy.split("+")[0]
     tied_head = "tiedhead" in options  # the head tied to the embeddings, with LoRA on it as well
     base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama(tie=tied_head)
@@ -152,7 +152,8 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
         accelerator=accelerator, devices=devices, strategy=strategy, max_epochs=epochs, logger=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         plugins=NF4Precision(compute_dtype=torch.float32),
-        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True, target_modules=targets), Dump(out), checkpoint],
+        callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out / "export"), export_merged=True, target_modules=targets,
+                                use_dora="dora" in options), Dump(out), checkpoint],
     )
     trainer.fit(model, datamodule=OrderedData(batch_size), ckpt_path=resume or None)
 

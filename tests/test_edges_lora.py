@@ -97,10 +97,11 @@ def test_fused_forward_applies_lora_dropout_as_the_unfused_one_does(monkeypatch)
     assert ((fused - no_dropout).norm() / no_dropout.norm()).item() > 5e-2
 
 
-def test_dora_is_refused_not_silently_plain_lora():
-    """``use_dora=True`` on an NF4 base must fail clearly rather than train plain LoRA under a DoRA config."""
-    with pytest.raises(ValueError, match="DoRA and aLoRA are not implemented"):
-        _layer(use_dora=True)
+def test_alora_is_refused_not_silently_plain_lora():
+    """aLoRA on an NF4 base must fail clearly rather than train plain LoRA under an aLoRA config (DoRA is
+    supported: tests/test_dora.py)."""
+    with pytest.raises(ValueError, match="aLoRA is not implemented for NF4 bases"):
+        _layer(alora_invocation_tokens=[1, 2])
 
 
 def test_compiled_forward_leaves_the_lora_update_to_the_compiler(monkeypatch):

@@ -332,6 +332,22 @@ def test_lora_on_a_tied_head_survives_the_sharded_merged_export(tmp_path):
         torch.testing.assert_close(sharded.state_dict()[key], value, atol=1e-4, rtol=1e-3, msg=key)
 
 
+def test_qdora_sharded_matches_one_process(tmp_path):
+    """DoRA on NF4 bases under NF4FSDPStrategy: the magnitudes shard and train with the adapters, the two ranks end
+    equal and equal to one process (float32 rounding of the two-rank sums), and so do the merged exports."""
+    from transformers import AutoModelForCausalLM
+
+    single = run_worker(tmp_path / "single", "auto+dora", 1, 4)[0]["trainable"]
+    fsdp = run_worker(tmp_path / "fsdp", "nf4_fsdp+dora", 2, 2)
+    assert sum("lora_magnitude_vector" in k for k in single) == 14 and fsdp[0]["trainable"].keys() == single.keys()
+    for name, value in fsdp[0]["trainable"].items():
+        assert torch.equal(value, fsdp[1]["trainable"][name]), name
+        torch.testing.assert_close(value, single[name], atol=1e-4, rtol=1e-3)
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "export" / "merged").state_dict()
+    for key, value in AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "export" / "merged").state_dict().items():
+        torch.testing.assert_close(sharded[key], value, atol=1e-4, rtol=1e-3, msg=key)
+
+
 def test_sharded_resume_continues_exactly(runs, tmp_path):
     ckpt = next((runs["root"] / "fsdp" / "ckpt").glob("epoch=0-*.ckpt"))
     state = torch.load(ckpt, weights_only=True)

@@ -26,7 +26,7 @@ from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
-from lightning_nf4.layers.lora import lora_config
+from lightning_nf4.layers.lora import NF4LoraLinear, lora_config
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches, within
 from lightning_nf4.plugins.precision import NF4Precision
@@ -51,6 +51,9 @@ class LoRACallback(Callback):
         compile: compile each decoder layer in place (``block.compile()``) once LoRA is injected: True, or a
             dict of ``torch.compile`` options plus ``blocks`` (see ``lightning_nf4.plugins.compile``). Here
             because injection is the last change to the model's structure, for bf16 and NF4 bases alike.
+        use_dora: DoRA (weight-decomposed LoRA; QDoRA on NF4 bases): a trained magnitude per output row on top of
+            the LoRA update, as PEFT's ``use_dora``; each step also dequantizes every base weight once more for
+            the row norms.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class LoRACallback(Callback):
         adapter_name: str = "default",
         init_seed: Optional[int] = 0,
         compile: Union[bool, dict[str, Any]] = False,
+        use_dora: bool = False,
     ) -> None:
         if not _is_number(r, integral=True) or r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
@@ -97,6 +101,9 @@ class LoRACallback(Callback):
         self.adapter_name = adapter_name
         self.init_seed = init_seed
         self.compile = compile_option(compile)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}.")
+        self.use_dora = use_dora
         self._pending_state: Optional[dict[str, torch.Tensor]] = None
         self._saved_modules = list(self.modules_to_save)  # and the modules tied to them, once injected
         self._held_state: Optional[dict[str, torch.Tensor]] = None  # a full checkpoint, until the model is injected
@@ -121,7 +128,8 @@ class LoRACallback(Callback):
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
         if self._injected(pl_module):
-            self._check_existing_adapters(pl_module)
+            pending = getattr(trainer.precision_plugin, "pending_conversion", None)
+            self._check_existing_adapters(pl_module, pending(pl_module) if pending is not None else set())
             return
         precision = trainer.precision_plugin
         has_linears = any(_is_linear(m) for m in pl_module.modules())
@@ -169,10 +177,19 @@ class LoRACallback(Callback):
                 f"{result.unexpected_keys[:5]}. {fix}"
             )
 
-    def _check_existing_adapters(self, module: nn.Module) -> None:
+    def _check_existing_adapters(self, module: nn.Module, to_quantize: set[str]) -> None:
         """A model that carries LoRA already (PEFT's ``get_peft_model`` in ``__init__``, or an earlier fit) is trained
-        as it is; the exports describe it with this callback's ``r`` and ``alpha``, so those must be the layers'."""
+        as it is; the exports describe it with this callback's ``r`` and ``alpha``, so those must be the layers'. PEFT's
+        own DoRA cannot sit on a base about to be quantized (``to_quantize``): its row norms would read packed codes."""
         for name, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and not isinstance(layer, NF4LoraLinear) and any(getattr(layer, "use_dora", {}).values()):
+                base = layer.get_base_layer()
+                if isinstance(base, NF4Linear) or f"{name}.base_layer" in to_quantize:
+                    raise ValueError(
+                        f"{name} carries PEFT's DoRA on a base that NF4Precision quantizes; PEFT's DoRA cannot read NF4 weights. "
+                        "Let LoRACallback(use_dora=True) inject DoRA after the conversion, or keep the layer in float "
+                        "(NF4Precision(skip_modules=...))."
+                    )
             if isinstance(layer, LoraLayer) and self.adapter_name in getattr(layer, "r", {}):
                 r, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
                 if (r, alpha) != (self.r, self.alpha):
@@ -238,7 +255,7 @@ class LoRACallback(Callback):
             return
         config = lora_config(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=self._targets(module),
+            target_modules=self._targets(module), use_dora=self.use_dora,
         )
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=self.init_seed is not None):
             warnings.filterwarnings("ignore", message="Unsupported layer type")

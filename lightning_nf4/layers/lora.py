@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import Tensor, nn
 
 from lightning_nf4.format import quantize_nf4
+from lightning_nf4.layers.dora import NF4DoraVariant, dora_merge, dora_update
 from lightning_nf4.layers.linear import NF4Linear
 
 
@@ -32,10 +33,10 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
-        if config.use_dora or getattr(config, "alora_invocation_tokens", None) is not None:
-            raise ValueError("NF4LoraLinear supports plain LoRA; DoRA and aLoRA are not implemented for NF4 bases.")
-        return None
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> Optional[NF4DoraVariant]:
+        if getattr(config, "alora_invocation_tokens", None) is not None:
+            raise ValueError("NF4LoraLinear supports LoRA and DoRA; aLoRA is not implemented for NF4 bases.")
+        return NF4DoraVariant() if config.use_dora else None
 
     def olora_init(self, adapter_name: str) -> None:
         """OLoRA (``init_lora_weights="olora"``) as PEFT runs it on a bitsandbytes 4-bit base: the adapters take the
@@ -54,10 +55,14 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         return (b.float() @ a.float()) * self.scaling[adapter]
 
     def merged_weight(self, dtype: torch.dtype = torch.float32, adapter_names: Optional[list[str]] = None) -> Tensor:
-        """Dequantized base plus the deltas of ``adapter_names`` (default: the active adapters), in ``dtype``."""
-        weight = self.get_base_layer().dequantize(torch.float32)
+        """Dequantized base plus the deltas of ``adapter_names`` (default: the active adapters), in ``dtype``; a DoRA
+        adapter also rescales the rows to its magnitudes."""
+        base = self.get_base_layer().dequantize(torch.float32)
+        weight = base
         for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.lora_A:
+            if name in self.lora_magnitude_vector:
+                weight = dora_merge(self, name, base, weight, self.get_delta_weight(name))
+            elif name in self.lora_A:
                 weight = weight + self.get_delta_weight(name)
         return weight.to(dtype)
 
@@ -89,15 +94,18 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         # Compiled, the in-place addmm_ becomes an out-of-place addmm whose cuBLAS call needs the base output copied
         # into its result first (a device-to-device copy per projection); PEFT's form lets inductor fuse the add.
         fuse = self.fuse_update_compiled if torch.compiler.is_compiling() else self.fuse_update
-        if autocast and fuse and all(self.lora_B[name].bias is None for name in names):
+        if autocast and fuse and all(self.lora_B[name].bias is None and name not in self.lora_magnitude_vector for name in names):
             return self._forward_fused(x, names, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in names:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             # Outside autocast the adapters run in their own dtype, and the update is cast to the output's.
-            h = x if autocast else x.to(lora_a.weight.dtype)
-            update = lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]
-            result = result + update.to(result.dtype)
+            dropped = self.lora_dropout[name](x if autocast else x.to(lora_a.weight.dtype))
+            update = lora_b(lora_a(dropped)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = result + dora_update(self, name, result, dropped, update)
+            else:
+                result = result + update.to(result.dtype)
         return result
 
     def _forward_fused(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:

@@ -151,3 +151,31 @@ def test_one_gpu_loader_quantizes_like_the_cpu(tmp_path, double_quant):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cpu_logits = on_cpu(input_ids=ids).logits.float()
     torch.testing.assert_close(gpu_logits, cpu_logits, atol=5e-2, rtol=5e-2)
+
+
+def test_one_gpu_qdora_matches_the_cpu_and_exports(tmp_path):
+    """QDoRA on the GPU (row norms from the Triton dequantize): the same adapters and magnitudes as the same fit on the
+    CPU to float32 rounding, and a merged export that computes the trained model."""
+    import transformers
+
+    from tests.lightning_models import tiny_llama
+
+    def fit(accelerator, out):
+        torch.manual_seed(0)
+        module = CausalLM(tiny_llama(), lr=1e-2)
+        callback = LoRACallback(r=4, alpha=8, dropout=0.0, use_dora=True, save_dir=str(out))
+        trainer = gpu_trainer(tmp_path, accelerator=accelerator, max_epochs=1, plugins=NF4Precision(compute_dtype=torch.float32),
+                              callbacks=[callback])
+        trainer.fit(module, token_loader())
+        return module
+
+    gpu, cpu = fit("gpu", tmp_path / "gpu"), fit("cpu", tmp_path / "cpu")
+    trained = {n: p.detach().cpu() for n, p in gpu.named_parameters() if p.requires_grad}
+    assert sum("lora_magnitude_vector" in n for n in trained) == 14
+    for name, param in cpu.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(trained[name], param.detach(), atol=1e-4, rtol=1e-3, msg=name)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpu" / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 30, 2, 77, 3, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, gpu.model.cpu().eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

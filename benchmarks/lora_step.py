@@ -13,6 +13,8 @@ The "compiled" rows are LoRACallback(compile=True) (each decoder layer compiled 
 injection) and are compared with compiled bf16 LoRA; their first step includes the compile. The
 "chunked loss" row computes the loss with lightning_nf4.losses.causal_lm_loss (as CausalLMModule does),
 never holding the [tokens x vocab] logits whole: its peak memory against the plain-loss row is the saving.
+The DoRA rows (on request: --configs bf16-dora,nf4-dora,bnb-dora) are LoRACallback(use_dora=True), and PEFT's
+use_dora on bitsandbytes, compared with bf16 DoRA.
 """
 
 from __future__ import annotations
@@ -49,15 +51,20 @@ CONFIGS = {  # --configs key: row name
     "nf4-ungrouped": UNGROUPED,
     "nf4-unfused": UNFUSED,
     "nf4-compiled-addmm": "lightning-nf4 QLoRA, layers compiled, eager's addmm_ LoRA update",  # fuse_update_compiled = True
+    "bf16-dora": "bf16 DoRA",  # LoRACallback(use_dora=True), on request
+    "nf4-dora": "lightning-nf4 QDoRA",
+    "bnb-dora": "bitsandbytes NF4-DQ + PEFT DoRA",
 }
 PEERS, ABLATION = ("bnb", "torchao"), ("nf4-ungrouped", "nf4-unfused")
+DORA = ("bf16-dora", "nf4-dora", "bnb-dora")  # compared with bf16 DoRA
+PEER_LOOPS = PEERS + ("bnb-dora",)  # plain loops, as their users run them
 COMPILED = ("bf16-compiled", "nf4-compiled", "nf4-compiled-addmm")
 CPP_WRAPPER = ("bf16-compiled-cpp", "nf4-compiled-cpp")  # on request: the same, launched from C++ rather than Python
 
 
 def baseline_of(key: str) -> str:
-    """Compiled rows are compared with compiled bf16 LoRA, the others with eager bf16 LoRA."""
-    return "bf16-compiled-cpp" if key in CPP_WRAPPER else "bf16-compiled" if key in COMPILED else "bf16"
+    """Compiled rows are compared with compiled bf16 LoRA, DoRA rows with bf16 DoRA, the others with eager bf16 LoRA."""
+    return "bf16-compiled-cpp" if key in CPP_WRAPPER else "bf16-compiled" if key in COMPILED else "bf16-dora" if key in DORA else "bf16"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -107,7 +114,7 @@ def _peer_model(name: str, model):
                 from torchao.quantization import to_nf4
 
                 child.weight = torch.nn.Parameter(to_nf4(child.weight.data), requires_grad=False)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, use_dora="DoRA" in name)
     return get_peft_model(model, config)
 
 
@@ -137,7 +144,7 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
 
     times: list[float] = []
     note = ""
-    if key not in PEERS:
+    if key not in PEER_LOOPS:
         from lightning_nf4 import LoRACallback, NF4Precision
         from lightning_nf4.layers.lora import NF4LoraLinear
         from lightning_nf4.losses import causal_lm_loss, liger_available
@@ -174,7 +181,8 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
             note = "liger-kernel" if device == "cuda" and liger_available() else "portable chunks"
         options = {**args["inductor_options"], **({"cpp_wrapper": True} if key in CPP_WRAPPER else {})}
         compiled = key in COMPILED or key in CPP_WRAPPER
-        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=({"options": options} if options else True) if compiled else False)
+        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=({"options": options} if options else True) if compiled else False,
+                            use_dora=key in DORA)
         kw = dict(precision="bf16-mixed") if key.startswith("bf16") else dict(plugins=NF4Precision(group_dequantize=False if key == "nf4-ungrouped" else "auto"))
         trainer = pl.Trainer(
             accelerator=device, devices=1, max_steps=steps, callbacks=[lora, StepTimer()], logger=False,
@@ -285,7 +293,7 @@ def main() -> None:
     memory = "peak GPU memory in training" if args["device"] == "cuda" else "peak RSS in training"
     print(f"\nDevice: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}" + (f"; inductor options {json.dumps(args['inductor_options'])}" if args['inductor_options'] else ""))
     print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up, "
-          f"{args['rounds']} round(s); compiled rows are compared with compiled bf16 LoRA; first step includes the compile\n")
+          f"{args['rounds']} round(s); compiled rows are compared with compiled bf16 LoRA, DoRA rows with bf16 DoRA; first step includes the compile\n")
     print(f"| configuration | median step (s) | tokens/s | vs bf16 LoRA (range) | fastest step (s) | fastest vs bf16 (range) | first step (s) | {memory} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

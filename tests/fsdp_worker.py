@@ -39,13 +39,14 @@ def shardable_llama(tie: bool = False):
     return LlamaForCausalLM(config)
 
 
-def load_checkpoint_model(folder: str, deferred: bool, device: str = "cpu"):
+def load_checkpoint_model(folder: str, deferred: bool, device: str = "cpu", nf4: bool = True):
     from transformers import BitsAndBytesConfig
 
     from lightning_nf4.loading import AutoModelForCausalLM
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device="meta" if deferred else device, dtype=torch.float32, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config if nf4 else None, device="meta" if deferred else device,
+                                                 dtype=torch.float32, progress=False)
     if deferred:
         assert all(p.is_meta for p in model.parameters())
     return model.train()
@@ -120,11 +121,13 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     pl.seed_everything(0)
     accelerator = os.environ.get("FSDP_WORKER_ACCELERATOR", "cpu")  # "gpu": tests/test_gpu_fsdp.py
     folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
-    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead, +dora: below
+    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead, +dora, +float: below
     strategy = strategy.split("+")[0]
     tied_head = "tiedhead" in options  # the head tied to the embeddings, with LoRA on it as well
-    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp")) if folder else shardable_llama(tie=tied_head)
+    nf4 = "float" not in options  # +float: the bf16-LoRA baseline's layout, a float base (load_in_4bit False)
+    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp"), nf4=nf4) if folder else shardable_llama(tie=tied_head)
     model = CausalLM(base, lr=1e-2)
+    model.load_in_4bit = nf4
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

@@ -26,7 +26,7 @@ from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
-from lightning_nf4.layers.lora import NF4LoraLinear, lora_config
+from lightning_nf4.layers.lora import NF4LoraLinear, lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches, within
 from lightning_nf4.plugins.precision import NF4Precision
@@ -262,11 +262,16 @@ class LoRACallback(Callback):
             if self.init_seed is not None:
                 torch.manual_seed(self.init_seed)
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
+        prefix = export.root_prefix(module)  # the adapter's names start at the model it exports
+        if self.init_seed is not None:  # each layer's init from its own seed: the same wherever it is materialized
+            for name, layer in module.named_modules():
+                if isinstance(layer, LoraLayer):
+                    layer.lora_init_seed = stable_seed(self.init_seed, name.removeprefix(prefix))
+                    seeded_init(layer)  # nothing to draw on meta: the strategy materializing it draws
         names: dict[int, list[str]] = {}  # every name of each tensor: a tied lm_head is listed under the embeddings only
         for name, param in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
         self._saved_modules = list(self.modules_to_save)
-        prefix = export.root_prefix(module)  # the adapter's names start at the model it exports
         for name, param in module.named_parameters():
             owners = [n.rsplit(".", 1)[0] for n in names[id(param)]]
             is_lora = ".lora_" in name

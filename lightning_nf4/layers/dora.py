@@ -46,6 +46,21 @@ class NF4DoraVariant(LoraVariant):
         getattr(module, MAGNITUDE)[adapter_name] = holder
 
 
+@torch.no_grad()
+def reset_magnitudes(layer: LoraLayer) -> None:
+    """Each DoRA magnitude set to the row norms of its layer's weight with its current update, as at injection: for a
+    layer materialized after injection (a sharded model built on meta), once its base and adapters hold values.
+    PEFT's own DoRA on a float base as well."""
+    base = layer.get_base_layer()
+    for adapter, holder in getattr(layer, MAGNITUDE).items():
+        if hasattr(base, "dequantize"):
+            norm = weight_norm(layer, adapter)
+        else:
+            delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+            norm = torch.linalg.vector_norm(base.weight.float() + layer.scaling[adapter] * delta, dim=1)
+        holder.weight.copy_(norm)
+
+
 def dora_update(layer: LoraLayer, adapter: str, result: Tensor, dropped: Tensor, update: Tensor) -> Tensor:
     """What DoRA adds to ``result`` (the output so far) for ``adapter``, given the LoRA ``update`` (``s·B A x``)
     of the dropped-out input ``dropped``: ``(m/||W + s·BA|| - 1)·W x + m/||W + s·BA||·update``, the norm detached as

@@ -7,7 +7,9 @@ re-quantizes (lossy, so it warns); ``merged_weight`` gives the float result with
 
 from __future__ import annotations
 
+import math
 import warnings
+import zlib
 from typing import Any, Optional
 
 import torch
@@ -124,6 +126,27 @@ class NF4LoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def stable_seed(seed: int, *names: str) -> int:
+    """A seed for one layer's adapter from a run's seed and names: the same in every process (``hash`` of a str
+    is salted per process)."""
+    return (int(seed) * 0x9E3779B1 + zlib.crc32("/".join(names).encode())) % 2**63
+
+
+def seeded_init(layer: LoraLayer) -> None:
+    """PEFT's default init for each adapter of ``layer`` (A kaiming-uniform, B zero), drawn on the CPU from the
+    layer's ``lora_init_seed`` (set by ``LoRACallback``) and the adapter's name: the same values whatever device,
+    process or strategy materializes the layer, one at a time (a sharded model built on meta) or all at once."""
+    for adapter in layer.lora_A:
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter]
+        value = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=torch.Generator().manual_seed(stable_seed(layer.lora_init_seed, adapter)))
+        with torch.no_grad():
+            a.copy_(value)
+            b.weight.zero_()
+            if b.bias is not None:
+                b.bias.zero_()
 
 
 def lora_config(**kwargs: Any) -> LoraConfig:

@@ -456,12 +456,19 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
         return
     from peft.tuners.lora import LoraLayer
 
+    from lightning_nf4.layers.dora import reset_magnitudes
+    from lightning_nf4.layers.lora import seeded_init
+
     source = deferred_checkpoint(hf)
     names = {id(m): n for n, m in hf.named_modules()} if source is not None and hf is not None else {}
-    lora_parts = {id(m) for sub in own if isinstance(sub, LoraLayer) for m in sub.modules() if m is not sub and not isinstance(m, NF4Linear)}
+    # the adapters' own modules (initialized with their layer), not the wrapped base (read or initialized as itself)
+    lora_parts = {id(m) for sub in own if isinstance(sub, LoraLayer) for m in sub.modules()
+                  if m is not sub and not any(m is b for b in sub.get_base_layer().modules())}
     with torch.no_grad():
         for sub in own:
-            if isinstance(sub, LoraLayer):
+            if isinstance(sub, LoraLayer) and hasattr(sub, "lora_init_seed"):
+                seeded_init(sub)  # LoRACallback's init_seed: the values one process would have drawn
+            elif isinstance(sub, LoraLayer):
                 for adapter in sub.lora_A:
                     sub.reset_lora_parameters(adapter, True)
             elif id(sub) in lora_parts:
@@ -473,6 +480,9 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
                     sub.reset_parameters()
             else:  # a transformers model's own init: also norms and rotary tables, which have no reset_parameters
                 hf._init_weights(sub)
+        for sub in own:  # DoRA's magnitudes are norms of the weight: once the bases hold theirs
+            if isinstance(sub, LoraLayer) and getattr(sub, "lora_magnitude_vector", None):
+                reset_magnitudes(sub)
 
 
 def move_unsharded_state(module: nn.Module, device: torch.device) -> None:

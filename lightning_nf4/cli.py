@@ -9,6 +9,7 @@ be written as strings ("bfloat16"). Without ``--config``, the repository's SmolL
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +56,13 @@ class NF4Trainer(Trainer):
         """
         if ckpt_path is None:
             raise ValueError("export needs --ckpt_path: a checkpoint written by fit.")
+        if ckpt_path == "last":
+            ckpt_path = self._last_checkpoint()
+        elif _lightning_ckpt_alias(str(ckpt_path)):
+            raise ValueError(
+                f"export --ckpt_path {ckpt_path!r}: Lightning resolves that name only inside fit/validate/test. Pass the "
+                "checkpoint file (ModelCheckpoint prints its best_model_path), or 'last'."
+            )
         check_checkpoint(ckpt_path)  # before the model is built: a wrong path or an untrusted file fails at once
         callback = next((c for c in self.callbacks if isinstance(c, LoRACallback)), None)
         if callback is None:
@@ -75,6 +83,22 @@ class NF4Trainer(Trainer):
         for name, path in written.items():
             print(f"export: {name} -> {path}", flush=True)
         return written
+
+
+    def _last_checkpoint(self) -> str:
+        """``--ckpt_path last`` as Lightning resolves it for fit and validate: the newest ``last*.ckpt`` in the folders of
+        the config's ``ModelCheckpoint`` callbacks."""
+        found: set[str] = set()
+        for callback in self.checkpoint_callbacks:
+            find = getattr(callback, "_find_last_checkpoints", None)  # Lightning's own lookup, as its "last" uses
+            if callable(find):
+                found |= set(find(self))
+        if not found:
+            raise FileNotFoundError(
+                "export --ckpt_path last: no last checkpoint in the folders of this config's ModelCheckpoint callbacks. "
+                "Fit with ModelCheckpoint(save_last=True) in the same config, or pass the checkpoint file."
+            )
+        return max(found, key=os.path.getmtime)
 
 
 class NF4CLI(LightningCLI):

@@ -130,6 +130,32 @@ def test_fit_text_writes_artifacts_and_export_matches(tmp_path, model_dir, capsy
     assert (tmp_path / "export" / "merged" / "tokenizer.json").is_file()
 
 
+def test_export_takes_last_as_fit_does(tmp_path, model_dir, capsys):
+    """``export --ckpt_path last`` finds the newest last checkpoint of the config's ModelCheckpoint, as fit and validate
+    do (it failed: 'checkpoint last does not exist'); other Lightning names say what to pass instead."""
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule", "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4}}
+    config = write_config(tmp_path, model_dir, data)
+    saved = yaml.safe_load(config.read_text())
+    saved["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                          "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}})
+    config.write_text(yaml.safe_dump(saved))
+    with pytest.raises(FileNotFoundError, match="no last checkpoint.*save_last=True"):
+        main(["export", "--config", str(config), "--ckpt_path", "last", "--out_dir", str(tmp_path / "none")])
+    main(["fit", "--config", str(config)])
+    main(["export", "--config", str(config), "--ckpt_path", "last", "--out_dir", str(tmp_path / "from-last")])
+    main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--out_dir", str(tmp_path / "from-file")])
+    a = load_file(tmp_path / "from-last" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "from-file" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "last.ckpt" in json.loads((tmp_path / "from-last" / "export.json").read_text())["source"]
+    with pytest.raises(ValueError, match="'best': Lightning resolves that name only inside fit"):
+        main(["export", "--config", str(config), "--ckpt_path", "best", "--out_dir", str(tmp_path / "best")])
+
+
 def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
@@ -164,6 +190,26 @@ def test_validate_and_test_report_the_held_out_perplexity_fit_printed(tmp_path, 
             cli = main([subcommand, "--config", str(config), *ckpt_args])
             got = float(cli.trainer.callback_metrics[metric])
             assert got == pytest.approx(expected, rel=1e-4, abs=1e-4), (subcommand, ckpt_args, got, expected)
+
+
+def test_a_datamodule_without_validation_data_trains_and_says_so(tmp_path, model_dir, capsys):
+    """CausalLMModule with a datamodule that defines no val_dataloader: the held-out perplexity is reported as
+    n/a, not a crash in Lightning's default val_dataloader (it raised at the start of fit)."""
+    import lightning.pytorch as pl
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from lightning_nf4.models import CausalLMModule
+
+    class TrainOnly(pl.LightningDataModule):
+        def train_dataloader(self):
+            sample = {"input_ids": torch.arange(16), "labels": torch.arange(16)}
+            return torch.utils.data.DataLoader([sample] * 4, batch_size=2)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, alpha=8)])
+    trainer.fit(CausalLMModule(str(model_dir), compute_dtype="float32"), datamodule=TrainOnly())
+    assert "perplexity before: n/a (no validation data)" in capsys.readouterr().out
+    assert trainer.global_step == 1
 
 
 def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch):

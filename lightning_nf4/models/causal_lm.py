@@ -188,8 +188,13 @@ class CausalLMModule(pl.LightningModule):
 
         Every rank evaluates the full set (no sampler), so the value is the same everywhere without syncing.
         """
-        trainer = self.trainer
-        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        trainer, datamodule = self.trainer, self.trainer.datamodule
+        if datamodule is not None:  # a datamodule without validation data keeps Lightning's val_dataloader, which raises
+            loader = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule) else None
+        else:
+            loader = trainer.val_dataloaders
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         if loader is None:

@@ -742,3 +742,47 @@ def test_resume_on_another_number_of_devices_warns_and_trains_on(tmp_path):
     with pytest.warns(UserWarning, match="random-number states of 2 process.*this run has 1"):
         trainer(tmp_path, max_steps=3, plugins=NF4Precision(), callbacks=[LoRACallback(r=2, alpha=4)]).fit(
             CausalLM(lr=1e-2), shuffled_tokens(n=8), ckpt_path=str(tmp_path / "two.ckpt"))
+
+
+def test_resume_at_the_end_of_an_epoch_cut_short_by_limit_train_batches_starts_the_next_epoch_at_its_first_batch(tmp_path):
+    """A checkpoint written after the last batch of an epoch that ``limit_train_batches`` ended early: the loader had
+    handed out fewer batches than it holds, and the resumed run skipped that many of the next epoch."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DistributedSampler, TensorDataset
+
+    from lightning_nf4 import LoRACallback, NF4Precision
+    from lightning_nf4.data import ResumableDataLoader
+    from tests.lightning_models import tiny_llama
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.seen = tiny_llama(), []
+
+        def training_step(self, batch, batch_idx):
+            (ids,) = batch
+            self.seen.append((self.current_epoch, ids[:, 0].tolist()))
+            return self.model(input_ids=ids, labels=ids).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            data = TensorDataset(torch.arange(40).unsqueeze(1) * 3 % 128 + torch.zeros(40, 8, dtype=torch.long))
+            sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0)
+            return ResumableDataLoader(data, batch_size=2, sampler=sampler).follow(self.trainer)
+
+    def fit(root, ckpt=None):
+        pl.seed_everything(0)
+        module = Module()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=4, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, plugins=NF4Precision(compute_dtype=torch.float32),
+                             callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]),
+                                        pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=4, save_top_k=-1, filename="{epoch}")])
+        trainer.fit(module, datamodule=Data(), ckpt_path=ckpt)
+        return [batch for epoch, batch in module.seen if epoch == 1]
+
+    uninterrupted = fit(tmp_path / "full")
+    assert len(uninterrupted) == 4
+    assert fit(tmp_path / "resumed", str(tmp_path / "full" / "epoch=0.ckpt")) == uninterrupted

@@ -41,15 +41,23 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         return _ResumingIterator(self)
 
+    def _epoch_length(self) -> int:
+        """Batches in an epoch as the trainer runs it: ``limit_train_batches`` can end an epoch before the loader does."""
+        trainer = self._trainer() if self._trainer is not None else None
+        limit = getattr(trainer, "num_training_batches", float("inf")) if trainer is not None else float("inf")
+        return int(min(len(self), limit)) if limit != float("inf") else len(self)
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": self._handed_out}
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": self._handed_out,
+                "finished": int(self._handed_out >= self._epoch_length())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(int(state["epoch"]))
         batches = int(state["batches"])
-        self._skip = batches if batches < len(self) else 0  # a finished epoch: the next one starts afresh
+        finished = bool(state["finished"]) if "finished" in state else batches >= len(self)
+        self._skip = 0 if finished else batches  # a finished epoch: the next one starts afresh
 
 
 class _ResumingIterator(Iterator):

@@ -357,6 +357,16 @@ def test_sharded_resume_continues_exactly(runs, tmp_path):
         torch.testing.assert_close(resumed[0]["trainable"][name], value, rtol=0, atol=0)
 
 
+def test_a_ddp_checkpoint_resumes_under_nf4_fsdp(runs, tmp_path):
+    """The optimizer state of a DDP (or one-process) checkpoint is keyed by index; FSDP2 reads it by name: it is
+    renamed on load (it failed with KeyError 'state.0.step'), and the run ends where the DDP run ended, to the
+    float32 rounding between the two strategies."""
+    ckpt = next((runs["root"] / "ddp" / "ckpt").glob("epoch=0-*.ckpt"))
+    resumed = run_worker(tmp_path, "nf4_fsdp", 2, 2, 2, str(ckpt))
+    for name, value in runs["ddp"][0]["trainable"].items():
+        torch.testing.assert_close(resumed[0]["trainable"][name], value, atol=1e-4, rtol=1e-3, msg=name)
+
+
 def load_worker():
     import importlib.util
 

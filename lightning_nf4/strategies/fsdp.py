@@ -340,8 +340,35 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         if "optimizer_states" in checkpoint and self.optimizers:  # Lightning leaves this to the strategy here
             options = StateDictOptions(full_state_dict=True, cpu_offload=False)
             for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-                set_optimizer_state_dict(self.model, optimizer, state, options=options)
+                set_optimizer_state_dict(self.model, optimizer, self._by_name(optimizer, state), options=options)
         return checkpoint
+
+    def _by_name(self, optimizer: Any, state: dict[str, Any]) -> dict[str, Any]:
+        """An optimizer state keyed by parameter index (``optimizer.state_dict()``: a DDP or one-process checkpoint)
+        keyed by parameter name instead, as FSDP2's loader reads it; the names in the optimizer's own order come from
+        its current (empty) state. A state keyed by name already comes back as it is."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        saved_groups = state.get("param_groups", [])
+        if not any(isinstance(p, int) for group in saved_groups for p in group.get("params", [])):
+            return state
+        # every rank needs the names: no cpu_offload, which leaves the full state on rank 0 only
+        current = get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        names = [group["params"] for group in current["param_groups"]]
+        if [len(n) for n in names] != [len(group["params"]) for group in saved_groups]:
+            raise NF4ShardingConfigError(
+                f"The checkpoint's optimizer state has parameter groups of {[len(g['params']) for g in saved_groups]} "
+                f"parameters, this run's optimizer {[len(n) for n in names]}: it was written for other trainable weights "
+                "(another LoRA configuration or model). Resume with the settings that wrote it."
+            )
+        by_name: dict[str, Any] = {}
+        groups = []
+        for fqns, group in zip(names, saved_groups):
+            for fqn, index in zip(fqns, group["params"]):
+                if index in state["state"]:
+                    by_name[fqn] = state["state"][index]
+            groups.append({**group, "params": list(fqns)})
+        return {"state": by_name, "param_groups": groups}
 
 
 def _vocabulary_modules(hf: Optional[nn.Module]) -> list[nn.Module]:

@@ -541,14 +541,14 @@ MUTATIONS: list[Mutation] = [
         "the sharded merged export drops a LoRA-trained head tied to the embeddings",
         "lightning_nf4/export.py",
         (("    untie = tie and isinstance(hf.get_output_embeddings(), LoraLayer)", "    untie = False"),),
-        ("tests/test_fsdp.py",),
+        ("tests/test_fsdp.py::test_lora_on_a_tied_head_survives_the_sharded_merged_export",),
     ),
     Mutation(
         "meta-adapters-from-global-rng",
         "a meta-built sharded model draws its adapters from the global generator, not LoRACallback's init_seed",
         "lightning_nf4/strategies/fsdp.py",
         (('            if isinstance(sub, LoraLayer) and hasattr(sub, "lora_init_seed"):', "            if False:"),),
-        ("tests/test_fsdp.py",),
+        ("tests/test_fsdp.py::test_checkpoint_streams_into_shards_each_rank_keeping_its_rows",),
     ),
     Mutation(
         "limited-epoch-counted-unfinished",

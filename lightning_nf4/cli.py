@@ -84,7 +84,6 @@ class NF4Trainer(Trainer):
             print(f"export: {name} -> {path}", flush=True)
         return written
 
-
     def _last_checkpoint(self) -> str:
         """``--ckpt_path last`` as Lightning resolves it for fit and validate: the newest ``last*.ckpt`` in the folders of
         the config's ``ModelCheckpoint`` callbacks."""

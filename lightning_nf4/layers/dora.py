@@ -52,13 +52,9 @@ def reset_magnitudes(layer: LoraLayer) -> None:
     layer materialized after injection (a sharded model built on meta), once its base and adapters hold values.
     PEFT's own DoRA on a float base as well."""
     base = layer.get_base_layer()
+    float_weight = None if hasattr(base, "dequantize") else base.weight.detach()
     for adapter, holder in getattr(layer, MAGNITUDE).items():
-        if hasattr(base, "dequantize"):
-            norm = weight_norm(layer, adapter)
-        else:
-            delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
-            norm = torch.linalg.vector_norm(base.weight.float() + layer.scaling[adapter] * delta, dim=1)
-        holder.weight.copy_(norm)
+        holder.weight.copy_(weight_norm(layer, adapter, float_weight))
 
 
 def dora_update(layer: LoraLayer, adapter: str, result: Tensor, dropped: Tensor, update: Tensor) -> Tensor:

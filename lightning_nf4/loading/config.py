@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lightning_nf4.format.quantized import NF4FormatError, float_dtype
-from lightning_nf4.layers.linear import is_conv1d
+from lightning_nf4.plugins.convert import convertible_kind
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -50,7 +50,7 @@ def skipped_by_transformers(model: nn.Module, patterns: Sequence[str]) -> tuple[
         return tuple(patterns)
     # transformers asks for each linear by its own name (a parent's name matching covers nothing by itself)
     return tuple(n for n, m in model.named_modules()
-                 if (type(m) is nn.Linear or is_conv1d(m)) and not should_convert_module(n, list(patterns)))
+                 if convertible_kind(m) and not should_convert_module(n, list(patterns)))
 
 
 def _as_dict(config: Any) -> Optional[dict[str, Any]]:

@@ -47,6 +47,11 @@ def logical_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
+def convertible_kind(module: nn.Module) -> bool:
+    """A layer NF4 replaces: exactly ``nn.Linear`` (subclasses compute otherwise) or transformers' ``Conv1D``."""
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
 def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The plain ``nn.Linear`` (and transformers' ``Conv1D``, GPT-2's transposed linear) layers that should become
     NF4 (not skipped, not LoRA, not converted).
@@ -56,7 +61,7 @@ def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[t
     (Lightning converts again after ``LoRACallback`` wrapped it)."""
     found = []
     for name, module in model.named_modules():
-        if not (type(module) is nn.Linear or is_conv1d(module)) or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
+        if not convertible_kind(module) or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
             continue
         if within(name, skip_modules) or within(logical_name(name), skip_modules):
             setattr(module, _KEEP_FLOAT, True)

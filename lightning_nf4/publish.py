@@ -87,6 +87,19 @@ def publish(root: PathLike, writers: Mapping[str, Writer], manifest: Optional[di
     return {name: root / name for name in writers}
 
 
+def check_writable(root: PathLike, what: str = "export folder") -> None:
+    """Raise now, with the reason, if ``root`` could not be created or written: a run checks its export folder
+    before training rather than failing at the end with nothing written."""
+    root = Path(root).expanduser()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"The {what} {str(root)!r} cannot be created: {str(existing)!r} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"The {what} {str(root)!r} cannot be written: no write permission on {str(existing)!r}.")
+
+
 def recover(root: PathLike) -> None:
     """Finish swaps that have a journal (a kill after the folders were complete), then remove leftovers of
     killed or finished publishes. Safe to call at any time when no publish is running on ``root``."""

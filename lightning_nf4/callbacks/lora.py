@@ -40,9 +40,12 @@ class LoRACallback(Callback):
 
     Args:
         r, alpha, dropout: LoRA rank, scaling numerator (scaling = alpha / r) and dropout.
-        target_modules: ``"all-linear"`` (every linear but ``lm_head``/skipped ones), or names/patterns.
+        target_modules: ``"all-linear"`` (every linear layer, NF4 or float, except a float output head named
+            ``lm_head``, ``classifier`` or ``score``, as PEFT's ``"all-linear"``), or names, suffixes, globs and
+            ``re:``-prefixed regular expressions.
         modules_to_save: modules trained in full (e.g. ``["lm_head"]``), saved with the adapter.
-        adapter_dtype: dtype of the LoRA matrices (float32 keeps optimizer updates precise).
+        adapter_dtype: dtype of the trained parameters: the LoRA matrices, DoRA magnitudes and ``modules_to_save``
+            (float32 keeps optimizer updates precise), kept under any precision plugin.
         save_dir: where to export ``adapter/`` and ``merged/`` at the end of fit (rank 0 only).
         export_merged: also write the merged float model at the end of fit.
         full_checkpoint: store the whole model in Lightning checkpoints instead of trainable weights only.
@@ -108,6 +111,7 @@ class LoRACallback(Callback):
         self._saved_modules = list(self.modules_to_save)  # and the modules tied to them, once injected
         self._held_state: Optional[dict[str, torch.Tensor]] = None  # a full checkpoint, until the model is injected
         self._hold_hook: Any = None
+        self._restore_hook: Any = None  # checks what Lightning restores into an injected model (_watch_restore)
         self._rng = RNGCheckpoint()  # exact resume with dropout and shuffling
 
     # -- setup ------------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class LoRACallback(Callback):
                 "gradients (torch refuses at the first step). Keep the adapters in float32 (the default)."
             )
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
+            publish.check_writable(self.save_dir, "LoRACallback save_dir")  # before training, not after it
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
         if stage == "fit" and type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
             rank_zero_warn(
@@ -130,6 +135,10 @@ class LoRACallback(Callback):
         if self._injected(pl_module):
             pending = getattr(trainer.precision_plugin, "pending_conversion", None)
             self._check_existing_adapters(pl_module, pending(pl_module) if pending is not None else set())
+            if isinstance(trainer.precision_plugin, NF4Precision):  # before Lightning restores a checkpoint's NF4 keys
+                trainer.precision_plugin.convert_module(pl_module)
+            self._watch_restore(pl_module)
+            _after_conversion(trainer.precision_plugin, self._after_setup_conversion)
             return
         precision = trainer.precision_plugin
         has_linears = any(_is_linear(m) for m in pl_module.modules())
@@ -139,6 +148,8 @@ class LoRACallback(Callback):
                 self._check_modules_to_save(pl_module, precision.pending_conversion(pl_module))
                 precision.convert_module(pl_module)  # LoRA wraps NF4Linear layers, never the reverse
             self.inject(pl_module)
+            self._watch_restore(pl_module)
+            _after_conversion(precision, self._after_setup_conversion)
         else:  # built in configure_model (NF4 or float base): inject right after the precision plugin's conversion
             if self.full_checkpoint:
                 self._hold_full_state(pl_module)
@@ -226,6 +237,7 @@ class LoRACallback(Callback):
             trained.extend(n for n, _ in found)
         names = [n for n, _ in named]
         for pattern in self.modules_to_save:
+            _check_peft_part_suffix(pattern, self.adapter_name)
             _warn_peft_suffix_match(pattern, trained, names)
 
     def _targets(self, module: nn.Module) -> list[str]:
@@ -241,9 +253,28 @@ class LoRACallback(Callback):
             elif matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
                 names.append(name)
         if not names:
+            linears = [n for n, m in module.named_modules() if _is_linear(m)]
+            hint = ""
+            if isinstance(self.target_modules, str) and not self.target_modules.startswith("re:"):
+                try:  # PEFT reads a single string as a regular expression; here that needs the 're:' prefix
+                    as_regex = [n for n in linears if re.fullmatch(self.target_modules, n)]
+                except re.error:
+                    as_regex = []
+                if as_regex:
+                    hint = f" As a regular expression (PEFT's reading of a string) it matches {as_regex[:3]}: write 're:{self.target_modules}'."
             raise ValueError(
-                f"target_modules={self.target_modules!r} matched no linear layer of {type(module).__name__}. "
-                f"Linear layers found: {[n for n, m in module.named_modules() if _is_linear(m)][:8]}"
+                f"target_modules={self.target_modules!r} matched no linear layer of {type(module).__name__} (a string is a "
+                f"layer name, name suffix or glob; 're:' starts a regular expression).{hint} Linear layers found: {linears[:8]}"
+            )
+        _warn_shared(module, names)
+        others = [(n, type(m).__name__) for n, m in module.named_modules() if isinstance(m, _OTHER_LORA_KINDS) and ".lora_" not in n
+                  and self.target_modules != "all-linear"
+                  and matches(n, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules))]
+        if others:
+            raise ValueError(
+                f"target_modules={self.target_modules!r} also names {others[:4]}: LoRACallback puts LoRA on linear layers "
+                "only (nn.Linear, NF4Linear, transformers' Conv1D). Train those in full with modules_to_save, or narrow "
+                "target_modules to the linear layers."
             )
         return names
 
@@ -284,8 +315,8 @@ class LoRACallback(Callback):
                     f"modules_to_save: {saved[0]}'s weight is tied to {partners}; the shared tensor trains, and the "
                     f"adapter saves it under both names with PEFT's ensure_weight_tying."
                 )
-            if is_lora and param.dtype != self.adapter_dtype:
-                param.data = param.data.to(self.adapter_dtype)
+        self._cast_trained(module)
+        _warn_running_stats(module, self._saved_modules)
         exclude_nf4_from_ddp_sync(module)  # LoRA moved the NF4 weights under base_layer
         trainable, total = _count(module)
         rank_zero_info(f"LoRACallback: trainable parameters {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%).")
@@ -296,13 +327,23 @@ class LoRACallback(Callback):
         if self.compile is not None:
             compile_blocks(module, **self.compile)
 
+    def _cast_trained(self, module: nn.Module) -> nn.Module:
+        """The trained parameters (LoRA, DoRA magnitudes, ``modules_to_save``) in ``adapter_dtype``, whatever dtype the
+        model was built in (``configure_model`` and ``trainer.init_module()`` build in the compute dtype) or a precision
+        plugin cast it to later (``precision="bf16-true"``): AdamW's small steps vanish in bf16 weights."""
+        for param in module.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != self.adapter_dtype:
+                param.data = param.data.to(self.adapter_dtype)
+        return module
+
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.setdefault(_CKPT_KEY, {})
         meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
         if self.full_checkpoint:
             return
-        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad} | self._saved_buffers(pl_module)
+        # every persistent buffer too: training changes some (a norm's running statistics, a user's step counter)
+        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad} | set(_persistent_buffers(pl_module))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         meta.update({"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)})
 
@@ -319,19 +360,35 @@ class LoRACallback(Callback):
         else:
             self._pending_state = dict(state)
 
-    def _saved_buffers(self, module: nn.Module) -> set[str]:
-        return {n for n, _ in export.saved_buffers(module, self.modules_to_save)}
+    def _watch_restore(self, pl_module: pl.LightningModule) -> None:
+        """Until the precision plugin converts the model, check what Lightning restores into the injected model (it
+        loads non-strictly, for adapter-only checkpoints). A whole-model checkpoint (``save_weights_only``, whose
+        callbacks' hooks and so its adapter-only tag Lightning skips) has no other check."""
+        if self.full_checkpoint or self._restore_hook is not None:
+            return
+
+        def check(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+            params = dict(module.named_parameters())
+            if prefix or set(state) <= {n for n, p in params.items() if p.requires_grad} | set(_persistent_buffers(module)):
+                return  # an adapter-only state: checked in on_load_checkpoint
+            missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+            unexpected = sorted(k for k in state if ".lora_" in k and k not in params)
+            _raise_if_mismatch("checkpoint", missing, unexpected)
+
+        self._restore_hook = pl_module.register_load_state_dict_pre_hook(check)
+
+    def _after_setup_conversion(self, module: nn.Module) -> None:
+        """After the precision plugin's conversion: restores are over, and a plugin that cast the model (``bf16-true``)
+        cast the trained parameters too."""
+        hook, self._restore_hook = self._restore_hook, None
+        if hook is not None:
+            hook.remove()
+        self._cast_trained(module)
 
     def _apply_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = {**dict(module.named_parameters()), **dict(export.saved_buffers(module, self.modules_to_save))}
+        params = {**dict(module.named_parameters()), **_persistent_buffers(module)}
         trainable = {n for n, p in params.items() if p.requires_grad}
-        missing = sorted(trainable - state.keys())
-        unexpected = sorted(state.keys() - params.keys())
-        if missing or unexpected:
-            raise RuntimeError(
-                f"The adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-                "Use the same LoRACallback settings (r, target_modules, modules_to_save) as the run that wrote it."
-            )
+        _raise_if_mismatch("adapter checkpoint", sorted(trainable - state.keys()), sorted(state.keys() - params.keys()))
         with torch.no_grad():
             for name, value in state.items():
                 if params[name].shape != value.shape:
@@ -419,6 +476,51 @@ def _after_conversion(precision: Any, hook: Any) -> None:
     precision.convert_module = convert_then_hook
 
 
+def _raise_if_mismatch(what: str, missing: list[str], unexpected: list[str]) -> None:
+    if missing or unexpected:
+        raise RuntimeError(
+            f"The {what} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            "Use the same LoRACallback settings (r, target_modules, modules_to_save) as the run that wrote it."
+        )
+
+
+def _warn_shared(module: nn.Module, targets: list[str]) -> None:
+    """PEFT wraps a layer that several parents share under its first name only: the other uses call the bare base
+    layer (so does PEFT on the float model, which keeps the exports faithful); said, since it is rarely what is meant."""
+    names: dict[int, list[str]] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        names.setdefault(id(sub), []).append(name)
+    shared = [names[id(module.get_submodule(t))] for t in targets if len(names[id(module.get_submodule(t))]) > 1]
+    if shared:
+        rank_zero_warn(
+            f"LoRACallback: {shared[0][0]!r} is the same layer as {shared[0][1:]}; as in PEFT, LoRA applies where it is "
+            f"called as {shared[0][0]!r} only, and the other names call the base layer alone."
+        )
+
+
+def _warn_running_stats(module: nn.Module, modules_to_save: Sequence[str]) -> None:
+    """Frozen norms with running statistics still update them in training mode: checkpoints keep them (every
+    persistent buffer), but a PEFT adapter holds only what it trains, so the exported adapter would not reproduce
+    the trained model."""
+    norms = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+             and ".lora_" not in n and not within(n, modules_to_save)]
+    if norms:
+        rank_zero_warn(
+            f"LoRACallback: {norms[:4]} keep running statistics, which training updates though their weights are frozen; "
+            "the PEFT adapter export does not hold them. Add them to modules_to_save to export them, or keep them in eval mode."
+        )
+
+
+def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (``persistent=True``), by their state-dict names."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
+
+
 def _is_number(value: object, integral: bool = False) -> bool:
     return isinstance(value, numbers.Integral if integral else numbers.Real) and not isinstance(value, bool)
 
@@ -452,9 +554,31 @@ def _count(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+_OTHER_LORA_KINDS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)  # PEFT wraps these; this callback does not
+
+
 def _is_linear(module: nn.Module) -> bool:
     """A layer LoRA can target: ``nn.Linear``, ``NF4Linear`` or transformers' ``Conv1D`` (GPT-2)."""
     return isinstance(module, (nn.Linear, NF4Linear)) or is_conv1d(module)
+
+
+_PEFT_PARTS = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector")
+
+
+def _check_peft_part_suffix(pattern: str, adapter_name: str) -> None:
+    """PEFT selects ``modules_to_save`` by a plain string suffix of every module name when it loads an adapter,
+    its own LoRA parts included: ``"out"`` also selects each ``lora_dropout``, which PEFT cannot wrap (a TypeError
+    from ``PeftModel.from_pretrained``, and from ``get_peft_model`` with the same config). Refused before training."""
+    if pattern.startswith("re:") or any(c in pattern for c in "*?["):
+        return
+    parts = [*_PEFT_PARTS, *(f"{part}.{adapter_name}" for part in _PEFT_PARTS[1:])]
+    clashes = [part for part in parts if part.endswith(pattern)]
+    if clashes:
+        raise ValueError(
+            f"modules_to_save entry {pattern!r} is also a suffix of PEFT's own LoRA module names {clashes[:3]}; PEFT "
+            f"matches modules_to_save by suffix and could not load the adapter. Give a longer name, with its parent "
+            f"(e.g. 'net.{pattern}')."
+        )
 
 
 def _warn_peft_suffix_match(pattern: str, trained: list[str], names: list[str]) -> None:

@@ -303,7 +303,7 @@ class NF4Linear(nn.Module):
         compiling = torch.compiler.is_compiling()
         if compiling and isinstance(self.weight, NF4Tensor):  # gathered by FSDP2: read through its dequantize op
             out = self._compiled_nf4_tensor(x.to(dtype), dtype, needs_grad)
-        elif x.numel() == self.in_features and not needs_grad:  # one token (generation): host time is the cost here
+        elif x.numel() == self.in_features and x.shape[-1] == self.in_features and not needs_grad:  # one token (generation): host time is the cost here
             flat = x.reshape(-1)
             out = self._gemv(flat if flat.dtype == dtype else flat.to(dtype), self._synced_quant(), compiling)
             out = out.view(*x.shape[:-1], self.out_features)

@@ -85,13 +85,16 @@ def convert_linears(
     Already-converted layers are left alone, so calling this twice is harmless.
     """
     count = 0
+    uses: dict[int, list[str]] = {}  # a layer shared by several parents is replaced under each of its names
+    for name, module in model.named_modules(remove_duplicate=False):
+        uses.setdefault(id(module), []).append(name)
     for name, linear in convertible_linears(model, skip_modules):
         if device is not None and linear.weight.device.type != "meta":
             linear.to(device)
         layer = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, name=name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        for alias in uses[id(linear)]:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         count += 1
     if count:
         release_freed_host_memory()

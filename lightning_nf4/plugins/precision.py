@@ -76,7 +76,7 @@ class NF4Precision(MixedPrecision):
         self.compute_dtype = compute_dtype
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = double_quant
-        self.skip_modules = tuple(skip_modules)
+        self.skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)  # one name, as a list
         self._device_given = device is not None
         if group_dequantize not in (True, False, "auto"):
             raise NF4PrecisionError(f"group_dequantize must be True, False or 'auto', got {group_dequantize!r}.")

@@ -1,0 +1,203 @@
+"""What a Lightning user of the plugin and the callback meets outside the causal-LM path: buffers that training
+changes, trained modules built in the compute dtype, whole-model checkpoints, shared layers, and settings that
+would fail late or be read otherwise than PEFT and transformers read them. Small fits on the CPU."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
+from lightning_nf4.plugins.convert import convert_linears
+
+
+def _data(n: int = 32, width: int = 32, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.randn(n, width, generator=g), torch.randn(n, 1, generator=g)), batch_size=8)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    return pl.Trainer(**{**options, **kwargs})
+
+
+class Net(pl.LightningModule):
+    """A regressor with a BatchNorm and a buffer of its own, both changed by training."""
+
+    def __init__(self, build_in_configure: bool = False, trained_norm: bool = False):
+        super().__init__()
+        self.build_in_configure = build_in_configure
+        self.net = None
+        if not build_in_configure:
+            self._build()
+
+    def _build(self) -> None:
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 1))
+        self.register_buffer("steps_seen", torch.zeros(()))
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self._build()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_seen += 1
+        x, y = batch
+        return nn.functional.mse_loss(self(x).float(), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val", nn.functional.mse_loss(self(x).float(), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_adapter_only_checkpoints_keep_the_buffers_training_changes(tmp_path):
+    """BatchNorm's running statistics and a module's own buffer change in training though no weight of theirs is
+    trained; an adapter-only checkpoint that dropped them restored another model (another validation loss)."""
+    model = Net()
+    trainer = _trainer(max_epochs=2, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+                       callbacks=[LoRACallback(r=4, dropout=0.0), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    with pytest.warns(UserWarning, match="keep running statistics"):
+        trainer.fit(model, _data())
+    trained = trainer.validate(model, _data(seed=1), verbose=False)[0]["val"]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert "net.1.running_var" in state and "steps_seen" in state and not any("base_layer.weight" in k for k in state)
+
+    fresh = Net()
+    result = _trainer(plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, dropout=0.0)]).validate(
+        fresh, _data(seed=1), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert fresh.steps_seen.item() == model.steps_seen.item() == 8
+    assert torch.equal(fresh.net[1].running_var, model.net[1].running_var)
+    assert result[0]["val"] == pytest.approx(trained, abs=1e-6)
+
+
+@pytest.mark.parametrize("where", ["configure_model", "bf16-true"])
+def test_trained_modules_are_kept_in_adapter_dtype(where):
+    """A model built in ``configure_model`` is built in the compute dtype (bf16), and ``precision="bf16-true"`` casts
+    the model after injection: the trained parameters (LoRA and ``modules_to_save``) must still be float32, or
+    AdamW's small steps vanish (a bf16 LayerNorm weight did not move at all in 24 steps)."""
+    model = Net(build_in_configure=where == "configure_model")
+    kwargs = dict(precision="bf16-true") if where == "bf16-true" else dict(plugins=NF4Precision())
+    trainer = _trainer(max_steps=3, **kwargs)
+    trainer.callbacks.append(LoRACallback(r=4, dropout=0.0, modules_to_save=["net.2"]))
+    before = None if where == "configure_model" else model.net[2].weight.detach().clone()
+    trainer.fit(model, _data())
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_" in n for n in trained) and any(n.startswith("net.2.") for n in trained)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    if before is not None:
+        assert not torch.equal(model.net[2].weight.detach().float(), before.float())
+
+
+def test_a_weights_only_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    """Lightning skips callbacks' hooks for weights-only saves, so such a checkpoint holds the whole model and no
+    adapter-only tag; loaded into a model with other LoRA targets it must fail, not load half."""
+    trainer = _trainer(max_epochs=1, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+                       callbacks=[LoRACallback(r=4), ModelCheckpoint(dirpath=tmp_path, filename="w", save_weights_only=True)])
+    trainer.fit(Net(), _data())
+    assert any("base_layer.weight" in k for k in torch.load(tmp_path / "w.ckpt", weights_only=True)["state_dict"])
+    same = _trainer(plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4)])
+    same.validate(Net(), _data(), ckpt_path=tmp_path / "w.ckpt", verbose=False)  # the same settings load
+    other = _trainer(plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, target_modules=["net.0"])])
+    with pytest.raises(RuntimeError, match="does not fit this model.*unexpected.*net.4.lora_A"):
+        other.validate(Net(), _data(), ckpt_path=tmp_path / "w.ckpt", verbose=False)
+
+
+def test_a_full_checkpoint_of_a_model_with_its_own_peft_adapters_resumes(tmp_path):
+    """Adapters from the user's own ``get_peft_model``: the callback converts before Lightning restores, so a full
+    checkpoint's NF4 keys meet NF4 layers (they met float ones, and the strict load failed)."""
+
+    class Peft(Net):
+        def _build(self):
+            super()._build()
+            self.net = get_peft_model(self.net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "4"])).base_model.model
+
+    def run(epochs, ckpt=None):
+        model = Peft()
+        trainer = _trainer(max_epochs=epochs, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+                           callbacks=[LoRACallback(r=4, alpha=8, full_checkpoint=True), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        trainer.fit(model, _data(), ckpt_path=ckpt)
+        return model
+
+    run(1)
+    resumed = run(2, tmp_path / "last.ckpt")
+    assert isinstance(resumed.net[0].base_layer, NF4Linear) and resumed.steps_seen.item() == 8
+
+
+def test_a_layer_shared_by_two_parents_stays_one_layer():
+    """One ``nn.Linear`` under two names is converted once and stays shared (it became two NF4 copies, each with
+    adapters of its own); LoRA then applies under its first name only, as PEFT does, and says so."""
+
+    class Shared(Net):
+        def _build(self):
+            super()._build()
+            self.again = nn.Sequential(self.net[0])
+
+    model = Shared()
+    assert convert_linears(model, compute_dtype=torch.float32) == 2
+    assert isinstance(model.net[0], NF4Linear) and model.again[0] is model.net[0]
+    callback = LoRACallback(r=4)
+    with pytest.warns(UserWarning, match="is the same layer as"):
+        callback.inject(model)
+    assert model.net[0].base_layer is model.again[0]
+
+
+def test_skip_modules_given_as_one_name_is_that_name():
+    """``skip_modules="head"`` was split into characters and matched nothing: the layer was quantized."""
+    model = Net()
+    model.head = nn.Linear(1, 1)
+    NF4Precision(compute_dtype=torch.float32, skip_modules="head").convert_module(model)
+    assert type(model.head) is nn.Linear and isinstance(model.net[0], NF4Linear)
+
+
+@pytest.mark.parametrize("entry", ["out", "dropout", "default"])
+def test_modules_to_save_that_peft_would_match_in_its_own_parts_is_refused(entry):
+    """PEFT picks ``modules_to_save`` by a string suffix of every module name, its ``lora_dropout`` included, and then
+    fails to load the adapter (a TypeError); refused at setup, before training."""
+    model = Net()
+    model.net.add_module(entry, nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="suffix of PEFT's own LoRA module names"):
+        _trainer(max_steps=1, plugins=NF4Precision(skip_modules=("lm_head", entry)),
+                 callbacks=[LoRACallback(r=4, modules_to_save=[entry])]).fit(model, _data())
+
+
+def test_targets_that_are_not_linear_layers_are_refused():
+    """PEFT puts LoRA on embeddings and convolutions; this callback does not, and ignored them silently."""
+
+    class WithEmbedding(Net):
+        def _build(self):
+            super()._build()
+            self.emb = nn.Embedding(10, 32)
+
+    with pytest.raises(ValueError, match=r"also names \[\('emb', 'Embedding'\)\].*linear layers only"):
+        LoRACallback(r=4, target_modules=["emb", "net.0"]).inject(WithEmbedding())
+
+
+def test_a_peft_style_regex_target_gets_a_hint():
+    with pytest.raises(ValueError, match=r"write 're:\.\*\\\.0'"):
+        LoRACallback(r=4, target_modules=r".*\.0").inject(Net())
+
+
+def test_an_unusable_save_dir_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    model = Net()
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        _trainer(max_steps=5, plugins=NF4Precision(), callbacks=[LoRACallback(r=4, save_dir=str(tmp_path / "file" / "run"))]).fit(model, _data())
+    assert model.steps_seen.item() == 0
+
+
+def test_a_no_grad_call_with_the_wrong_width_gets_the_shape_error():
+    """An input whose element count equals ``in_features`` but whose last dimension does not went down the 1-token
+    path and failed in a reshape; it must fail as ``nn.Linear`` does."""
+    layer = NF4Linear.from_linear(nn.Linear(64, 16), compute_dtype=torch.float32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        layer(torch.randn(4, 16))

@@ -34,6 +34,11 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
     if not zipfile.is_zipfile(path):
+        if _is_safetensors(path):
+            raise ValueError(
+                f"{str(path)!r} is a safetensors file (adapter or model weights), not a Lightning checkpoint: pass the .ckpt "
+                "that fit's ModelCheckpoint wrote. An exported adapter opens with peft.PeftModel.from_pretrained(base, folder)."
+            )
         raise untrusted_error(path, pickle.UnpicklingError("not a zip archive"))
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
     try:
@@ -43,6 +48,13 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
     if needs:
         raise untrusted_error(path, pickle.UnpicklingError(f"needs {needs}"))
     return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and a JSON object."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8 and head[8:9] == b"{"
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 from jsonargparse.typing import register_type
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -116,6 +117,33 @@ class NF4CLI(LightningCLI):
         if ckpt_path and not _lightning_ckpt_alias(str(ckpt_path)):
             check_checkpoint(ckpt_path)
 
+    def after_predict(self) -> None:
+        """Print the continuations: LightningCLI drops what ``trainer.predict`` returns."""
+        texts = [text for batch in self.trainer.predict_loop.predictions or [] for text in batch]
+        if self.trainer.is_global_zero:
+            for number, text in enumerate(texts):
+                print(f"prediction {number}: {text!r}")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI puts the checkpoint's hyperparameters over the config and command line. A base model that has
+        moved since (another machine, another mount) is then unreachable: the config's folder is kept when it exists
+        and the checkpoint's does not, with a warning."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        given = model.get("model_name_or_path") if model is not None else None
+        super()._parse_ckpt_path()
+        if given is None:
+            return
+        model = self.config[subcommand]["model"]
+        saved = model.get("model_name_or_path")
+        if saved != given and _model_exists(given) and not _model_exists(saved):
+            rank_zero_warn(f"The checkpoint names the base model {saved!r}, which is not there; using {given!r} from the config.")
+            model["model_name_or_path"] = given
+
+
+def _model_exists(name: Any) -> bool:
+    return isinstance(name, str) and (name.startswith("packaged:") or Path(name).expanduser().is_dir())
+
 
 def _lightning_ckpt_alias(value: str) -> bool:
     """``last``, ``best``, ``hpc``, ``registry[:...]`` and remote URLs: ckpt_path values Lightning resolves itself."""
@@ -126,9 +154,14 @@ def _with_default_config(args: list[str]) -> list[str]:
     """Add ``--config <default>`` to a subcommand given no config, when the repository's default exists."""
     if not args or args[0] not in NF4CLI.subcommands() or not DEFAULT_CONFIG.is_file():
         return args
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args[1:]):
+    if any(_names_config(a) for a in args[1:]):
         return args
     return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+
+
+def _names_config(arg: str) -> bool:
+    """``--config F``, ``--config=F``, ``-c F``, ``-c=F`` and ``-cF``: every way argparse takes the config option."""
+    return arg == "--config" or arg.startswith("--config=") or (arg.startswith("-c") and not arg.startswith("--"))
 
 
 def run() -> None:

@@ -263,6 +263,7 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     write, tmp = folder is not None, folder
     weight_map: dict[str, str] = {}
     total = 0
+    written: Optional[torch.dtype] = None
     for index, (name, owner) in enumerate(owners):
         owner.unshard()
         try:
@@ -278,6 +279,7 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
         finally:
             owner.reshard()
         if write and state:
+            written = written or _written_dtype(state)
             file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
             save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(state, file))
@@ -285,29 +287,35 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     if write:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         if hf is not None:
-            with _float_config(hf.config, untie=untie):
+            with _float_config(hf.config, untie=untie, dtype=written):
                 hf.config.save_pretrained(str(tmp))
             if getattr(hf, "generation_config", None) is not None:
                 hf.generation_config.save_pretrained(str(tmp))
 
 
 @contextmanager
-def _float_config(config: Any, untie: bool = False) -> Iterator[None]:
-    """The config without its ``quantization_config`` while a merged (float) model is saved, restored after; with
+def _float_config(config: Any, untie: bool = False, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """The config as a merged (float) model's while it is saved, restored after: no ``quantization_config``; the
+    ``dtype`` written (transformers loads ``dtype="auto"`` in it); ``use_cache`` on (training turns it off); with
     ``untie``, ``tie_word_embeddings`` off as well (the merged head is no longer the embedding table)."""
     saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
     for k in saved:
         delattr(config, k)
-    tie = getattr(config, "tie_word_embeddings", None)
-    if untie:
-        config.tie_word_embeddings = False
+    changes = {"tie_word_embeddings": False} if untie else {}
+    if dtype is not None:
+        changes["dtype"] = dtype
+    if hasattr(config, "use_cache"):
+        changes["use_cache"] = True
+    before = {k: getattr(config, k, None) for k in changes}
+    for k, v in changes.items():
+        setattr(config, k, v)
     try:
         yield
     finally:
         for k, v in saved.items():
             setattr(config, k, v)
-        if untie:
-            config.tie_word_embeddings = tie
+        for k, v in before.items():
+            setattr(config, k, v)
 
 
 def _head_untied(hf: nn.Module, state: dict[str, Tensor]) -> bool:
@@ -321,6 +329,22 @@ def _head_untied(hf: nn.Module, state: dict[str, Tensor]) -> bool:
     if None in keys or not all(k in state for k in keys):
         return False
     return not torch.equal(state[keys[0]], state[keys[1]])
+
+
+def _record_dtype(config_file: Path, dtype: Optional[torch.dtype]) -> None:
+    """``save_pretrained`` records the dtype of the model's own parameters; the merged tensors may be another
+    (``merged_dtype``), and transformers loads in the recorded one."""
+    import json
+
+    if dtype is None or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _written_dtype(state: dict[str, Tensor]) -> Optional[torch.dtype]:
+    return next((v.dtype for v in state.values() if v.is_floating_point()), None)
 
 
 def _original_dtype(base: nn.Module) -> torch.dtype:
@@ -351,8 +375,10 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:
-        with _float_config(hf.config, untie=_head_untied(hf, state)):
+        written = _written_dtype(state)
+        with _float_config(hf.config, untie=_head_untied(hf, state), dtype=written):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+        _record_dtype(folder / "config.json", written)
     else:
         save_file(_untie(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
 

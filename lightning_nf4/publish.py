@@ -76,7 +76,11 @@ def publish(root: PathLike, writers: Mapping[str, Writer], manifest: Optional[di
         if manifest is not None:
             record = {"format": FORMAT, "id": ident, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest,
                       "parts": {name: {"files": files} for name, files in listings.items()}}
-        _write_json(root / f".publish-{ident}.json", {"id": ident, "parts": list(writers), "manifest": record},
+        # a set without a part the previous set had (export_merged=False after a merged export): that part's files go,
+        # or the folder would hold a pair from two exports; files of yours in it stay
+        withdrawn = {} if record is None or previous is None else {
+            name: sorted(part["files"]) for name, part in previous.get("parts", {}).items() if name not in writers}
+        _write_json(root / f".publish-{ident}.json", {"id": ident, "parts": list(writers), "manifest": record, "withdraw": withdrawn},
                     tmp=root / f".publish-{ident}.json.tmp")
     except BaseException:
         for name in writers:
@@ -158,6 +162,8 @@ def _roll_forward(root: Path, ident: str) -> None:
                 _stage(f"moved-aside:{name}")
             os.replace(tmp, final)
             _stage(f"moved-in:{name}")
+    for name, files in journal.get("withdraw", {}).items():
+        _withdraw(root / name, files)
     if record is not None and (current is None or current.get("id") != ident):
         _write_json(root / MANIFEST, record, tmp=root / f".{MANIFEST}.tmp-{ident}")
         _stage("manifest")
@@ -170,6 +176,16 @@ def _roll_forward(root: Path, ident: str) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+def _withdraw(folder: Path, files: list[str]) -> None:
+    """Remove the listed files of a part no longer in the set, then its folders left empty."""
+    for rel in files:
+        (folder / rel).unlink(missing_ok=True)
+    for path in sorted((p for p in [folder, *folder.rglob("*")] if p.is_dir() and not p.is_symlink()), key=lambda p: -len(p.parts)):
+        if not any(path.iterdir()):
+            path.rmdir()
+
+
+
 def _listing(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` (relative path, size): what the writer wrote."""
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -181,14 +197,20 @@ def _listed(manifest: Optional[dict[str, Any]], name: str) -> Optional[set[str]]
     return set(manifest["parts"][name]["files"])
 
 
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
 def _carry_over(old: Path, new: Path, written: dict[str, int], ours: Optional[set[str]]) -> None:
     """Files in the folder being replaced that the package did not write go into the new folder (hard-linked,
-    or copied). Ours: what the manifest lists; without one, what is being written now."""
+    or copied). Ours: what the manifest lists; without one, what is being written now. Weight files never go
+    across (a re-sharded copy of the old model beside the new one: loaders would pick either)."""
     if not old.is_dir():
         return
     for path in sorted(old.rglob("*")):
         rel = path.relative_to(old).as_posix()
         if rel in written or (ours is not None and rel in ours) or path.is_dir() and not path.is_symlink():
+            continue
+        if _WEIGHT_FILE.fullmatch(rel):
             continue
         target = new / rel
         target.parent.mkdir(parents=True, exist_ok=True)

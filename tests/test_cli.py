@@ -171,6 +171,8 @@ def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
     cli = main(["predict", "--config", str(config), "--ckpt_path", str(ckpt)])
     predictions = [text for batch in cli.trainer.predict_loop.predictions for text in batch]
     assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
+    printed = capsys.readouterr().out  # LightningCLI drops predict's return value: the continuations are printed
+    assert all(f"prediction {i}: {text!r}" in printed for i, text in enumerate(predictions))
 
 
 def test_validate_and_test_report_the_held_out_perplexity_fit_printed(tmp_path, model_dir, capsys):

@@ -368,8 +368,10 @@ def test_a_full_checkpoint_of_a_model_built_in_configure_model_resumes_exactly(t
     last = str(tmp_path / "ckpt" / "last.ckpt")
     assert any(k.endswith(".base_layer.weight.absmax") for k in load_checkpoint(last)["state_dict"])  # a full checkpoint
     _assert_same(straight, run(4, ckpt_path=last))
-    with pytest.raises(RuntimeError, match="full checkpoint does not fit"):
+    with pytest.raises(ValueError, match=r"trained with r=4, alpha=8, but LoRACallback has r=8"):  # before any key is read
         run(4, ckpt_path=last, r=8)
+    with pytest.raises(RuntimeError, match="full checkpoint does not fit"):
+        fit_for_resume(tmp_path, 4, last, model=BuiltInConfigureModel(), full_checkpoint=True, target_modules=["q_proj"])
 
 
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])

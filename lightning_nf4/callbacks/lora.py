@@ -340,15 +340,21 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.setdefault(_CKPT_KEY, {})
         meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
+        meta.update({"r": self.r, "alpha": self.alpha})
         if self.full_checkpoint:
             return
         # every persistent buffer too: training changes some (a norm's running statistics, a user's step counter)
         trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad} | set(_persistent_buffers(pl_module))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        meta.update({"adapter_only": True, "r": self.r, "alpha": self.alpha, "keys": sorted(trainable)})
+        meta.update({"adapter_only": True, "keys": sorted(trainable)})
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(_CKPT_KEY, {})
+        if "alpha" in meta and (meta["r"], meta["alpha"]) != (self.r, self.alpha):  # the scaling is alpha / r: same shapes, another model
+            raise ValueError(
+                f"The checkpoint's adapters were trained with r={meta['r']}, alpha={meta['alpha']}, but LoRACallback has "
+                f"r={self.r}, alpha={self.alpha}; give LoRACallback(r={meta['r']}, alpha={meta['alpha']}) as the run that wrote it."
+            )
         if "rng" in meta and trainer.state.fn == "fit":
             self._rng.load(trainer, meta["rng"])
         if not meta.get("adapter_only"):
@@ -410,6 +416,9 @@ class LoRACallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rng.on_fit_end()
         if self.save_dir is None:
+            return
+        if trainer.fast_dev_run:  # Lightning's smoke test writes nothing (no checkpoints, no logs): no export either
+            rank_zero_info(f"LoRACallback: fast_dev_run, so nothing is exported to {self.save_dir}.")
             return
         sharded = has_sharded_parameters(pl_module)  # then every rank gathers and rank 0 writes
         if not sharded and not trainer.is_global_zero:

@@ -31,7 +31,9 @@ def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None) -> li
     if use_safetensors is not None:
         keep = 0 if use_safetensors else 1
         indexes, singles = (_INDEXES[keep],), (_SINGLES[keep],)
-    for index_name in indexes:
+    for single, index_name in zip(singles, indexes):  # transformers' order: per format, the single file before an index
+        if (folder / single).is_file():
+            return [folder / single]
         index = folder / index_name
         if index.is_file():
             try:
@@ -43,9 +45,6 @@ def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None) -> li
             if missing:
                 raise CheckpointError(f"{index.name} lists shards that are missing from {folder}: {missing}. The download is incomplete.")
             return [folder / s for s in shards]
-    for single in singles:
-        if (folder / single).is_file():
-            return [folder / single]
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     asked = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"
     raise CheckpointError(

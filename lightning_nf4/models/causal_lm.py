@@ -13,6 +13,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -86,14 +87,30 @@ class CausalLMModule(pl.LightningModule):
 
     # -- model --------------------------------------------------------------------------------
     def quantization_config(self) -> Any:
-        """The ``transformers.BitsAndBytesConfig`` asked of the loader (None: load in float)."""
+        """The ``transformers.BitsAndBytesConfig`` asked of the loader (None: load in float). The loader quantizes,
+        so the trainer's ``NF4Precision`` settings go into it (its later conversion finds nothing left to do):
+        ``skip_modules`` as ``llm_int8_skip_modules``; a ``double_quant`` or ``blocksize`` it cannot honour is an error."""
         if not self.hparams.load_in_4bit:
             return None
         from transformers import BitsAndBytesConfig
 
+        from lightning_nf4.plugins.precision import NF4Precision
+
+        plugin = getattr(self._trainer, "precision_plugin", None)
+        skip = None
+        if isinstance(plugin, NF4Precision):
+            if plugin.double_quant != self.hparams.bnb_4bit_use_double_quant:
+                raise ValueError(
+                    f"NF4Precision(double_quant={plugin.double_quant}) but model.bnb_4bit_use_double_quant="
+                    f"{self.hparams.bnb_4bit_use_double_quant}: CausalLMModule's loader quantizes, with the model's setting. Set both alike."
+                )
+            if plugin.blocksize != 64:
+                raise ValueError(f"NF4Precision(blocksize={plugin.blocksize}): CausalLMModule loads through BitsAndBytesConfig, "
+                                 "whose 4-bit block size is 64. Leave blocksize at 64.")
+            skip = list(plugin.skip_modules)
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.compute_dtype,
-            bnb_4bit_use_double_quant=self.hparams.bnb_4bit_use_double_quant,
+            bnb_4bit_use_double_quant=self.hparams.bnb_4bit_use_double_quant, llm_int8_skip_modules=skip,
         )
 
     def build(self, device: torch.device | str = "cpu", progress: bool = True) -> None:
@@ -123,6 +140,21 @@ class CausalLMModule(pl.LightningModule):
         if precision_dtype is not None and precision_dtype != self.compute_dtype:
             rank_zero_warn(f"model.compute_dtype is {self.compute_dtype} but NF4Precision computes in {precision_dtype}; set both alike.")
         self.build(device, progress=trainer is None or trainer.is_global_zero)
+        self._check_context(getattr(trainer, "datamodule", None))
+
+    def _check_context(self, datamodule: Any) -> None:
+        """Sequences longer than the positions the model knows: learned position tables fail with a bare IndexError,
+        rotary ones train on positions never seen. Said before any step runs."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        length = getattr(datamodule, "block_size", None) or getattr(datamodule, "max_length", None)
+        if isinstance(limit, int) and isinstance(length, int) and length > limit:
+            name = "block_size" if getattr(datamodule, "block_size", None) else "max_length"
+            rank_zero_warn(
+                f"data.{name}={length} is longer than the {limit} positions of {self.hparams.model_name_or_path} "
+                f"(config.max_position_embeddings): lower data.{name} to {limit} or less, unless the model is meant to "
+                "extend its context."
+            )
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
@@ -253,8 +285,10 @@ class CausalLMModule(pl.LightningModule):
     # -- optimizer ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("No trainable parameter: add lightning_nf4.LoRACallback to trainer.callbacks (NF4 base weights are frozen).")
+        if not params or not any(isinstance(m, LoraLayer) for m in self.modules()):
+            # without adapters the loader's float parts (embeddings, norms, lm_head) would train in full, silently
+            raise RuntimeError("CausalLMModule trains LoRA adapters and the model has none: add lightning_nf4.LoRACallback to "
+                               "trainer.callbacks (NF4 base weights are frozen).")
         optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         warmup = self.hparams.warmup_steps
         if warmup <= 0:

@@ -1,0 +1,179 @@
+"""What a CLI and export user meets around a run: the merged model's recorded dtype, checkpoints from another
+alpha, smoke runs, a base model that moved, the plugin's settings under ``CausalLMModule``, and export folders
+that held other files before. In-process runs on a tiny random Llama, as in ``test_cli``."""
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from lightning_nf4 import NF4Precision, publish
+from lightning_nf4.checkpoint_io import check_checkpoint
+from lightning_nf4.cli import _with_default_config, main
+from lightning_nf4.data.text import TextDataModule
+from lightning_nf4.loading.checkpoint import checkpoint_files
+from lightning_nf4.models.causal_lm import CausalLMModule
+from tests.test_cli import SENTENCES, save_tiny_llama, write_config
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+
+
+def _config(tmp_path: Path, base: Path, model: dict = {}, **lora) -> Path:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule", "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4}}
+    config = write_config(tmp_path, base, data, **model)
+    saved = yaml.safe_load(config.read_text())
+    saved["trainer"]["callbacks"][0]["init_args"].update(lora)
+    saved["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                          "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}})
+    config.write_text(yaml.safe_dump(saved))
+    return config
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """One fit with gradient checkpointing (which turns the KV cache off) whose merged model is written in float32,
+    from a base model in its own folder: (config, base)."""
+    tmp_path = tmp_path_factory.mktemp("fitted")
+    base = save_tiny_llama(tmp_path / "base")
+    config = _config(tmp_path, base, model={"gradient_checkpointing": True}, merged_dtype="float32")
+    main(["fit", "--config", str(config)])
+    return config, base
+
+
+def test_the_merged_model_records_the_dtype_it_is_written_in(fitted):
+    """``merged_dtype=float32`` wrote float32 tensors under a config that said bfloat16, so transformers loaded them
+    in bf16; and the training run's ``use_cache: false`` went into the inference model."""
+    from transformers import AutoModelForCausalLM
+
+    merged = fitted[0].parent / "fit-out" / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert config["dtype"] == "float32" and config["use_cache"] is True
+    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.float32
+
+
+def test_a_checkpoint_of_another_alpha_is_refused(fitted, tmp_path):
+    """Same shapes, another scaling: the export (and a resume) took the checkpoint with the callback's alpha silently."""
+    config, _ = fitted
+    other = yaml.safe_load(config.read_text())
+    other["trainer"]["callbacks"][0]["init_args"]["alpha"] = 32
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ValueError, match=r"trained with r=4, alpha=8.*give LoRACallback\(r=4, alpha=8"):
+        main(["export", "--config", str(tmp_path / "other.yaml"), "--ckpt_path", str(config.parent / "ckpt" / "last.ckpt"),
+              "--out_dir", str(tmp_path / "out")])
+
+
+def test_a_fast_dev_run_leaves_the_export_alone(fitted):
+    config, _ = fitted
+    manifest = config.parent / "fit-out" / "export.json"
+    before = manifest.read_text()
+    main(["fit", "--config", str(config), "--trainer.fast_dev_run", "true"])
+    assert manifest.read_text() == before
+
+
+def test_export_finds_a_base_model_that_moved(tmp_path):
+    """The checkpoint's hyperparameters name the base model's old folder and LightningCLI puts them over the command
+    line: the new folder given there was replaced by the old one, which no longer exists."""
+    base = save_tiny_llama(tmp_path / "base")
+    config = _config(tmp_path, base)
+    main(["fit", "--config", str(config)])
+    base.rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="names the base model .* which is not there"):
+        main(["export", "--config", str(config), "--model.model_name_or_path", str(tmp_path / "moved"),
+              "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--out_dir", str(tmp_path / "export")])
+    assert publish.read_export(tmp_path / "export")["step"] == 3
+
+
+def test_fit_without_lora_is_refused(tmp_path):
+    """Without LoRACallback the loader's float parts (embeddings, norms, lm_head) trained in full, silently."""
+    base = save_tiny_llama(tmp_path / "base")
+    config = _config(tmp_path, base)
+    saved = yaml.safe_load(config.read_text())
+    saved["trainer"]["callbacks"] = saved["trainer"]["callbacks"][1:]
+    config.write_text(yaml.safe_dump(saved))
+    with pytest.raises(RuntimeError, match="trains LoRA adapters and the model has none"):
+        main(["fit", "--config", str(config)])
+
+
+@pytest.mark.parametrize("form", [["-c", "x.yaml"], ["-c=x.yaml"], ["-cx.yaml"], ["--config", "x.yaml"], ["--config=x.yaml"]])
+def test_every_form_of_the_config_option_keeps_the_default_config_out(form):
+    assert _with_default_config(["fit", *form]) == ["fit", *form]
+
+
+def test_the_plugin_settings_reach_the_loader(tmp_path):
+    """``CausalLMModule``'s loader quantizes, so NF4Precision's later conversion found nothing: its ``skip_modules``
+    were ignored (the advice to skip a module for modules_to_save did not work), and another ``double_quant`` too."""
+    from lightning_nf4 import NF4Linear
+
+    base = save_tiny_llama(tmp_path / "base")
+    module = CausalLMModule(str(base))
+    module._trainer = pl.Trainer(accelerator="cpu", logger=False, plugins=NF4Precision(skip_modules=("lm_head", "down_proj")))
+    module.configure_model()
+    assert type(module.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(module.model.model.layers[0].mlp.up_proj, NF4Linear)
+    other = CausalLMModule(str(base))
+    other._trainer = pl.Trainer(accelerator="cpu", logger=False, plugins=NF4Precision(double_quant=False))
+    with pytest.raises(ValueError, match="double_quant=False.*Set both alike"):
+        other.configure_model()
+
+
+def test_a_block_size_beyond_the_model_s_positions_is_said(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    module = CausalLMModule("a folder")
+    module.model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=8))
+    with pytest.warns(UserWarning, match="block_size=16 is longer than the 8 positions"):
+        module._check_context(TextDataModule(source="x", block_size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module._check_context(TextDataModule(source="x", block_size=8))
+
+
+def test_an_adapter_file_given_as_checkpoint_is_named_as_such(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="is a safetensors file .* not a Lightning checkpoint"):
+        check_checkpoint(tmp_path / "adapter_model.safetensors")
+
+
+def test_a_re_export_carries_no_stale_weights_and_withdraws_a_part_it_no_longer_writes(tmp_path):
+    """A re-sharded copy of the old model left in ``merged/`` came into the new ``merged/`` (loaders then picked either
+    model); an export without ``merged/`` left the old one beside the new adapter. Files of the user's stay."""
+
+    def writer(tag):
+        def write(folder):
+            (folder / "model.safetensors").write_text(tag)
+        return write
+
+    root = tmp_path / "out"
+    publish.publish(root, {"adapter": writer("a1"), "merged": writer("m1")}, manifest={"step": 1})
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (root / "merged" / stale).write_text("old")
+    (root / "merged" / "NOTES.md").write_text("mine")
+    publish.publish(root, {"adapter": writer("a2"), "merged": writer("m2")}, manifest={"step": 2})
+    assert sorted(p.name for p in (root / "merged").iterdir()) == ["NOTES.md", "model.safetensors"]
+    publish.publish(root, {"adapter": writer("a3")}, manifest={"step": 3})
+    assert sorted(p.name for p in (root / "merged").iterdir()) == ["NOTES.md"]  # the old model went, the note stayed
+    assert list(publish.read_export(root)["parts"]) == ["adapter"]
+    shutil.rmtree(root / "merged")
+    publish.publish(root, {"adapter": writer("a4")}, manifest={"step": 4})
+    assert not (root / "merged").exists()
+
+
+def test_a_single_weight_file_wins_over_a_stale_index_as_in_transformers(tmp_path):
+    """transformers reads ``model.safetensors`` before an index; a folder saved sharded, then whole, keeps the old
+    index (transformers removes the shards, not the index), which this loader read first and refused."""
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    assert checkpoint_files(tmp_path) == [tmp_path / "model.safetensors"]

@@ -389,3 +389,20 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
     ours.save_pretrained(tmp_path / "saved")  # no GGUF quantizer left on the model: it saves as a bnb-4bit folder
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
     assert torch.equal(logits(again), logits(ours))
+
+
+def test_a_config_that_a_prequantized_checkpoint_overrides_is_said(float_dir, tmp_path):
+    """The saved codes are already quantized (double quantization on): a requested config without it cannot change
+    that, and the loader took the checkpoint's settings silently where transformers warns; the compute dtype is the
+    caller's."""
+    import warnings
+
+    AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False).save_pretrained(tmp_path)
+    single = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32)
+    with pytest.warns(UserWarning, match="already quantized with bnb_4bit_use_double_quant=True.*False cannot change that"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=single, progress=False)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.double_quant and layer.compute_dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)

@@ -90,11 +90,28 @@ def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadCon
     if saved_dict is not None and saved_dict.get("quant_method", "bitsandbytes") == "bitsandbytes":
         _check(saved_dict, "the checkpoint's quantization_config")
         if saved_dict.get("load_in_4bit"):
+            _warn_overridden(requested_dict, saved_dict)
             merged = {**saved_dict, **{k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}}
             return _settings(merged, prequantized=True)
     if requested_dict is None or not requested_dict.get("load_in_4bit"):
         return None
     return _settings(requested_dict, prequantized=False)
+
+
+def _warn_overridden(requested: Optional[dict[str, Any]], saved: dict[str, Any]) -> None:
+    """The codes are already quantized: the checkpoint's settings are the ones that hold (only the compute dtype is
+    the caller's), as in transformers, which warns likewise."""
+    if requested is None:
+        return
+    keys = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "llm_int8_skip_modules")
+    differ = [k for k in keys if k in requested and requested[k] != saved.get(k) and not (k == "llm_int8_skip_modules" and requested[k] is None)]
+    if differ:
+        warnings.warn(
+            f"The checkpoint is already quantized with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; the "
+            f"quantization_config's {', '.join(f'{k}={requested[k]!r}' for k in differ)} cannot change that and is ignored "
+            "(only bnb_4bit_compute_dtype is taken from it).",
+            stacklevel=4,
+        )
 
 
 def _settings(settings: dict[str, Any], prequantized: bool) -> NF4LoadConfig:

@@ -557,6 +557,62 @@ MUTATIONS: list[Mutation] = [
         (('                "finished": int(self._handed_out >= self._epoch_length())}', '                "finished": int(self._handed_out >= len(self))}'),),
         ("tests/test_reliability.py",),
     ),
+    Mutation(
+        "adapter-checkpoint-drops-buffers",
+        "adapter-only checkpoints keep trainable weights only: BatchNorm statistics and a module's own buffers are lost on resume",
+        "lightning_nf4/callbacks/lora.py",
+        (("| set(_persistent_buffers(pl_module))", ""),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "trained-modules-stay-bf16",
+        "trained parameters keep the dtype the model was built or cast in (bf16 under configure_model or bf16-true)",
+        "lightning_nf4/callbacks/lora.py",
+        (("            if param.requires_grad and param.is_floating_point() and param.dtype != self.adapter_dtype:", "            if False:"),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "shared-linear-split",
+        "a linear shared by two parents is replaced under its first name only (two NF4 copies, two adapters)",
+        "lightning_nf4/plugins/convert.py",
+        (("        for alias in uses[id(linear)]:", "        for alias in uses[id(linear)][:1]:"),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "alpha-unchecked",
+        "a checkpoint trained with another alpha (same shapes) is exported and resumed silently",
+        "lightning_nf4/callbacks/lora.py",
+        (('        if "alpha" in meta and (meta["r"], meta["alpha"]) != (self.r, self.alpha):', "        if False:"),),
+        ("tests/test_cli_user.py",),
+    ),
+    Mutation(
+        "stale-weights-carried",
+        "a re-export carries a re-sharded copy of the old model into the new merged/",
+        "lightning_nf4/publish.py",
+        (("        if _WEIGHT_FILE.fullmatch(rel):\n            continue", "        pass"),),
+        ("tests/test_cli_user.py",),
+    ),
+    Mutation(
+        "index-before-single-file",
+        "the loader reads a stale shard index before model.safetensors (transformers reads the single file first)",
+        "lightning_nf4/loading/checkpoint.py",
+        (("        if (folder / single).is_file():\n            return [folder / single]\n        index", "        index"),),
+        ("tests/test_cli_user.py",),
+    ),
+    Mutation(
+        "merged-config-dtype",
+        "the merged model's config.json keeps the training dtype, not the dtype written (merged_dtype)",
+        "lightning_nf4/export.py",
+        (('    config["dtype"] = str(dtype).removeprefix("torch.")\n', ""),),
+        ("tests/test_cli_user.py",),
+    ),
+    Mutation(
+        "loader-ignores-plugin-skip",
+        "CausalLMModule's loader ignores NF4Precision's skip_modules (the plugin's conversion then finds nothing to do)",
+        "lightning_nf4/models/causal_lm.py",
+        (("            skip = list(plugin.skip_modules)\n", ""),),
+        ("tests/test_cli_user.py",),
+    ),
 ]
 
 

@@ -132,28 +132,25 @@ class LoRACallback(Callback):
             )
         if not self.full_checkpoint:
             pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
-        if self._injected(pl_module):
-            pending = getattr(trainer.precision_plugin, "pending_conversion", None)
-            self._check_existing_adapters(pl_module, pending(pl_module) if pending is not None else set())
-            if isinstance(trainer.precision_plugin, NF4Precision):  # before Lightning restores a checkpoint's NF4 keys
-                trainer.precision_plugin.convert_module(pl_module)
-            self._watch_restore(pl_module)
-            _after_conversion(trainer.precision_plugin, self._after_setup_conversion)
-            return
         precision = trainer.precision_plugin
-        has_linears = any(_is_linear(m) for m in pl_module.modules())
-        if has_linears:
-            if isinstance(precision, NF4Precision):
+        nf4 = isinstance(precision, NF4Precision)
+        if self._injected(pl_module):
+            self._check_existing_adapters(pl_module, precision.pending_conversion(pl_module) if nf4 else set())
+            if nf4:  # before Lightning restores a checkpoint's NF4 keys
+                precision.convert_module(pl_module)
+        elif any(_is_linear(m) for m in pl_module.modules()):
+            if nf4:
                 # checked before quantizing: a module to train in full must not lose its float weights to a failed setup
                 self._check_modules_to_save(pl_module, precision.pending_conversion(pl_module))
                 precision.convert_module(pl_module)  # LoRA wraps NF4Linear layers, never the reverse
             self.inject(pl_module)
-            self._watch_restore(pl_module)
-            _after_conversion(precision, self._after_setup_conversion)
         else:  # built in configure_model (NF4 or float base): inject right after the precision plugin's conversion
             if self.full_checkpoint:
                 self._hold_full_state(pl_module)
             _after_conversion(precision, self.inject)
+            return
+        self._watch_restore(pl_module)
+        _after_conversion(precision, self._after_setup_conversion)
 
     def _hold_full_state(self, pl_module: pl.LightningModule) -> None:
         """Lightning restores a checkpoint after ``configure_model`` but before the conversion and injection (single

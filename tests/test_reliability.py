@@ -449,6 +449,39 @@ def test_resume_mid_epoch_with_a_stateful_loader_that_draws_from_the_global_gene
     _assert_same(straight, run(16, ckpt_path=str(tmp_path / "second" / "last.ckpt")))
 
 
+def test_resume_mid_epoch_from_a_checkpoint_saved_just_before_a_validation(tmp_path):
+    """``every_n_train_steps`` equal to ``val_check_interval``: the checkpoint is saved at a batch's end, then the
+    validation runs, and its plain loader draws its base seed from the global generator before the next batch. The
+    resumed run does not repeat that validation, so it went on from other states (every later loss differed). Each
+    validation inside fit now leaves the states as the batch before it did."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_nf4.data.resumable import ResumableDataLoader
+
+    dataset = token_loader(n=24).dataset  # 6 batches an epoch
+
+    class Validated(CausalLM):
+        def validation_step(self, batch, batch_idx):
+            (ids,) = batch
+            self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0 if ckpt_path is None else 1234)
+        model = Validated(lr=1e-2)
+        loader = ResumableDataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, num_replicas=1, rank=0, seed=3))
+        callbacks = [LoRACallback(r=4, alpha=8)]  # the default dropout draws from the generator every step
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1, every_n_train_steps=3))
+        t = trainer(tmp_path, max_epochs=2, val_check_interval=3, num_sanity_val_steps=0, plugins=NF4Precision(),
+                    callbacks=callbacks, enable_checkpointing=ckpt_path is None)
+        t.fit(model, loader, DataLoader(dataset, batch_size=8), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(model)
+
+    straight = run()
+    _assert_same(straight, run(str(tmp_path / "ckpt" / "step=3.ckpt")))  # mid-epoch: 3 of 6 batches
+
+
 def test_ddp_resume_restores_every_ranks_generators(tmp_path):
     """Two gloo ranks with different dropout streams, stopped mid-epoch and resumed: the adapters equal an
     uninterrupted two-rank run's exactly (each rank got its own states back). Runs in subprocesses with timeouts."""

@@ -8,7 +8,8 @@ Everything is stored as plain tensors, so a weights-only load needs nothing allo
 When they are put back matters. At an epoch boundary they are restored when fit starts (after the model,
 optimizers and checkpoint are set up, before the loader's iterator and the next epoch's shuffle draw from
 them: exactly where the uninterrupted run stood). A resume inside an epoch restores them again just before
-the next batch, since creating the loader's iterator drew from them in between.
+the next batch, since creating the loader's iterator drew from them in between. Validation inside fit leaves them as it
+found them: a checkpoint saved at a batch's end precedes a validation that a resumed run does not repeat.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class RNGCheckpoint:
         self._pending: Optional[dict[str, Tensor]] = None
         self._again_before_batch = False
         self._fit_started = False
+        self._held: Optional[dict[str, Tensor]] = None  # the states a validation inside fit found, put back after it
 
     def save(self, trainer: Any) -> dict[str, Any]:
         strategy = trainer.strategy
@@ -100,8 +102,21 @@ class RNGCheckpoint:
             self._again_before_batch = False
             self._apply(trainer, keep=False)
 
+    def hold_during_validation(self, trainer: Any) -> None:
+        """Called at each training batch's end. Validation inside fit draws from the generators (a loader without a
+        generator of its own draws its base seed when its iterator is made, before any validation hook) between a
+        checkpoint saved at a batch's end and the next batch, and a run resumed from that checkpoint does not repeat
+        that validation. So a validation's end puts back the states of the batch end before it
+        (``resume_after_validation``)."""
+        self._held = capture(trainer.strategy.root_device)
+
+    def resume_after_validation(self, trainer: Any) -> None:
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            restore(held, trainer.strategy.root_device)
+
     def on_fit_end(self) -> None:
-        self._pending, self._again_before_batch, self._fit_started = None, False, False
+        self._pending, self._again_before_batch, self._fit_started, self._held = None, False, False, None
 
     def _apply(self, trainer: Any, keep: bool) -> None:
         restore(self._pending, trainer.strategy.root_device)

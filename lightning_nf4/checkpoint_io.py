@@ -34,12 +34,20 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
     if not zipfile.is_zipfile(path):
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic == b"PK\x03\x04":  # a zip's first entry, but no readable end: cut short or damaged
+            raise ValueError(
+                f"{str(path)!r} is a damaged or truncated checkpoint (the start of torch.save's zip archive, without its "
+                "directory at the end): copy it again, or use another checkpoint."
+            )
         if _is_safetensors(path):
             raise ValueError(
                 f"{str(path)!r} is a safetensors file (adapter or model weights), not a Lightning checkpoint: pass the .ckpt "
                 "that fit's ModelCheckpoint wrote. An exported adapter opens with peft.PeftModel.from_pretrained(base, folder)."
             )
         raise untrusted_error(path, pickle.UnpicklingError("not a zip archive"))
+    verify_archive(path)
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
     try:
         needs = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
@@ -48,6 +56,21 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
     if needs:
         raise untrusted_error(path, pickle.UnpicklingError(f"needs {needs}"))
     return path
+
+
+def verify_archive(path: Union[str, os.PathLike]) -> None:
+    """Check every record of a ``torch.save`` archive against its CRC-32: ``torch.load`` does not, so a flipped bit in
+    a tensor loads as another value. Reads the whole file once."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{str(path)!r} is a damaged checkpoint ({err}): copy it again, or use another checkpoint.") from err
+    if damaged is not None:
+        raise ValueError(
+            f"{str(path)!r} is damaged: its record {damaged!r} does not match its checksum (a changed byte). Copy it again, "
+            "or use another checkpoint."
+        )
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -62,12 +85,14 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
+    if zipfile.is_zipfile(path):
+        verify_archive(path)
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise untrusted_error(path, err) from err
-    except (RuntimeError, EOFError, ValueError) as err:  # not a torch.save zip, truncated, ...
+    except (RuntimeError, EOFError, ValueError, OSError) as err:  # not a torch.save zip, truncated, ...
         raise ValueError(f"{str(path)!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]}).") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint: it has no 'state_dict' (found {type(checkpoint).__name__}).")

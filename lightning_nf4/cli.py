@@ -74,9 +74,8 @@ class NF4Trainer(Trainer):
             self.precision_plugin.convert_module(model)  # no-op for a model the loader already quantized
         callback.inject(model)
         checkpoint = load_checkpoint(ckpt_path)  # weights-only: a shared file cannot run code here
-        if checkpoint.get(_CKPT_KEY, {}).get("adapter_only"):
-            callback.on_load_checkpoint(self, model, checkpoint)  # checks that every trainable weight is there
-        else:
+        callback.on_load_checkpoint(self, model, checkpoint)  # r and alpha; an adapter-only one is applied and checked
+        if not checkpoint.get(_CKPT_KEY, {}).get("adapter_only"):
             model.load_state_dict(checkpoint["state_dict"], strict=True)
         info = {"step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch"), "source": str(Path(ckpt_path).resolve())}
         written = callback.save_export(model, out_dir, tokenizer=getattr(model, "tokenizer", None), merged=True, info=info)

@@ -40,6 +40,9 @@ def find_hf_model(module: nn.Module) -> tuple[str, Optional[nn.Module]]:
     return "", None
 
 
+PARTS = ("adapter", "merged")  # the folders of an export, under its save_dir or out_dir
+
+
 def export_root(module: nn.Module) -> tuple[Optional[nn.Module], nn.Module]:
     """``(hf, root)``: the Hugging Face model inside ``module`` (or None) and the module whose parameter names the
     exports use. That is the HF model when there is one; else, inside a ``PeftModel``, the user's own model (PEFT's
@@ -420,9 +423,9 @@ def save_export(
         if folder is not None and tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
 
-    writers = {"adapter": lambda folder: write_adapter(module, folder, **kwargs)}
+    writers = {PARTS[0]: lambda folder: write_adapter(module, folder, **kwargs)}
     if merged:
-        writers["merged"] = write_merged_folder
+        writers[PARTS[1]] = write_merged_folder
     if not write:  # another rank of a sharded model: the same gathers, in the same order, nothing written
         for writer in writers.values():
             writer(None)

@@ -91,10 +91,16 @@ def publish(root: PathLike, writers: Mapping[str, Writer], manifest: Optional[di
     return {name: root / name for name in writers}
 
 
-def check_writable(root: PathLike, what: str = "export folder") -> None:
-    """Raise now, with the reason, if ``root`` could not be created or written: a run checks its export folder
-    before training rather than failing at the end with nothing written."""
+def check_writable(root: PathLike, what: str = "export folder", parts: tuple[str, ...] = ()) -> None:
+    """Raise now, with the reason, if ``root`` could not be created or written, or a publish of ``parts`` there would
+    refuse (a manifest it did not write, a part's name taken by a file): a run checks its export folder before
+    training rather than failing at the end with nothing written."""
     root = Path(root).expanduser()
+    if root.is_dir():
+        _check_manifest_is_ours(root)
+        for name in parts:
+            if (root / name).exists() and not (root / name).is_dir():
+                raise FileExistsError(f"{root / name} exists and is not a folder; move it away, the export would replace it.")
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -177,3 +177,16 @@ def test_a_single_weight_file_wins_over_a_stale_index_as_in_transformers(tmp_pat
     save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
     assert checkpoint_files(tmp_path) == [tmp_path / "model.safetensors"]
+
+
+def test_export_of_a_full_checkpoint_with_another_alpha_is_refused(tmp_path):
+    """The export loaded a full checkpoint strictly and never compared its r and alpha: same shapes, another scaling."""
+    base = save_tiny_llama(tmp_path / "base")
+    config = _config(tmp_path, base, full_checkpoint=True)
+    main(["fit", "--config", str(config)])
+    other = yaml.safe_load(config.read_text())
+    other["trainer"]["callbacks"][0]["init_args"]["alpha"] = 32
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ValueError, match=r"trained with r=4, alpha=8"):
+        main(["export", "--config", str(tmp_path / "other.yaml"), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+              "--out_dir", str(tmp_path / "out")])

@@ -2,6 +2,8 @@
 changes, trained modules built in the compute dtype, whole-model checkpoints, shared layers, and settings that
 would fail late or be read otherwise than PEFT and transformers read them. Small fits on the CPU."""
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -201,3 +203,60 @@ def test_a_no_grad_call_with_the_wrong_width_gets_the_shape_error():
     layer = NF4Linear.from_linear(nn.Linear(64, 16), compute_dtype=torch.float32)
     with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
         layer(torch.randn(4, 16))
+
+
+def test_an_adapter_checkpoint_that_trained_a_module_this_callback_freezes_is_refused(tmp_path):
+    """A checkpoint of a run with ``modules_to_save=["net.2"]`` resumed or exported without it: its trained LayerNorm
+    loaded into a frozen module, and the export's adapter (without it) and merged model (with it) disagreed."""
+    trainer = _trainer(max_steps=2, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+                       callbacks=[LoRACallback(r=4, modules_to_save=["net.2"]), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(Net(), _data())
+    other = _trainer(plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4)])
+    with pytest.raises(RuntimeError, match=r"unexpected \['net.2.bias', 'net.2.weight'\].*modules_to_save"):
+        other.validate(Net(), _data(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+
+
+def test_a_damaged_checkpoint_is_refused_when_fit_resumes_from_it(tmp_path):
+    """Lightning's own ``torch.load`` checks no checksum: a changed byte in a trained tensor resumed silently."""
+    from tests.test_damaged_inputs import _flip_a_data_byte
+
+    trainer = _trainer(max_steps=2, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+                       callbacks=[LoRACallback(r=4), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(Net(), _data())
+    _flip_a_data_byte(tmp_path / "last.ckpt")
+    again = _trainer(max_steps=4, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4)])
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        again.fit(Net(), _data(), ckpt_path=tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize("damage", ["manifest", "part"])
+def test_an_export_folder_the_export_would_refuse_fails_before_training(tmp_path, damage):
+    """A damaged ``export.json``, or a file where ``adapter/`` goes: the export at the end refused them, after training."""
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / ("export.json" if damage == "manifest" else "adapter")).write_text("{ damaged")
+    model = Net()
+    with pytest.raises(FileExistsError, match="export.json exists but was not written|is not a folder"):
+        _trainer(max_steps=5, plugins=NF4Precision(), callbacks=[LoRACallback(r=4, save_dir=str(save))]).fit(model, _data())
+    assert model.steps_seen.item() == 0
+
+
+def test_resuming_inside_an_epoch_with_another_batch_size_is_said():
+    """The loader's state is a count of batches; in batches of another size it skips or repeats samples, silently."""
+    from torch.utils.data import DistributedSampler
+
+    from lightning_nf4.data.resumable import ResumableDataLoader
+
+    data = TensorDataset(torch.arange(48))
+    before = ResumableDataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=1, rank=0))
+    iterator = iter(before)
+    next(iterator), next(iterator)
+    state = before.state_dict()
+    same = ResumableDataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=1, rank=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+    assert [b[0][0].item() for b in same] == [b[0][0].item() for b in before][2:]  # the same batches, from the third
+    other = ResumableDataLoader(data, batch_size=16, sampler=DistributedSampler(data, num_replicas=1, rank=0))
+    with pytest.warns(UserWarning, match=r"another batch_size \(8 -> 16\).*skips or repeats samples"):
+        other.load_state_dict(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,6 +25,7 @@ from torch import nn
 
 from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
+from lightning_nf4.checkpoint_io import verify_archive
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import NF4LoraLinear, lora_config, seeded_init, stable_seed
@@ -122,7 +124,7 @@ class LoRACallback(Callback):
                 "gradients (torch refuses at the first step). Keep the adapters in float32 (the default)."
             )
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
-            publish.check_writable(self.save_dir, "LoRACallback save_dir")  # before training, not after it
+            publish.check_writable(self.save_dir, "LoRACallback save_dir", export.PARTS)  # before training, not after it
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
         if stage == "fit" and type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
             rank_zero_warn(
@@ -346,6 +348,9 @@ class LoRACallback(Callback):
         meta.update({"adapter_only": True, "keys": sorted(trainable)})
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        path = getattr(trainer, "ckpt_path", None)
+        if path is not None and zipfile.is_zipfile(path):  # Lightning's torch.load checks no checksum
+            verify_archive(path)
         meta = checkpoint.get(_CKPT_KEY, {})
         if "alpha" in meta and (meta["r"], meta["alpha"]) != (self.r, self.alpha):  # the scaling is alpha / r: same shapes, another model
             raise ValueError(
@@ -391,7 +396,9 @@ class LoRACallback(Callback):
     def _apply_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         params = {**dict(module.named_parameters()), **_persistent_buffers(module)}
         trainable = {n for n, p in params.items() if p.requires_grad}
-        _raise_if_mismatch("adapter checkpoint", sorted(trainable - state.keys()), sorted(state.keys() - params.keys()))
+        # a trained weight this callback freezes (modules_to_save, use_dora given then, not now) is as foreign as an unknown one
+        foreign = {k for k in state if k not in params or (isinstance(params[k], nn.Parameter) and not params[k].requires_grad)}
+        _raise_if_mismatch("adapter checkpoint", sorted(trainable - state.keys()), sorted(foreign))
         with torch.no_grad():
             for name, value in state.items():
                 if params[name].shape != value.shape:
@@ -492,8 +499,8 @@ def _after_conversion(precision: Any, hook: Any) -> None:
 def _raise_if_mismatch(what: str, missing: list[str], unexpected: list[str]) -> None:
     if missing or unexpected:
         raise RuntimeError(
-            f"The {what} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-            "Use the same LoRACallback settings (r, target_modules, modules_to_save) as the run that wrote it."
+            f"The {what} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}. Use the same "
+            "LoRACallback settings (r, target_modules, modules_to_save, use_dora, full_checkpoint) as the run that wrote it."
         )
 
 

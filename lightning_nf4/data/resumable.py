@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -47,9 +48,14 @@ class ResumableDataLoader(DataLoader):
         limit = getattr(trainer, "num_training_batches", float("inf")) if trainer is not None else float("inf")
         return int(min(len(self), limit)) if limit != float("inf") else len(self)
 
+    def _layout(self) -> dict[str, int]:
+        """What a count of batches means: the batch size, the dataset's length and the sampler's number of replicas."""
+        return {"batch_size": int(self.batch_size or 1), "samples": len(self.dataset),  # type: ignore[arg-type]
+                "replicas": int(getattr(self.sampler, "num_replicas", 1))}
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": self._handed_out,
-                "finished": int(self._handed_out >= self._epoch_length())}
+                "finished": int(self._handed_out >= self._epoch_length()), **self._layout()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         set_epoch = getattr(self.sampler, "set_epoch", None)
@@ -57,7 +63,21 @@ class ResumableDataLoader(DataLoader):
             set_epoch(int(state["epoch"]))
         batches = int(state["batches"])
         finished = bool(state["finished"]) if "finished" in state else batches >= len(self)
-        self._skip = 0 if finished else batches  # a finished epoch: the next one starts afresh
+        self._skip = 0 if finished else self._batches_to_skip(state, batches)  # a finished epoch: the next one starts afresh
+
+    def _batches_to_skip(self, state: dict[str, int], batches: int) -> int:
+        """The saved count, in this loader's batches: Lightning's restored progress counts the same number of batches
+        as done. So a resume inside an epoch is exact only with the same batch size, dataset and number of processes;
+        with others it skips or repeats samples, and says so."""
+        saved, now = {k: int(state[k]) for k in self._layout() if k in state}, self._layout()
+        changed = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
+        if changed and batches:
+            rank_zero_warn(
+                f"ResumableDataLoader: resuming inside an epoch with another {', '.join(f'{k} ({a} -> {b})' for k, (a, b) in changed.items())}: "
+                f"the {batches} batches trained before count as done, so the rest of this epoch skips or repeats samples. "
+                "Resume with the same batch size, data and number of processes for an exact continuation."
+            )
+        return batches
 
 
 class _ResumingIterator(Iterator):

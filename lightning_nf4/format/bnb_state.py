@@ -138,6 +138,23 @@ def _is_nested(meta: dict, tensors: dict[str, Tensor], name: str) -> bool:
     return False
 
 
+def _check_values(name: str, code: Tensor, absmax: Optional[Tensor], nested: Optional[NestedStats], expect) -> None:
+    """The values a damaged file gets wrong without changing any size: the code tables are fixed (NF4's 16 levels,
+    bitsandbytes' dynamic map for nested scales), and scales are finite and not negative. A flipped bit in the codes
+    or inside a scale's range cannot be told from data; these can, at the cost of one pass over the scales."""
+    if code.is_meta:
+        return
+    from lightning_nf4.format.codebooks import code_table, dynamic_map
+
+    expect(torch.equal(code, code_table("nf4", code.device)), "quant_map is not NF4's table of 16 levels")
+    if absmax is not None:
+        expect(bool(torch.isfinite(absmax).all() and (absmax >= 0).all()), "absmax holds NaN, infinite or negative scales")
+    if nested is not None:
+        expect(torch.equal(nested.code, dynamic_map(nested.code.device)), "nested_quant_map is not bitsandbytes' dynamic map")
+        expect(bool(torch.isfinite(nested.absmax).all() and (nested.absmax >= 0).all()), "nested_absmax holds NaN, infinite or negative scales")
+        expect(bool(torch.isfinite(nested.offset)), "the nested offset is not finite")
+
+
 def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Weight:
     """Rebuild an ``NF4Weight`` from the suffix dict of ``to_bnb_tensors`` (or of a bitsandbytes state dict)."""
     state_keys = [k for k in tensors if k.startswith(QUANT_STATE_PREFIX)]
@@ -196,4 +213,5 @@ def from_bnb_tensors(tensors: dict[str, Tensor], name: str = "weight") -> NF4Wei
         stats = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset, blocksize=nested_blocksize)
     else:
         absmax = absmax.float()
+    _check_values(name, code, absmax if not nested else None, stats, expect)
     return NF4Weight(packed=packed, absmax=absmax, code=code, shape=shape, dtype=_DTYPES[meta["dtype"]], blocksize=blocksize, nested=stats)

@@ -7,6 +7,7 @@ every tensor is handed out on its own so that a caller can quantize it and let i
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,12 +74,42 @@ def _safetensors_header(file: Path, handle: BinaryIO) -> tuple[dict[str, Any], i
         header = json.loads(handle.read(length))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file} has a corrupted safetensors header ({err}); re-download it.") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupted safetensors header (not a JSON object); re-download it.")
     header.pop("__metadata__", None)
     data_start = 8 + length
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    end = _check_layout(file, header)
     if data_start + end > size:
         raise CheckpointError(f"{file} is truncated: its header needs {data_start + end} bytes, the file has {size}. Re-download it.")
+    if data_start + end < size:
+        raise CheckpointError(f"{file} has {size - data_start - end} bytes that its header does not describe; the file is corrupted. Re-download it.")
     return header, data_start
+
+
+def _check_layout(file: Path, header: dict[str, Any]) -> int:
+    """The checks the safetensors library makes: each tensor's byte range fits its dtype and shape, and the ranges
+    follow one another from 0 with no gap or overlap (a damaged offset would otherwise read shifted bytes as
+    weights). Returns the data's length."""
+    def broken(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: the header's entry for {name!r} {why}; the file is corrupted. Re-download it.")
+
+    position = 0
+    try:
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{file}: a header entry has no data_offsets ({err!r}); the file is corrupted. Re-download it.") from err
+    for name, entry in entries:
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise broken(name, f"has no valid shape ({shape!r})")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise broken(name, f"has no valid data_offsets ({offsets!r})")
+        begin, stop = offsets
+        dtype = _ST_DTYPES.get(entry.get("dtype"))  # another dtype fails when that tensor is read, with its own message
+        if begin != position or stop < begin or (dtype is not None and stop - begin != math.prod(shape) * dtype.itemsize):
+            raise broken(name, f"places {stop - begin} bytes at {begin} for a {entry.get('dtype')} tensor of shape {shape} after {position} bytes")
+        position = stop
+    return position
 
 
 def count_tensors(files: list[Path]) -> int:

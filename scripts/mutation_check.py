@@ -613,6 +613,41 @@ MUTATIONS: list[Mutation] = [
         (("            skip = list(plugin.skip_modules)\n", ""),),
         ("tests/test_cli_user.py",),
     ),
+    Mutation(
+        "checkpoint-crc-unchecked",
+        "a checkpoint is loaded without checking its records' CRC-32 (a changed byte loads as another weight)",
+        "lightning_nf4/callbacks/lora.py",
+        (("            verify_archive(path)\n", "            pass\n"),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "safetensors-offsets-unchecked",
+        "the loader trusts a safetensors header's offsets (shifted offsets read neighbouring bytes as weights)",
+        "lightning_nf4/loading/checkpoint.py",
+        (("    end = _check_layout(file, header)\n", "    end = max(e['data_offsets'][1] for e in header.values())\n"),),
+        ("tests/test_damaged_inputs.py",),
+    ),
+    Mutation(
+        "nf4-values-unchecked",
+        "NF4 code tables and scales are not checked (a changed quant_map or a NaN scale loads)",
+        "lightning_nf4/format/bnb_state.py",
+        (("    _check_values(name, code, absmax if not nested else None, stats, expect)\n", ""),),
+        ("tests/test_damaged_inputs.py",),
+    ),
+    Mutation(
+        "frozen-key-accepted",
+        "an adapter checkpoint that trained a module this callback freezes is loaded into the frozen module",
+        "lightning_nf4/callbacks/lora.py",
+        ((" or (isinstance(params[k], nn.Parameter) and not params[k].requires_grad)", ""),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "validation-draws-kept",
+        "a validation inside fit leaves its generator draws: a resume from a checkpoint saved just before it differs",
+        "lightning_nf4/callbacks/lora.py",
+        (("        self._rng.hold_during_validation(trainer)", "        pass"),),
+        ("tests/test_reliability.py::test_resume_mid_epoch_from_a_checkpoint_saved_just_before_a_validation",),
+    ),
 ]
 
 

@@ -18,6 +18,7 @@ import torch
 from jsonargparse.typing import register_type
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback
@@ -116,12 +117,10 @@ class NF4CLI(LightningCLI):
         if ckpt_path and not _lightning_ckpt_alias(str(ckpt_path)):
             check_checkpoint(ckpt_path)
 
-    def after_predict(self) -> None:
-        """Print the continuations: LightningCLI drops what ``trainer.predict`` returns."""
-        texts = [text for batch in self.trainer.predict_loop.predictions or [] for text in batch]
-        if self.trainer.is_global_zero:
-            for number, text in enumerate(texts):
-                print(f"prediction {number}: {text!r}")
+    def before_predict(self) -> None:
+        """LightningCLI drops what ``trainer.predict`` returns: a writer prints the continuations."""
+        if not any(isinstance(c, PrintPredictions) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PrintPredictions())
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI puts the checkpoint's hyperparameters over the config and command line. A base model that has
@@ -138,6 +137,29 @@ class NF4CLI(LightningCLI):
         if saved != given and _model_exists(given) and not _model_exists(saved):
             rank_zero_warn(f"The checkpoint names the base model {saved!r}, which is not there; using {given!r} from the config.")
             model["model_name_or_path"] = given
+
+
+class PrintPredictions(BasePredictionWriter):
+    """Prints every prompt's continuation once, numbered by the prompt's place in the data, on the first process:
+    under DDP each process predicts a share of the prompts (Lightning's predict sampler deals them out), so the
+    shares are gathered first."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any) -> None:
+        if predictions and predictions[0] and isinstance(predictions[0][0], list):
+            predictions = predictions[0]  # one dataloader, given as a list of one
+        if batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list):
+            batch_indices = batch_indices[0]
+        mine = [(index, text) for batch, indices in zip(predictions, batch_indices) for index, text in zip(indices, batch)]
+        shares = [mine]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, mine)
+        if trainer.is_global_zero:
+            for index, text in sorted(dict(pair for share in shares for pair in share).items()):
+                print(f"prediction {index}: {text!r}", flush=True)
 
 
 def _model_exists(name: Any) -> bool:

@@ -190,3 +190,90 @@ def test_export_of_a_full_checkpoint_with_another_alpha_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"trained with r=4, alpha=8"):
         main(["export", "--config", str(tmp_path / "other.yaml"), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
               "--out_dir", str(tmp_path / "out")])
+
+
+def test_predict_under_ddp_prints_every_prompt_once_in_order(fitted):
+    """Lightning deals the prompts out to the processes; only the first process's share was printed, renumbered
+    from 0. Two gloo processes must print what one does. Subprocesses with timeouts (DDP re-runs the module)."""
+    from tests import isolated
+
+    config, _ = fitted
+    command = [sys.executable, "-m", "lightning_nf4.cli", "predict", "--config", str(config),
+               "--ckpt_path", str(config.parent / "ckpt" / "last.ckpt"), "--trainer.max_steps", "-1",
+               "--data.predict_prompts", json.dumps(["The quick", "A lazy", "Over the", "The dog", "Brown"])]
+    lines = {}
+    for name, extra in (("one", []), ("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
+        done = isolated.run([*command, *extra], capture_output=True, text=True, timeout=300, cwd=config.parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines[name] = [line for line in done.stdout.splitlines() if line.startswith("prediction ")]
+    assert len(lines["one"]) > 2 and lines["ddp"] == lines["one"]
+
+
+def sentencepiece_style_tokenizer():
+    """A Llama-2/Mistral-style tokenizer (Metaspace, a word boundary put before the first word of a text), small."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.test_cli import SENTENCES
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(SENTENCES * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _instruction_module(tmp_path, records, tokenizer=None, **kwargs):
+    from lightning_nf4.data.instruction import InstructionDataModule
+    from tests.test_cli import tiny_tokenizer
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    module = InstructionDataModule(str(path), prompt_template="Q: {instruction}\n{input}\nA:", prompt_template_no_input="Q: {instruction}\nA:\n", **kwargs)
+    module.tokenizer = tokenizer or tiny_tokenizer()
+    return module
+
+
+@pytest.mark.parametrize("output", [" The fox.", "The fox.", "  indented", "\n\nTwo lines"])
+def test_an_instruction_example_is_the_whole_text_tokenized_at_once(tmp_path, output):
+    """The response was tokenized on its own and appended: with a SentencePiece-style tokenizer every response then
+    began with a word-boundary token the whole text does not have after the prompt, ids the model never sees there."""
+    tokenizer = sentencepiece_style_tokenizer()
+    module = _instruction_module(tmp_path, [{"instruction": "Name it.", "output": output}], tokenizer=tokenizer)
+    record = {"instruction": "Name it.", "input": "", "output": output}
+    prompt, response = module.prompt_and_response(record)
+    example = module.encode(record)
+    whole = tokenizer(prompt + response)["input_ids"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert example["input_ids"] == whole and whole[: len(prompt_ids)] == prompt_ids  # no token spans the boundary here
+    assert example["labels"] == [-100] * len(prompt_ids) + whole[len(prompt_ids):]  # the prompt masked, the rest learnt
+
+
+def test_instruction_records_held_out_are_not_trained_on(tmp_path):
+    records = [{"instruction": f"Task {i % 4}.", "output": f"Answer {i % 4}."} for i in range(12)]  # each record thrice
+    module = _instruction_module(tmp_path, records, val_fraction=0.25)
+    module.setup("fit")
+    held = {tuple(r.values()) for r in module.val_records}
+    assert held and len(module.val_set) == len(held)
+    trained = {module.tokenizer.decode(e["input_ids"]) for e in module.train_set}
+    assert not any(module.tokenizer.decode(module.encode(r)["input_ids"]) in trained for r in module.val_records)
+    assert len(module.train_set) == 12 - 3 * len(held)  # the copies of trained records all stay
+
+
+def test_instruction_settings_and_files_that_cannot_work_are_named(tmp_path):
+    from lightning_nf4.data.instruction import InstructionDataError
+
+    records = [{"instruction": "A.", "output": "B."}, {"instruction": "C.", "output": "D."}]
+    for fraction in (0.0, 1.0, -3):
+        with pytest.raises(InstructionDataError, match="val_fraction must be in"):
+            _instruction_module(tmp_path, records, val_fraction=fraction)
+    module = _instruction_module(tmp_path, records)
+    (tmp_path / "train.jsonl").write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(InstructionDataError, match="train.jsonl is not UTF-8 text"):
+        module.setup("fit")
+    odd = _instruction_module(tmp_path, records)
+    odd.prompt_template_no_input = "Question: {question}\n"
+    with pytest.raises(InstructionDataError, match="names 'question'.*\\{instruction\\}"):
+        odd.encode({"instruction": "A.", "input": "", "output": "B."})

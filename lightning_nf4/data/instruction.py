@@ -42,26 +42,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"Instruction file {str(path)!r} does not exist.")
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InstructionDataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
-            if not isinstance(record, dict):
-                raise InstructionDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
-            missing = [key for key in ("instruction", "output") if key not in record]
-            if missing:
-                raise InstructionDataError(f"{path}, line {number}: missing key(s) {missing}; each line needs 'instruction' and 'output' (and optionally 'input').")
-            for key in ("instruction", "input", "output"):
-                if key in record and not isinstance(record[key], str):
-                    raise InstructionDataError(f"{path}, line {number}: {key!r} must be a string, got {type(record[key]).__name__}.")
-            records.append({"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]})
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as err:
+        raise InstructionDataError(f"{path} is not UTF-8 text ({err}); save it as UTF-8.") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InstructionDataError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+        if not isinstance(record, dict):
+            raise InstructionDataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}.")
+        missing = [key for key in ("instruction", "output") if key not in record]
+        if missing:
+            raise InstructionDataError(f"{path}, line {number}: missing key(s) {missing}; each line needs 'instruction' and 'output' (and optionally 'input').")
+        for key in ("instruction", "input", "output"):
+            if key in record and not isinstance(record[key], str):
+                raise InstructionDataError(f"{path}, line {number}: {key!r} must be a string, got {type(record[key]).__name__}.")
+        records.append({"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]})
     if not records:
         raise InstructionDataError(f"{path} holds no records.")
     return records
+
+
+def _key(record: dict[str, str]) -> tuple[str, str, str]:
+    return record["instruction"], record["input"], record["output"]
 
 
 def pad_collate(pad_id: int) -> Any:
@@ -108,6 +115,8 @@ class InstructionDataModule(HeldOutDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if val_file is None and not 0.0 < val_fraction < 1.0:
+            raise InstructionDataError(f"val_fraction must be in (0, 1) to hold records out of train_file, got {val_fraction}; or pass val_file.")
         self.train_file, self.val_file = train_file, val_file
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.val_fraction, self.seed = val_fraction, seed
@@ -124,7 +133,14 @@ class InstructionDataModule(HeldOutDataModule):
         """The prompt text and the response text that follows it (EOS or end-of-turn included)."""
         if not self.use_chat_template:
             template = self.prompt_template if record["input"] else self.prompt_template_no_input
-            return template.format(**record), record["output"] + (self.tokenizer.eos_token or "")
+            try:
+                prompt = template.format(**record)
+            except (KeyError, IndexError) as err:
+                raise InstructionDataError(
+                    f"The prompt template names {err}, which records do not have: a template may use {{instruction}}, "
+                    "{input} and {output} (write {{ and }} for literal braces)."
+                ) from err
+            return prompt, record["output"] + (self.tokenizer.eos_token or "")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InstructionDataError("use_chat_template=True, but the tokenizer has no chat template.")
         user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
@@ -140,13 +156,23 @@ class InstructionDataModule(HeldOutDataModule):
         return self.tokenizer(prompt, add_special_tokens=not self.use_chat_template)["input_ids"]
 
     def encode(self, record: dict[str, str]) -> dict[str, list[int]]:
-        """Token ids and labels; labels are -100 on every prompt token."""
+        """Token ids of the whole text and labels -100 on every token that starts inside the prompt. The whole text is
+        tokenized at once: a response tokenized alone starts as a new text (a SentencePiece tokenizer puts a word
+        boundary before it, byte-level BPE splits leading whitespace otherwise), ids the model never sees after a prompt."""
         prompt, response = self.prompt_and_response(record)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.use_chat_template)["input_ids"]
-        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + response_ids)[: self.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.max_length]
-        return {"input_ids": ids, "labels": labels}
+        special = not self.use_chat_template
+        if getattr(self.tokenizer, "is_fast", False):
+            full = self.tokenizer(prompt + response, add_special_tokens=special, return_offsets_mapping=True)
+            ids = full["input_ids"]
+            # the first token that starts in the response (tokens a post-processor adds have empty spans: not one)
+            masked = next((i for i, (start, end) in enumerate(full["offset_mapping"]) if start >= len(prompt) and end > start), len(ids))
+        else:  # no offsets: the prompt's own tokens, as far as the whole text begins with them
+            ids = self.tokenizer(prompt + response, add_special_tokens=special)["input_ids"]
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+            masked = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), len(prompt_ids))
+        masked = min(masked, len(ids))
+        labels = [IGNORE_INDEX] * masked + ids[masked:]
+        return {"input_ids": ids[: self.max_length], "labels": labels[: self.max_length]}
 
     def _encode_all(self, records: list[dict[str, str]], name: str) -> list[dict[str, list[int]]]:
         encoded = [self.encode(r) for r in records]
@@ -167,12 +193,15 @@ class InstructionDataModule(HeldOutDataModule):
         if self.val_file is not None:
             val = read_jsonl(self.val_file)
         else:
-            if len(train) < 2:
-                raise InstructionDataError(f"{self.train_file} needs at least 2 records to hold one out (or pass val_file).")
-            order = list(range(len(train)))
-            random.Random(self.seed).shuffle(order)
-            n_val = min(len(train) - 1, max(1, round(len(train) * self.val_fraction)))
-            train, val = [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+            # identical records go to the same side (a held-out one must not be trained on); copies stay in training
+            distinct = list(dict.fromkeys(_key(r) for r in train))
+            if len(distinct) < 2:
+                raise InstructionDataError(f"{self.train_file} needs at least 2 distinct records to hold one out (or pass val_file).")
+            random.Random(self.seed).shuffle(distinct)
+            n_val = min(len(distinct) - 1, max(1, round(len(distinct) * self.val_fraction)))
+            held = set(distinct[:n_val])
+            val = [dict(zip(("instruction", "input", "output"), key)) for key in distinct[:n_val]]
+            train = [r for r in train if _key(r) not in held]
         self.train_set, self.val_set = self._encode_all(train, "training"), self._encode_all(val, "validation")
         self.val_records = val
 

@@ -63,7 +63,10 @@ def read_documents(source: str) -> list[str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Text source {source!r} is neither {PYDOC!r} nor an existing file.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Text source {str(path)!r} is not UTF-8 text ({err}); save it as UTF-8.") from err
     docs = [d for d in re.split(r"\n\s*\n", text) if d.strip()]
     return docs if len(docs) >= 2 else [line for line in text.splitlines() if line.strip()]
 

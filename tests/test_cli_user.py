@@ -277,3 +277,24 @@ def test_instruction_settings_and_files_that_cannot_work_are_named(tmp_path):
     odd.prompt_template_no_input = "Question: {question}\n"
     with pytest.raises(InstructionDataError, match="names 'question'.*\\{instruction\\}"):
         odd.encode({"instruction": "A.", "input": "", "output": "B."})
+
+
+def test_generate_runs_in_eval_mode_whatever_the_module_s_mode(tmp_path):
+    """``build`` leaves the model training (as Lightning wants it), so a direct ``generate`` ran with LoRA dropout on:
+    another continuation at every call. It now generates in eval mode and puts the mode back."""
+    from lightning_nf4 import LoRACallback
+
+    module = CausalLMModule(str(save_tiny_llama(tmp_path / "base")), max_new_tokens=6, compute_dtype="float32")
+    module.build()
+    LoRACallback(r=4, dropout=0.9).inject(module)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0)  # trained adapters, so that dropping their input changes the output
+    module.train()
+    first = module.generate(["The quick brown", "A lazy dog"])
+    assert all(module.generate(["The quick brown", "A lazy dog"]) == first for _ in range(3))
+    assert module.training and module.model.training
+    module.eval()
+    assert module.generate(["The quick brown", "A lazy dog"]) == first

@@ -201,16 +201,22 @@ class CausalLMModule(pl.LightningModule):
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[str] | dict[str, Tensor]) -> list[str]:
-        """Decode only the new tokens, with this module's generation settings."""
+        """Decode only the new tokens, with this module's generation settings, in eval mode (LoRA dropout off) whatever
+        mode the module is in; the mode is put back after."""
         if isinstance(prompts, (list, tuple)):
             prompts = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(self.device)
         hp = self.hparams
         sampling = dict(temperature=hp.temperature, top_p=hp.top_p) if hp.do_sample else dict(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(
-            input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], max_new_tokens=hp.max_new_tokens,
-            do_sample=hp.do_sample, repetition_penalty=hp.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True, **sampling,
-        )
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], max_new_tokens=hp.max_new_tokens,
+                do_sample=hp.do_sample, repetition_penalty=hp.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True, **sampling,
+            )
+        finally:
+            self.train(was_training)
         return self.tokenizer.batch_decode(out[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)
 
     # -- perplexity before / after fit --------------------------------------------------------
@@ -274,11 +280,8 @@ class CausalLMModule(pl.LightningModule):
                  f"({100 * (self.perplexity_after / self.perplexity_before - 1):+.1f}%)")
         prompts = list(self.hparams.generation_prompts or [])
         if prompts:
-            was_training = self.training
-            self.eval()
             with self.trainer.precision_plugin.predict_step_context():
                 completions = self.generate(prompts)
-            self.train(was_training)
             for prompt, completion in zip(prompts, completions):
                 _say(f"generation: {prompt!r} -> {completion!r}")
 

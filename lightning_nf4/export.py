@@ -290,23 +290,22 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     if write:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         if hf is not None:
-            with _float_config(hf.config, untie=untie, dtype=written):
+            with _float_config(hf.config, untie=untie):
                 hf.config.save_pretrained(str(tmp))
+            _record_dtype(tmp / "config.json", written)
             if getattr(hf, "generation_config", None) is not None:
                 hf.generation_config.save_pretrained(str(tmp))
 
 
 @contextmanager
-def _float_config(config: Any, untie: bool = False, dtype: Optional[torch.dtype] = None) -> Iterator[None]:
-    """The config as a merged (float) model's while it is saved, restored after: no ``quantization_config``; the
-    ``dtype`` written (transformers loads ``dtype="auto"`` in it); ``use_cache`` on (training turns it off); with
-    ``untie``, ``tie_word_embeddings`` off as well (the merged head is no longer the embedding table)."""
+def _float_config(config: Any, untie: bool = False) -> Iterator[None]:
+    """The config as a merged (float) model's while it is saved, restored after: no ``quantization_config``;
+    ``use_cache`` on (training turns it off); with ``untie``, ``tie_word_embeddings`` off as well (the merged head is
+    no longer the embedding table). The dtype written is recorded after (``_record_dtype``)."""
     saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
     for k in saved:
         delattr(config, k)
     changes = {"tie_word_embeddings": False} if untie else {}
-    if dtype is not None:
-        changes["dtype"] = dtype
     if hasattr(config, "use_cache"):
         changes["use_cache"] = True
     before = {k: getattr(config, k, None) for k in changes}
@@ -335,8 +334,8 @@ def _head_untied(hf: nn.Module, state: dict[str, Tensor]) -> bool:
 
 
 def _record_dtype(config_file: Path, dtype: Optional[torch.dtype]) -> None:
-    """``save_pretrained`` records the dtype of the model's own parameters; the merged tensors may be another
-    (``merged_dtype``), and transformers loads in the recorded one."""
+    """The dtype of the merged tensors (``merged_dtype``) in the saved config: ``save_pretrained`` records the model's
+    own parameters' dtype, and transformers loads in the recorded one."""
     import json
 
     if dtype is None or not config_file.is_file():
@@ -378,8 +377,8 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:
-        written = _written_dtype(state)
-        with _float_config(hf.config, untie=_head_untied(hf, state), dtype=written):
+        written = _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
+        with _float_config(hf.config, untie=_head_untied(hf, state)):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
         _record_dtype(folder / "config.json", written)
     else:

@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -58,8 +58,7 @@ def publish(root: PathLike, writers: Mapping[str, Writer], manifest: Optional[di
     for name in writers:
         if not name or "/" in name or name.startswith(".") or name == MANIFEST:
             raise ValueError(f"{name!r} cannot name an export folder.")
-        if (root / name).exists() and not (root / name).is_dir():
-            raise FileExistsError(f"{root / name} exists and is not a folder; move it away, the export would replace it.")
+    _check_part_folders(root, writers)
     _check_manifest_is_ours(root)
     ident = uuid.uuid4().hex[:12]
     previous = _read_manifest(root)
@@ -98,9 +97,7 @@ def check_writable(root: PathLike, what: str = "export folder", parts: tuple[str
     root = Path(root).expanduser()
     if root.is_dir():
         _check_manifest_is_ours(root)
-        for name in parts:
-            if (root / name).exists() and not (root / name).is_dir():
-                raise FileExistsError(f"{root / name} exists and is not a folder; move it away, the export would replace it.")
+        _check_part_folders(root, parts)
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -190,6 +187,11 @@ def _withdraw(folder: Path, files: list[str]) -> None:
         if not any(path.iterdir()):
             path.rmdir()
 
+
+def _check_part_folders(root: Path, names: Iterable[str]) -> None:
+    for name in names:
+        if (root / name).exists() and not (root / name).is_dir():
+            raise FileExistsError(f"{root / name} exists and is not a folder; move it away, the export would replace it.")
 
 
 def _listing(folder: Path) -> dict[str, int]:

@@ -111,7 +111,7 @@ class RNGCheckpoint:
         self._held = capture(trainer.strategy.root_device)
 
     def resume_after_validation(self, trainer: Any) -> None:
-        held, self._held = getattr(self, "_held", None), None
+        held, self._held = self._held, None
         if held is not None:
             restore(held, trainer.strategy.root_device)
 

@@ -160,3 +160,17 @@ def test_a_requested_storage_dtype_is_named_as_ignored(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(_saved_float(tmp_path), quantization_config=config, progress=False)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
     assert model.config.quantization_config["bnb_4bit_quant_storage"] == "uint8"
+
+
+def test_variant_reads_the_variants_weights_as_transformers_does(tmp_path):
+    """``variant="v2"`` reads ``model.v2.safetensors`` (single or sharded) beside the plain ``model.safetensors``, and
+    names ``variant=None`` when only plain weights exist (it was an unknown keyword)."""
+    plain, other = llama(0), llama(1)
+    plain.save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path, variant="v2", max_shard_size="40KB")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, variant="v2")
+    assert torch.equal(embeddings(reference), embeddings(other))
+    assert torch.equal(embeddings(load(tmp_path, variant="v2")), embeddings(other))
+    assert torch.equal(embeddings(load(tmp_path)), embeddings(plain))
+    with pytest.raises(CheckpointError, match="pass variant=None"):
+        load(tmp_path, variant="v3")

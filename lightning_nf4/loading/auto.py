@@ -47,6 +47,7 @@ class AutoModelForCausalLM:
         config: Any = None,
         subfolder: str = "",
         use_safetensors: Optional[bool] = None,
+        variant: Optional[str] = None,
         output_loading_info: bool = False,
         low_cpu_mem_usage: Optional[bool] = None,
         **kwargs: Any,
@@ -62,6 +63,7 @@ class AutoModelForCausalLM:
 
         As in transformers: ``config`` (a config object or folder) replaces the folder's ``config.json``;
         ``subfolder`` is where config and weights are; ``use_safetensors`` True/False reads only safetensors/``.bin``;
+        ``variant`` reads ``model.<variant>.safetensors`` (or its shards);
         ``output_loading_info`` returns ``(model, info)`` with the checkpoint keys the model did not use; other keyword
         arguments override config attributes (``num_hidden_layers=...``, ``attn_implementation=...``,
         ``trust_remote_code``, ``revision``), and one that is none of these is an error. ``low_cpu_mem_usage`` is
@@ -78,7 +80,7 @@ class AutoModelForCausalLM:
                 raise ValueError("Pass dtype or torch_dtype (its older name), not both.")
             dtype = torch_dtype
         device = _one_device(device, device_map)
-        source = _Source(resolve_model_path(str(pretrained_model_name_or_path)) / subfolder, use_safetensors, config, kwargs)
+        source = _Source(resolve_model_path(str(pretrained_model_name_or_path)) / subfolder, use_safetensors, variant, config, kwargs)
         with torch.device("cpu"):
             model, unexpected = cls._load(source, quantization_config, device, dtype, gguf_file, progress)
         if output_loading_info:
@@ -117,7 +119,7 @@ class AutoModelForCausalLM:
         _read_generation_config(model, path)
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs(model))  # NF4Linear placeholders on meta
-        files = checkpoint_files(path, source.use_safetensors)
+        files = checkpoint_files(path, source.use_safetensors, source.variant)
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
             if nf4 is not None:
@@ -135,8 +137,10 @@ class _Source:
     # where transformers would download from; meaningless beside a config object and a local folder
     _HUB_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
 
-    def __init__(self, path: Path, use_safetensors: Optional[bool], config: Any, kwargs: dict[str, Any]) -> None:
-        self.path, self.use_safetensors, self._config, self._kwargs = path, use_safetensors, config, kwargs
+    def __init__(
+        self, path: Path, use_safetensors: Optional[bool], variant: Optional[str], config: Any, kwargs: dict[str, Any],
+    ) -> None:
+        self.path, self.use_safetensors, self.variant, self._config, self._kwargs = path, use_safetensors, variant, config, kwargs
 
     def config(self, gguf_file: Optional[str]) -> tuple[Any, dict[str, Any]]:
         """The config to build from and the keyword arguments for the model's constructor; an argument neither

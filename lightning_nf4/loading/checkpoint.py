@@ -25,13 +25,24 @@ _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None) -> list[Path]:
+def _add_variant(name: str, variant: Optional[str]) -> str:
+    """transformers' file name of a weights variant: ``model.safetensors`` -> ``model.fp16.safetensors``."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None, variant: Optional[str] = None) -> list[Path]:
     """The weight files of ``folder`` in load order; every shard an index names must exist. ``use_safetensors`` as
-    in transformers: True reads safetensors only, False ``.bin`` only, None prefers safetensors."""
+    in transformers: True reads safetensors only, False ``.bin`` only, None prefers safetensors. ``variant`` reads
+    ``model.<variant>.safetensors`` (and its index) instead, as transformers does."""
     indexes, singles = _INDEXES, _SINGLES
     if use_safetensors is not None:
         keep = 0 if use_safetensors else 1
         indexes, singles = (_INDEXES[keep],), (_SINGLES[keep],)
+    indexes = tuple(_add_variant(name, variant) for name in indexes)
+    singles = tuple(_add_variant(name, variant) for name in singles)
     for single, index_name in zip(singles, indexes):  # transformers' order: per format, the single file before an index
         if (folder / single).is_file():
             return [folder / single]
@@ -47,10 +58,13 @@ def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None) -> li
                 raise CheckpointError(f"{index.name} lists shards that are missing from {folder}: {missing}. The download is incomplete.")
             return [folder / s for s in shards]
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    asked = "" if use_safetensors is None else f" (use_safetensors={use_safetensors})"
+    asked = ", ".join(f"{k}={v!r}" for k, v in (("use_safetensors", use_safetensors), ("variant", variant)) if v is not None)
+    asked = f" ({asked})" if asked else ""
+    hint = " For a GGUF file pass gguf_file=..."
+    if variant is not None and any(checkpoint_name in found for checkpoint_name in (*_INDEXES, *_SINGLES)):
+        hint = " The folder has weights without the variant: pass variant=None to load them."
     raise CheckpointError(
-        f"No weights in {folder}{asked}: expected {' or '.join((*indexes, *singles))} (found {found[:10]}). "
-        "For a GGUF file pass gguf_file=..."
+        f"No weights in {folder}{asked}: expected {' or '.join((*indexes, *singles))} (found {found[:10]}).{hint}"
     )
 
 

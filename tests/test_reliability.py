@@ -695,6 +695,21 @@ def test_export_of_a_trained_model_survives_failures_and_leftovers(tmp_path, mon
     assert not any(torch.equal(v, adapter[k]) for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if ".lora_B." in k)
 
 
+@pytest.mark.parametrize("stop", [dict(max_steps=3), dict(max_epochs=2)])
+def test_export_json_records_the_epoch_of_the_last_step_as_its_checkpoint_does(tmp_path, stop):
+    """A fit stopped by ``max_steps`` inside epoch 0 exported ``epoch: 1`` (Lightning counts the epoch it stopped
+    in as done by then) while its last checkpoint said 0; the export of that checkpoint then disagreed with fit's."""
+    from lightning_nf4 import publish
+
+    out, last = tmp_path / "out", pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = LoRACallback(r=4, alpha=8, dropout=0.0, save_dir=str(out))
+    kw = dict(stop, max_epochs=stop.get("max_epochs", 5))
+    trainer(tmp_path, enable_checkpointing=True, plugins=NF4Precision(compute_dtype=torch.float32),
+            callbacks=[callback, last], **kw).fit(CausalLM(lr=1e-2), token_loader(n=16))
+    saved = torch.load(last.last_model_path, weights_only=True)
+    assert publish.read_export(out)["epoch"] == saved["epoch"] == (0 if "max_steps" in stop else 1)
+
+
 def test_merged_written_at_the_end_of_fit_is_a_complete_hf_folder(tmp_path, model_dir, monkeypatch):
     """Through the CLI: merged/ opens with AutoTokenizer and AutoModelForCausalLM, as the export subcommand's does,
     and export.json names the step and the files of both folders."""

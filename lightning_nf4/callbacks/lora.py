@@ -413,12 +413,14 @@ class LoRACallback(Callback):
     # -- export -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rng.on_fit_start(trainer)
+        self._last_epoch: Optional[int] = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._rng.on_train_batch_start(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._rng.hold_during_validation(trainer)  # what a checkpoint saved now holds, and the next batch must find
+        self._last_epoch = trainer.current_epoch
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit":
@@ -436,12 +438,19 @@ class LoRACallback(Callback):
             return
         written = self.save_export(
             pl_module, self.save_dir, tokenizer=_tokenizer(trainer, pl_module), write=trainer.is_global_zero,
-            info={"step": trainer.global_step, "epoch": trainer.current_epoch, "source": "fit"},
+            info={"step": trainer.global_step, "epoch": self._trained_epoch(trainer), "source": "fit"},
         )
         if written:
             rank_zero_info(f"LoRACallback: {' and '.join(written)} written to {self.save_dir} ({publish.MANIFEST} lists them)")
         if sharded:
             trainer.strategy.barrier()
+
+    def _trained_epoch(self, trainer: pl.Trainer) -> int:
+        """The epoch of the last training step, as a checkpoint saved then records it: at fit's end Lightning counts
+        the epoch it stopped in (by ``max_steps`` too) as completed, one ahead."""
+        if getattr(self, "_last_epoch", None) is not None:
+            return self._last_epoch
+        return max(trainer.current_epoch - 1, 0)
 
     def save_export(
         self, pl_module: nn.Module, out_dir: Union[str, Path], *, tokenizer: Any = None, merged: Optional[bool] = None,

@@ -374,6 +374,22 @@ def test_a_full_checkpoint_of_a_model_built_in_configure_model_resumes_exactly(t
         fit_for_resume(tmp_path, 4, last, model=BuiltInConfigureModel(), full_checkpoint=True, target_modules=["q_proj"])
 
 
+@pytest.mark.parametrize("built_in", ["init", "configure_model"])
+def test_an_adapter_only_checkpoint_resumes_under_full_checkpoint(tmp_path, built_in):
+    """A run switched to ``full_checkpoint=True`` resumes from its adapter-only checkpoints (Lightning's strict load
+    failed with torch's list of every base key), exactly as with the default; a full checkpoint that lacks keys of
+    this model is named."""
+    make = (lambda: CausalLM(lr=1e-2)) if built_in == "init" else BuiltInConfigureModel
+    straight = fit_for_resume(tmp_path, 4, model=make())
+    fit_for_resume(tmp_path, 2, save=True, model=make())
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    _assert_same(straight, fit_for_resume(tmp_path, 4, ckpt_path=last, model=make(), full_checkpoint=True))
+    if built_in == "init":
+        fit_for_resume(tmp_path / "full", 2, save=True, model=make(), full_checkpoint=True, target_modules=["q_proj"])
+        with pytest.raises(RuntimeError, match=r"full checkpoint does not fit this model: missing \['model.model.layers.0.mlp"):
+            fit_for_resume(tmp_path, 4, ckpt_path=str(tmp_path / "full" / "ckpt" / "last.ckpt"), model=make(), full_checkpoint=True)
+
+
 @pytest.mark.parametrize("stop", ["epoch_end", "mid_epoch"])
 def test_the_package_data_modules_resume_exactly(tmp_path, model_dir, stop):
     """CausalLMModule + TextDataModule (a shuffling, resumable loader), default dropout: a run stopped at an epoch's

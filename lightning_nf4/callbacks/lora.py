@@ -132,8 +132,9 @@ class LoRACallback(Callback):
                 "processes, and Lightning's copy back cannot fit them into the float model of the launching process, which "
                 "keeps no LoRA after fit. Use the exports (save_dir) or a checkpoint, or strategy='ddp'."
             )
-        if not self.full_checkpoint:
-            pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
+        # base weights are absent from adapter-only checkpoints (an earlier run's, under full_checkpoint too); every
+        # restore is checked instead: _watch_restore, on_load_checkpoint, _load_held_state
+        pl_module.strict_loading = False
         precision = trainer.precision_plugin
         nf4 = isinstance(precision, NF4Precision)
         if self._injected(pl_module):
@@ -174,8 +175,8 @@ class LoRACallback(Callback):
         hook.remove()
         module.strict_loading = True
         state, self._held_state = self._held_state, None
-        if state is None:
-            return
+        if state is None or set(state) <= _trained_keys(module):
+            return  # nothing held, or an adapter-only checkpoint: applied and checked as the pending state
         fix = "Use the NF4Precision and LoRACallback settings (r, target_modules, modules_to_save) of the run that wrote it."
         try:
             result = module.load_state_dict(state, strict=False)
@@ -343,7 +344,7 @@ class LoRACallback(Callback):
         if self.full_checkpoint:
             return
         # every persistent buffer too: training changes some (a norm's running statistics, a user's step counter)
-        trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad} | set(_persistent_buffers(pl_module))
+        trainable = _trained_keys(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         meta.update({"adapter_only": True, "keys": sorted(trainable)})
 
@@ -371,14 +372,20 @@ class LoRACallback(Callback):
     def _watch_restore(self, pl_module: pl.LightningModule) -> None:
         """Until the precision plugin converts the model, check what Lightning restores into the injected model (it
         loads non-strictly, for adapter-only checkpoints). A whole-model checkpoint (``save_weights_only``, whose
-        callbacks' hooks and so its adapter-only tag Lightning skips) has no other check."""
-        if self.full_checkpoint or self._restore_hook is not None:
+        callbacks' hooks and so its adapter-only tag Lightning skips) has no other check; under ``full_checkpoint`` it
+        must hold every key."""
+        if self._restore_hook is not None:
             return
+        full = self.full_checkpoint
 
         def check(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
-            params = dict(module.named_parameters())
-            if prefix or set(state) <= {n for n, p in params.items() if p.requires_grad} | set(_persistent_buffers(module)):
+            if prefix or set(state) <= _trained_keys(module):
                 return  # an adapter-only state: checked in on_load_checkpoint
+            if full:
+                expected = set(module.state_dict())
+                _raise_if_mismatch("full checkpoint", sorted(expected - set(state)), sorted(set(state) - expected))
+                return
+            params = dict(module.named_parameters())
             missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
             unexpected = sorted(k for k in state if ".lora_" in k and k not in params)
             _raise_if_mismatch("checkpoint", missing, unexpected)
@@ -503,6 +510,11 @@ def _after_conversion(precision: Any, hook: Any) -> None:
         return module
 
     precision.convert_module = convert_then_hook
+
+
+def _trained_keys(module: nn.Module) -> set[str]:
+    """What an adapter-only checkpoint holds: the trained parameters and every persistent buffer."""
+    return {n for n, p in module.named_parameters() if p.requires_grad} | set(_persistent_buffers(module))
 
 
 def _raise_if_mismatch(what: str, missing: list[str], unexpected: list[str]) -> None:

@@ -298,3 +298,23 @@ def test_generate_runs_in_eval_mode_whatever_the_module_s_mode(tmp_path):
     assert module.training and module.model.training
     module.eval()
     assert module.generate(["The quick brown", "A lazy dog"]) == first
+
+
+def test_generation_prompts_of_instruction_data_are_put_in_its_template(tmp_path, capsys):
+    """With ``InstructionDataModule`` the model learns to answer prompts in the data's template; fit's
+    ``generation_prompts`` went to it as raw text, so the printed continuations showed a model it was never trained as."""
+    from tests.test_cli import RECORDS
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    data = {"class_path": "lightning_nf4.data.InstructionDataModule",
+            "init_args": {"train_file": str(jsonl), "batch_size": 2, "val_fraction": 0.34, "max_length": 96,
+                          "prompt_template": "Q: {instruction}\n{input}\nA: ", "prompt_template_no_input": "Q: {instruction}\nA: "}}
+    config = write_config(tmp_path, save_tiny_llama(tmp_path / "base"), data, generation_prompts=["Name a fruit."], max_new_tokens=6)
+    cli = main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    printed = capsys.readouterr().out
+    batch = cli.datamodule.generation_batch(["Name a fruit."])
+    assert cli.datamodule.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True) == "Q: Name a fruit.\nA: "
+    templated, raw = cli.model.generate(batch)[0], cli.model.generate(["Name a fruit."])[0]
+    assert templated != raw  # so the printed line tells the two apart
+    assert f"generation: 'Name a fruit.' -> {templated!r}" in printed

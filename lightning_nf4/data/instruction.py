@@ -155,6 +155,14 @@ class InstructionDataModule(HeldOutDataModule):
         prompt, _ = self.prompt_and_response(record)
         return self.tokenizer(prompt, add_special_tokens=not self.use_chat_template)["input_ids"]
 
+    def generation_batch(self, instructions: list[str]) -> dict[str, Tensor]:
+        """Instructions as the model was trained to read them: each in the prompt template (or chat template), token
+        ids padded on the left for ``generate``."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(tokenizer_source(self, self.tokenizer_name_or_path))
+        records = [{"instruction": text, "input": "", "output": ""} for text in instructions]
+        return left_pad_collate(self.tokenizer.pad_token_id or 0)([self.prompt_ids(r) for r in records])
+
     def encode(self, record: dict[str, str]) -> dict[str, list[int]]:
         """Token ids of the whole text and labels -100 on every token that starts inside the prompt. The whole text is
         tokenized at once: a response tokenized alone starts as a new text (a SentencePiece tokenizer puts a word

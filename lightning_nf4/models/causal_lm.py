@@ -50,7 +50,8 @@ class CausalLMModule(pl.LightningModule):
             its logits and loss. Both give the same loss to bf16 rounding.
         loss_chunk_size: tokens per chunk of the chunked loss (default: one chunk's fp32 logits under 128 MiB).
         max_new_tokens, do_sample, temperature, top_p, repetition_penalty: generation settings.
-        generation_prompts: prompts whose continuations are printed at the end of fit.
+        generation_prompts: prompts whose continuations are printed at the end of fit; with a data module that formats
+            prompts (``InstructionDataModule``) they are instructions, put in its template as in training.
     """
 
     def __init__(
@@ -280,8 +281,10 @@ class CausalLMModule(pl.LightningModule):
                  f"({100 * (self.perplexity_after / self.perplexity_before - 1):+.1f}%)")
         prompts = list(self.hparams.generation_prompts or [])
         if prompts:
+            datamodule = self.trainer.datamodule
+            inputs = datamodule.generation_batch(prompts) if hasattr(datamodule, "generation_batch") else prompts
             with self.trainer.precision_plugin.predict_step_context():
-                completions = self.generate(prompts)
+                completions = self.generate(inputs if isinstance(inputs, list) else {k: v.to(self.device) for k, v in inputs.items()})
             for prompt, completion in zip(prompts, completions):
                 _say(f"generation: {prompt!r} -> {completion!r}")
 

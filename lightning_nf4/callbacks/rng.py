@@ -52,6 +52,22 @@ def restore(states: dict[str, Tensor], device: Optional[torch.device] = None) ->
         getattr(torch, device.type).set_rng_state(states[device.type].cpu(), device)
 
 
+def _snapshot(device: Optional[torch.device]) -> tuple[Any, ...]:
+    """The same states as ``capture`` in the generators' own forms: a third of its host time, for a copy taken at
+    every training batch's end and never written."""
+    accelerator = getattr(torch, device.type).get_rng_state(device) if device is not None and device.type in _ACCELERATORS else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), accelerator
+
+
+def _put_back(snapshot: tuple[Any, ...], device: Optional[torch.device]) -> None:
+    python, numpy, cpu, accelerator = snapshot
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if accelerator is not None:
+        getattr(torch, device.type).set_rng_state(accelerator, device)
+
+
 class RNGCheckpoint:
     """Saves every rank's generator states into a checkpoint and restores them on resume (used by LoRACallback).
 
@@ -62,7 +78,7 @@ class RNGCheckpoint:
         self._pending: Optional[dict[str, Tensor]] = None
         self._again_before_batch = False
         self._fit_started = False
-        self._held: Optional[dict[str, Tensor]] = None  # the states a validation inside fit found, put back after it
+        self._held: Optional[tuple[Any, ...]] = None  # the states a validation inside fit found, put back after it
 
     def save(self, trainer: Any) -> dict[str, Any]:
         strategy = trainer.strategy
@@ -108,12 +124,12 @@ class RNGCheckpoint:
         checkpoint saved at a batch's end and the next batch, and a run resumed from that checkpoint does not repeat
         that validation. So a validation's end puts back the states of the batch end before it
         (``resume_after_validation``)."""
-        self._held = capture(trainer.strategy.root_device)
+        self._held = _snapshot(trainer.strategy.root_device)
 
     def resume_after_validation(self, trainer: Any) -> None:
         held, self._held = self._held, None
         if held is not None:
-            restore(held, trainer.strategy.root_device)
+            _put_back(held, trainer.strategy.root_device)
 
     def on_fit_end(self) -> None:
         self._pending, self._again_before_batch, self._fit_started, self._held = None, False, False, None

@@ -93,6 +93,19 @@ def test_compute_dtypes(tmp_path, dtype):
     assert out.dtype == (torch.float32 if dtype == torch.float32 else dtype)
 
 
+def test_the_fp16_grad_scaler_keeps_its_scale_from_one_fit_to_the_next(tmp_path):
+    """A second ``fit`` of the same trainer (more steps) started from a fresh GradScaler at 65536, redoing the
+    overflowing steps that had brought the scale down; Lightning's own fp16 plugin keeps its scaler."""
+    model, precision = CausalLM(lr=1e-3), NF4Precision(compute_dtype=torch.float16)
+    t = trainer(tmp_path, max_steps=3, plugins=precision, callbacks=[LoRACallback(r=2, alpha=4)])
+    t.fit(model, token_loader(n=16))
+    scaler, scale = precision.scaler, precision.scaler.get_scale()
+    precision.scaler.update(scale / 8)  # where overflowing steps would have brought it
+    t.fit_loop.epoch_loop.max_steps = 4
+    t.fit(model, token_loader(n=16))
+    assert precision.scaler is scaler and precision.scaler.get_scale() <= scale / 8
+
+
 def test_checkpoint_is_small_and_resume_is_exact(tmp_path):
     loader = token_loader()
 

@@ -103,8 +103,9 @@ class NF4Precision(MixedPrecision):
         if device.type == "meta":
             return
         self.device = device.type
-        if self.compute_dtype == torch.float16 and not self._user_scaler:
-            self.scaler = torch.amp.GradScaler(device=device.type)  # the default one follows the training device
+        if self.compute_dtype == torch.float16 and not self._user_scaler and getattr(self.scaler, "_device", None) != device.type:
+            # the default one follows the training device, and keeps its scale from one fit to the next as Lightning's does
+            self.scaler = torch.amp.GradScaler(device=device.type)
         if self.compute_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise NF4PrecisionError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use NF4Precision(compute_dtype=torch.float16).")
 

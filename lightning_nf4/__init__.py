@@ -10,7 +10,8 @@ import lightning_nf4.accelerators  # noqa: E402,F401
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4", "quantize_nf4",
+    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4",
+    "load_from_checkpoint", "quantize_nf4",
 ]
 
 
@@ -24,6 +25,10 @@ def __getattr__(name: str):
         from lightning_nf4.callbacks import LoRACallback
 
         return LoRACallback
+    if name == "load_from_checkpoint":  # a trained module back without a Trainer
+        from lightning_nf4.callbacks.restore import load_from_checkpoint
+
+        return load_from_checkpoint
     if name == "AutoModelForCausalLM":  # transformers' name, loading straight into NF4
         from lightning_nf4.loading import AutoModelForCausalLM
 

@@ -340,13 +340,26 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.setdefault(_CKPT_KEY, {})
         meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
-        meta.update({"r": self.r, "alpha": self.alpha})
+        meta.update({"r": self.r, "alpha": self.alpha, "settings": self._settings(trainer.precision_plugin)})
         if self.full_checkpoint:
             return
         # every persistent buffer too: training changes some (a norm's running statistics, a user's step counter)
         trainable = _trained_keys(pl_module)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         meta.update({"adapter_only": True, "keys": sorted(trainable)})
+
+    def _settings(self, precision: Any) -> dict[str, Any]:
+        """What rebuilds the trained module without a Trainer (``lightning_nf4.load_from_checkpoint``), in plain types."""
+        lora = {
+            "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+            "dropout": self.dropout, "modules_to_save": list(self.modules_to_save), "use_dora": self.use_dora,
+            "adapter_dtype": str(self.adapter_dtype).removeprefix("torch."), "adapter_name": self.adapter_name,
+        }
+        nf4 = None
+        if isinstance(precision, NF4Precision):
+            nf4 = {"compute_dtype": str(precision.compute_dtype).removeprefix("torch."), "blocksize": precision.blocksize,
+                   "double_quant": precision.double_quant, "skip_modules": list(precision.skip_modules)}
+        return {"lora": lora, "precision": nf4}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         path = getattr(trainer, "ckpt_path", None)

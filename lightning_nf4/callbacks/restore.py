@@ -1,0 +1,88 @@
+"""A trained QLoRA module back from its checkpoint, without a Trainer.
+
+``YourModule.load_from_checkpoint`` cannot do it: the NF4 layers and the adapters are built by ``NF4Precision``
+and ``LoRACallback`` when a Trainer sets the model up, so the float module it builds has none of the checkpoint's
+keys. ``load_from_checkpoint`` here builds the module as Lightning does (hyperparameters, ``configure_model``), then
+converts and injects with the settings the checkpoint records, then loads the trained weights, checked.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Optional, TypeVar, Union
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback, _raise_if_mismatch
+from lightning_nf4.checkpoint_io import load_checkpoint
+from lightning_nf4.plugins.precision import NF4Precision
+
+ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
+
+
+def load_from_checkpoint(
+    module_class: type[ModuleT],
+    checkpoint_path: Union[str, os.PathLike],
+    *,
+    map_location: Union[str, torch.device, None] = None,
+    precision: Optional[NF4Precision] = None,
+    lora: Optional[LoRACallback] = None,
+    **kwargs: Any,
+) -> ModuleT:
+    """``module_class`` as trained: built from the checkpoint's hyperparameters (``kwargs`` override them, as in
+    ``LightningModule.load_from_checkpoint``), its linears quantized and its adapters injected as the run that wrote
+    the checkpoint did, and the trained weights loaded (adapter-only or full checkpoints alike); on ``map_location``
+    (default: the CPU), in training mode as Lightning returns modules. The checkpoint is read weights-only and its
+    records checked. ``precision`` and ``lora`` replace the recorded settings; checkpoints that record none (written
+    by an older lightning-nf4) need ``lora`` (and ``precision`` if the run quantized)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    meta = checkpoint.get(_CKPT_KEY)
+    if meta is None:
+        raise ValueError(
+            f"{str(checkpoint_path)!r} was not written with LoRACallback (it has no {_CKPT_KEY!r} record): load it with "
+            f"{module_class.__name__}.load_from_checkpoint."
+        )
+    settings = meta.get("settings")
+    if lora is None:
+        if settings is None:
+            raise ValueError(
+                f"{str(checkpoint_path)!r} records no LoRACallback settings (written by an older lightning-nf4): pass "
+                f"lora=LoRACallback(r={meta.get('r', '...')}, alpha={meta.get('alpha', '...')}, target_modules=...) and "
+                "precision=NF4Precision(...) as in the run that wrote it."
+            )
+        lora = LoRACallback(r=meta["r"], alpha=meta["alpha"], **settings["lora"])
+    elif "alpha" in meta and (meta["r"], meta["alpha"]) != (lora.r, lora.alpha):
+        raise ValueError(
+            f"The checkpoint's adapters were trained with r={meta['r']}, alpha={meta['alpha']}, but lora has r={lora.r}, "
+            f"alpha={lora.alpha}; pass LoRACallback(r={meta['r']}, alpha={meta['alpha']}) or leave lora out."
+        )
+    if precision is None and settings is not None and settings["precision"] is not None:
+        precision = NF4Precision(**settings["precision"])
+
+    module = _instantiate(module_class, checkpoint, kwargs)
+    device = torch.device(map_location) if map_location is not None else torch.device("cpu")
+    module.to(device)  # quantized where it will run
+    if precision is not None:
+        precision.convert_module(module)
+    lora.inject(module)
+    state = checkpoint["state_dict"]
+    if meta.get("adapter_only"):
+        lora._apply_state(module, state)
+    else:
+        result = module.load_state_dict(state, strict=False)
+        _raise_if_mismatch("full checkpoint", result.missing_keys, result.unexpected_keys)
+    return module.to(device)
+
+
+def _instantiate(module_class: type[ModuleT], checkpoint: dict[str, Any], kwargs: dict[str, Any]) -> ModuleT:
+    """The module as ``load_from_checkpoint`` builds it (hyperparameters, LightningCLI's instantiator allow-list,
+    ``configure_model``, ``on_load_checkpoint``), before any weight: Lightning's own builder, given no state."""
+    from lightning.pytorch.core.saving import _load_state
+
+    stateless = {**checkpoint, "state_dict": {}}
+    stateless.setdefault(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+        return _load_state(module_class, stateless, strict=False, **kwargs)  # type: ignore[return-value]

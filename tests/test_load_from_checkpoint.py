@@ -1,0 +1,128 @@
+"""``lightning_nf4.load_from_checkpoint``: a trained module back from its Lightning checkpoint without a Trainer (for
+inference or evaluation), where ``YourModule.load_from_checkpoint`` cannot rebuild the NF4 layers and adapters. The
+rebuilt module equals the trained one bit for bit, for adapter-only and full checkpoints, modules built in
+``__init__`` or ``configure_model``, the NF4 plugin or Lightning's own precision, and the CLI's module."""
+
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision, load_from_checkpoint
+from lightning_nf4.layers.lora import NF4LoraLinear
+from tests.lightning_models import CausalLM, regression_loader, tiny_llama, token_loader
+
+
+class Net(pl.LightningModule):
+    """A user's module with hyperparameters (``save_hyperparameters``) that shape the model."""
+
+    def __init__(self, width: int = 64, lr: float = 1e-2):
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+class BuiltInConfigureModel(CausalLM):
+    def __init__(self, lr: float = 1e-2):
+        pl.LightningModule.__init__(self)
+        self.model, self.lr = None, lr
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny_llama()
+
+
+def fit(tmp_path, model, loader, plugins=None, precision=None, **lora):
+    last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         max_steps=3, default_root_dir=str(tmp_path), plugins=plugins, precision=precision,
+                         callbacks=[LoRACallback(**{"r": 4, "alpha": 8, **lora}), last])
+    trainer.fit(model, loader)
+    return last.last_model_path
+
+
+def assert_same_module(trained, loaded):
+    a, b = trained.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("full_checkpoint", [False, True])
+def test_a_user_module_comes_back_as_trained(tmp_path, full_checkpoint):
+    """Hyperparameters shape the module (``width``), the plugin's block size and compute dtype and the callback's
+    targets and ``modules_to_save`` come from the checkpoint; outputs equal the trained module's."""
+    trained = Net(width=48)
+    path = fit(tmp_path, trained, regression_loader(), plugins=NF4Precision(compute_dtype=torch.float16, blocksize=32, skip_modules=["net.4"]),
+               full_checkpoint=full_checkpoint, target_modules=["net.0", "net.2"], modules_to_save=["net.4"])
+    loaded = load_from_checkpoint(Net, path)
+    assert loaded.hparams.width == 48 and isinstance(loaded.net[0], NF4LoraLinear) and not hasattr(loaded.net[4], "lora_A")
+    nf4 = loaded.net[2].base_layer
+    assert isinstance(nf4, NF4Linear) and nf4.compute_dtype == torch.float16 and nf4.blocksize == 32
+    assert_same_module(trained, loaded)
+    x, _ = next(iter(regression_loader()))
+    trained.eval(), loaded.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(trained(x), loaded(x))
+    assert load_from_checkpoint(Net, path, lr=0.5).hparams.lr == 0.5  # keyword arguments override, as in Lightning
+
+
+@pytest.mark.parametrize("make", [CausalLM, BuiltInConfigureModel])
+def test_a_model_built_in_init_or_in_configure_model_comes_back(tmp_path, make):
+    trained = make()
+    path = fit(tmp_path, trained, token_loader(n=16), plugins=NF4Precision(compute_dtype=torch.float32))
+    assert_same_module(trained, load_from_checkpoint(make, path))
+
+
+def test_a_float_base_under_lightnings_own_precision_stays_float(tmp_path):
+    trained = CausalLM()
+    path = fit(tmp_path, trained, token_loader(n=16), precision="bf16-mixed")
+    loaded = load_from_checkpoint(CausalLM, path)
+    assert not any(isinstance(m, NF4Linear) for m in loaded.modules())
+    assert_same_module(trained, loaded)
+
+
+def test_the_cli_module_comes_back_from_a_cli_checkpoint(tmp_path, monkeypatch):
+    from lightning_nf4.cli import main
+    from lightning_nf4.models.causal_lm import CausalLMModule
+    from tests.test_cli import save_tiny_llama
+    from tests.test_cli_user import _config
+
+    monkeypatch.setattr(sys, "argv", ["lightning-nf4"])
+    config = _config(tmp_path, save_tiny_llama(tmp_path / "base"))
+    cli = main(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    loaded = load_from_checkpoint(CausalLMModule, tmp_path / "ckpt" / "last.ckpt")
+    assert_same_module(cli.model, loaded)
+
+
+def test_checkpoints_it_cannot_rebuild_from_are_named(tmp_path):
+    path = fit(tmp_path, CausalLM(), token_loader(n=16), plugins=NF4Precision(compute_dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"trained with r=4, alpha=8, but lora has r=4, alpha=16"):
+        load_from_checkpoint(CausalLM, path, lora=LoRACallback(r=4, alpha=16))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["lightning_nf4"]["settings"]  # as an older lightning-nf4 wrote them
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    with pytest.raises(ValueError, match=r"records no LoRACallback settings.*lora=LoRACallback\(r=4, alpha=8"):
+        load_from_checkpoint(CausalLM, tmp_path / "older.ckpt")
+    trained_as = load_from_checkpoint(CausalLM, tmp_path / "older.ckpt", lora=LoRACallback(r=4, alpha=8),
+                                      precision=NF4Precision(compute_dtype=torch.float32))
+    assert_same_module(load_from_checkpoint(CausalLM, path), trained_as)
+    with pytest.raises(RuntimeError, match=r"adapter checkpoint does not fit this model: missing \[\]"):
+        load_from_checkpoint(CausalLM, tmp_path / "older.ckpt", lora=LoRACallback(r=4, alpha=8, target_modules=["q_proj"]))
+    del checkpoint["lightning_nf4"]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match=r"not written with LoRACallback.*CausalLM.load_from_checkpoint"):
+        load_from_checkpoint(CausalLM, tmp_path / "plain.ckpt")

@@ -174,3 +174,27 @@ def test_variant_reads_the_variants_weights_as_transformers_does(tmp_path):
     assert torch.equal(embeddings(load(tmp_path)), embeddings(plain))
     with pytest.raises(CheckpointError, match="pass variant=None"):
         load(tmp_path, variant="v3")
+
+
+def test_prepare_model_for_kbit_training_turns_gradient_checkpointing_on_as_for_bitsandbytes(tmp_path):
+    """PEFT's own function leaves checkpointing off on these models (it looks for bitsandbytes' flag, which they cannot
+    keep: transformers would import bitsandbytes to count parameters). Ours runs it with the flag for the call only."""
+    import peft
+
+    from lightning_nf4.layers.lora import lora_config
+    from lightning_nf4.loading import prepare_model_for_kbit_training
+
+    llama(0).save_pretrained(tmp_path)
+    bf16 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    theirs = peft.prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bf16, progress=False))
+    assert not theirs.is_gradient_checkpointing  # why ours exists
+    model = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bf16, progress=False))
+    assert model.is_gradient_checkpointing and not hasattr(model, "is_loaded_in_4bit")
+    assert model.num_parameters() > 0 and model.model.norm.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()  # through the checkpointed layers into the adapters
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # lora_A gets none while B is zero
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -77,6 +77,33 @@ def test_one_gpu_resume_is_exact_with_dropout_and_a_shuffling_loader(tmp_path):
     assert devices == ["cuda"] * 3
 
 
+def test_one_gpu_resume_from_a_checkpoint_saved_just_before_a_validation_is_exact(tmp_path):
+    """The validation inside fit puts back the generator states of the batch end before it, the GPU's among them
+    (dropout draws there), so a resume from the checkpoint saved at that batch end is exact."""
+    from tests.test_reliability import resume_before_validation
+
+    resume_before_validation(tmp_path, gpu_trainer)
+
+
+def test_one_gpu_load_from_checkpoint_rebuilds_the_trained_module_on_the_gpu(tmp_path):
+    """``lightning_nf4.load_from_checkpoint(..., map_location="cuda")``: quantized on the GPU with the recorded settings,
+    the same bytes and adapters as the module trained there, and the same logits."""
+    from lightning_nf4 import load_from_checkpoint
+
+    model = CausalLM(lr=1e-2)
+    last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    gpu_trainer(tmp_path, max_steps=3, plugins=NF4Precision(), enable_checkpointing=True,
+                callbacks=[LoRACallback(r=4, alpha=8), last]).fit(model, token_loader(n=16))
+    loaded = load_from_checkpoint(CausalLM, last.last_model_path, map_location="cuda")
+    model.cuda().eval(), loaded.eval()
+    trained, rebuilt = model.state_dict(), loaded.state_dict()
+    assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    assert all(v.device.type == "cuda" for v in rebuilt.values())
+    ids = next(iter(token_loader(n=4)))[0].cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model(ids), loaded(ids))
+
+
 def test_one_gpu_fp16_trains_with_a_grad_scaler(tmp_path):
     """``compute_dtype=torch.float16`` brings Lightning's GradScaler on the GPU; the loss falls and stays finite."""
     from torch.amp import GradScaler

@@ -470,6 +470,11 @@ def test_resume_mid_epoch_from_a_checkpoint_saved_just_before_a_validation(tmp_p
     validation runs, and its plain loader draws its base seed from the global generator before the next batch. The
     resumed run does not repeat that validation, so it went on from other states (every later loss differed). Each
     validation inside fit now leaves the states as the batch before it did."""
+    resume_before_validation(tmp_path, trainer)
+
+
+def resume_before_validation(tmp_path, make_trainer):
+    """The run of the test above, with trainers from ``make_trainer`` (the GPU tests give theirs)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -489,7 +494,7 @@ def test_resume_mid_epoch_from_a_checkpoint_saved_just_before_a_validation(tmp_p
         callbacks = [LoRACallback(r=4, alpha=8)]  # the default dropout draws from the generator every step
         if ckpt_path is None:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", save_top_k=-1, every_n_train_steps=3))
-        t = trainer(tmp_path, max_epochs=2, val_check_interval=3, num_sanity_val_steps=0, plugins=NF4Precision(),
+        t = make_trainer(tmp_path, max_epochs=2, val_check_interval=3, num_sanity_val_steps=0, plugins=NF4Precision(),
                     callbacks=callbacks, enable_checkpointing=ckpt_path is None)
         t.fit(model, loader, DataLoader(dataset, batch_size=8), ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
         return _trainable(model)

@@ -648,6 +648,63 @@ MUTATIONS: list[Mutation] = [
         (("        self._rng.hold_during_validation(trainer)", "        pass"),),
         ("tests/test_reliability.py::test_resume_mid_epoch_from_a_checkpoint_saved_just_before_a_validation",),
     ),
+    Mutation(
+        "variant-ignored",
+        "from_pretrained(variant=...) reads the plain weights instead of the variant's",
+        "lightning_nf4/loading/auto.py",
+        (("checkpoint_files(path, source.use_safetensors, source.variant)", "checkpoint_files(path, source.use_safetensors, None)"),),
+        ("tests/test_loading_args.py",),
+    ),
+    Mutation(
+        "export-epoch-ahead",
+        "export.json records Lightning's epoch count at fit's end, one ahead of the checkpoint's epoch",
+        "lightning_nf4/callbacks/lora.py",
+        (('"epoch": self._trained_epoch(trainer)', '"epoch": trainer.current_epoch'),),
+        ("tests/test_reliability.py::test_export_json_records_the_epoch_of_the_last_step_as_its_checkpoint_does",),
+    ),
+    Mutation(
+        "full-checkpoint-strict",
+        "under full_checkpoint=True Lightning loads strictly, so an earlier run's adapter-only checkpoint cannot resume",
+        "lightning_nf4/callbacks/lora.py",
+        (("        pl_module.strict_loading = False\n        precision = trainer.precision_plugin",
+          "        pl_module.strict_loading = self.full_checkpoint\n        precision = trainer.precision_plugin"),),
+        ("tests/test_reliability.py::test_an_adapter_only_checkpoint_resumes_under_full_checkpoint",),
+    ),
+    Mutation(
+        "generation-prompts-raw",
+        "generation_prompts reach an instruction-tuned model without the data's prompt template",
+        "lightning_nf4/models/causal_lm.py",
+        (('inputs = datamodule.generation_batch(prompts) if hasattr(datamodule, "generation_batch") else prompts', "inputs = prompts"),),
+        ("tests/test_cli_user.py::test_generation_prompts_of_instruction_data_are_put_in_its_template",),
+    ),
+    Mutation(
+        "scaler-fresh-each-fit",
+        "NF4Precision(float16) builds a new GradScaler at every fit, losing the scale the last fit reached",
+        "lightning_nf4/plugins/precision.py",
+        ((' and getattr(self.scaler, "_device", None) != device.type:', ":"),),
+        ("tests/test_lightning.py::test_the_fp16_grad_scaler_keeps_its_scale_from_one_fit_to_the_next",),
+    ),
+    Mutation(
+        "restore-skips-adapters",
+        "load_from_checkpoint builds and injects the module but never loads an adapter-only checkpoint's weights",
+        "lightning_nf4/callbacks/restore.py",
+        (("        lora._apply_state(module, state)", "        pass"),),
+        ("tests/test_load_from_checkpoint.py",),
+    ),
+    Mutation(
+        "restore-default-precision",
+        "load_from_checkpoint quantizes with NF4Precision's defaults instead of the recorded compute dtype and block size",
+        "lightning_nf4/callbacks/restore.py",
+        (('        precision = NF4Precision(**settings["precision"])', "        precision = NF4Precision()"),),
+        ("tests/test_load_from_checkpoint.py",),
+    ),
+    Mutation(
+        "kbit-prep-without-flag",
+        "prepare_model_for_kbit_training calls PEFT's without the 4-bit flag: gradient checkpointing stays off",
+        "lightning_nf4/loading/training.py",
+        (("    model.is_loaded_in_4bit = True\n", ""),),
+        ("tests/test_loading_args.py",),
+    ),
 ]
 
 

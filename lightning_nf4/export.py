@@ -216,8 +216,9 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             weight = _merged_weight(module, base)
             weight = base.float_layout(weight) if isinstance(base, NF4Linear) else weight
             out[prefix + "weight"] = weight.contiguous().to(dtype or _original_dtype(base))
-            if getattr(base, "bias", None) is not None:
-                out[prefix + "bias"] = base.bias.detach().to(dtype or base.bias.dtype)
+            bias = _merged_bias(module, base)
+            if bias is not None:
+                out[prefix + "bias"] = bias.to(dtype or base.bias.dtype)
             return
         if isinstance(module, NF4Linear):
             out[prefix + "weight"] = module.float_layout(module.dequantize(dtype)).contiguous()
@@ -360,7 +361,7 @@ def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
     # Its delta follows its fan_in_fan_out (True on a Conv1D: [in, out]); an NF4 base dequantizes [out, in].
     nf4 = isinstance(base, NF4Linear)
     weight = base.dequantize(torch.float32) if nf4 else base.weight.detach().float()
-    for name in layer.active_adapters:
+    for name in _unmerged(layer):
         variant = getattr(layer, "lora_variant", {}).get(name)
         if variant is not None and not nf4:  # PEFT's DoRA on a float base: PEFT's own merge, on a copy
             weight = variant.merge_safe(layer, name, weight)
@@ -368,6 +369,25 @@ def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:
             delta = layer.get_delta_weight(name).float()
             weight = weight + (delta.t() if nf4 and getattr(layer, "fan_in_fan_out", False) else delta)
     return weight
+
+
+def _unmerged(layer: LoraLayer) -> list[str]:
+    """The active adapters whose update is not in the base yet (``merge_adapter`` put the others there)."""
+    return [name for name in layer.active_adapters if name not in layer.merged_adapters]
+
+
+def _merged_bias(layer: LoraLayer, base: nn.Module) -> Optional[Tensor]:
+    """The base bias plus the ``lora_bias=True`` adapters' ``scaling * lora_B.bias``, as PEFT merges it."""
+    if isinstance(layer, NF4LoraLinear):
+        return layer.merged_bias(torch.float32)
+    bias = getattr(base, "bias", None)
+    if bias is None:
+        return None
+    merged = bias.detach().float()
+    for name in _unmerged(layer):
+        if name in layer.lora_B and getattr(layer.lora_B[name], "bias", None) is not None:
+            merged = merged + layer.lora_B[name].bias.detach().float() * layer.scaling[name]
+    return merged
 
 
 def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] = None) -> None:

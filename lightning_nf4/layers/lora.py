@@ -30,7 +30,9 @@ class NF4LoraLinear(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs: Any) -> None:
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        with warnings.catch_warnings():  # PEFT's shape lookup does not know NF4Linear, whose in/out_features it then reads
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
@@ -58,19 +60,36 @@ class NF4LoraLinear(nn.Module, LoraLayer):
 
     def merged_weight(self, dtype: torch.dtype = torch.float32, adapter_names: Optional[list[str]] = None) -> Tensor:
         """Dequantized base plus the deltas of ``adapter_names`` (default: the active adapters), in ``dtype``; a DoRA
-        adapter also rescales the rows to its magnitudes."""
+        adapter also rescales the rows to its magnitudes. Adapters already merged into the base are in it already."""
         base = self.get_base_layer().dequantize(torch.float32)
         weight = base
         for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters:
+                continue
             if name in self.lora_magnitude_vector:
                 weight = dora_merge(self, name, base, weight, self.get_delta_weight(name))
             elif name in self.lora_A:
                 weight = weight + self.get_delta_weight(name)
         return weight.to(dtype)
 
+    def merged_bias(self, dtype: torch.dtype = torch.float32, adapter_names: Optional[list[str]] = None) -> Optional[Tensor]:
+        """The base bias plus ``scaling * lora_B.bias`` of ``adapter_names`` (default: the active ones) trained with
+        ``lora_bias=True``, as PEFT merges it; None for a base without bias."""
+        bias = self.get_base_layer().bias
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)
+                 if n in self.lora_B and n not in self.merged_adapters and self.lora_B[n].bias is not None]
+        if names and bias is None:
+            raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+        if bias is None:
+            return None
+        merged = bias.detach().float()
+        for name in names:
+            merged = merged + self.lora_B[name].bias.detach().float() * self.scaling[name]
+        return merged.to(dtype)
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
+        if not adapter_names:  # none of them on this layer: nothing changes here, as in PEFT
             return
         warnings.warn(
             "Merging LoRA into an NF4 base re-quantizes the weight and loses precision; to keep it, export a "
@@ -82,13 +101,29 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         merged = self.merged_weight(torch.float32, adapter_names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights; adapters {adapter_names} seem broken.")
+        bias = self.merged_bias(torch.float32, adapter_names)
         base._set_quant(quantize_nf4(merged.to(base.quant.dtype), base.blocksize, base.double_quant, name="merged weight"))
+        if bias is not None:
+            base.bias.data = bias.to(base.bias.dtype)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
-        raise RuntimeError("An NF4 base cannot be unmerged exactly (merging re-quantized it); reload the base weights instead.")
+        raise RuntimeError(
+            "An NF4 base cannot be unmerged exactly (merging re-quantized it); reload the base weights instead. To switch "
+            "adapters or disable them later, keep them unmerged and export a float merged model (lightning_nf4.export.save_merged)."
+        )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disable_adapters and self.merged:  # PEFT unmerges here; an NF4 base cannot be
+            raise RuntimeError(
+                f"Adapters {self.merged_adapters} are merged into this NF4 base, so they cannot be switched off: the merge "
+                "re-quantized the base and cannot be undone exactly. Reload the base weights, or keep adapters unmerged "
+                "and export a float merged model (lightning_nf4.export.save_merged)."
+            )
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:  # PEFT's mixed batch: each row through its own adapter ("__base__": none)
+            self._check_forward_args(x, *args, adapter_names=adapter_names, **kwargs)
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)

@@ -198,3 +198,28 @@ def test_prepare_model_for_kbit_training_turns_gradient_checkpointing_on_as_for_
     model(input_ids=ids, labels=ids).loss.backward()  # through the checkpointed layers into the adapters
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # lora_A gets none while B is zero
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlnet"])
+def test_a_tied_output_head_of_any_name_stays_float_as_in_transformers(tmp_path, arch):
+    """transformers keeps the output embeddings and tied weights in float whatever their names; only ``lm_head`` was
+    kept here, so BERT's ``cls.predictions.decoder`` and XLNet's ``lm_loss`` were quantized, and tying then put the
+    float embedding table where the packed codes go: every logit 0."""
+    torch.manual_seed(0)
+    small = dict(vocab_size=256)
+    if arch == "bert":
+        config = transformers.BertConfig(is_decoder=True, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, **small)
+    else:
+        config = transformers.XLNetConfig(d_model=64, n_layer=2, n_head=4, d_inner=128, **small)
+    reference = transformers.AutoModelForCausalLM.from_config(config).eval()
+    reference.save_pretrained(tmp_path)
+    model = load(tmp_path)
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and head.weight is model.get_input_embeddings().weight
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    assert head_name in model.config.quantization_config["llm_int8_skip_modules"]  # so transformers reads it as float
+    assert any(isinstance(m, NF4Linear) for m in model.modules())
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert (ours - theirs).abs().max() < 0.2 * theirs.abs().max()  # NF4 rounding of the body only

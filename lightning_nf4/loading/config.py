@@ -28,16 +28,37 @@ class NF4LoadConfig:
         """``convert_linears``' arguments for ``model``: the layers to keep in float named one by one, chosen by
         transformers' own reading of ``llm_int8_skip_modules`` so that a saved config means the same to both."""
         return dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype,
-                    skip_modules=skipped_by_transformers(model, self.skip_modules))
+                    skip_modules=skipped_by_transformers(model, self.kept_float(model)))
 
-    def to_bnb_dict(self) -> dict[str, Any]:
-        """The model's ``config.quantization_config``, as transformers writes it for bnb-4bit models."""
+    def kept_float(self, model: nn.Module) -> tuple[str, ...]:
+        """``skip_modules`` and, quantizing here, what transformers keeps in float by itself: the output embeddings
+        and weights tied to others, whatever their names (BERT's ``cls.predictions.decoder``, XLNet's ``lm_loss``)."""
+        if self.prequantized:  # the checkpoint's own list says what was quantized
+            return self.skip_modules
+        return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))
+
+    def to_bnb_dict(self, model: Optional[nn.Module] = None) -> dict[str, Any]:
+        """The model's ``config.quantization_config``, as transformers writes it for bnb-4bit models (with ``model``,
+        naming every module kept in float, so that transformers + bitsandbytes reads the same layers as quantized)."""
+        skip = self.kept_float(model) if model is not None else self.skip_modules
         return {
             "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": self.double_quant,
             "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(self.skip_modules),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(skip),
         }
+
+
+def _output_and_tied(model: nn.Module) -> list[str]:
+    """transformers' ``get_keys_to_not_convert``: the output embeddings, tied weights and the last module."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        return []
+    try:
+        return sorted(get_keys_to_not_convert(model))
+    except (AttributeError, TypeError):  # not a transformers model
+        return []
 
 
 def skipped_by_transformers(model: nn.Module, patterns: Sequence[str]) -> tuple[str, ...]:

@@ -260,3 +260,36 @@ def test_resuming_inside_an_epoch_with_another_batch_size_is_said():
     other = ResumableDataLoader(data, batch_size=16, sampler=DistributedSampler(data, num_replicas=1, rank=0))
     with pytest.warns(UserWarning, match=r"another batch_size \(8 -> 16\).*skips or repeats samples"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_a_whole_model_cast_does_not_round_restored_or_trained_adapters(tmp_path, precision):
+    """Lightning's true half precisions cast the whole model after a checkpoint is restored: the float32 adapters were
+    rounded to bf16/fp16 and cast back, so a resumed run drifted from the uninterrupted one (3e-3 here), and every
+    ``validate`` after fit rounded the trained adapters again."""
+    from tests.lightning_models import CausalLM, token_loader
+    from tests.test_reliability import _assert_same, _trainable
+
+    class Validated(CausalLM):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+    def run(max_epochs, ckpt_path=None, save=False):
+        pl.seed_everything(0)
+        model = Validated(lr=1e-2)
+        callbacks = [LoRACallback(r=4, alpha=8, dropout=0.0)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             max_epochs=max_epochs, precision=precision, callbacks=callbacks, enable_checkpointing=save,
+                             default_root_dir=str(tmp_path))
+        trainer.fit(model, token_loader(n=8), ckpt_path=ckpt_path)
+        return trainer, model
+
+    trainer, model = run(4)
+    straight = _trainable(model)
+    assert all(p.dtype == torch.float32 for p in straight.values())
+    trainer.validate(model, token_loader(n=4), verbose=False)
+    _assert_same(straight, _trainable(model))  # validate casts the model again, and leaves the adapters as they were
+    run(2, save=True)
+    _assert_same(straight, _trainable(run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))[1]))

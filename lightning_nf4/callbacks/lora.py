@@ -518,7 +518,13 @@ def _after_conversion(precision: Any, hook: Any) -> None:
 
     def convert_then_hook(module: nn.Module) -> nn.Module:
         del precision.convert_module  # back to the plugin's own method
+        # A plugin that casts the whole model ("bf16-true") rounds the trained weights too: a checkpoint Lightning
+        # restored just before, or the adapters of an earlier fit. Their values from before the cast are put back.
+        trained = {name: p.data for name, p in module.named_parameters() if p.requires_grad and p.is_floating_point()}
         module = convert(module)
+        for name, param in module.named_parameters():
+            if name in trained and param.data is not trained[name]:
+                param.data = trained[name]
         hook(module)
         return module
 

@@ -167,3 +167,21 @@ def test_compiled_dequantize_is_fused_and_exact(double_quant, monkeypatch):
         assert torch.equal(plain, eager) and torch.equal(sharded_form, eager), mode
     compiled = torch.compile(lambda: quant.dequantize(torch.bfloat16))()  # inductor's own kernel
     assert torch.equal(compiled, eager)
+
+
+def test_compile_applies_to_a_model_that_carries_its_adapters_already(tmp_path):
+    """A model with its own adapters (PEFT's, or an earlier fit's) took setup's already-injected branch, which
+    compiled nothing: ``compile=True`` was silently an eager run."""
+    import lightning.pytorch as pl
+
+    from lightning_nf4 import NF4Precision
+    from tests.lightning_models import CausalLM, token_loader
+
+    model = CausalLM()
+    LoRACallback(r=4, alpha=8).inject(model)  # adapters before the trainer sees the model
+    assert compiled_blocks(model) == []
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=0, default_root_dir=str(tmp_path),
+                         plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, alpha=8, compile=True)])
+    trainer.fit(model, token_loader(n=4))  # setup only: no step, so nothing is traced here
+    assert compiled_blocks(model) == list(model.model.model.layers)

@@ -141,6 +141,7 @@ class LoRACallback(Callback):
             self._check_existing_adapters(pl_module, precision.pending_conversion(pl_module) if nf4 else set())
             if nf4:  # before Lightning restores a checkpoint's NF4 keys
                 precision.convert_module(pl_module)
+            self.inject(pl_module)  # injected already (its own PEFT adapters, an earlier fit): compiles if asked
         elif any(_is_linear(m) for m in pl_module.modules()):
             if nf4:
                 # checked before quantizing: a module to train in full must not lose its float weights to a failed setup

@@ -293,3 +293,22 @@ def test_a_whole_model_cast_does_not_round_restored_or_trained_adapters(tmp_path
     _assert_same(straight, _trainable(model))  # validate casts the model again, and leaves the adapters as they were
     run(2, save=True)
     _assert_same(straight, _trainable(run(4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))[1]))
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_lightnings_weight_averaging_is_refused_before_anything_changes(tmp_path, ema_first):
+    """``EMAWeightAveraging`` averaged the NF4 codes as numbers (322 of 1024 bytes of a layer changed in 6 steps),
+    wrote the whole averaged model into adapter-only checkpoints (which then could not be loaded) and, listed first,
+    copied the float model before the conversion (a bare size-mismatch error at the first update)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from tests.lightning_models import CausalLM, token_loader
+
+    model = CausalLM()
+    callbacks = [LoRACallback(r=4, alpha=8), EMAWeightAveraging(decay=0.9)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=2, default_root_dir=str(tmp_path), plugins=NF4Precision(),
+                         callbacks=callbacks[::-1] if ema_first else callbacks)
+    with pytest.raises(ValueError, match="EMAWeightAveraging averages every parameter.*does not work with LoRACallback"):
+        trainer.fit(model, token_loader(n=8))
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())  # refused before the conversion

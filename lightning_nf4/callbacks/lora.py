@@ -123,6 +123,7 @@ class LoRACallback(Callback):
                 "LoRACallback(adapter_dtype=torch.float16) under fp16 mixed precision: the GradScaler cannot unscale fp16 "
                 "gradients (torch refuses at the first step). Keep the adapters in float32 (the default)."
             )
+        _refuse_weight_averaging(trainer)
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
             publish.check_writable(self.save_dir, "LoRACallback save_dir", export.PARTS)  # before training, not after it
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
@@ -530,6 +531,23 @@ def _after_conversion(precision: Any, hook: Any) -> None:
         return module
 
     precision.convert_module = convert_then_hook
+
+
+def _refuse_weight_averaging(trainer: pl.Trainer) -> None:
+    """Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) averages every parameter: NF4 codes are bytes, and the
+    float average truncated back into them changes the frozen base. It also swaps whole-model states into
+    adapter-only checkpoints, and copies the model before this callback converts it. Refused before anything runs."""
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning before 2.6 has none
+        return
+    averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, WeightAveraging)]
+    if averaging:
+        raise ValueError(
+            f"{averaging[0]} averages every parameter of the model, the frozen NF4 codes included (bytes: the average "
+            "changes them), and puts the whole averaged model into the adapter-only checkpoints; it does not work with "
+            "LoRACallback. Remove it from the callbacks (an average of the adapters alone is not built in)."
+        )
 
 
 def _trained_keys(module: nn.Module) -> set[str]:

@@ -312,3 +312,55 @@ def test_lightnings_weight_averaging_is_refused_before_anything_changes(tmp_path
     with pytest.raises(ValueError, match="EMAWeightAveraging averages every parameter.*does not work with LoRACallback"):
         trainer.fit(model, token_loader(n=8))
     assert not any(isinstance(m, NF4Linear) for m in model.modules())  # refused before the conversion
+
+
+class Encoder(pl.LightningModule):
+    """A model on torch's own ``nn.TransformerEncoderLayer`` (batch_first: its eval fast path applies)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(32, 64), nn.Unflatten(1, (4, 16)),
+                                 nn.TransformerEncoderLayer(16, 2, dim_feedforward=64, dropout=0.0, batch_first=True),
+                                 nn.Flatten(), nn.Linear(64, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self(batch[0]).float(), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]).float(), batch[1]))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).float()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+@pytest.mark.parametrize("nf4", [True, False])
+def test_torch_transformer_layers_run_their_nf4_and_lora_layers_in_eval(nf4):
+    """In eval without grad, torch's encoder-layer fast path reads ``linear1.weight`` itself: the packed codes (fit failed
+    in its sanity validation with a dtype error) or the base weight without the adapter (predictions of another model).
+    ``out_proj`` took LoRA that never applied (nn.MultiheadAttention reads its weight): ``all-linear`` now leaves it."""
+    model = Encoder()
+    # float32 compute: autocast (which turns the fast path off by itself) stays off
+    trainer = _trainer(max_epochs=3, plugins=NF4Precision(compute_dtype=torch.float32) if nf4 else None,
+                       callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0)])
+    trainer.fit(model, _data(), _data(seed=1))  # with a sanity validation in eval mode
+    layer = model.net[2]
+    assert not hasattr(layer.self_attn.out_proj, "lora_A") and layer.linear1.lora_B["default"].weight.abs().max() > 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)  # adapters that matter, so that skipping them shows
+    predicted = torch.cat(trainer.predict(model, _data()))
+    assert torch.backends.mha.get_fastpath_enabled()  # put back after each call
+    model.train()  # the training path calls every layer
+    with torch.no_grad():
+        called = torch.cat([model(x).float() for x, _ in _data()])
+    torch.testing.assert_close(predicted, called, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out_proj of nn.MultiheadAttention, which reads its weight directly"):
+        LoRACallback(target_modules=["out_proj"]).inject(Encoder())

@@ -30,7 +30,7 @@ from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import NF4LoraLinear, lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
-from lightning_nf4.plugins.convert import exclude_nf4_from_ddp_sync, matches, within
+from lightning_nf4.plugins.convert import call_layers_in_torch_transformers, exclude_nf4_from_ddp_sync, matches, within
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import has_sharded_parameters
 
@@ -245,15 +245,26 @@ class LoRACallback(Callback):
     def _targets(self, module: nn.Module) -> list[str]:
         self._check_modules_to_save(module)
         skip = set(self.modules_to_save)
-        names = []
+        names, uncalled = [], []
+        read_directly = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
         for name, sub in module.named_modules():
             if not _is_linear(sub) or ".lora_" in name or within(name, list(skip)):
+                continue
+            if id(sub) in read_directly:  # nn.MultiheadAttention reads out_proj.weight, never calling the layer
+                if self.target_modules != "all-linear" and matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
+                    uncalled.append(name)
                 continue
             if self.target_modules == "all-linear":
                 if not matches(name, ["lm_head", "classifier", "score"]) or isinstance(sub, NF4Linear):
                     names.append(name)
             elif matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
                 names.append(name)
+        if uncalled:
+            raise ValueError(
+                f"target_modules names {uncalled[:4]}, the out_proj of nn.MultiheadAttention, which reads its weight directly "
+                "and never calls the layer: LoRA there would never apply. Leave it out (\"all-linear\" does), or train it "
+                "in full with modules_to_save."
+            )
         if not names:
             linears = [n for n, m in module.named_modules() if _is_linear(m)]
             hint = ""
@@ -295,6 +306,7 @@ class LoRACallback(Callback):
             if self.init_seed is not None:
                 torch.manual_seed(self.init_seed)
             inject_adapter_in_model(config, module, adapter_name=self.adapter_name)
+        call_layers_in_torch_transformers(module)  # their fast path would read the wrapped layers' base weights
         prefix = export.root_prefix(module)  # the adapter's names start at the model it exports
         if self.init_seed is not None:  # each layer's init from its own seed: the same wherever it is materialized
             for name, layer in module.named_modules():

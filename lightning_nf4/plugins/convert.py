@@ -7,7 +7,7 @@ import fnmatch
 import sys
 import re
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -98,7 +98,32 @@ def convert_linears(
         count += 1
     if count:
         release_freed_host_memory()
+        call_layers_in_torch_transformers(model)
     return count
+
+
+def call_layers_in_torch_transformers(model: nn.Module) -> None:
+    """Turn torch's fused fast path off while an ``nn.TransformerEncoder(Layer)`` holding NF4 or LoRA layers runs.
+    In eval without grad that path reads ``linear1.weight`` and ``linear2.weight`` itself instead of calling the layers:
+    packed NF4 codes (a dtype error) or the base weight without its adapter (a silently other model)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, (nn.TransformerEncoder, nn.TransformerEncoderLayer)) or getattr(module, "_nf4_no_fastpath", False):
+            continue
+        if any(isinstance(m, (NF4Linear, LoraLayer)) for m in module.modules()):
+            module.register_forward_pre_hook(_fastpath_off)
+            module.register_forward_hook(_fastpath_back, always_call=True)
+            module._nf4_no_fastpath = True
+
+
+def _fastpath_off(module: nn.Module, args: Any) -> None:
+    module._nf4_fastpath_was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _fastpath_back(module: nn.Module, args: Any, output: Any) -> None:
+    torch.backends.mha.set_fastpath_enabled(getattr(module, "_nf4_fastpath_was", True))
 
 
 def release_freed_host_memory() -> None:

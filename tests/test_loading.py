@@ -81,6 +81,10 @@ def test_transformers_load_arguments_are_honoured_or_refused(tmp_path):
     assert model.model.norm.weight.device.type == "cpu" and model.generation_config.eos_token_id == [2, 77]
     with pytest.raises(ValueError, match="spreads the model over devices"):
         load(device_map="auto")
+    # a map listing modules, all on one device (accelerate's infer_auto_device_map on one GPU): that device, as transformers
+    assert load(device_map={"model.embed_tokens": "cpu", "model.layers": "cpu", "lm_head": "cpu"}).lm_head.weight.device.type == "cpu"
+    with pytest.raises(ValueError, match="spreads the model over devices"):
+        load(device_map={"model.embed_tokens": "cpu", "lm_head": "meta"})
     with pytest.raises(ValueError, match="not a floating-point torch dtype"):
         load(dtype="int8")
     with pytest.raises(ValueError, match="not both"):

@@ -138,3 +138,9 @@ def test_injecting_onto_nf4_layers_says_nothing_alarming(qwen_dir):
         warnings.simplefilter("always")
         get_peft_model(nf4_model(qwen_dir), lora_config(r=4, lora_alpha=8, target_modules=["q_proj"]))
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+
+
+def test_lora_config_all_linear_names_the_fix():
+    """PEFT's "all-linear" finds nn.Linear only, so PEFT then said no target_modules were passed."""
+    with pytest.raises(ValueError, match="'all-linear' finds nn.Linear layers only, not NF4Linear. Name the modules"):
+        lora_config(r=4, target_modules="all-linear")

@@ -190,6 +190,12 @@ def lora_config(**kwargs: Any) -> LoraConfig:
     Register again before ``PeftModel.from_pretrained`` onto an NF4 model (PEFT's custom modules are
     not saved with the adapter config).
     """
+    if kwargs.get("target_modules") == "all-linear":  # PEFT's "all-linear" looks for nn.Linear only, then says none were passed
+        raise ValueError(
+            "lora_config(target_modules='all-linear'): PEFT's 'all-linear' finds nn.Linear layers only, not NF4Linear. Name "
+            "the modules (e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']), or let "
+            "LoRACallback(target_modules='all-linear') choose them."
+        )
     config = LoraConfig(**kwargs)
     register_nf4_lora(config)
     return config

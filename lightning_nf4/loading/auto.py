@@ -170,7 +170,9 @@ def _one_device(device: Union[str, torch.device, None], device_map: Any) -> Unio
     that spread layers over devices are refused: one model, one device here (NF4FSDPStrategy shards across devices)."""
     if device_map is None:
         return device
-    one = device_map[""] if isinstance(device_map, dict) and set(device_map) == {""} else device_map
+    one = device_map
+    if isinstance(device_map, dict) and device_map and len({str(v) for v in device_map.values()}) == 1:
+        one = next(iter(device_map.values()))  # {"": 0}, or every module on one device (infer_auto_device_map on one GPU)
     if isinstance(one, (dict, list)) or one in ("auto", "balanced", "balanced_low_0", "sequential"):
         raise ValueError(
             f"device_map={device_map!r} spreads the model over devices, which lightning-nf4's loader does not do. Pass "

@@ -705,6 +705,55 @@ MUTATIONS: list[Mutation] = [
         (("    model.is_loaded_in_4bit = True\n", ""),),
         ("tests/test_loading_args.py",),
     ),
+    Mutation(
+        "merged-update-twice",
+        "a float export after merge_adapter adds the merged adapters' update again on top of the merged base",
+        "lightning_nf4/layers/lora.py",
+        (("            if name in self.merged_adapters:\n                continue\n", ""),),
+        ("tests/test_peft_workflows.py",),
+    ),
+    Mutation(
+        "lora-bias-unmerged",
+        "merging and exports leave lora_bias out of the merged bias",
+        "lightning_nf4/export.py",
+        (("            bias = _merged_bias(module, base)\n", "            bias = base.bias\n"),),
+        ("tests/test_peft_workflows.py",),
+    ),
+    Mutation(
+        "tied-head-quantized",
+        "the loader keeps only lm_head in float, quantizing tied output heads of other names",
+        "lightning_nf4/loading/config.py",
+        (("        return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))", "        return self.skip_modules"),),
+        ("tests/test_loading_args.py",),
+    ),
+    Mutation(
+        "half-true-rounds-adapters",
+        "under bf16-true the whole-model cast rounds the trained adapters (restored or trained) to half",
+        "lightning_nf4/callbacks/lora.py",
+        (("            if name in trained and param.data is not trained[name]:", "            if False:"),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "ema-accepted",
+        "LoRACallback lets Lightning's EMAWeightAveraging average the NF4 codes",
+        "lightning_nf4/callbacks/lora.py",
+        (("        _refuse_weight_averaging(trainer)\n", ""),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "out-proj-targeted",
+        "all-linear puts LoRA on nn.MultiheadAttention's out_proj, which the attention never calls",
+        "lightning_nf4/callbacks/lora.py",
+        (("            if id(sub) in read_directly:", "            if False:"),),
+        ("tests/test_plugin_user.py",),
+    ),
+    Mutation(
+        "injected-not-compiled",
+        "compile=True compiles nothing on a model that carries its adapters already",
+        "lightning_nf4/callbacks/lora.py",
+        (("            self.inject(pl_module)  # injected already", "            pass  # injected already"),),
+        ("tests/test_compile.py::test_compile_applies_to_a_model_that_carries_its_adapters_already",),
+    ),
 ]
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision, load_from_checkpoint
 from lightning_nf4.layers.lora import NF4LoraLinear
-from tests.lightning_models import CausalLM, regression_loader, tiny_llama, token_loader
+from tests.lightning_models import CausalLM, regression_loader, token_loader
+from tests.test_reliability import BuiltInConfigureModel
 
 
 class Net(pl.LightningModule):
@@ -33,16 +34,6 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
-
-
-class BuiltInConfigureModel(CausalLM):
-    def __init__(self, lr: float = 1e-2):
-        pl.LightningModule.__init__(self)
-        self.model, self.lr = None, lr
-
-    def configure_model(self):
-        if self.model is None:
-            self.model = tiny_llama()
 
 
 def fit(tmp_path, model, loader, plugins=None, precision=None, **lora):

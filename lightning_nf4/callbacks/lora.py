@@ -115,6 +115,7 @@ class LoRACallback(Callback):
         self._hold_hook: Any = None
         self._restore_hook: Any = None  # checks what Lightning restores into an injected model (_watch_restore)
         self._rng = RNGCheckpoint()  # exact resume with dropout and shuffling
+        self._last_epoch: Optional[int] = None  # of this fit's last training step, for export.json
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -246,18 +247,20 @@ class LoRACallback(Callback):
         self._check_modules_to_save(module)
         skip = set(self.modules_to_save)
         names, uncalled = [], []
+        every = self.target_modules == "all-linear"
+        patterns = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
         read_directly = {id(m.out_proj) for m in module.modules() if isinstance(m, nn.MultiheadAttention)}
         for name, sub in module.named_modules():
             if not _is_linear(sub) or ".lora_" in name or within(name, list(skip)):
                 continue
             if id(sub) in read_directly:  # nn.MultiheadAttention reads out_proj.weight, never calling the layer
-                if self.target_modules != "all-linear" and matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
+                if not every and matches(name, patterns):
                     uncalled.append(name)
                 continue
-            if self.target_modules == "all-linear":
+            if every:
                 if not matches(name, ["lm_head", "classifier", "score"]) or isinstance(sub, NF4Linear):
                     names.append(name)
-            elif matches(name, [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)):
+            elif matches(name, patterns):
                 names.append(name)
         if uncalled:
             raise ValueError(
@@ -447,7 +450,7 @@ class LoRACallback(Callback):
     # -- export -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rng.on_fit_start(trainer)
-        self._last_epoch: Optional[int] = None
+        self._last_epoch = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._rng.on_train_batch_start(trainer)
@@ -482,7 +485,7 @@ class LoRACallback(Callback):
     def _trained_epoch(self, trainer: pl.Trainer) -> int:
         """The epoch of the last training step, as a checkpoint saved then records it: at fit's end Lightning counts
         the epoch it stopped in (by ``max_steps`` too) as completed, one ahead."""
-        if getattr(self, "_last_epoch", None) is not None:
+        if self._last_epoch is not None:
             return self._last_epoch
         return max(trainer.current_epoch - 1, 0)
 

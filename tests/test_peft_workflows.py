@@ -130,6 +130,8 @@ def test_a_mixed_adapter_batch_runs_each_row_through_its_own_adapter(qwen_dir):
     torch.testing.assert_close(mixed[:1], other, rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[1:], base, rtol=0, atol=1e-5)
     assert (other - base[:1]).abs().max() > 1e-2  # the adapter changes the output, so the rows tell them apart
+    with model.disable_adapter(), torch.no_grad():  # disabled wins over adapter_names, as in PEFT
+        torch.testing.assert_close(model(input_ids=IDS, adapter_names=["other", "other"]).logits, logits(model), rtol=0, atol=0)
 
 
 def test_injecting_onto_nf4_layers_says_nothing_alarming(qwen_dir):

@@ -364,3 +364,57 @@ def test_torch_transformer_layers_run_their_nf4_and_lora_layers_in_eval(nf4):
     torch.testing.assert_close(predicted, called, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"out_proj of nn.MultiheadAttention, which reads its weight directly"):
         LoRACallback(target_modules=["out_proj"]).inject(Encoder())
+
+
+class BuiltLater(pl.LightningModule):
+    """Linears, a norm and a head built in ``configure_model``, in float32 whatever the default dtype."""
+
+    def configure_model(self):
+        if hasattr(self, "net"):
+            return
+        torch.manual_seed(0)
+        f32 = dict(dtype=torch.float32)
+        self.net = nn.Sequential(nn.Linear(32, 64, **f32), nn.ReLU(), nn.LayerNorm(64, **f32), nn.Linear(64, 1, **f32))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self(batch[0]).float(), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_a_whole_model_cast_still_casts_a_model_built_in_configure_model():
+    """Keeping trained weights through the cast must not keep a model that has no adapters yet (built in
+    configure_model, injected after the cast): all its parameters require grad then, and bf16-true left them float32."""
+    model = BuiltLater()
+    _trainer(max_steps=2, precision="bf16-true", callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0)]).fit(model, _data())
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_a_strategy_restoring_after_setup_still_refuses_a_full_checkpoint_that_does_not_fit(tmp_path):
+    """FSDP-like strategies restore after the conversion, when the callback's restore check is gone: a full
+    checkpoint missing this model's keys must still fail (Lightning's strict load), not load in part."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class RestoresAfterSetup(SingleDeviceStrategy):
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    class Extra(Net):
+        def __init__(self):
+            super().__init__()
+            self.head2 = nn.Linear(4, 4)
+
+    def trainer(**kw):
+        return _trainer(strategy=RestoresAfterSetup(device=torch.device("cpu")), default_root_dir=str(tmp_path), **kw)
+
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, enable_checkpointing=True, callbacks=[LoRACallback(r=4, alpha=8, full_checkpoint=True), last]).fit(Net(), _data())
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"head2"):
+        trainer(callbacks=[LoRACallback(r=4, alpha=8, full_checkpoint=True)]).validate(Extra(), _data(), ckpt_path=last.last_model_path)

@@ -134,9 +134,8 @@ class LoRACallback(Callback):
                 "processes, and Lightning's copy back cannot fit them into the float model of the launching process, which "
                 "keeps no LoRA after fit. Use the exports (save_dir) or a checkpoint, or strategy='ddp'."
             )
-        # base weights are absent from adapter-only checkpoints (an earlier run's, under full_checkpoint too); every
-        # restore is checked instead: _watch_restore, on_load_checkpoint, _load_held_state
-        pl_module.strict_loading = False
+        if not self.full_checkpoint:
+            pl_module.strict_loading = False  # base weights are absent from adapter-only checkpoints; checked in on_load_checkpoint
         precision = trainer.precision_plugin
         nf4 = isinstance(precision, NF4Precision)
         if self._injected(pl_module):
@@ -178,8 +177,8 @@ class LoRACallback(Callback):
         hook.remove()
         module.strict_loading = True
         state, self._held_state = self._held_state, None
-        if state is None or set(state) <= _trained_keys(module):
-            return  # nothing held, or an adapter-only checkpoint: applied and checked as the pending state
+        if state is None:
+            return
         fix = "Use the NF4Precision and LoRACallback settings (r, target_modules, modules_to_save) of the run that wrote it."
         try:
             result = module.load_state_dict(state, strict=False)
@@ -297,6 +296,7 @@ class LoRACallback(Callback):
     def inject(self, module: nn.Module) -> None:
         """Wrap the target layers with LoRA, freeze all else, cast adapters; idempotent."""
         if self._injected(module):
+            call_layers_in_torch_transformers(module)
             if self.compile is not None:
                 compile_blocks(module, **self.compile)
             return
@@ -398,6 +398,7 @@ class LoRACallback(Callback):
             self._apply_state(pl_module, state)
         else:
             self._pending_state = dict(state)
+            self._held_state = None  # under full_checkpoint, an earlier run's adapter-only state: applied as the pending one
 
     def _watch_restore(self, pl_module: pl.LightningModule) -> None:
         """Until the precision plugin converts the model, check what Lightning restores into the injected model (it
@@ -409,9 +410,14 @@ class LoRACallback(Callback):
         full = self.full_checkpoint
 
         def check(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
-            if prefix or set(state) <= _trained_keys(module):
-                return  # an adapter-only state: checked in on_load_checkpoint
-            if full:
+            if prefix:
+                return
+            trained = _trained_keys(module)
+            if set(state) <= trained:  # an adapter-only state: checked in on_load_checkpoint
+                if full:  # (an earlier run's) Lightning loads strictly here: the frozen rest is this model's own
+                    state.update({k: v for k, v in module.state_dict().items() if k not in trained})
+                return
+            if full:  # named here; a strategy restoring after setup gets Lightning's strict load instead
                 expected = set(module.state_dict())
                 _raise_if_mismatch("full checkpoint", sorted(expected - set(state)), sorted(set(state) - expected))
                 return
@@ -537,7 +543,8 @@ def _after_conversion(precision: Any, hook: Any) -> None:
         del precision.convert_module  # back to the plugin's own method
         # A plugin that casts the whole model ("bf16-true") rounds the trained weights too: a checkpoint Lightning
         # restored just before, or the adapters of an earlier fit. Their values from before the cast are put back.
-        trained = {name: p.data for name, p in module.named_parameters() if p.requires_grad and p.is_floating_point()}
+        injected = any(isinstance(m, LoraLayer) for m in module.modules())  # else nothing is trained yet: all is cast
+        trained = {name: p.data for name, p in module.named_parameters() if injected and p.requires_grad and p.is_floating_point()}
         module = convert(module)
         for name, param in module.named_parameters():
             if name in trained and param.data is not trained[name]:

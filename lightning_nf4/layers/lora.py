@@ -121,11 +121,11 @@ class NF4LoraLinear(nn.Module, LoraLayer):
                 "and export a float merged model (lightning_nf4.export.save_merged)."
             )
         adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:  # PEFT's mixed batch: each row through its own adapter ("__base__": none)
             self._check_forward_args(x, *args, adapter_names=adapter_names, **kwargs)
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.disable_adapters or self.merged:
-            return self.base_layer(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
         names = [name for name in self.active_adapters if name in self.lora_A]
         # Compiled, the in-place addmm_ becomes an out-of-place addmm whose cuBLAS call needs the base output copied

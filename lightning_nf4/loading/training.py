@@ -21,11 +21,14 @@ def prepare_model_for_kbit_training(
     embeddings' output requiring grad when the checkpointing is reentrant."""
     from peft import prepare_model_for_kbit_training as prepare
 
-    own_flag = "is_loaded_in_4bit" in vars(model)
+    missing = object()
+    own_flag = vars(model).get("is_loaded_in_4bit", missing)
     model.is_loaded_in_4bit = True
     try:
         return prepare(model, use_gradient_checkpointing=use_gradient_checkpointing,
                        gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
     finally:
-        if not own_flag:
+        if own_flag is missing:
             del model.is_loaded_in_4bit
+        else:
+            model.is_loaded_in_4bit = own_flag

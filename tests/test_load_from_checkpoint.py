@@ -117,3 +117,25 @@ def test_checkpoints_it_cannot_rebuild_from_are_named(tmp_path):
     torch.save(checkpoint, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match=r"not written with LoRACallback.*CausalLM.load_from_checkpoint"):
         load_from_checkpoint(CausalLM, tmp_path / "plain.ckpt")
+
+
+class StrictWithHook(CausalLM):
+    """A module that sets ``strict_loading`` itself and reads its checkpoint in ``on_load_checkpoint``."""
+
+    def __init__(self, lr: float = 1e-2):
+        super().__init__(lr=lr)
+        self.strict_loading = True
+        self.seen: list[str] = []
+
+    def on_load_checkpoint(self, checkpoint):
+        self.seen = sorted(checkpoint["state_dict"])
+
+
+def test_a_module_with_its_own_strict_loading_and_checkpoint_hook_comes_back(tmp_path):
+    """Lightning's builder refused ``strict=False`` against the module's own ``strict_loading=True``, and the module's
+    ``on_load_checkpoint`` saw an empty state dict (its edits to it were lost)."""
+    trained = StrictWithHook()
+    path = fit(tmp_path, trained, token_loader(n=16), plugins=NF4Precision(compute_dtype=torch.float32))
+    loaded = load_from_checkpoint(StrictWithHook, path)
+    assert loaded.seen and loaded.seen == sorted(torch.load(path, weights_only=True)["state_dict"])
+    assert_same_module(trained, loaded)

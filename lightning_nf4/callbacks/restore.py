@@ -8,6 +8,7 @@ converts and injects with the settings the checkpoint records, then loads the tr
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any, Optional, TypeVar, Union
@@ -77,12 +78,28 @@ def load_from_checkpoint(
 
 
 def _instantiate(module_class: type[ModuleT], checkpoint: dict[str, Any], kwargs: dict[str, Any]) -> ModuleT:
-    """The module as ``load_from_checkpoint`` builds it (hyperparameters, LightningCLI's instantiator allow-list,
-    ``configure_model``, ``on_load_checkpoint``), before any weight: Lightning's own builder, given no state."""
-    from lightning.pytorch.core.saving import _load_state
+    """The module as ``load_from_checkpoint`` builds it, before any weight: the hyperparameters (filtered to the
+    constructor's arguments), ``configure_model``, then ``on_load_checkpoint`` with the checkpoint, whose edits to
+    its state dict count. A LightningCLI checkpoint names an instantiator: Lightning's own builder (its allow-list),
+    given no state, builds that one."""
+    hparams = {**checkpoint.get(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {}), **kwargs}
+    if "_instantiator" in hparams:
+        from lightning.pytorch.core.saving import _load_state
 
-    stateless = {**checkpoint, "state_dict": {}}
-    stateless.setdefault(module_class.CHECKPOINT_HYPER_PARAMS_KEY, {})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        return _load_state(module_class, stateless, strict=False, **kwargs)  # type: ignore[return-value]
+        stateless = {**checkpoint, module_class.CHECKPOINT_HYPER_PARAMS_KEY: hparams, "state_dict": {}}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+            return _load_state(module_class, stateless, strict=False)  # type: ignore[return-value]
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    init = inspect.signature(module_class.__init__).parameters
+    named = checkpoint.get(module_class.CHECKPOINT_HYPER_PARAMS_NAME)  # save_hyperparameters of one argument (a config)
+    if named and named in init:
+        hparams = {named: hparams}
+    elif not any(p.kind is p.VAR_KEYWORD for p in init.values()):
+        hparams = {k: v for k, v in hparams.items() if k in init}
+    module = module_class(**hparams)
+    if is_overridden("configure_model", module):
+        module.configure_model()
+    module.on_load_checkpoint(checkpoint)
+    return module

@@ -58,9 +58,17 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+_VERIFIED: dict[str, tuple[int, int]] = {}  # archives whose records matched in this process: (size, mtime_ns) then
+
+
 def verify_archive(path: Union[str, os.PathLike]) -> None:
     """Check every record of a ``torch.save`` archive against its CRC-32: ``torch.load`` does not, so a flipped bit in
-    a tensor loads as another value. Reads the whole file once."""
+    a tensor loads as another value. Reads the whole file once: one verified in this process and not written since
+    (same size and modification time) is not read again, as when the CLI checks a checkpoint and Lightning restores it."""
+    stat = os.stat(path)
+    key, stamp = str(Path(path).resolve()), (stat.st_size, stat.st_mtime_ns)
+    if _VERIFIED.get(key) == stamp:
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -71,6 +79,7 @@ def verify_archive(path: Union[str, os.PathLike]) -> None:
             f"{str(path)!r} is damaged: its record {damaged!r} does not match its checksum (a changed byte). Copy it again, "
             "or use another checkpoint."
         )
+    _VERIFIED[key] = stamp
 
 
 def _is_safetensors(path: Path) -> bool:

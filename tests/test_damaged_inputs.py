@@ -45,6 +45,22 @@ def test_a_changed_byte_in_a_checkpoint_is_found_by_its_checksum(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_checkpoint_is_read_for_its_checksums_once_until_it_is_written_again(tmp_path, monkeypatch):
+    """The CLI checks a checkpoint before building the model and Lightning's restore checks it again: a second full
+    read of a many-GB file for nothing. A file written since is read again."""
+    reads = []
+    testzip = zipfile.ZipFile.testzip
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda archive: reads.append(archive.filename) or testzip(archive))
+    path = _checkpoint(tmp_path / "a.ckpt")
+    check_checkpoint(path)
+    load_checkpoint(path)
+    assert len(reads) == 1
+    _flip_a_data_byte(path)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_checkpoint(path)
+    assert len(reads) == 2
+
+
 def test_a_truncated_checkpoint_is_called_truncated_not_untrusted(tmp_path):
     path = _checkpoint(tmp_path / "a.ckpt")
     path.write_bytes(path.read_bytes()[:5000])

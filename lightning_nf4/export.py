@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_nf4.layers.linear import NF4Linear
-from lightning_nf4.layers.lora import NF4LoraLinear
+from lightning_nf4.layers.lora import NF4LoraLinear, bias_with_updates
 from lightning_nf4.plugins.convert import within
 from lightning_nf4.publish import publish
 
@@ -216,7 +216,7 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             weight = _merged_weight(module, base)
             weight = base.float_layout(weight) if isinstance(base, NF4Linear) else weight
             out[prefix + "weight"] = weight.contiguous().to(dtype or _original_dtype(base))
-            bias = _merged_bias(module, base)
+            bias = _merged_bias(module)
             if bias is not None:
                 out[prefix + "bias"] = bias.to(dtype or base.bias.dtype)
             return
@@ -376,18 +376,11 @@ def _unmerged(layer: LoraLayer) -> list[str]:
     return [name for name in layer.active_adapters if name not in layer.merged_adapters]
 
 
-def _merged_bias(layer: LoraLayer, base: nn.Module) -> Optional[Tensor]:
+def _merged_bias(layer: LoraLayer) -> Optional[Tensor]:
     """The base bias plus the ``lora_bias=True`` adapters' ``scaling * lora_B.bias``, as PEFT merges it."""
     if isinstance(layer, NF4LoraLinear):
         return layer.merged_bias(torch.float32)
-    bias = getattr(base, "bias", None)
-    if bias is None:
-        return None
-    merged = bias.detach().float()
-    for name in _unmerged(layer):
-        if name in layer.lora_B and getattr(layer.lora_B[name], "bias", None) is not None:
-            merged = merged + layer.lora_B[name].bias.detach().float() * layer.scaling[name]
-    return merged
+    return bias_with_updates(layer, _unmerged(layer))
 
 
 def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] = None) -> None:

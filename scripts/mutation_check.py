@@ -716,7 +716,7 @@ MUTATIONS: list[Mutation] = [
         "lora-bias-unmerged",
         "merging and exports leave lora_bias out of the merged bias",
         "lightning_nf4/export.py",
-        (("            bias = _merged_bias(module, base)\n", "            bias = base.bias\n"),),
+        (("            bias = _merged_bias(module)\n", "            bias = base.bias\n"),),
         ("tests/test_peft_workflows.py",),
     ),
     Mutation(

@@ -383,11 +383,7 @@ class LoRACallback(Callback):
         if path is not None and zipfile.is_zipfile(path):  # Lightning's torch.load checks no checksum
             verify_archive(path)
         meta = checkpoint.get(_CKPT_KEY, {})
-        if "alpha" in meta and (meta["r"], meta["alpha"]) != (self.r, self.alpha):  # the scaling is alpha / r: same shapes, another model
-            raise ValueError(
-                f"The checkpoint's adapters were trained with r={meta['r']}, alpha={meta['alpha']}, but LoRACallback has "
-                f"r={self.r}, alpha={self.alpha}; give LoRACallback(r={meta['r']}, alpha={meta['alpha']}) as the run that wrote it."
-            )
+        check_scaling(meta, self.r, self.alpha, "LoRACallback", "give LoRACallback(r={r}, alpha={alpha}) as the run that wrote it")
         if "rng" in meta and trainer.state.fn == "fit":
             self._rng.load(trainer, meta["rng"])
         if not meta.get("adapter_only"):
@@ -569,6 +565,17 @@ def _refuse_weight_averaging(trainer: pl.Trainer) -> None:
             f"{averaging[0]} averages every parameter of the model, the frozen NF4 codes included (bytes: the average "
             "changes them), and puts the whole averaged model into the adapter-only checkpoints; it does not work with "
             "LoRACallback. Remove it from the callbacks (an average of the adapters alone is not built in)."
+        )
+
+
+def check_scaling(meta: dict[str, Any], r: int, alpha: float, holder: str, fix: str) -> None:
+    """The checkpoint's recorded ``r`` and ``alpha`` against those of the adapters about to take its weights: the
+    scaling is alpha / r, so another pair is another model of the same shapes. ``fix`` may name the recorded
+    ``{r}`` and ``{alpha}``."""
+    if "alpha" in meta and (meta["r"], meta["alpha"]) != (r, alpha):
+        raise ValueError(
+            f"The checkpoint's adapters were trained with r={meta['r']}, alpha={meta['alpha']}, but {holder} has r={r}, "
+            f"alpha={alpha}; {fix.format(r=meta['r'], alpha=meta['alpha'])}."
         )
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional, TypeVar, Union
 import lightning.pytorch as pl
 import torch
 
-from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback, _raise_if_mismatch
+from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback, _raise_if_mismatch, check_scaling
 from lightning_nf4.checkpoint_io import load_checkpoint
 from lightning_nf4.plugins.precision import NF4Precision
 
@@ -54,11 +54,8 @@ def load_from_checkpoint(
                 "precision=NF4Precision(...) as in the run that wrote it."
             )
         lora = LoRACallback(r=meta["r"], alpha=meta["alpha"], **settings["lora"])
-    elif "alpha" in meta and (meta["r"], meta["alpha"]) != (lora.r, lora.alpha):
-        raise ValueError(
-            f"The checkpoint's adapters were trained with r={meta['r']}, alpha={meta['alpha']}, but lora has r={lora.r}, "
-            f"alpha={lora.alpha}; pass LoRACallback(r={meta['r']}, alpha={meta['alpha']}) or leave lora out."
-        )
+    else:
+        check_scaling(meta, lora.r, lora.alpha, "lora", "pass LoRACallback(r={r}, alpha={alpha}) or leave lora out")
     if precision is None and settings is not None and settings["precision"] is not None:
         precision = NF4Precision(**settings["precision"])
 

@@ -27,34 +27,34 @@ _ACCELERATORS = ("cuda", "xpu")
 
 def capture(device: Optional[torch.device] = None) -> dict[str, Tensor]:
     """This process's generator states as tensors; with a CUDA or XPU ``device``, that device's state too."""
-    _, words, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    (_, words, gauss), (_, keys, pos, has_gauss, cached), cpu, accelerator = _snapshot(device)
     states = {
         "python": torch.tensor(words, dtype=torch.int64),  # 624 state words and the position
         "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
         "numpy": torch.from_numpy(keys.astype(np.int64)),
         "numpy_pos_gauss": torch.tensor([pos, has_gauss, cached], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
+        "torch": cpu,
     }
-    if device is not None and device.type in _ACCELERATORS:
-        states[device.type] = getattr(torch, device.type).get_rng_state(device)
+    if accelerator is not None:
+        states[device.type] = accelerator
     return states
 
 
 def restore(states: dict[str, Tensor], device: Optional[torch.device] = None) -> None:
     """Put back what ``capture`` returned (the accelerator's state only onto a device of the same type)."""
     has_gauss, gauss = states["python_gauss"].tolist()
-    random.setstate((3, tuple(states["python"].tolist()), gauss if has_gauss else None))
     pos, np_has_gauss, cached = states["numpy_pos_gauss"].tolist()
-    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), cached))
-    torch.set_rng_state(states["torch"].cpu())
-    if device is not None and device.type in states:
-        getattr(torch, device.type).set_rng_state(states[device.type].cpu(), device)
+    accelerator = states[device.type].cpu() if device is not None and device.type in states else None
+    _put_back((
+        (3, tuple(states["python"].tolist()), gauss if has_gauss else None),
+        ("MT19937", states["numpy"].numpy().astype(np.uint32), int(pos), int(np_has_gauss), cached),
+        states["torch"].cpu(), accelerator,
+    ), device)
 
 
 def _snapshot(device: Optional[torch.device]) -> tuple[Any, ...]:
-    """The same states as ``capture`` in the generators' own forms: a third of its host time, for a copy taken at
-    every training batch's end and never written."""
+    """The generators' states in their own forms: ``capture`` converts them to tensors; a copy taken at every
+    training batch's end and never written skips that (a third of the host time)."""
     accelerator = getattr(torch, device.type).get_rng_state(device) if device is not None and device.type in _ACCELERATORS else None
     return random.getstate(), np.random.get_state(), torch.get_rng_state(), accelerator
 

@@ -75,17 +75,11 @@ class NF4LoraLinear(nn.Module, LoraLayer):
     def merged_bias(self, dtype: torch.dtype = torch.float32, adapter_names: Optional[list[str]] = None) -> Optional[Tensor]:
         """The base bias plus ``scaling * lora_B.bias`` of ``adapter_names`` (default: the active ones) trained with
         ``lora_bias=True``, as PEFT merges it; None for a base without bias."""
-        bias = self.get_base_layer().bias
-        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters)
-                 if n in self.lora_B and n not in self.merged_adapters and self.lora_B[n].bias is not None]
-        if names and bias is None:
+        names = [n for n in (adapter_names if adapter_names is not None else self.active_adapters) if n not in self.merged_adapters]
+        merged = bias_with_updates(self, names)
+        if merged is None and any(_has_lora_bias(self, n) for n in names):
             raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-        if bias is None:
-            return None
-        merged = bias.detach().float()
-        for name in names:
-            merged = merged + self.lora_B[name].bias.detach().float() * self.scaling[name]
-        return merged.to(dtype)
+        return None if merged is None else merged.to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.lora_A]
@@ -161,6 +155,23 @@ class NF4LoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _has_lora_bias(layer: LoraLayer, name: str) -> bool:
+    return name in layer.lora_B and getattr(layer.lora_B[name], "bias", None) is not None
+
+
+def bias_with_updates(layer: LoraLayer, names: list[str]) -> Optional[Tensor]:
+    """The base layer's bias in float32 plus ``scaling * lora_B.bias`` of those of ``names`` trained with
+    ``lora_bias=True`` (PEFT's merge of the bias); None for a base without bias."""
+    bias = getattr(layer.get_base_layer(), "bias", None)
+    if bias is None:
+        return None
+    merged = bias.detach().float()
+    for name in names:
+        if _has_lora_bias(layer, name):
+            merged = merged + layer.lora_B[name].bias.detach().float() * layer.scaling[name]
+    return merged
 
 
 def stable_seed(seed: int, *names: str) -> int:

@@ -37,15 +37,14 @@ class NF4LoadConfig:
             return self.skip_modules
         return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))
 
-    def to_bnb_dict(self, model: Optional[nn.Module] = None) -> dict[str, Any]:
-        """The model's ``config.quantization_config``, as transformers writes it for bnb-4bit models (with ``model``,
-        naming every module kept in float, so that transformers + bitsandbytes reads the same layers as quantized)."""
-        skip = self.kept_float(model) if model is not None else self.skip_modules
+    def to_bnb_dict(self, model: nn.Module) -> dict[str, Any]:
+        """``model``'s ``config.quantization_config``, as transformers writes it for bnb-4bit models, naming every module
+        kept in float, so that transformers + bitsandbytes reads the same layers as quantized."""
         return {
             "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": self.double_quant,
             "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(skip),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(self.kept_float(model)),
         }
 
 

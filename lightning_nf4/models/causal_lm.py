@@ -205,7 +205,8 @@ class CausalLMModule(pl.LightningModule):
         """Decode only the new tokens, with this module's generation settings, in eval mode (LoRA dropout off) whatever
         mode the module is in; the mode is put back after."""
         if isinstance(prompts, (list, tuple)):
-            prompts = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(self.device)
+            prompts = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+        prompts = {k: v.to(self.device) for k, v in prompts.items()}
         hp = self.hparams
         sampling = dict(temperature=hp.temperature, top_p=hp.top_p) if hp.do_sample else dict(temperature=None, top_p=None, top_k=None)
         was_training = self.training
@@ -284,7 +285,7 @@ class CausalLMModule(pl.LightningModule):
             datamodule = self.trainer.datamodule
             inputs = datamodule.generation_batch(prompts) if hasattr(datamodule, "generation_batch") else prompts
             with self.trainer.precision_plugin.predict_step_context():
-                completions = self.generate(inputs if isinstance(inputs, list) else {k: v.to(self.device) for k, v in inputs.items()})
+                completions = self.generate(inputs)
             for prompt, completion in zip(prompts, completions):
                 _say(f"generation: {prompt!r} -> {completion!r}")
 

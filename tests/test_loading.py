@@ -45,9 +45,21 @@ def test_streaming_load_equals_load_then_convert(float_dir):
         assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name
     assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(logits(ours), logits(reference.eval()))
-    assert ours.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
+    assert ours.config.quantization_config.bnb_4bit_quant_type == "nf4"
     assert not any(p.device.type == "meta" for p in ours.parameters())
     assert ours.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_the_config_carries_the_same_bitsandbytes_config_object_as_transformers(float_dir):
+    """Code written for transformers + bitsandbytes reads ``model.config.quantization_config.load_in_4bit`` or its
+    ``bnb_4bit_compute_dtype`` (a dtype): the same object and settings as theirs, the float modules listed besides."""
+    ours = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4)
+    config = ours.config.quantization_config
+    assert type(config) is BitsAndBytesConfig and config.load_in_4bit and config.bnb_4bit_compute_dtype is torch.bfloat16
+    mine, reference = config.to_dict(), theirs.config.quantization_config.to_dict()
+    assert mine.pop("llm_int8_skip_modules") == ["lm_head"] and reference.pop("llm_int8_skip_modules") is None
+    assert mine == reference
 
 
 def test_a_default_device_set_by_the_caller_does_not_reach_the_loader(float_dir):
@@ -388,7 +400,7 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
     for n, p in ours.named_parameters():
         if p.dtype != torch.uint8:
             assert p.dtype == torch.bfloat16 and torch.equal(p, theirs.get_parameter(n)), n
-    assert type(ours.lm_head) is torch.nn.Linear and ours.config.quantization_config["bnb_4bit_quant_type"] == "nf4"
+    assert type(ours.lm_head) is torch.nn.Linear and ours.config.quantization_config.bnb_4bit_quant_type == "nf4"
     torch.testing.assert_close(logits(ours), logits(theirs.eval()), rtol=0, atol=0)
     ours.save_pretrained(tmp_path / "saved")  # no GGUF quantizer left on the model: it saves as a bnb-4bit folder
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", progress=False)

@@ -159,7 +159,7 @@ def test_a_requested_storage_dtype_is_named_as_ignored(tmp_path):
     with pytest.warns(UserWarning, match="bnb_4bit_quant_storage='bfloat16' is ignored"):
         model = AutoModelForCausalLM.from_pretrained(_saved_float(tmp_path), quantization_config=config, progress=False)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
-    assert model.config.quantization_config["bnb_4bit_quant_storage"] == "uint8"
+    assert model.config.quantization_config.bnb_4bit_quant_storage is torch.uint8
 
 
 def test_variant_reads_the_variants_weights_as_transformers_does(tmp_path):
@@ -217,7 +217,7 @@ def test_a_tied_output_head_of_any_name_stays_float_as_in_transformers(tmp_path,
     head = model.get_output_embeddings()
     assert type(head) is torch.nn.Linear and head.weight is model.get_input_embeddings().weight
     head_name = next(n for n, m in model.named_modules() if m is head)
-    assert head_name in model.config.quantization_config["llm_int8_skip_modules"]  # so transformers reads it as float
+    assert head_name in model.config.quantization_config.llm_int8_skip_modules  # so transformers reads it as float
     assert any(isinstance(m, NF4Linear) for m in model.modules())
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():

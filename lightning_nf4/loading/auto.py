@@ -123,7 +123,7 @@ class AutoModelForCausalLM:
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
             if nf4 is not None:
-                model.config.quantization_config = nf4.to_bnb_dict(model)
+                model.config.quantization_config = nf4.to_bnb_config(model)
             return model.eval(), []
         unexpected = _stream_into(model, files, target, dtype, progress, prequantized=nf4 is not None and nf4.prequantized)
         return _finish(model, nf4), unexpected
@@ -210,7 +210,7 @@ def _read_generation_config(model: nn.Module, path: Path) -> None:
 
 def _finish(model: nn.Module, nf4: Optional[NF4LoadConfig]) -> nn.Module:
     if nf4 is not None:
-        model.config.quantization_config = nf4.to_bnb_dict(model)
+        model.config.quantization_config = nf4.to_bnb_config(model)
         layers = nf4_layers(model)
         packed = sum(layer.memory_bytes for _, layer in layers)
         floats = sum(layer.in_features * layer.out_features * layer.quant.dtype.itemsize for _, layer in layers)

@@ -37,15 +37,18 @@ class NF4LoadConfig:
             return self.skip_modules
         return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))
 
-    def to_bnb_dict(self, model: nn.Module) -> dict[str, Any]:
-        """``model``'s ``config.quantization_config``, as transformers writes it for bnb-4bit models, naming every module
-        kept in float, so that transformers + bitsandbytes reads the same layers as quantized."""
-        return {
+    def to_bnb_config(self, model: nn.Module) -> Any:
+        """``model``'s ``config.quantization_config`` as transformers sets it on bnb-4bit models: a
+        ``BitsAndBytesConfig`` (code reads ``.load_in_4bit``, ``.bnb_4bit_compute_dtype``), naming every module kept in
+        float, so that transformers + bitsandbytes reads the same layers as quantized from the saved config."""
+        from transformers import BitsAndBytesConfig  # its checks need no bitsandbytes
+
+        return BitsAndBytesConfig.from_dict({
             "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": self.double_quant,
             "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(self.kept_float(model)),
-        }
+        })
 
 
 def _output_and_tied(model: nn.Module) -> list[str]:

@@ -117,6 +117,9 @@ def test_checkpoints_it_cannot_rebuild_from_are_named(tmp_path):
     torch.save(checkpoint, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match=r"not written with LoRACallback.*CausalLM.load_from_checkpoint"):
         load_from_checkpoint(CausalLM, tmp_path / "plain.ckpt")
+    for remap in ({"cuda:0": "cpu"}, lambda storage, location: storage):  # Lightning's per-tensor forms
+        with pytest.raises(TypeError, match=r"builds the module on one device; pass that device \(map_location='cuda:0'"):
+            load_from_checkpoint(CausalLM, path, map_location=remap)
 
 
 class StrictWithHook(CausalLM):

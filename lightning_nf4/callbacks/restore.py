@@ -59,8 +59,8 @@ def load_from_checkpoint(
     if precision is None and settings is not None and settings["precision"] is not None:
         precision = NF4Precision(**settings["precision"])
 
+    device = _device(map_location)
     module = _instantiate(module_class, checkpoint, kwargs)
-    device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     module.to(device)  # quantized where it will run
     if precision is not None:
         precision.convert_module(module)
@@ -72,6 +72,19 @@ def load_from_checkpoint(
         result = module.load_state_dict(state, strict=False)
         _raise_if_mismatch("full checkpoint", result.missing_keys, result.unexpected_keys)
     return module.to(device)
+
+
+def _device(map_location: Any) -> torch.device:
+    """The one device the module is built on. Lightning's dict and callable forms remap each saved tensor's own
+    location; the module here is quantized in place on one device, so they are refused with the fix."""
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, (str, torch.device, int)):
+        return torch.device(map_location)
+    raise TypeError(
+        f"map_location={map_location!r}: lightning_nf4.load_from_checkpoint builds the module on one device; pass that "
+        "device (map_location='cuda:0', 'cpu', ...), not a dict or a function of each tensor's saved location."
+    )
 
 
 def _instantiate(module_class: type[ModuleT], checkpoint: dict[str, Any], kwargs: dict[str, Any]) -> ModuleT:

@@ -27,12 +27,23 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """The file needs objects a weights-only load refuses: not a checkpoint of this package, treat it as untrusted."""
 
 
-def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
-    """Fail fast, before any model is built: the file exists and asks for nothing a weights-only load refuses.
-    Reads only the pickle's list of globals, not the tensors."""
+def _existing(path: Union[str, os.PathLike]) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
+    return path
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals ``path``'s pickle asks for beyond those a weights-only load is allowed here."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+    return [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+
+
+def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """Fail fast, before any model is built: the file exists and asks for nothing a weights-only load refuses.
+    Reads only the pickle's list of globals, not the tensors."""
+    path = _existing(path)
     if not zipfile.is_zipfile(path):
         with path.open("rb") as handle:
             magic = handle.read(4)
@@ -48,9 +59,8 @@ def check_checkpoint(path: Union[str, os.PathLike]) -> Path:
             )
         raise untrusted_error(path, pickle.UnpicklingError("not a zip archive"))
     verify_archive(path)
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
     try:
-        needs = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+        needs = _unsafe_globals(path)
     except (RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{str(path)!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]}).") from err
     if needs:
@@ -91,9 +101,7 @@ def _is_safetensors(path: Path) -> bool:
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint, loaded weights-only; raises ``UntrustedCheckpointError`` for a file that would need more."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file); pass the .ckpt written by fit.")
+    path = _existing(path)
     if zipfile.is_zipfile(path):
         verify_archive(path)
     try:
@@ -113,8 +121,7 @@ def untrusted_error(path: Union[str, os.PathLike], err: BaseException) -> Untrus
     if not zipfile.is_zipfile(path):
         what = "it is not the zip archive torch.save writes but an old-style pickle or another file"
     else:
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
-        needs = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+        needs = _unsafe_globals(path)
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.DOTALL)
         what = f"it needs {needs}" if needs else f"the weights-only unpickler refused it: {(detail.group(1) if detail else str(err))[:200].strip()}"
     return UntrustedCheckpointError(

@@ -776,6 +776,58 @@ MUTATIONS: list[Mutation] = [
         (("    module.on_load_checkpoint(checkpoint)\n", '    module.on_load_checkpoint({**checkpoint, "state_dict": {}})\n'),),
         ("tests/test_load_from_checkpoint.py",),
     ),
+    Mutation(
+        "loader-dtype-default",
+        "from_pretrained without dtype takes the compute dtype, not transformers 5's checkpoint dtype",
+        "lightning_nf4/loading/auto.py",
+        (('    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else torch.get_default_dtype()\n', "    return None\n"),),
+        ("tests/test_loading_parity.py::test_without_dtype_the_float_parts_keep_the_checkpoints_dtype",),
+    ),
+    Mutation(
+        "loader-tie-always",
+        "the streaming loader ties a config-tied pair whatever the checkpoint holds",
+        "lightning_nf4/loading/auto.py",
+        (('    if "missing_keys" in inspect.signature(tie).parameters and hasattr(model, "all_tied_weights_keys"):\n', "    if False:\n"),),
+        ("tests/test_loading_parity.py::test_a_tied_config_over_two_different_checkpoint_tensors_loads_them_untied",
+         "tests/test_loading_parity.py::test_a_tied_pair_stored_only_as_the_head_loads_tied_from_it"),
+    ),
+    Mutation(
+        "deferred-tie-always",
+        "the deferred loader keeps a config-tied pair tied when the checkpoint holds two different tensors",
+        "lightning_nf4/loading/deferred.py",
+        (("    _untie_differing(model, deferred)\n", ""),),
+        ("tests/test_loading_parity.py::test_a_tied_config_over_two_different_checkpoint_tensors_loads_them_untied",),
+    ),
+    Mutation(
+        "deferred-tie-one-way",
+        "the deferred loader reads a tied parameter only under its own name",
+        "lightning_nf4/loading/deferred.py",
+        (("        raw = next((self.tensors[k] for k in (key, *self.tied.get(key, ())) if k in self.tensors), None)\n",
+          "        raw = self.tensors.get(key)\n"),),
+        ("tests/test_loading_parity.py::test_a_tied_pair_stored_only_as_the_head_loads_tied_from_it",),
+    ),
+    Mutation(
+        "prequantized-skip-default",
+        "a pre-quantized checkpoint without a skip list keeps only lm_head float",
+        "lightning_nf4/loading/config.py",
+        (("        listed_only=prequantized and skip is not None,\n", "        listed_only=prequantized,\n"),),
+        ("tests/test_loading_parity.py::test_a_prequantized_checkpoint_keeps_an_output_head_of_any_name_float",),
+    ),
+    Mutation(
+        "loader-non-persistent-buffers",
+        "the loader fills non-persistent buffers from the checkpoint",
+        "lightning_nf4/loading/keys.py",
+        (("        if buffer is not None and name not in module._non_persistent_buffers_set\n", "        if buffer is not None\n"),),
+        ("tests/test_loading_parity.py::test_a_non_persistent_buffer_in_the_checkpoint_is_ignored",),
+    ),
+    Mutation(
+        "prequantized-default-compute",
+        "a bare BitsAndBytesConfig's default float32 compute dtype replaces a pre-quantized checkpoint's",
+        "lightning_nf4/loading/config.py",
+        (('            compute = {k: v for k, v in _explicit(requested).items() if k == "bnb_4bit_compute_dtype"}\n',
+          '            compute = {k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}\n'),),
+        ("tests/test_loading.py::test_a_config_that_a_prequantized_checkpoint_overrides_is_said",),
+    ),
 ]
 
 

@@ -138,16 +138,25 @@ def test_a_tensor_named_like_a_weight_part_is_not_one(tmp_path):
     _assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False), reference)
 
 
-def test_an_fp32_checkpoint_is_quantized_from_its_bf16_rounding(tmp_path):
-    """``from_pretrained`` with a bf16 compute dtype and an fp32 checkpoint: every NF4 layer, eager and deferred,
-    holds ``quantize_nf4(weight.to(bf16))``, as transformers' load-in-dtype-then-quantize gives."""
-    eager, model = _reference(tmp_path, tie=False)
-    lazy = materialize(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, device="meta"), "cpu")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None])
+def test_an_fp32_checkpoint_is_quantized_from_its_rounding_to_the_load_dtype(tmp_path, dtype):
+    """``from_pretrained`` of an fp32 checkpoint with ``dtype=torch.bfloat16``: every NF4 layer, eager and deferred,
+    holds ``quantize_nf4(weight.to(bf16))``, as transformers' load-in-dtype-then-quantize gives. With no ``dtype``,
+    transformers 5's default (the checkpoint's own, fp32) whatever the compute dtype: ``quantize_nf4(weight)``, and
+    the float parts stay fp32."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(False))
+    model.save_pretrained(tmp_path)
+    kwargs = dict(quantization_config=NF4, dtype=dtype)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False, **kwargs)
+    lazy = materialize(AutoModelForCausalLM.from_pretrained(tmp_path, device="meta", **kwargs), "cpu")
     weights = dict(model.named_parameters())
     assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    expected = dtype or torch.float32
     for loaded in (eager, lazy):
+        assert loaded.model.embed_tokens.weight.dtype == expected and loaded.dtype == expected
         for name, quant in _nf4_layers(loaded).items():
-            _same_quant(quant, quantize_nf4(weights[f"{name}.weight"].detach().to(torch.bfloat16)), name)
+            _same_quant(quant, quantize_nf4(weights[f"{name}.weight"].detach().to(expected)), name)
 
 
 # -- load_layer ---------------------------------------------------------------------------------------------------

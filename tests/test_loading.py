@@ -408,17 +408,22 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
 
 
 def test_a_config_that_a_prequantized_checkpoint_overrides_is_said(float_dir, tmp_path):
-    """The saved codes are already quantized (double quantization on): a requested config without it cannot change
-    that, and the loader took the checkpoint's settings silently where transformers warns; the compute dtype is the
-    caller's."""
+    """The saved codes are already quantized (double quantization on, bf16 compute): a requested config without it
+    cannot change that, and the loader took the checkpoint's settings silently where transformers warns. A compute
+    dtype the caller set is the caller's; BitsAndBytesConfig's default (float32, what a bare config carries) is not:
+    the checkpoint's stays, as transformers keeps it, and the float parts keep the checkpoint's dtype."""
     import warnings
 
     AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False).save_pretrained(tmp_path)
-    single = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype=torch.float32)
-    with pytest.warns(UserWarning, match="already quantized with bnb_4bit_use_double_quant=True.*False cannot change that"):
+    single = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
+    with pytest.warns(UserWarning, match="already quantized with bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype='bfloat16'.*"
+                                         "False, bnb_4bit_compute_dtype='float32' cannot change that"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=single, progress=False)
     layer = model.model.layers[0].mlp.up_proj
-    assert layer.double_quant and layer.compute_dtype == torch.float32
+    assert layer.double_quant and layer.compute_dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    half = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=half, progress=False)
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float16

@@ -8,7 +8,8 @@ the NF4 model plus one float tensor. Pre-quantized bitsandbytes checkpoints load
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -19,11 +20,13 @@ from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
-from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex, checkpoint_files, count_tensors, iter_tensors
+from lightning_nf4.loading.checkpoint import (
+    CheckpointError, CheckpointIndex, checkpoint_files, count_tensors, first_float_dtype, iter_tensors,
+)
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.deferred import attach
 from lightning_nf4.loading.devices import resolve_device
-from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer, persistent_buffers
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
@@ -50,15 +53,18 @@ class AutoModelForCausalLM:
         variant: Optional[str] = None,
         output_loading_info: bool = False,
         low_cpu_mem_usage: Optional[bool] = None,
+        generation_config: Any = None,
+        weights_only: bool = True,
         **kwargs: Any,
     ) -> Union[nn.Module, tuple[nn.Module, dict[str, list]]]:
         """Load ``pretrained_model_name_or_path`` (a local folder or ``packaged:<name>``) onto ``device``.
 
         ``quantization_config``: a ``transformers.BitsAndBytesConfig`` (or its dict) with
         ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``; None loads in float unless the checkpoint
-        itself is a bitsandbytes 4-bit one. ``dtype`` is the dtype of everything left in float
-        (default: the quantization compute dtype, else bfloat16; ``"auto"`` takes the checkpoint's, a string names a
-        torch dtype; transformers' older ``torch_dtype`` is the same argument). ``device_map`` takes one device
+        itself is a bitsandbytes 4-bit one. ``dtype`` is the dtype of everything left in float and the one
+        weights are quantized from (``"auto"``: the checkpoint's; a string names a torch dtype; transformers' older
+        ``torch_dtype`` is the same argument); left out, transformers' default: ``"auto"`` from transformers 5 on,
+        float32 before. ``device_map`` takes one device
         (``"cuda:0"``, ``0``, ``{"": 0}``) as ``device`` does; a map spreading the model over devices is refused.
 
         As in transformers: ``config`` (a config object or folder) replaces the folder's ``config.json``;
@@ -67,7 +73,8 @@ class AutoModelForCausalLM:
         ``output_loading_info`` returns ``(model, info)`` with the checkpoint keys the model did not use; other keyword
         arguments override config attributes (``num_hidden_layers=...``, ``attn_implementation=...``,
         ``trust_remote_code``, ``revision``), and one that is none of these is an error. ``low_cpu_mem_usage`` is
-        accepted and changes nothing: loading is always tensor by tensor.
+        accepted and changes nothing: loading is always tensor by tensor. ``generation_config`` replaces the folder's.
+        ``weights_only`` must stay True: ``.bin`` files are always read weights-only, safetensors hold tensors only.
 
         ``device="meta"`` reads no weight: the model comes back on ``meta``, remembering its checkpoint, and
         ``NF4FSDPStrategy`` fills it one sharding unit at a time on each rank, keeping only that rank's
@@ -79,10 +86,17 @@ class AutoModelForCausalLM:
             if dtype is not None:
                 raise ValueError("Pass dtype or torch_dtype (its older name), not both.")
             dtype = torch_dtype
+        if not weights_only:
+            raise ValueError(
+                "weights_only=False: lightning-nf4 reads .bin checkpoints weights-only, always (a pickle can run code). "
+                "Convert such a checkpoint once to safetensors with transformers (save_pretrained), then load that."
+            )
         device = _one_device(device, device_map)
         source = _Source(resolve_model_path(str(pretrained_model_name_or_path)) / subfolder, use_safetensors, variant, config, kwargs)
         with torch.device("cpu"):
             model, unexpected = cls._load(source, quantization_config, device, dtype, gguf_file, progress)
+        if generation_config is not None:
+            model.generation_config = generation_config
         if output_loading_info:
             return model, {"missing_keys": [], "unexpected_keys": unexpected, "mismatched_keys": [], "error_msgs": []}
         return model
@@ -104,7 +118,8 @@ class AutoModelForCausalLM:
         config, model_kwargs = source.config(gguf_file)
         saved = getattr(config, "quantization_config", None)
         nf4 = parse_quantization_config(quantization_config, saved)
-        dtype = _float_dtype(dtype, config) or (nf4.compute_dtype if nf4 else torch.bfloat16)
+        files = checkpoint_files(path, source.use_safetensors, source.variant) if gguf_file is None else []
+        dtype = _float_dtype(_default_dtype() if dtype is None else dtype, config, files) or (nf4.compute_dtype if nf4 else torch.bfloat16)
 
         if gguf_file is not None:  # transformers dequantizes GGUF on load; we quantize afterwards
             # dequantize=True: plain weights, no GGUF quantizer left on the model (it would refuse save_pretrained)
@@ -119,7 +134,6 @@ class AutoModelForCausalLM:
         _read_generation_config(model, path)
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs(model))  # NF4Linear placeholders on meta
-        files = checkpoint_files(path, source.use_safetensors, source.variant)
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
             if nf4 is not None:
@@ -136,6 +150,21 @@ class _Source:
     _MODEL_KWARGS = ("trust_remote_code", "attn_implementation")
     # where transformers would download from; meaningless beside a config object and a local folder
     _HUB_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
+    # transformers' loading arguments this loader does not take, and what to do instead
+    _UNSUPPORTED = {
+        **dict.fromkeys(("max_memory", "offload_folder", "offload_buffers", "offload_state_dict"),
+                        "it places parts of a model spread over devices or disk; lightning-nf4 loads the NF4 model onto one "
+                        "device (device='cuda:0'), or device='meta' for strategy='nf4_fsdp' to shard it"),
+        **dict.fromkeys(("tp_plan", "tp_size", "device_mesh", "distributed_config"),
+                        "tensor parallelism is not built; shard with strategy='nf4_fsdp' (FSDP2) instead"),
+        **dict.fromkeys(("adapter_name", "adapter_kwargs"),
+                        "load the base here, then the adapter: register_nf4_lora(LoraConfig.from_pretrained(folder)) and "
+                        "peft.PeftModel.from_pretrained(model, folder, config=...)"),
+        "key_mapping": "renaming checkpoint keys by pattern is not built; rename them once with safetensors and save_pretrained",
+        "state_dict": "the weights are read from the folder; save the state dict there with save_pretrained first",
+        "ignore_mismatched_sizes": "a tensor of another shape is an error here; fix the config or the checkpoint",
+        "use_kernels": "the NF4 layers use lightning-nf4's own kernels; leave it out",
+    }
 
     def __init__(
         self, path: Path, use_safetensors: Optional[bool], variant: Optional[str], config: Any, kwargs: dict[str, Any],
@@ -157,6 +186,12 @@ class _Source:
             gguf = {"gguf_file": gguf_file} if gguf_file is not None else {}
             config, unused = transformers.AutoConfig.from_pretrained(where, return_unused_kwargs=True, **gguf, **self._kwargs)
         unused = {k: v for k, v in unused.items() if k not in model_kwargs and k != "gguf_file"}
+        unsupported = sorted(k for k in unused if k in self._UNSUPPORTED)
+        if unsupported:
+            raise TypeError(
+                "from_pretrained(): lightning-nf4's loader does not take transformers' "
+                + "; ".join(f"{k}= ({self._UNSUPPORTED[k]})" for k in unsupported) + "."
+            )
         if unused:
             raise TypeError(
                 f"from_pretrained() got unexpected keyword arguments {sorted(unused)}: neither config attributes of "
@@ -186,13 +221,24 @@ def _one_device(device: Union[str, torch.device, None], device_map: Any) -> Unio
     return one
 
 
-def _float_dtype(dtype: Union[torch.dtype, str, None], config: Any) -> Optional[torch.dtype]:
-    """``dtype`` as a torch dtype: ``"auto"`` is the checkpoint's own (its config's ``dtype``), a string a torch name."""
+def _default_dtype() -> Union[torch.dtype, str]:
+    """transformers' own default: ``"auto"`` from transformers 5 on (the checkpoint's dtype), before it the default
+    dtype of torch (float32)."""
+    import transformers
+
+    return "auto" if int(transformers.__version__.split(".")[0]) >= 5 else torch.get_default_dtype()
+
+
+def _float_dtype(dtype: Union[torch.dtype, str, None], config: Any, files: Sequence[Path] = ()) -> Optional[torch.dtype]:
+    """``dtype`` as a torch dtype: ``"auto"`` is the checkpoint's own (its config's ``dtype``, else the dtype of its
+    first float tensor, as transformers reads it), a string a torch name."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return _float_dtype(saved, None) if saved is not None and saved != "auto" else None
+        if saved is not None and saved != "auto":
+            return _float_dtype(saved, None)
+        return first_float_dtype(files) if files else None
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; pass e.g. torch.bfloat16, 'float16' or 'auto'.")
@@ -244,7 +290,7 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
 
     layers = dict(nf4_layers(model))
     params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = {n: b for n, b in model.named_buffers(remove_duplicate=False)}
+    buffers = persistent_buffers(model)
     pending: dict[str, dict[str, Tensor]] = {}
     unexpected: list[str] = []
     model_key = KeyMap(model, set(params) | set(buffers) | {f"{n}.weight" for n in layers}, layers)
@@ -269,8 +315,7 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     for name in [n for n, parts in pending.items() if set(parts) == {""} and parts[""].is_floating_point()]:
         load_layer(layers[name], pending.pop(name), name, device, dtype)  # a float weight in a pre-quantized checkpoint
 
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    _tie_as_loaded(model)
     incomplete = [key for name, parts in pending.items() for key in _missing_parts(name, parts)]
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n.removesuffix(".weight") not in pending]
     missing += incomplete
@@ -287,6 +332,19 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
         rank_zero_info(f"lightning-nf4: ignored {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")
     model.to(device)  # buffers built on the CPU with the skeleton
     return unexpected
+
+
+def _tie_as_loaded(model: nn.Module) -> None:
+    """transformers' tying after a load (5.x): a pair the config ties but whose checkpoint holds both, different,
+    stays untied (with transformers' warning); a pair whose checkpoint holds only the tied copy (``lm_head.weight``)
+    ties to that one. Older transformers tie unconditionally."""
+    tie = getattr(model, "tie_weights", None)
+    if tie is None:
+        return
+    if "missing_keys" in inspect.signature(tie).parameters and hasattr(model, "all_tied_weights_keys"):
+        tie(missing_keys={n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta}, recompute_mapping=False)
+    else:
+        tie()
 
 
 def _missing_parts(layer: str, parts: dict[str, Tensor]) -> list[str]:

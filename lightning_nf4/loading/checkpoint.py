@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
@@ -124,6 +124,23 @@ def _check_layout(file: Path, header: dict[str, Any]) -> int:
             raise broken(name, f"places {stop - begin} bytes at {begin} for a {entry.get('dtype')} tensor of shape {shape} after {position} bytes")
         position = stop
     return position
+
+
+def first_float_dtype(files: Sequence[Path]) -> Optional[torch.dtype]:
+    """The dtype of the checkpoint's first floating-point tensor (in file order), read from headers only: what
+    transformers' ``dtype="auto"`` takes when the config names none."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as handle:
+                header = _safetensors_header(file, handle)[0]
+            entries = sorted(header.values(), key=lambda entry: entry["data_offsets"][0])
+            dtypes = [_ST_DTYPES.get(entry.get("dtype")) for entry in entries]
+        else:
+            dtypes = [tensor.dtype for tensor in _load_bin(file).values()]
+        found = next((d for d in dtypes if d is not None and d.is_floating_point), None)
+        if found is not None:
+            return found
+    return None
 
 
 def count_tensors(files: list[Path]) -> int:

@@ -23,6 +23,7 @@ class NF4LoadConfig:
     skip_modules: tuple[str, ...] = _DEFAULT_SKIP
     blocksize: int = 64
     prequantized: bool = False  # the checkpoint already holds bitsandbytes 4-bit tensors
+    listed_only: bool = False  # quantized by a list of its own (a pre-quantized checkpoint's): no defaults added
 
     def convert_kwargs(self, model: nn.Module) -> dict[str, Any]:
         """``convert_linears``' arguments for ``model``: the layers to keep in float named one by one, chosen by
@@ -31,11 +32,12 @@ class NF4LoadConfig:
                     skip_modules=skipped_by_transformers(model, self.kept_float(model)))
 
     def kept_float(self, model: nn.Module) -> tuple[str, ...]:
-        """``skip_modules`` and, quantizing here, what transformers keeps in float by itself: the output embeddings
-        and weights tied to others, whatever their names (BERT's ``cls.predictions.decoder``, XLNet's ``lm_loss``)."""
-        if self.prequantized:  # the checkpoint's own list says what was quantized
-            return self.skip_modules
-        return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))
+        """``skip_modules``, the model's ``_keep_in_fp32_modules``, and what transformers keeps in float by itself
+        unless a pre-quantized checkpoint lists its own: the output embeddings and weights tied to others, whatever
+        their names (BERT's ``cls.predictions.decoder``, XLNet's ``lm_loss``, BioGPT's ``output_projection``)."""
+        defaults = [] if self.listed_only else _output_and_tied(model)
+        fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))
 
     def to_bnb_config(self, model: nn.Module) -> Any:
         """``model``'s ``config.quantization_config`` as transformers sets it on bnb-4bit models: a
@@ -86,6 +88,13 @@ def _as_dict(config: Any) -> Optional[dict[str, Any]]:
     raise TypeError(f"quantization_config must be a transformers.BitsAndBytesConfig or a dict, got {type(config).__name__}.")
 
 
+def _explicit(config: Any) -> dict[str, Any]:
+    """The settings the caller set: a dict's keys, a ``BitsAndBytesConfig``'s differences from its defaults."""
+    if config is None or isinstance(config, dict):
+        return dict(config or {})
+    return config.to_diff_dict() if hasattr(config, "to_diff_dict") else _as_dict(config) or {}
+
+
 def _dtype(value: Any) -> torch.dtype:
     if value is None:  # BitsAndBytesConfig's default, so that its dict means the same as the object
         return torch.float32
@@ -95,14 +104,21 @@ def _dtype(value: Any) -> torch.dtype:
     return dtype
 
 
-def _check(settings: dict[str, Any], where: str) -> None:
+_NF4_CONFIG = "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4')"
+
+
+def _check(settings: dict[str, Any], where: str, saved: bool = False) -> None:
+    """Refuse what is not NF4; ``saved``: the checkpoint's own config, whose weights are already quantized so: the
+    fix is its float original, not another request."""
+    fix = (f"Load the model's float (unquantized) checkpoint with quantization_config={_NF4_CONFIG} instead." if saved
+           else f"Use {_NF4_CONFIG}.")
     if settings.get("quant_method", "bitsandbytes") != "bitsandbytes":
-        raise NF4FormatError(f"{where}: quant_method {settings['quant_method']!r} is not supported; lightning-nf4 reads bitsandbytes 4-bit configs.")
+        raise NF4FormatError(f"{where}: quant_method {settings['quant_method']!r} is not supported; lightning-nf4 reads bitsandbytes NF4. {fix}")
     if settings.get("load_in_8bit"):
-        raise NF4FormatError(f"{where}: load_in_8bit (LLM.int8) is not supported. Use BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4').")
+        raise NF4FormatError(f"{where}: load_in_8bit (LLM.int8) is not supported. {fix}")
     quant_type = settings.get("bnb_4bit_quant_type", "nf4")
     if settings.get("load_in_4bit") and quant_type != "nf4":
-        raise NF4FormatError(f"{where}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' is.")
+        raise NF4FormatError(f"{where}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' is. {fix}")
 
 
 def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadConfig]:
@@ -111,28 +127,32 @@ def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadCon
     if requested_dict is not None:
         _check(requested_dict, "quantization_config")
     if saved_dict is not None and saved_dict.get("quant_method", "bitsandbytes") == "bitsandbytes":
-        _check(saved_dict, "the checkpoint's quantization_config")
+        _check(saved_dict, "the checkpoint's quantization_config", saved=True)
         if saved_dict.get("load_in_4bit"):
-            _warn_overridden(requested_dict, saved_dict)
-            merged = {**saved_dict, **{k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}}
-            return _settings(merged, prequantized=True)
+            # the caller's compute dtype applies when set (to other than BitsAndBytesConfig's default float32)
+            compute = {k: v for k, v in _explicit(requested).items() if k == "bnb_4bit_compute_dtype"}
+            _warn_overridden(requested_dict, saved_dict, applied=compute)
+            return _settings({**saved_dict, **compute}, prequantized=True)
     if requested_dict is None or not requested_dict.get("load_in_4bit"):
         return None
     return _settings(requested_dict, prequantized=False)
 
 
-def _warn_overridden(requested: Optional[dict[str, Any]], saved: dict[str, Any]) -> None:
-    """The codes are already quantized: the checkpoint's settings are the ones that hold (only the compute dtype is
-    the caller's), as in transformers, which warns likewise."""
+def _warn_overridden(requested: Optional[dict[str, Any]], saved: dict[str, Any], applied: dict[str, Any]) -> None:
+    """The codes are already quantized: the checkpoint's settings are the ones that hold, as in transformers, which
+    warns likewise; only a compute dtype the caller set (``applied``) is the caller's."""
     if requested is None:
         return
     keys = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "llm_int8_skip_modules")
     differ = [k for k in keys if k in requested and requested[k] != saved.get(k) and not (k == "llm_int8_skip_modules" and requested[k] is None)]
+    compute = "bnb_4bit_compute_dtype"
+    if not applied and compute in requested and _dtype(requested[compute]) != _dtype(saved.get(compute)):
+        differ.append(compute)
     if differ:
         warnings.warn(
             f"The checkpoint is already quantized with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; the "
             f"quantization_config's {', '.join(f'{k}={requested[k]!r}' for k in differ)} cannot change that and is ignored "
-            "(only bnb_4bit_compute_dtype is taken from it).",
+            "(only a bnb_4bit_compute_dtype other than BitsAndBytesConfig's default, float32, is taken from it).",
             stacklevel=4,
         )
 
@@ -154,4 +174,5 @@ def _settings(settings: dict[str, Any], prequantized: bool) -> NF4LoadConfig:
         compute_dtype=_dtype(settings.get("bnb_4bit_compute_dtype")),
         skip_modules=tuple(dict.fromkeys(keep)),
         prequantized=prequantized,
+        listed_only=prequantized and skip is not None,
     )

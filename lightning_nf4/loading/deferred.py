@@ -10,6 +10,7 @@ and the host holds one checkpoint tensor at a time.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
-from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer, persistent_buffers
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
 # Wrappers PEFT puts around a module: their tensors come from the wrapped module's checkpoint keys.
@@ -35,7 +36,7 @@ class DeferredCheckpoint:
     dtype: torch.dtype
     tensors: dict[str, str] = field(default_factory=dict)  # parameter/buffer name -> checkpoint key
     layers: dict[str, dict[str, str]] = field(default_factory=dict)  # NF4 layer -> {suffix: checkpoint key}
-    tied: dict[str, str] = field(default_factory=dict)  # a tied parameter's name -> the name it shares a tensor with
+    tied: dict[str, list[str]] = field(default_factory=dict)  # a tied parameter's name -> the others sharing its tensor
 
     def load_module(self, root: nn.Module, module: nn.Module, name: Optional[str] = None) -> None:
         """Fill ``module``'s own parameters and buffers (not its children's) from the checkpoint, on the
@@ -59,7 +60,7 @@ class DeferredCheckpoint:
                 self._copy(buf, prefix + attr)
 
     def _copy(self, target: Tensor, key: str) -> None:
-        raw = self.tensors.get(key) or self.tensors.get(self.tied.get(key, ""))
+        raw = next((self.tensors[k] for k in (key, *self.tied.get(key, ())) if k in self.tensors), None)
         if raw is None:
             raise CheckpointError(f"the checkpoint has no tensor for {key!r}; it belongs to another model or config.")
         value = self.index.read(raw)
@@ -74,7 +75,7 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     weight is there now rather than mid-training, and remember the map on the model."""
     layers = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    buffers = set(persistent_buffers(model))
     known = (params - {f"{n}.weight" for n in layers}) | buffers
     deferred = DeferredCheckpoint(index, dtype)
     model_key = KeyMap(model, known, layers)
@@ -85,9 +86,11 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
             deferred.layers.setdefault(match["layer"], {})[match["suffix"] or ""] = raw
         elif key in known:
             deferred.tensors[key] = raw
+    _untie_differing(model, deferred)
     tied = deferred.tied = _tied_names(model)
     nf4_weights = {f"{n}.weight" for n in layers}
-    missing = sorted(n for n in params if n not in deferred.tensors and n not in tied and n not in nf4_weights)
+    present = set(deferred.tensors)
+    missing = sorted(n for n in params if n not in nf4_weights and not present.intersection((n, *tied.get(n, ()))))
     missing += sorted(n for n in layers if not _complete(index, deferred.layers.get(n, {})))
     if missing:
         raise CheckpointError(
@@ -143,17 +146,34 @@ def _module_name(root: nn.Module, module: nn.Module) -> str:
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
 
 
-def _tied_names(model: nn.Module) -> dict[str, str]:
-    """Parameters that share their tensor with an earlier name (an ``lm_head`` tied to the embeddings): the
-    checkpoint may hold only the first."""
-    first: dict[int, str] = {}
-    tied = {}
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter shared under several names (an ``lm_head`` tied to the embeddings), the other names:
+    the checkpoint may hold the tensor under any one of them."""
+    names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return tied
+        names.setdefault(id(param), []).append(name)
+    return {n: [o for o in group if o != n] for group in names.values() if len(group) > 1 for n in group}
+
+
+def _untie_differing(model: nn.Module, deferred: DeferredCheckpoint) -> None:
+    """A pair the config ties whose checkpoint holds both names with different values stays untied, as transformers
+    loads it (with its warning): the later name gets a parameter of its own, still on ``meta``."""
+    first_names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = first_names.setdefault(id(param), name)
+        if first == name or first not in deferred.tensors or name not in deferred.tensors:
+            continue
+        if torch.equal(deferred.index.read(deferred.tensors[first]), deferred.index.read(deferred.tensors[name])):
+            continue
+        warnings.warn(
+            f"The config ties {name} to {first}, but the checkpoint holds both with different values: they are loaded "
+            "untied, as transformers does. Set tie_word_embeddings=False in the config to silence this warning.",
+            stacklevel=4,
+        )
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        getattr(model, "all_tied_weights_keys", {}).pop(name, None)  # so that a later tie_weights() keeps them apart
 
 
 def _complete(index: CheckpointIndex, parts: dict[str, str]) -> bool:

@@ -113,7 +113,9 @@ def dequantize_4bit(
 ) -> Tensor:
     """Flat ``[numel]`` tensor of ``dtype``. With ``nested_*`` given, ``absmax`` holds uint8 codes
     of the double-quantized statistics and is decoded first (fused into one pass on GPU)."""
-    if COMPILED_DEQUANTIZE == "fused" and _traced(packed):  # the plain-PyTorch body, for the compiler to fuse
+    # The plain-PyTorch body, for the compiler to fuse, where the weight is whole blocks (every real model's): over a
+    # partial last block inductor (torch 2.13, CPU) reads garbage scales for it (1e27 off), so the op runs there.
+    if COMPILED_DEQUANTIZE == "fused" and numel % blocksize == 0 and _traced(packed):
         return _dequantize_4bit_plain(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
     return _direct(_dequantize_4bit, packed)(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
 

@@ -837,6 +837,29 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_compile.py::test_a_compiled_layer_whose_weight_ends_in_a_partial_block_is_exact",
          "tests/test_compile.py::test_compiled_dequantize_is_fused_and_exact"),
     ),
+    Mutation(
+        "quant-setter-scales-only",
+        "`layer.quant = q` keeps the old codes under q's scales",
+        "lightning_nf4/layers/linear.py",
+        (("        self.blocksize, self.double_quant = value.blocksize, value.double_quant\n        self._set_quant(value)\n",
+          "        self._quant = value\n"),),
+        ("tests/test_edges_linear.py::test_setting_quant_replaces_codes_and_scales_together",),
+    ),
+    Mutation(
+        "replaced-codes-read",
+        "a weight replaced by other codes or floats is read with the layer's scales",
+        "lightning_nf4/layers/linear.py",
+        (("            _check_replacement(quant, weight)\n", ""),),
+        ("tests/test_edges_linear.py::test_a_weight_replaced_by_other_codes_or_floats_is_refused_not_misread",),
+    ),
+    Mutation(
+        "kernel-reads-any-codes",
+        "the device kernels read codes of any dtype and length by pointer",
+        "lightning_nf4/kernels/ops.py",
+        (("        check_codes(packed, absmax, blocksize, numel, nested_absmax, nested_blocksize)\n        return kernel(packed, absmax, code, blocksize, numel, dtype,",
+          "        return kernel(packed, absmax, code, blocksize, numel, dtype,"),),
+        ("tests/test_edges_linear.py::test_a_weight_replaced_by_other_codes_or_floats_is_refused_not_misread",),
+    ),
 ]
 
 

@@ -195,3 +195,51 @@ def test_gemv_first_use_timing_reads_more_than_l2_holds():
         assert 2 <= copies <= 64
         assert copies * nbytes >= tk.GEMV_TIMING_BYTES or copies == 64
     assert tk.gemv_timing_copies(8_700_000) == 16 and tk.gemv_timing_copies(34_600_000) == 4
+
+
+# -- the weight replaced from outside -------------------------------------------------------------------------------
+
+
+def _layer(out_features=32, in_features=64, scale=1.0, seed=0, bias=False):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(scale)
+    return NF4Linear.from_linear(linear, compute_dtype=torch.float32)
+
+
+def test_setting_quant_replaces_codes_and_scales_together():
+    """``layer.quant = q`` kept the layer's old codes under q's scales (16.5 off)."""
+    layer, new = _layer(), quantize_nf4(torch.randn(32, 64) * 3, 64, False)
+    layer.quant = new
+    assert torch.equal(layer.dequantize(), new.dequantize()) and not layer.double_quant
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), nn.functional.linear(x, new.dequantize()))
+    with pytest.raises(ValueError, match=r"the layout is \(64, 64\), this layer is \[32, 64\]"):
+        layer.quant = quantize_nf4(torch.randn(64, 64), 64, False)
+
+
+def test_a_weight_replaced_by_other_codes_or_floats_is_refused_not_misread():
+    """Tying as for ``nn.Linear`` (``b.weight = a.weight``) read a's codes with b's scales (output 157 against 1.6);
+    a float tensor in ``weight`` (assigned, or written by ``vector_to_parameters`` through ``.data``) was read as
+    codes; codes of a smaller layer were read past their end. Codes that only moved or were copied still work."""
+    a, b = _layer(), _layer(scale=100.0, seed=1)
+    b.weight = a.weight
+    with pytest.raises(RuntimeError, match=r"replaced by other packed codes .*Share the NF4Linear module itself"):
+        b(torch.randn(2, 64))
+    c = _layer()
+    c.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"replaced by a torch.float32 tensor of shape \(32, 64\)"):
+        c.dequantize()
+    d = _layer(bias=True)
+    vector = nn.utils.parameters_to_vector(d.parameters())  # the float bias makes it a float vector
+    nn.utils.vector_to_parameters(vector, d.parameters())  # an identity for nn.Linear; floats into the codes here
+    with pytest.raises(TypeError, match="NF4 codes must be uint8"):
+        d(torch.randn(2, 64))
+    big = _layer(128, 256)
+    with pytest.raises(ValueError, match=r"16 bytes of codes \(need 16384\)"):
+        torch.ops.lightning_nf4.dequantize_4bit(_layer(4, 8).weight, big.quant.absmax, big.quant.code, 64, 128 * 256, torch.float32)
+    e, x = _layer(), torch.randn(2, 64)
+    expected = e(x)
+    e.weight = nn.Parameter(e.weight.detach().clone(), requires_grad=False)  # the same codes, copied
+    assert torch.equal(e(x), expected)

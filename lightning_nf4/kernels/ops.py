@@ -324,21 +324,67 @@ def launches_kernels(device_type: str) -> bool:
     return device_type in _KERNELS.get(_dequantize_4bit_group, {}) and device_type != "cpu"
 
 
+# -- argument checks ---------------------------------------------------------------------------------
+def check_codes(packed: Tensor, absmax: Tensor, blocksize: int, numel: int, nested_absmax: Optional[Tensor] = None,
+                nested_blocksize: int = 256) -> None:
+    """What the device kernels read by pointer must be there: uint8 codes for ``numel`` values, a scale per block
+    (fp32, or uint8 codes with a nested scale per ``nested_blocksize`` of them). A short tensor would be read past
+    its end, and a float one read as codes."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"NF4 codes must be uint8 (two 4-bit codes per byte), got {packed.dtype}: a float weight is not "
+                        "packed codes; quantize it first (quantize_nf4).")
+    blocks = -(-numel // blocksize)
+    scales = torch.uint8 if nested_absmax is not None else torch.float32
+    if packed.numel() * 2 < numel or absmax.numel() < blocks or absmax.dtype != scales or (
+            nested_absmax is not None and nested_absmax.numel() < -(-blocks // nested_blocksize)):
+        raise ValueError(
+            f"NF4 layout does not hold {numel} values: {packed.numel()} bytes of codes (need {-(-numel // 2)}), {absmax.numel()} "
+            f"{absmax.dtype} scales (need {blocks} {scales})"
+            + (f", {nested_absmax.numel()} nested scales (need {-(-blocks // nested_blocksize)})" if nested_absmax is not None else "")
+            + ". Codes and scales come from different weights; pass the layout quantize_nf4 made."
+        )
+
+
+def _checked_dequantize(kernel: Callable) -> Callable:
+    def run(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+        check_codes(packed, absmax, blocksize, numel, nested_absmax, nested_blocksize)
+        return kernel(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+    return run
+
+
+def _checked_group(kernel: Callable) -> Callable:
+    def run(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize=256):
+        for p, a, n, (nested, _, _) in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):
+            check_codes(p, a, blocksize, n, nested, nested_blocksize)
+        return kernel(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize)
+    return run
+
+
+def _checked_gemv(kernel: Callable) -> Callable:
+    def run(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+        check_codes(packed, absmax, blocksize, out_features * in_features, nested_absmax, nested_blocksize)
+        if x.numel() != in_features:
+            raise ValueError(f"gemv_4bit: the input has {x.numel()} values, the weight takes {in_features} (in_features).")
+        return kernel(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code, offset, nested_blocksize)
+    return run
+
+
 # -- registration ------------------------------------------------------------------------------------
 def _register_all() -> None:
-    """CPU kernels now; Triton for the GPU device types (importing Triton waits for first use)."""
+    """CPU kernels now; Triton for the GPU device types (importing Triton waits for first use). The kernels that
+    read codes by pointer check their arguments first (``check_codes``)."""
     from lightning_nf4.kernels import triton_kernels
 
     _register(_quantize_4bit, "cpu", _quantize_4bit_cpu)
-    _register(_dequantize_4bit, "cpu", _dequantize_4bit_cpu)
-    _register(_dequantize_4bit_group, "cpu", _dequantize_4bit_group_cpu)
-    _register(_gemv_4bit, "cpu", _gemv_4bit_cpu)
+    _register(_dequantize_4bit, "cpu", _checked_dequantize(_dequantize_4bit_cpu))
+    _register(_dequantize_4bit_group, "cpu", _checked_group(_dequantize_4bit_group_cpu))
+    _register(_gemv_4bit, "cpu", _checked_gemv(_gemv_4bit_cpu))
     for device_type in triton_kernels.DEVICE_TYPES:
         _register(_quantize_4bit, device_type, triton_kernels.quantize_4bit)
-        _register(_dequantize_4bit, device_type, triton_kernels.dequantize_4bit)
-        _register(_dequantize_4bit_group, device_type, triton_kernels.dequantize_4bit_group)
+        _register(_dequantize_4bit, device_type, _checked_dequantize(triton_kernels.dequantize_4bit))
+        _register(_dequantize_4bit_group, device_type, _checked_group(triton_kernels.dequantize_4bit_group))
         _register(_quantize_blockwise_8bit, device_type, triton_kernels.quantize_blockwise_8bit)
-        _register(_gemv_4bit, device_type, triton_kernels.gemv_4bit)
+        _register(_gemv_4bit, device_type, _checked_gemv(triton_kernels.gemv_4bit))
 
 
 _register_all()

@@ -144,6 +144,26 @@ def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant
     return NF4Weight(packed, absmax, code_table("nf4", device), torch.Size((out_features, in_features)), dtype, blocksize, nested)
 
 
+def _check_replacement(quant: NF4Weight, weight: Tensor) -> None:
+    """The packed parameter changed outside this class: the scales can follow codes that moved (``.to(device)``,
+    ``.data`` swapped for a copy), never other codes (``layer.weight = other.weight``: their scales are unknown here)
+    nor a tensor that is not packed codes (``vector_to_parameters`` writes floats)."""
+    if weight.dtype != torch.uint8 or weight.shape != quant.packed.shape:
+        raise RuntimeError(
+            f"NF4Linear's weight was replaced by a {weight.dtype} tensor of shape {tuple(weight.shape)}; it holds packed "
+            f"NF4 codes (uint8, {tuple(quant.packed.shape)}) paired with scales kept beside them. Replace the weight "
+            "with layer.quant = quantize_nf4(new_weight) or load_state_dict, not by assigning tensors to layer.weight."
+        )
+    old = quant.packed
+    if quant.packed is not weight and old.device == weight.device and not weight.is_meta and not old.is_meta \
+            and old.data_ptr() != weight.data_ptr() and not torch.equal(old, weight):
+        raise RuntimeError(
+            "NF4Linear's weight was replaced by other packed codes (layer.weight = another_layer.weight?): their "
+            "scales are not known here, so the codes cannot be read. Share the NF4Linear module itself to tie two "
+            "weights, or set codes and scales together with layer.quant = other.quant."
+        )
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2's linears): ``x @ W + b`` with ``W`` stored ``[in_features, out_features]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), Tensor)
@@ -263,7 +283,12 @@ class NF4Linear(nn.Module):
 
     @quant.setter
     def quant(self, value: NF4Weight) -> None:
-        self._quant = value
+        """Replace the weight: codes and scales together (e.g. ``layer.quant = quantize_nf4(w)``)."""
+        if tuple(value.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"NF4Linear.quant: the layout is {tuple(value.shape)}, this layer is [{self.out_features}, "
+                             f"{self.in_features}] (out_features, in_features).")
+        self.blocksize, self.double_quant = value.blocksize, value.double_quant
+        self._set_quant(value)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight ``[out_features, in_features]`` (the original dtype unless ``dtype`` is given)."""
@@ -289,6 +314,7 @@ class NF4Linear(nn.Module):
                 "only inside the module's forward/backward, or under NF4FSDPStrategy.gathered(module)."
             )
         if quant.packed is not weight or quant.absmax.device != weight.device:
+            _check_replacement(quant, weight)
             quant = self._quant = quant.with_packed(weight)
         return quant
 

@@ -860,6 +860,28 @@ MUTATIONS: list[Mutation] = [
           "        return kernel(packed, absmax, code, blocksize, numel, dtype,"),),
         ("tests/test_edges_linear.py::test_a_weight_replaced_by_other_codes_or_floats_is_refused_not_misread",),
     ),
+    Mutation(
+        "new-zeros-offset",
+        "NF4Tensor.new_zeros keeps the nested offset: zeros read as -offset",
+        "lightning_nf4/format/tensor.py",
+        (("                         offset=torch.zeros_like(nested.offset, device=device))", "                         offset=nested.offset.to(device))"),),
+        ("tests/test_edges_tensor.py::test_new_zeros_reads_as_zeros",),
+    ),
+    Mutation(
+        "view-dequantize-shape",
+        "a view of an NF4Tensor dequantizes in the weight's shape, not its own",
+        "lightning_nf4/format/tensor.py",
+        (("        return self.quant.dequantize(dtype or self.dtype).view(self.shape)\n", "        return self.quant.dequantize(dtype or self.dtype)\n"),),
+        ("tests/test_edges_tensor.py::test_a_view_dequantizes_in_its_own_shape",),
+    ),
+    Mutation(
+        "load-drops-nf4-tensor-form",
+        "loading a state dict turns an NF4Tensor-form layer back into packed bytes",
+        "lightning_nf4/layers/linear.py",
+        (('        if isinstance(self._parameters.get("weight"), NF4Tensor):\n            self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)\n',
+          '        if False:\n            self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)\n'),),
+        ("tests/test_edges_tensor.py::test_a_layer_in_the_nf4_tensor_form_loads_its_own_keep_vars_state_and_keeps_the_form",),
+    ),
 ]
 
 

@@ -210,3 +210,50 @@ def test_one_rank_gather_of_a_one_column_weight_with_odd_rows():
     (buffer,), meta = tensor.fsdp_pre_all_gather(OneRankMesh(1), tensor.shape, (1, 1), None, None)
     whole, _ = tensor.fsdp_post_all_gather((buffer.clone(),), meta, torch.float32)
     assert whole.shape == (3, 1) and torch.equal(whole.dequantize(), quant.dequantize())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_new_zeros_reads_as_zeros(double_quant):
+    """FSDP's padding and empty slices come from ``new_zeros``; with double quantization every value read -2.6
+    (the nested offset was kept, and a scale decodes to ``code * 0 + offset``)."""
+    tensor = NF4Tensor(quantize_nf4(torch.randn(64, 128) + 2, 64, double_quant))
+    zeros = tensor.new_zeros((16, 128))
+    assert torch.equal(zeros.dequantize(torch.float32), torch.zeros(16, 128))
+
+
+def test_a_view_dequantizes_in_its_own_shape():
+    """``reshape``/``view`` gave a tensor of the new shape whose ``dequantize()`` (and compiled read) had the old one."""
+    quant = quantize_nf4(torch.randn(32, 64), 64, True)
+    tensor = NF4Tensor(quant)
+    for shape in [(64, 32), (-1,), (2048,)]:
+        view = tensor.view(*shape) if -1 not in shape else tensor.view(-1)
+        assert torch.equal(view.dequantize(torch.float32), quant.dequantize(torch.float32).reshape(view.shape))
+    from lightning_nf4.format.tensor import dequantize_weight
+
+    assert dequantize_weight(tensor.reshape(64, 32), torch.float32).shape == (64, 32)
+
+
+def test_a_layer_in_the_nf4_tensor_form_loads_its_own_keep_vars_state_and_keeps_the_form():
+    """``load_state_dict(state_dict(keep_vars=True))`` failed on ``aten.view.dtype``; loading also turned the layer
+    back into packed-bytes form (a new, plain parameter) where it held an NF4Tensor."""
+    from torch import nn
+
+    from lightning_nf4 import NF4Linear
+
+    source, target = NF4Linear.from_linear(nn.Linear(64, 32)), NF4Linear.from_linear(nn.Linear(64, 32))
+    source.to_nf4_tensor(), target.to_nf4_tensor()
+    target.load_state_dict(source.state_dict(keep_vars=True))
+    assert isinstance(target.weight, NF4Tensor) and torch.equal(target.dequantize(), source.dequantize())
+    plain = NF4Linear.from_linear(nn.Linear(64, 32))
+    plain.load_state_dict(source.state_dict())
+    assert not isinstance(plain.weight, NF4Tensor) and torch.equal(plain.dequantize(), source.dequantize())
+
+
+def test_double_quantization_of_scales_that_overflow_their_mean_is_refused_by_name():
+    """Finite weights near float32's limit: the mean of their scales is inf; the quantizer failed with an IndexError
+    (bitsandbytes returns NaN weights)."""
+    from lightning_nf4.format import NF4FormatError
+
+    with pytest.raises(NF4FormatError, match=r"w: its block scales \(up to 3e\+38\) overflow float32 .*double_quant=False"):
+        quantize_nf4(torch.full((2, 64), 3e38), 64, True, name="w")
+    assert torch.isfinite(quantize_nf4(torch.full((2, 64), 3e38), 64, False).dequantize()).all()

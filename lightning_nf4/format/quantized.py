@@ -158,6 +158,11 @@ def quantize_nf4(
     nested = None
     if double_quant:
         offset = absmax.mean()
+        if device.type != "meta" and not bool(torch.isfinite(offset)):  # scales near float32's limit sum past it
+            raise NF4FormatError(
+                f"{name}: its block scales (up to {float(absmax.max()):.3g}) overflow float32 when averaged for double "
+                "quantization (bitsandbytes gives NaN weights here). Quantize it with double_quant=False, or rescale it."
+            )
         nested_code = dynamic_map(device)
         qabsmax, nested_absmax = ops.quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
         nested = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset)

@@ -109,7 +109,8 @@ class NF4Tensor(Tensor):
         return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant={self.quant!r})"
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return self.quant.dequantize(dtype or self.dtype)
+        """The float weight, in this tensor's shape (a view, such as FSDP's flat one, keeps its own)."""
+        return self.quant.dequantize(dtype or self.dtype).view(self.shape)
 
     def _alias(self, quant: Optional[NF4Weight] = None, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
         quant = quant or self.quant
@@ -294,8 +295,9 @@ def _new_zeros(t: NF4Tensor, size: list[int], dtype: Any = None, layout: Any = N
     device = device or q.device
     zeros = lambda n, like: torch.zeros(n, dtype=like.dtype, device=device)  # noqa: E731
     nested = q.nested
-    if nested is not None:
-        nested = replace(nested, absmax=zeros(-(-blocks // nested.blocksize), nested.absmax), code=nested.code.to(device), offset=nested.offset.to(device))
+    if nested is not None:  # zero offset too: a scale decodes to code * 0 + offset, and the weight must read as zeros
+        nested = replace(nested, absmax=zeros(-(-blocks // nested.blocksize), nested.absmax), code=nested.code.to(device),
+                         offset=torch.zeros_like(nested.offset, device=device))
     quant = replace(
         q, packed=torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device), absmax=zeros(blocks, q.absmax),
         code=q.code.to(device), shape=torch.Size(size), nested=nested,
@@ -369,4 +371,4 @@ def _(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 @_implements(torch.ops.lightning_nf4.dequantize_nf4_tensor.default)
 def _dequantize(t: NF4Tensor, dtype: torch.dtype) -> Tensor:
-    return t.quant.dequantize(dtype)
+    return t.dequantize(dtype)

@@ -271,8 +271,13 @@ class NF4Linear(nn.Module):
             self._drop_group_round()
 
     def _set_quant(self, quant: NF4Weight) -> None:
-        self.weight = nn.Parameter(quant.packed, requires_grad=False)
-        self._quant = quant.with_packed(self.weight)
+        """A new weight, in the form the layer holds (an ``NF4Tensor`` stays one: the form FSDP2 shards)."""
+        if isinstance(self._parameters.get("weight"), NF4Tensor):
+            self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)
+            self._quant = None
+        else:
+            self.weight = nn.Parameter(quant.packed, requires_grad=False)
+            self._quant = quant.with_packed(self.weight)
         self._drop_group_round()  # weights dequantized from the old codes must not be handed out
 
     # -- behaviour ----------------------------------------------------------------------------
@@ -484,7 +489,9 @@ class NF4Linear(nn.Module):
 
     def _load_weight(self, tensors: dict[str, Tensor], name: str) -> None:
         target = self.weight.device
-        if is_bnb_quantized(tensors):
+        if isinstance(tensors[""], NF4Tensor):  # a state dict with keep_vars=True of the NF4Tensor form
+            quant = tensors[""].quant
+        elif is_bnb_quantized(tensors):
             quant = from_bnb_tensors(tensors, name)
         elif tensors[""].is_floating_point():
             extra = sorted(k for k in tensors if k)

@@ -882,6 +882,14 @@ MUTATIONS: list[Mutation] = [
           '        if False:\n            self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)\n'),),
         ("tests/test_edges_tensor.py::test_a_layer_in_the_nf4_tensor_form_loads_its_own_keep_vars_state_and_keeps_the_form",),
     ),
+    Mutation(
+        "functorch-direct-kernel",
+        "under torch.func the eager fast path hands storage-less wrappers to the C kernels",
+        "lightning_nf4/kernels/ops.py",
+        (("    if type(tensor) in _PLAIN and not torch.compiler.is_compiling() and not in_functorch():\n",
+          "    if type(tensor) in _PLAIN and not torch.compiler.is_compiling():\n"),),
+        ("tests/test_edges_linear.py::test_torch_func_transforms_run_through_the_ops",),
+    ),
 ]
 
 

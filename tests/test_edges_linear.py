@@ -243,3 +243,17 @@ def test_a_weight_replaced_by_other_codes_or_floats_is_refused_not_misread():
     expected = e(x)
     e.weight = nn.Parameter(e.weight.detach().clone(), requires_grad=False)  # the same codes, copied
     assert torch.equal(e(x), expected)
+
+
+def test_torch_func_transforms_run_through_the_ops():
+    """``vmap``, ``grad`` and ``jacrev`` wrap tensors in objects without storage: the C kernels were handed them
+    ("Cannot access data pointer"). Under a transform the ops go through the dispatcher, and autograd keeps the
+    weight itself instead of re-dequantizing it."""
+    layer = _layer(16, 64, bias=True)
+    weight, bias = layer.dequantize(torch.float32), layer.bias.detach()
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), nn.functional.linear(x, weight, bias))
+    grad = torch.func.grad(lambda v: layer(v).sum())(x[:3])
+    torch.testing.assert_close(grad, weight.sum(0).expand(3, 64))
+    jacobian = torch.func.jacrev(layer)(x[0])
+    torch.testing.assert_close(jacobian, weight)

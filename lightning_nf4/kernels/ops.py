@@ -33,9 +33,14 @@ def _register(op: torch.library.CustomOpDef, device_type: str, kernel: Callable)
 _PLAIN = (Tensor, torch.nn.Parameter)  # Parameter adds no dispatch behaviour; subclasses such as FakeTensor do
 
 
+def in_functorch() -> bool:
+    """Under torch.func (vmap, grad, jacrev) tensors made inside are wrappers without storage: no pointer to read."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _direct(op: torch.library.CustomOpDef, tensor: Tensor) -> Callable:
     """The device kernel to call without the dispatcher, or the op itself where tracing needs it."""
-    if type(tensor) in _PLAIN and not torch.compiler.is_compiling():
+    if type(tensor) in _PLAIN and not torch.compiler.is_compiling() and not in_functorch():
         kernel = _KERNELS.get(op, {}).get(tensor.device.type)
         if kernel is not None:
             return kernel

@@ -346,7 +346,8 @@ class NF4Linear(nn.Module):
             # low_memory_recompute: a checkpoint recompute dequantizes this weight alone, not its group's block
             alone = self.low_memory_recompute and not compiling and _in_checkpoint_recompute()
             w = quant.dequantize(dtype) if alone else self._dequantized(quant, dtype)
-            if needs_grad and (self.low_memory_recompute or not _recorded_by_checkpoint()):
+            # (torch.func's transforms wrap the weight in tensors without storage: plain autograd there)
+            if needs_grad and (self.low_memory_recompute or not _recorded_by_checkpoint()) and not ops.in_functorch():
                 hooks = _Redequantize(w, quant, dtype)
                 with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
                     out = torch.nn.functional.linear(x.to(dtype), w)

@@ -13,6 +13,7 @@ go through ``torch.ops.lightning_nf4.*`` as usual.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Optional
 
@@ -293,8 +294,10 @@ def gemv_plan(
     where the Triton kernel does not serve this layout. Eager only: compiled code calls ``gemv_4bit``."""
     from lightning_nf4.kernels import triton_kernels
 
-    if _KERNELS.get(_gemv_4bit, {}).get(packed.device.type) is not triton_kernels.gemv_4bit:
+    registered = _KERNELS.get(_gemv_4bit, {}).get(packed.device.type)
+    if getattr(registered, "__wrapped__", registered) is not triton_kernels.gemv_4bit:
         return None
+    check_codes(packed, absmax, blocksize, out_features * in_features, nested_absmax, nested_blocksize)  # once per plan
     return triton_kernels.gemv_plan(packed, absmax, code, blocksize, out_features, in_features, nested_absmax, nested_code,
                                     offset, nested_blocksize, dtype)
 
@@ -351,6 +354,7 @@ def check_codes(packed: Tensor, absmax: Tensor, blocksize: int, numel: int, nest
 
 
 def _checked_dequantize(kernel: Callable) -> Callable:
+    @functools.wraps(kernel)  # ``__wrapped__``: what is registered underneath (gemv_plan asks)
     def run(packed, absmax, code, blocksize, numel, dtype, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
         check_codes(packed, absmax, blocksize, numel, nested_absmax, nested_blocksize)
         return kernel(packed, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize)
@@ -358,6 +362,7 @@ def _checked_dequantize(kernel: Callable) -> Callable:
 
 
 def _checked_group(kernel: Callable) -> Callable:
+    @functools.wraps(kernel)  # ``__wrapped__``: what is registered underneath (gemv_plan asks)
     def run(packed, absmax, code, blocksize, numels, dtype, nested_absmax, nested_code, offsets, nested_blocksize=256):
         for p, a, n, (nested, _, _) in reference.group_members(packed, absmax, numels, nested_absmax, nested_code, offsets):
             check_codes(p, a, blocksize, n, nested, nested_blocksize)
@@ -366,6 +371,7 @@ def _checked_group(kernel: Callable) -> Callable:
 
 
 def _checked_gemv(kernel: Callable) -> Callable:
+    @functools.wraps(kernel)  # ``__wrapped__``: what is registered underneath (gemv_plan asks)
     def run(x, packed, absmax, code, blocksize, out_features, in_features, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
         check_codes(packed, absmax, blocksize, out_features * in_features, nested_absmax, nested_blocksize)
         if x.numel() != in_features:

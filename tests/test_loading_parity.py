@@ -154,3 +154,20 @@ def test_a_checkpoint_quantized_otherwise_names_its_float_original_as_the_fix(tm
                                                                         r"model's float \(unquantized\) checkpoint"):
         warnings.simplefilter("ignore")
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=FP32, progress=False)
+
+
+def test_rwkv_layers_rescaled_in_place_are_named_with_both_ways_out(tmp_path):
+    """RWKV divides ``attention.output`` and ``feed_forward.value`` in place when it turns to eval: on NF4 codes the
+    first forward failed with a dtype error naming nothing. Refused at load, and both fixes it names load and run."""
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, attention_hidden_size=64,
+                                     intermediate_size=128, context_length=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"RWKV rescales rwkv.blocks.0.attention.output .*rescale_every=0.*llm_int8_skip_modules"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=FP32, progress=False)
+    skip = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=["attention.output", "feed_forward.value"])
+    for kwargs in (dict(quantization_config=FP32, rescale_every=0), dict(quantization_config=skip)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False, **kwargs)
+        assert isinstance(model.rwkv.blocks[0].attention.key, NF4Linear)
+        assert torch.isfinite(logits(model)).all()

@@ -127,6 +127,7 @@ class AutoModelForCausalLM:
                 str(path), gguf_file=gguf_file, config=config, dtype=dtype, quantization_config=transformers.GgufConfig(dequantize=True), **model_kwargs)
             if nf4 is not None:
                 convert_linears(model, **nf4.convert_kwargs(model), device=target)
+                _refuse_rescaled_in_place(model)
             return _finish(model.to(target), nf4), []
 
         with _parameters_on_meta():
@@ -134,6 +135,7 @@ class AutoModelForCausalLM:
         _read_generation_config(model, path)
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs(model))  # NF4Linear placeholders on meta
+            _refuse_rescaled_in_place(model)
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
             if nf4 is not None:
@@ -198,6 +200,23 @@ class _Source:
                 f"{type(config).__name__} nor loading arguments. Check the spelling (e.g. quantization_config)."
             )
         return config, model_kwargs
+
+
+# Layers a transformers model rescales in place by itself (RWKV halves them every ``rescale_every`` blocks when it
+# turns to eval, and doubles them back for training): arithmetic on their packed codes would fail or corrupt them.
+_RESCALED_IN_PLACE = ("attention.output", "feed_forward.value")
+
+
+def _refuse_rescaled_in_place(model: nn.Module) -> None:
+    if not getattr(model.config, "rescale_every", 0) or not hasattr(model, "rwkv"):
+        return
+    rescaled = [n for n, _ in nf4_layers(model) if n.endswith(_RESCALED_IN_PLACE)]
+    if rescaled:
+        raise ValueError(
+            f"RWKV rescales {rescaled[0]} and the like in place (config.rescale_every={model.config.rescale_every}), which "
+            "NF4 codes cannot take. Load with rescale_every=0 (no rescaling: only float16 needs it), or keep them in float "
+            "with BitsAndBytesConfig(..., llm_int8_skip_modules=['attention.output', 'feed_forward.value'])."
+        )
 
 
 def _one_device(device: Union[str, torch.device, None], device_map: Any) -> Union[str, torch.device, None]:

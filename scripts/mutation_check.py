@@ -821,14 +821,6 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_loading_parity.py::test_a_non_persistent_buffer_in_the_checkpoint_is_ignored",),
     ),
     Mutation(
-        "prequantized-default-compute",
-        "a bare BitsAndBytesConfig's default float32 compute dtype replaces a pre-quantized checkpoint's",
-        "lightning_nf4/loading/config.py",
-        (('            compute = {k: v for k, v in _explicit(requested).items() if k == "bnb_4bit_compute_dtype"}\n',
-          '            compute = {k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}\n'),),
-        ("tests/test_loading.py::test_a_config_that_a_prequantized_checkpoint_overrides_is_said",),
-    ),
-    Mutation(
         "compiled-partial-block",
         "compiled code fuses the plain dequantize for a weight ending in a partial block (inductor reads garbage scales)",
         "lightning_nf4/kernels/ops.py",
@@ -889,6 +881,22 @@ MUTATIONS: list[Mutation] = [
         (("    if type(tensor) in _PLAIN and not torch.compiler.is_compiling() and not in_functorch():\n",
           "    if type(tensor) in _PLAIN and not torch.compiler.is_compiling():\n"),),
         ("tests/test_edges_linear.py::test_torch_func_transforms_run_through_the_ops",),
+    ),
+    Mutation(
+        "deferred-tie-reads-whole",
+        "the deferred loader reads both tensors of a tied pair whole to compare them",
+        "lightning_nf4/loading/deferred.py",
+        (("        if deferred.index.same_values(deferred.tensors[first], deferred.tensors[name]):\n",
+          "        if torch.equal(deferred.index.read(deferred.tensors[first]), deferred.index.read(deferred.tensors[name])):\n"),),
+        ("tests/test_loading_parity.py::test_the_deferred_tie_check_reads_no_tensor_whole",),
+    ),
+    Mutation(
+        "nf4-tensor-data-keeps-layout",
+        "`param.data = other` on an NF4Tensor keeps the old codes and scales",
+        "lightning_nf4/format/tensor.py",
+        (("        torch._C.TensorBase.data.__set__(self, value)\n        self.quant = value.quant\n",
+          "        torch._C.TensorBase.data.__set__(self, value)\n"),),
+        ("tests/test_edges_tensor.py::test_data_assignment_moves_the_layout_or_is_refused",),
     ),
 ]
 

@@ -257,3 +257,19 @@ def test_double_quantization_of_scales_that_overflow_their_mean_is_refused_by_na
     with pytest.raises(NF4FormatError, match=r"w: its block scales \(up to 3e\+38\) overflow float32 .*double_quant=False"):
         quantize_nf4(torch.full((2, 64), 3e38), 64, True, name="w")
     assert torch.isfinite(quantize_nf4(torch.full((2, 64), 3e38), 64, False).dequantize()).all()
+
+
+def test_data_assignment_moves_the_layout_or_is_refused():
+    """``a.weight.data = b.weight.data`` on the NF4Tensor form kept a's old weight (its codes and scales live in
+    ``quant``, which ``.data`` did not touch); a float tensor there was taken without effect."""
+    from torch import nn
+
+    from lightning_nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    a, b = NF4Linear.from_linear(nn.Linear(64, 32)), NF4Linear.from_linear(nn.Linear(64, 32))
+    a.to_nf4_tensor(), b.to_nf4_tensor()
+    a.weight.data = b.weight.data
+    assert torch.equal(a.dequantize(), b.dequantize()) and isinstance(a.weight.data, NF4Tensor)
+    with pytest.raises(TypeError, match=r"takes another NF4Tensor of shape \(32, 64\), got a Tensor"):
+        a.weight.data = torch.randn(32, 64)

@@ -388,9 +388,11 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
     the original model's within what Q8_0 plus NF4 cost (a weight read in the wrong row order would not)."""
     original = tiny_llama()
     write_tiny_gguf(tmp_path / "tiny.gguf", original)
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", quantization_config=NF4, progress=False)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", quantization_config=NF4, dtype=torch.bfloat16, progress=False)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.bfloat16)
     NF4Precision().convert_module(theirs)
+    default = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", quantization_config=NF4, progress=False)
+    assert default.dtype == transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf").dtype == torch.float32
     a, b = nf4_state(ours), nf4_state(theirs)
     assert a.keys() == b.keys() and len(a) == 14
     for name in a:
@@ -409,21 +411,19 @@ def test_gguf_file_is_dequantized_by_transformers_then_quantized(tmp_path):
 
 def test_a_config_that_a_prequantized_checkpoint_overrides_is_said(float_dir, tmp_path):
     """The saved codes are already quantized (double quantization on, bf16 compute): a requested config without it
-    cannot change that, and the loader took the checkpoint's settings silently where transformers warns. A compute
-    dtype the caller set is the caller's; BitsAndBytesConfig's default (float32, what a bare config carries) is not:
-    the checkpoint's stays, as transformers keeps it, and the float parts keep the checkpoint's dtype."""
+    cannot change that, and the loader took the checkpoint's settings silently where transformers warns. The compute
+    dtype is the caller's, in every form of the config (object, its dict), and the float parts keep the checkpoint's
+    dtype (they became float32 with a bare config's default compute dtype: twice the memory)."""
     import warnings
 
     AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, progress=False).save_pretrained(tmp_path)
     single = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
-    with pytest.warns(UserWarning, match="already quantized with bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype='bfloat16'.*"
-                                         "False, bnb_4bit_compute_dtype='float32' cannot change that"):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=single, progress=False)
-    layer = model.model.layers[0].mlp.up_proj
-    assert layer.double_quant and layer.compute_dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
-    half = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16)
+    for config in (single, single.to_dict()):
+        with pytest.warns(UserWarning, match="already quantized with bnb_4bit_use_double_quant=True.*False cannot change that"):
+            model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, progress=False)
+        layer = model.model.layers[0].mlp.up_proj
+        assert layer.double_quant and layer.compute_dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.bfloat16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
-        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=half, progress=False)
-    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.float16
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
+    assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16

@@ -49,10 +49,15 @@ def test_without_dtype_the_float_parts_keep_the_checkpoints_dtype(tmp_path):
         layer = model.model.layers[0].mlp.up_proj
         assert layer.quant.dtype == torch.bfloat16 and layer.compute_dtype == torch.float32  # computes as bitsandbytes would
     assert AutoModelForCausalLM.from_pretrained(tmp_path, progress=False).dtype == torch.bfloat16  # a float load too
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["dtype"]  # a config that names no dtype: the checkpoint's first float tensor decides, as in transformers
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BARE, progress=False).dtype == torch.bfloat16
+    # a config that names no dtype: the checkpoint's first float tensor in key order decides, as in transformers (in
+    # byte order a pre-quantized checkpoint's float32 scales come first: float32 float parts, twice the memory)
+    AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BARE, progress=False).save_pretrained(tmp_path / "nf4")
+    for folder in (tmp_path, tmp_path / "nf4"):
+        config = json.loads((folder / "config.json").read_text())
+        del config["dtype"]
+        (folder / "config.json").write_text(json.dumps(config))
+        assert AutoModelForCausalLM.from_pretrained(folder, quantization_config=BARE, progress=False).dtype == torch.bfloat16
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16  # transformers' reading
 
 
 def _with_head(folder, head):
@@ -171,3 +176,27 @@ def test_rwkv_layers_rescaled_in_place_are_named_with_both_ways_out(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False, **kwargs)
         assert isinstance(model.rwkv.blocks[0].attention.key, NF4Linear)
         assert torch.isfinite(logits(model)).all()
+
+
+def test_the_deferred_tie_check_reads_no_tensor_whole(tmp_path, monkeypatch):
+    """``device="meta"`` reads nothing until sharding; the tie check read both tensors of a tied pair whole on every
+    rank (2 GiB for a 128k x 4096 bf16 table). A ``.bin`` pair of one storage is equal unread; safetensors ranges
+    are compared a chunk at a time."""
+    from lightning_nf4.loading.checkpoint import CheckpointIndex
+
+    model = llama(tie=True)
+    model.config.save_pretrained(tmp_path)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    torch.save(state, tmp_path / "pytorch_model.bin")  # as torch.save writes a tied pair: both keys, one storage
+    reads = []
+    original = CheckpointIndex.read
+    monkeypatch.setattr(CheckpointIndex, "read", lambda self, name: reads.append(name) or original(self, name))
+    AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=FP32, device="meta")
+    assert reads == []
+    a = torch.randn(300, 70)
+    b, c = a.clone(), a.clone()
+    c[-1, -1] += 1  # differs in the last chunk only
+    save_file({"a": a, "b": b, "c": c}, tmp_path / "three.safetensors")
+    index = CheckpointIndex([tmp_path / "three.safetensors"])
+    assert index.same_values("a", "b", chunk=1000) and not index.same_values("a", "c", chunk=1000) and reads == []

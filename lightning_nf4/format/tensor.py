@@ -108,6 +108,20 @@ class NF4Tensor(Tensor):
     def __repr__(self) -> str:  # no tensor ops: printing must work on any rank, sharded or not
         return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant={self.quant!r})"
 
+    @property
+    def data(self) -> Tensor:  # as Tensor.data: a detached alias
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        """``param.data = other``: the layout (codes and scales, in ``quant``) must follow, or the weight keeps its old
+        values; only another NF4 weight of the same shape fits."""
+        if not isinstance(value, NF4Tensor) or value.shape != self.shape:
+            raise TypeError(f"an NF4Tensor's .data takes another NF4Tensor of shape {tuple(self.shape)}, got a "
+                            f"{type(value).__name__} of shape {tuple(value.shape)}; quantize float weights with quantize_nf4.")
+        torch._C.TensorBase.data.__set__(self, value)
+        self.quant = value.quant
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight, in this tensor's shape (a view, such as FSDP's flat one, keeps its own)."""
         return self.quant.dequantize(dtype or self.dtype).view(self.shape)

@@ -62,9 +62,9 @@ class AutoModelForCausalLM:
         ``quantization_config``: a ``transformers.BitsAndBytesConfig`` (or its dict) with
         ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``; None loads in float unless the checkpoint
         itself is a bitsandbytes 4-bit one. ``dtype`` is the dtype of everything left in float and the one
-        weights are quantized from (``"auto"``: the checkpoint's; a string names a torch dtype; transformers' older
-        ``torch_dtype`` is the same argument); left out, transformers' default: ``"auto"`` from transformers 5 on,
-        float32 before. ``device_map`` takes one device
+        weights are quantized from (``"auto"``: the checkpoint's, or torch's default dtype where neither config nor
+        weights name one, as for GGUF; a string names a torch dtype; transformers' older ``torch_dtype`` is the same
+        argument); left out, transformers' default: ``"auto"`` from transformers 5 on, float32 before. ``device_map`` takes one device
         (``"cuda:0"``, ``0``, ``{"": 0}``) as ``device`` does; a map spreading the model over devices is refused.
 
         As in transformers: ``config`` (a config object or folder) replaces the folder's ``config.json``;
@@ -119,7 +119,8 @@ class AutoModelForCausalLM:
         saved = getattr(config, "quantization_config", None)
         nf4 = parse_quantization_config(quantization_config, saved)
         files = checkpoint_files(path, source.use_safetensors, source.variant) if gguf_file is None else []
-        dtype = _float_dtype(_default_dtype() if dtype is None else dtype, config, files) or (nf4.compute_dtype if nf4 else torch.bfloat16)
+        # where neither the config nor the checkpoint names a dtype (GGUF), transformers falls back to torch's default
+        dtype = _float_dtype(_default_dtype() if dtype is None else dtype, config, files) or torch.get_default_dtype()
 
         if gguf_file is not None:  # transformers dequantizes GGUF on load; we quantize afterwards
             # dequantize=True: plain weights, no GGUF quantizer left on the model (it would refuse save_pretrained)

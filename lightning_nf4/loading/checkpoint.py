@@ -127,20 +127,21 @@ def _check_layout(file: Path, header: dict[str, Any]) -> int:
 
 
 def first_float_dtype(files: Sequence[Path]) -> Optional[torch.dtype]:
-    """The dtype of the checkpoint's first floating-point tensor (in file order), read from headers only: what
-    transformers' ``dtype="auto"`` takes when the config names none."""
-    for file in files:
-        if file.suffix == ".safetensors":
-            with open(file, "rb") as handle:
-                header = _safetensors_header(file, handle)[0]
-            entries = sorted(header.values(), key=lambda entry: entry["data_offsets"][0])
-            dtypes = [_ST_DTYPES.get(entry.get("dtype")) for entry in entries]
-        else:
-            dtypes = [tensor.dtype for tensor in _load_bin(file).values()]
-        found = next((d for d in dtypes if d is not None and d.is_floating_point), None)
-        if found is not None:
-            return found
-    return None
+    """What transformers' ``dtype="auto"`` takes when the config names none: the dtype of the first floating-point
+    tensor (not float8) of the first weight file, in the order its reader lists the keys; read from the header."""
+    if not files:
+        return None
+    file = files[0]
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with open(file, "rb") as handle:
+            header = _safetensors_header(file, handle)[0]
+        with safe_open(str(file), framework="pt") as reader:
+            dtypes = [_ST_DTYPES.get(header[key].get("dtype")) for key in reader.keys()]
+    else:
+        dtypes = [tensor.dtype for tensor in _load_bin(file).values()]
+    return next((d for d in dtypes if d is not None and d.is_floating_point and d.itemsize > 1), None)
 
 
 def count_tensors(files: list[Path]) -> int:
@@ -228,6 +229,34 @@ class CheckpointIndex:
             if handle.readinto(memoryview(buffer.numpy())) != stop - begin:
                 raise CheckpointError(f"{file} ended inside tensor {name!r}; the file is truncated. Re-download it.")
         return buffer.view(dtype).reshape(entry["shape"])
+
+
+    def same_values(self, first: str, second: str, chunk: int = 16 << 20) -> bool:
+        """Whether two tensors of the checkpoint hold the same values, without holding either whole: ``.bin``
+        names of one storage (how torch.save writes tied weights) are equal unread; safetensors ranges are
+        compared bytes by bytes, ``chunk`` bytes at a time."""
+        (file_a, entry_a, start_a), (file_b, entry_b, start_b) = self._where[first], self._where[second]
+        if start_a < 0 or start_b < 0 or entry_a.get("dtype") != entry_b.get("dtype") or entry_a.get("shape") != entry_b.get("shape"):
+            if start_a < 0 and start_b < 0 and file_a == file_b:
+                if file_a not in self._bins:
+                    self._bins[file_a] = _load_bin(file_a)
+                a, b = self._bins[file_a][first], self._bins[file_a][second]
+                if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset() \
+                        and a.shape == b.shape and a.stride() == b.stride():
+                    return True
+                return a.shape == b.shape and bool(torch.equal(a, b))  # memory-mapped: paged in, not copied
+            a, b = self.read(first), self.read(second)
+            return a.shape == b.shape and bool(torch.equal(a.to(b.dtype), b))
+        (begin_a, stop_a), (begin_b, _) = entry_a["data_offsets"], entry_b["data_offsets"]
+        with open(file_a, "rb") as handle_a, open(file_b, "rb") as handle_b:
+            handle_a.seek(start_a + begin_a)
+            handle_b.seek(start_b + begin_b)
+            total = stop_a - begin_a
+            for done in range(0, total, chunk):
+                size = min(chunk, total - done)
+                if handle_a.read(size) != handle_b.read(size):
+                    return False
+        return True
 
 
 def _load_bin(file: Path) -> dict[str, Tensor]:

@@ -88,13 +88,6 @@ def _as_dict(config: Any) -> Optional[dict[str, Any]]:
     raise TypeError(f"quantization_config must be a transformers.BitsAndBytesConfig or a dict, got {type(config).__name__}.")
 
 
-def _explicit(config: Any) -> dict[str, Any]:
-    """The settings the caller set: a dict's keys, a ``BitsAndBytesConfig``'s differences from its defaults."""
-    if config is None or isinstance(config, dict):
-        return dict(config or {})
-    return config.to_diff_dict() if hasattr(config, "to_diff_dict") else _as_dict(config) or {}
-
-
 def _dtype(value: Any) -> torch.dtype:
     if value is None:  # BitsAndBytesConfig's default, so that its dict means the same as the object
         return torch.float32
@@ -129,30 +122,26 @@ def parse_quantization_config(requested: Any, saved: Any) -> Optional[NF4LoadCon
     if saved_dict is not None and saved_dict.get("quant_method", "bitsandbytes") == "bitsandbytes":
         _check(saved_dict, "the checkpoint's quantization_config", saved=True)
         if saved_dict.get("load_in_4bit"):
-            # the caller's compute dtype applies when set (to other than BitsAndBytesConfig's default float32)
-            compute = {k: v for k, v in _explicit(requested).items() if k == "bnb_4bit_compute_dtype"}
-            _warn_overridden(requested_dict, saved_dict, applied=compute)
+            _warn_overridden(requested_dict, saved_dict)
+            compute = {k: v for k, v in (requested_dict or {}).items() if k == "bnb_4bit_compute_dtype"}
             return _settings({**saved_dict, **compute}, prequantized=True)
     if requested_dict is None or not requested_dict.get("load_in_4bit"):
         return None
     return _settings(requested_dict, prequantized=False)
 
 
-def _warn_overridden(requested: Optional[dict[str, Any]], saved: dict[str, Any], applied: dict[str, Any]) -> None:
-    """The codes are already quantized: the checkpoint's settings are the ones that hold, as in transformers, which
-    warns likewise; only a compute dtype the caller set (``applied``) is the caller's."""
+def _warn_overridden(requested: Optional[dict[str, Any]], saved: dict[str, Any]) -> None:
+    """The codes are already quantized: the checkpoint's settings are the ones that hold (only the compute dtype is
+    the caller's), as in transformers, which warns likewise."""
     if requested is None:
         return
     keys = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "llm_int8_skip_modules")
     differ = [k for k in keys if k in requested and requested[k] != saved.get(k) and not (k == "llm_int8_skip_modules" and requested[k] is None)]
-    compute = "bnb_4bit_compute_dtype"
-    if not applied and compute in requested and _dtype(requested[compute]) != _dtype(saved.get(compute)):
-        differ.append(compute)
     if differ:
         warnings.warn(
             f"The checkpoint is already quantized with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; the "
             f"quantization_config's {', '.join(f'{k}={requested[k]!r}' for k in differ)} cannot change that and is ignored "
-            "(only a bnb_4bit_compute_dtype other than BitsAndBytesConfig's default, float32, is taken from it).",
+            "(only bnb_4bit_compute_dtype is taken from it).",
             stacklevel=4,
         )
 

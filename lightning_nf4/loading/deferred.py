@@ -163,7 +163,7 @@ def _untie_differing(model: nn.Module, deferred: DeferredCheckpoint) -> None:
         first = first_names.setdefault(id(param), name)
         if first == name or first not in deferred.tensors or name not in deferred.tensors:
             continue
-        if torch.equal(deferred.index.read(deferred.tensors[first]), deferred.index.read(deferred.tensors[name])):
+        if deferred.index.same_values(deferred.tensors[first], deferred.tensors[name]):
             continue
         warnings.warn(
             f"The config ties {name} to {first}, but the checkpoint holds both with different values: they are loaded "

@@ -898,6 +898,20 @@ MUTATIONS: list[Mutation] = [
           "        torch._C.TensorBase.data.__set__(self, value)\n"),),
         ("tests/test_edges_tensor.py::test_data_assignment_moves_the_layout_or_is_refused",),
     ),
+    Mutation(
+        "fsdp-checkpoint-drops-buffers",
+        "nf4_fsdp's consolidated checkpoint state holds the trainable parameters only, not the persistent buffers",
+        "lightning_nf4/strategies/fsdp.py",
+        (("    for name, buffer in persistent_buffers(module).items():\n        out[name] = buffer.detach().cpu()\n", ""),),
+        ("tests/test_fsdp.py::test_the_consolidated_state_holds_persistent_buffers_and_loads_them_back",),
+    ),
+    Mutation(
+        "fsdp-loads-full-base",
+        "nf4_fsdp copies a full checkpoint's packed NF4 base into the sharded weights (a size mismatch naming nothing)",
+        "lightning_nf4/strategies/fsdp.py",
+        (("    base = [n for n in state if n in params and _is_nf4_weight(params[n])]\n", "    base = []\n"),),
+        ("tests/test_fsdp.py::test_a_full_checkpoint_is_refused_by_nf4_fsdp_with_the_way_out",),
+    ),
 ]
 
 

@@ -467,3 +467,49 @@ def cli_fit_on_two_ranks(tmp_path: Path, accelerator: str = "cpu", command: Opti
     out = tmp_path / "fit-out"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / ("model.safetensors.index.json" if sharded else "model.safetensors")).is_file()
+
+
+def test_the_consolidated_state_holds_persistent_buffers_and_loads_them_back():
+    """``nf4_fsdp``'s checkpoints (``lightning_module_state_dict``: ``full_trainable_state``) held the trainable
+    parameters only: a persistent buffer (a norm's running statistics, a step counter) was dropped, and a resume or
+    ``load_from_checkpoint`` silently restarted it from its initial value. Non-persistent buffers stay out."""
+    from lightning_nf4.strategies.fsdp import full_trainable_state, load_full_state
+
+    def build():
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        module[0].weight.requires_grad_(False)
+        module.register_buffer("table", torch.arange(3.0), persistent=False)
+        return module
+
+    trained = build()
+    trained.train()
+    trained(torch.randn(8, 4))  # moves the running statistics
+    state = full_trainable_state(trained)
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked", "0.bias"} <= set(state)
+    assert "table" not in state and "0.weight" not in state
+    fresh = build()
+    load_full_state(fresh, state)
+    assert torch.equal(fresh[1].running_mean, trained[1].running_mean) and int(fresh[1].num_batches_tracked) == 1
+
+
+def test_a_full_checkpoint_is_refused_by_nf4_fsdp_with_the_way_out():
+    """A one-process or DDP full checkpoint under ``nf4_fsdp`` failed on "size mismatch ... checkpoint (32768, 1),
+    model (256, 256)" (its packed NF4 base against the sharded weight); ``full_checkpoint=True`` under ``nf4_fsdp``
+    wrote the trainable weights only, unmarked, and its load then blamed the LoRA settings. Both are refused by
+    name before anything is written or changed (the callback's check runs without a process group)."""
+    import lightning.pytorch as pl
+
+    from lightning_nf4 import LoRACallback
+    from lightning_nf4.strategies.fsdp import NF4ShardingConfigError, load_full_state
+
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    whole = layer.state_dict()
+    layer.to_nf4_tensor()  # the form nf4_fsdp shards
+    holder = nn.Module()
+    holder.layer = layer
+    with pytest.raises(NF4ShardingConfigError, match=r"holds the whole model's NF4 base \(layer.weight and 0 more\).*adapter-only"):
+        load_full_state(holder, {f"layer.{k}": v for k, v in whole.items()}, strict=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="nf4_fsdp", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"full_checkpoint=True\) under nf4_fsdp.*Leave full_checkpoint=False"):
+        LoRACallback(full_checkpoint=True).setup(trainer, pl.LightningModule(), "fit")

@@ -27,12 +27,13 @@ from lightning_nf4 import export, publish
 from lightning_nf4.callbacks.rng import RNGCheckpoint
 from lightning_nf4.checkpoint_io import verify_archive
 from lightning_nf4.format.quantized import float_dtype
+from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import NF4LoraLinear, lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import call_layers_in_torch_transformers, exclude_nf4_from_ddp_sync, matches, within
 from lightning_nf4.plugins.precision import NF4Precision
-from lightning_nf4.strategies.fsdp import has_sharded_parameters
+from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
 
 _CKPT_KEY = "lightning_nf4"
 
@@ -125,6 +126,12 @@ class LoRACallback(Callback):
                 "gradients (torch refuses at the first step). Keep the adapters in float32 (the default)."
             )
         _refuse_weight_averaging(trainer)
+        if self.full_checkpoint and isinstance(trainer.strategy, NF4FSDPStrategy):
+            raise ValueError(
+                "LoRACallback(full_checkpoint=True) under nf4_fsdp: the strategy's checkpoints hold the trainable weights "
+                "and buffers, consolidated, not the sharded NF4 base (rebuilt from the model's own weights on resume). "
+                "Leave full_checkpoint=False; the exports (save_dir) write the whole merged model."
+            )
         if stage == "fit" and self.save_dir is not None and trainer.is_global_zero:
             publish.check_writable(self.save_dir, "LoRACallback save_dir", export.PARTS)  # before training, not after it
             publish.recover(self.save_dir)  # finish or clear what a killed run's export left there
@@ -433,7 +440,7 @@ class LoRACallback(Callback):
         self._cast_trained(module)
 
     def _apply_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = {**dict(module.named_parameters()), **_persistent_buffers(module)}
+        params = {**dict(module.named_parameters()), **persistent_buffers(module)}
         trainable = {n for n, p in params.items() if p.requires_grad}
         # a trained weight this callback freezes (modules_to_save, use_dora given then, not now) is as foreign as an unknown one
         foreign = {k for k in state if k not in params or (isinstance(params[k], nn.Parameter) and not params[k].requires_grad)}
@@ -581,7 +588,7 @@ def check_scaling(meta: dict[str, Any], r: int, alpha: float, holder: str, fix: 
 
 def _trained_keys(module: nn.Module) -> set[str]:
     """What an adapter-only checkpoint holds: the trained parameters and every persistent buffer."""
-    return {n for n, p in module.named_parameters() if p.requires_grad} | set(_persistent_buffers(module))
+    return {n for n, p in module.named_parameters() if p.requires_grad} | set(persistent_buffers(module))
 
 
 def _raise_if_mismatch(what: str, missing: list[str], unexpected: list[str]) -> None:
@@ -617,16 +624,6 @@ def _warn_running_stats(module: nn.Module, modules_to_save: Sequence[str]) -> No
             f"LoRACallback: {norms[:4]} keep running statistics, which training updates though their weights are frozen; "
             "the PEFT adapter export does not hold them. Add them to modules_to_save to export them, or keep them in eval mode."
         )
-
-
-def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers a state dict holds (``persistent=True``), by their state-dict names."""
-    found = {}
-    for prefix, sub in module.named_modules():
-        for name, buffer in sub._buffers.items():
-            if buffer is not None and name not in sub._non_persistent_buffers_set:
-                found[f"{prefix}.{name}" if prefix else name] = buffer
-    return found
 
 
 def _is_number(value: object, integral: bool = False) -> bool:

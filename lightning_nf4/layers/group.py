@@ -116,5 +116,16 @@ def _outermost_list_elements(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The buffers ``state_dict`` holds, by their state-dict names (a module shared under two names, under both); a
+    non-persistent one (a rotary table) is rebuilt by its module and is not among them."""
+    return {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, sub in module.named_modules(remove_duplicate=False)
+        for name, buffer in sub._buffers.items()
+        if buffer is not None and name not in sub._non_persistent_buffers_set
+    }
+
+
 def group_of(layer: nn.Module) -> Optional[DequantGroup]:
     return getattr(layer, "_group", None)

@@ -316,7 +316,9 @@ class NF4Linear(nn.Module):
         if isinstance(weight, DTensor):
             raise RuntimeError(
                 "This NF4Linear's weight is sharded across ranks (FSDP2) and not gathered now; its full weight exists "
-                "only inside the module's forward/backward, or under NF4FSDPStrategy.gathered(module)."
+                "only inside the forward and backward of the sharding unit that holds it (NF4FSDPStrategy's "
+                "sharding_units: by default each decoder layer, or each child of the LightningModule). Call that unit's "
+                "forward, not a layer inside it directly; the exports (LoRACallback save_dir) gather the weights for you."
             )
         if quant.packed is not weight or quant.absmax.device != weight.device:
             _check_replacement(quant, weight)

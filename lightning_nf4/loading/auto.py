@@ -26,10 +26,10 @@ from lightning_nf4.loading.checkpoint import (
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.deferred import attach
 from lightning_nf4.loading.devices import resolve_device
-from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer, persistent_buffers
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
-from lightning_nf4.layers.group import group_nf4_layers
+from lightning_nf4.layers.group import group_nf4_layers, persistent_buffers
 from lightning_nf4.plugins.convert import convert_linears, nf4_layers, release_freed_host_memory
 
 class AutoModelForCausalLM:

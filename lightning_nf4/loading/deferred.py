@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
+from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
-from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer, persistent_buffers
+from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
 # Wrappers PEFT puts around a module: their tensors come from the wrapped module's checkpoint keys.

@@ -39,17 +39,6 @@ class KeyMap:
         return candidate in self.known or bool(match and match["layer"] in self.layers)
 
 
-def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
-    """The buffers a checkpoint fills (those ``state_dict`` holds): a non-persistent one (a rotary table) is built by
-    the model, and a checkpoint's copy of it is ignored, as transformers ignores it."""
-    return {
-        f"{prefix}.{name}" if prefix else name: buffer
-        for prefix, module in model.named_modules(remove_duplicate=False)
-        for name, buffer in module._buffers.items()
-        if buffer is not None and name not in module._non_persistent_buffers_set
-    }
-
-
 def _renamings(model: nn.Module) -> list[Any]:
     """transformers' key renames for ``model`` (5.x keeps them beside the model code); none on older versions."""
     try:

@@ -32,8 +32,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from lightning_nf4.format.tensor import check_shardable
-from lightning_nf4.layers.group import find_by_class, repeated_blocks
+from lightning_nf4.format.tensor import NF4Tensor, check_shardable
+from lightning_nf4.layers.group import find_by_class, persistent_buffers, repeated_blocks
 from lightning_nf4.layers.linear import NF4Linear
 
 
@@ -312,9 +312,10 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
         _flat_collective(grads, average)
 
-    # -- checkpoints: the trainable weights, consolidated --------------------------------------
+    # -- checkpoints: the trainable weights and the buffers, consolidated ------------------------
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The trainable parameters, whole, on rank 0 (every rank takes part in the gathers)."""
+        """The trainable parameters, whole, and the persistent buffers (a norm's running statistics), on rank 0
+        (every rank takes part in the gathers)."""
         assert self.lightning_module is not None
         state = full_trainable_state(self.lightning_module)
         return state if self.global_rank == 0 else {}
@@ -429,7 +430,8 @@ def without_kv_cache(hf: Optional[nn.Module]) -> bool:
 
 
 def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter, whole, on the CPU: a collective, so every rank must call it."""
+    """Every trainable parameter, whole, and every persistent buffer (never sharded), on the CPU: a collective, so
+    every rank must call it."""
     from torch.distributed.tensor import DTensor
 
     out = {}
@@ -437,19 +439,39 @@ def full_trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
         if param.requires_grad:
             value = param.full_tensor() if isinstance(param, DTensor) else param
             out[name] = value.detach().cpu()
+    for name, buffer in persistent_buffers(module).items():
+        out[name] = buffer.detach().cpu()
     return out
 
 
 def load_full_state(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy whole tensors into (possibly sharded) parameters: each rank keeps its own rows. No communication."""
-    params = dict(module.named_parameters())
-    unexpected = sorted(set(state) - set(params))
+    """Copy whole tensors into (possibly sharded) parameters, each rank keeping its own rows, and into the
+    persistent buffers. No communication."""
+    params, buffers = dict(module.named_parameters()), persistent_buffers(module)
+    unexpected = sorted(set(state) - set(params) - set(buffers))
     if strict and unexpected:
         raise RuntimeError(f"unexpected keys in the checkpoint: {unexpected[:5]}")
+    base = [n for n in state if n in params and _is_nf4_weight(params[n])]
+    if base:
+        raise NF4ShardingConfigError(
+            f"The checkpoint holds the whole model's NF4 base ({base[0]} and {len(base) - 1} more): a full checkpoint of "
+            "one process or DDP (LoRACallback(full_checkpoint=True), ModelCheckpoint(save_weights_only=True)). nf4_fsdp "
+            "takes the base from the model's own weights and resumes from adapter-only checkpoints (LoRACallback's "
+            "default); resume this one without nf4_fsdp, or load it with lightning_nf4.load_from_checkpoint and export."
+        )
     with torch.no_grad():
         for name, value in state.items():
             if name in params:
                 copy_full_into(params[name], value, name)
+            elif name in buffers:
+                copy_full_into(buffers[name], value, name)
+
+
+def _is_nf4_weight(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local() if isinstance(param, DTensor) else param
+    return isinstance(local, NF4Tensor)
 
 
 def copy_full_into(param: torch.Tensor, value: torch.Tensor, name: str = "parameter") -> None:

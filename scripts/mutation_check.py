@@ -816,8 +816,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "loader-non-persistent-buffers",
         "the loader fills non-persistent buffers from the checkpoint",
-        "lightning_nf4/loading/keys.py",
-        (("        if buffer is not None and name not in module._non_persistent_buffers_set\n", "        if buffer is not None\n"),),
+        "lightning_nf4/layers/group.py",
+        (("        if buffer is not None and name not in sub._non_persistent_buffers_set\n", "        if buffer is not None\n"),),
         ("tests/test_loading_parity.py::test_a_non_persistent_buffer_in_the_checkpoint_is_ignored",),
     ),
     Mutation(

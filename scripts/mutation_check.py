@@ -153,7 +153,7 @@ MUTATIONS: list[Mutation] = [
         "full-checkpoint-ignored",
         "`LoRACallback(full_checkpoint=True)` still writes adapter-only checkpoints",
         "lightning_nf4/callbacks/lora.py",
-        (("        if self.full_checkpoint:\n            return\n        trainable =", "        trainable ="),),
+        (("        if self.full_checkpoint:\n            return\n        # every persistent buffer too", "        # every persistent buffer too"),),
         ("tests/test_claims.py::test_full_checkpoint_holds_the_whole_model",),
     ),
     Mutation(
@@ -554,14 +554,14 @@ MUTATIONS: list[Mutation] = [
         "limited-epoch-counted-unfinished",
         "an epoch ended by limit_train_batches counts as unfinished: the resumed next epoch skips its first batches",
         "lightning_nf4/data/resumable.py",
-        (('                "finished": int(self._handed_out >= self._epoch_length())}', '                "finished": int(self._handed_out >= len(self))}'),),
+        (('                "finished": int(self._handed_out >= self._epoch_length()), **self._layout()}', '                "finished": int(self._handed_out >= len(self)), **self._layout()}'),),
         ("tests/test_reliability.py",),
     ),
     Mutation(
         "adapter-checkpoint-drops-buffers",
         "adapter-only checkpoints keep trainable weights only: BatchNorm statistics and a module's own buffers are lost on resume",
         "lightning_nf4/callbacks/lora.py",
-        (("| set(_persistent_buffers(pl_module))", ""),),
+        ((" | set(persistent_buffers(module))", ""),),
         ("tests/test_plugin_user.py",),
     ),
     Mutation(
@@ -582,7 +582,7 @@ MUTATIONS: list[Mutation] = [
         "alpha-unchecked",
         "a checkpoint trained with another alpha (same shapes) is exported and resumed silently",
         "lightning_nf4/callbacks/lora.py",
-        (('        if "alpha" in meta and (meta["r"], meta["alpha"]) != (self.r, self.alpha):', "        if False:"),),
+        (('    if "alpha" in meta and (meta["r"], meta["alpha"]) != (r, alpha):', "    if False:"),),
         ("tests/test_cli_user.py",),
     ),
     Mutation(
@@ -723,7 +723,7 @@ MUTATIONS: list[Mutation] = [
         "tied-head-quantized",
         "the loader keeps only lm_head in float, quantizing tied output heads of other names",
         "lightning_nf4/loading/config.py",
-        (("        return tuple(dict.fromkeys([*self.skip_modules, *_output_and_tied(model)]))", "        return self.skip_modules"),),
+        (("        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))", "        return self.skip_modules"),),
         ("tests/test_loading_args.py",),
     ),
     Mutation(

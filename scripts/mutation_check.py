@@ -833,8 +833,7 @@ MUTATIONS: list[Mutation] = [
         "quant-setter-scales-only",
         "`layer.quant = q` keeps the old codes under q's scales",
         "lightning_nf4/layers/linear.py",
-        (("        self.blocksize, self.double_quant = value.blocksize, value.double_quant\n        self._set_quant(value)\n",
-          "        self._quant = value\n"),),
+        (("        self._set_quant(value)\n", "        self._quant = value\n"),),
         ("tests/test_edges_linear.py::test_setting_quant_replaces_codes_and_scales_together",),
     ),
     Mutation(

@@ -155,7 +155,7 @@ def _check_replacement(quant: NF4Weight, weight: Tensor) -> None:
             "with layer.quant = quantize_nf4(new_weight) or load_state_dict, not by assigning tensors to layer.weight."
         )
     old = quant.packed
-    if quant.packed is not weight and old.device == weight.device and not weight.is_meta and not old.is_meta \
+    if old is not weight and old.device == weight.device and not weight.is_meta and not old.is_meta \
             and old.data_ptr() != weight.data_ptr() and not torch.equal(old, weight):
         raise RuntimeError(
             "NF4Linear's weight was replaced by other packed codes (layer.weight = another_layer.weight?): their "
@@ -272,6 +272,7 @@ class NF4Linear(nn.Module):
 
     def _set_quant(self, quant: NF4Weight) -> None:
         """A new weight, in the form the layer holds (an ``NF4Tensor`` stays one: the form FSDP2 shards)."""
+        self.blocksize, self.double_quant = quant.blocksize, quant.double_quant
         if isinstance(self._parameters.get("weight"), NF4Tensor):
             self.weight = nn.Parameter(NF4Tensor(quant), requires_grad=False)
             self._quant = None
@@ -292,7 +293,6 @@ class NF4Linear(nn.Module):
         if tuple(value.shape) != (self.out_features, self.in_features):
             raise ValueError(f"NF4Linear.quant: the layout is {tuple(value.shape)}, this layer is [{self.out_features}, "
                              f"{self.in_features}] (out_features, in_features).")
-        self.blocksize, self.double_quant = value.blocksize, value.double_quant
         self._set_quant(value)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -518,7 +518,6 @@ class NF4Linear(nn.Module):
             )
         if target.type != "meta":
             quant = quant.to(target)
-        self.blocksize, self.double_quant = quant.blocksize, quant.double_quant
         self._set_quant(quant)
 
     def _load_bias(self, state_dict: dict, prefix: str, missing_keys: list, error_msgs: list) -> None:

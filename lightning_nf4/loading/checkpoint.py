@@ -216,9 +216,7 @@ class CheckpointIndex:
         """The tensor ``name`` on the CPU, in fresh memory (no view of a mapped file)."""
         file, entry, data_start = self._where[name]
         if data_start < 0:
-            if file not in self._bins:
-                self._bins[file] = _load_bin(file)
-            return self._bins[file][name].clone()
+            return self._bin(file)[name].clone()
         dtype = _ST_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which lightning-nf4 cannot read.")
@@ -231,6 +229,12 @@ class CheckpointIndex:
         return buffer.view(dtype).reshape(entry["shape"])
 
 
+    def _bin(self, file: Path) -> dict[str, Tensor]:
+        """A ``.bin`` file's tensors, memory-mapped once."""
+        if file not in self._bins:
+            self._bins[file] = _load_bin(file)
+        return self._bins[file]
+
     def same_values(self, first: str, second: str, chunk: int = 16 << 20) -> bool:
         """Whether two tensors of the checkpoint hold the same values, without holding either whole: ``.bin``
         names of one storage (how torch.save writes tied weights) are equal unread; safetensors ranges are
@@ -238,9 +242,7 @@ class CheckpointIndex:
         (file_a, entry_a, start_a), (file_b, entry_b, start_b) = self._where[first], self._where[second]
         if start_a < 0 or start_b < 0 or entry_a.get("dtype") != entry_b.get("dtype") or entry_a.get("shape") != entry_b.get("shape"):
             if start_a < 0 and start_b < 0 and file_a == file_b:
-                if file_a not in self._bins:
-                    self._bins[file_a] = _load_bin(file_a)
-                a, b = self._bins[file_a][first], self._bins[file_a][second]
+                a, b = self._bin(file_a)[first], self._bin(file_a)[second]
                 if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset() \
                         and a.shape == b.shape and a.stride() == b.stride():
                     return True

@@ -503,6 +503,39 @@ def resume_before_validation(tmp_path, make_trainer):
     _assert_same(straight, run(str(tmp_path / "ckpt" / "step=3.ckpt")))  # mid-epoch: 3 of 6 batches
 
 
+@pytest.mark.parametrize("val_check_interval, limits", [(6, {"max_epochs": 3}), (1.0, {"max_steps": 14, "max_epochs": -1})])
+def test_resume_from_an_epoch_end_checkpoint_with_validation(tmp_path, val_check_interval, limits):
+    """A plain shuffling loader, a validation loader, and a checkpoint saved at the first epoch's end: by the
+    validation inside its last batch (``val_check_interval`` equal to the epoch's length), or at the epoch's end in a
+    run limited by steps. The resumed run makes its loader's iterator (a base-seed draw) when fit sets up its data
+    and again as the next epoch starts: the states are put back again there (every later batch and dropout mask
+    differed)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    dataset = token_loader(n=24).dataset  # 6 batches an epoch
+
+    class Validated(CausalLM):
+        def validation_step(self, batch, batch_idx):
+            (ids,) = batch
+            self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0 if ckpt_path is None else 1234)
+        model = Validated(lr=1e-2)
+        callbacks = [LoRACallback(r=4, alpha=8)]  # the default dropout draws from the generator every step
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+        t = trainer(tmp_path, **limits, val_check_interval=val_check_interval, num_sanity_val_steps=0,
+                    plugins=NF4Precision(), callbacks=callbacks, enable_checkpointing=ckpt_path is None)
+        t.fit(model, DataLoader(dataset, batch_size=4, shuffle=True), DataLoader(dataset, batch_size=8),
+              ckpt_path=ckpt_path, weights_only=ckpt_path is not None)
+        return _trainable(model)
+
+    straight = run()
+    _assert_same(straight, run(str(tmp_path / "ckpt" / "epoch=0.ckpt")))
+
+
 def test_ddp_resume_restores_every_ranks_generators(tmp_path):
     """Two gloo ranks with different dropout streams, stopped mid-epoch and resumed: the adapters equal an
     uninterrupted two-rank run's exactly (each rank got its own states back). Runs in subprocesses with timeouts."""

@@ -468,6 +468,9 @@ class LoRACallback(Callback):
         self._rng.hold_during_validation(trainer)  # what a checkpoint saved now holds, and the next batch must find
         self._last_epoch = trainer.current_epoch
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rng.on_train_epoch_start(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit":
             self._rng.resume_after_validation(trainer)

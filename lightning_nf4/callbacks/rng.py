@@ -8,7 +8,10 @@ Everything is stored as plain tensors, so a weights-only load needs nothing allo
 When they are put back matters. At an epoch boundary they are restored when fit starts (after the model,
 optimizers and checkpoint are set up, before the loader's iterator and the next epoch's shuffle draw from
 them: exactly where the uninterrupted run stood). A resume inside an epoch restores them again just before
-the next batch, since creating the loader's iterator drew from them in between. Validation inside fit leaves them as it
+the next batch, since creating the loader's iterator drew from them in between. Where Lightning makes the
+loader's iterator again when the next epoch starts, after the one made when fit set up its data (a checkpoint
+saved by a validation in an epoch's last batch, or at the epoch's end with a validation loader), they are restored
+again as that epoch starts. Validation inside fit leaves them as it
 found them: a checkpoint saved at a batch's end precedes a validation that a resumed run does not repeat.
 """
 
@@ -106,17 +109,21 @@ class RNGCheckpoint:
         self._pending = {name: value[trainer.global_rank].clone() for name, value in states.items()}
         self._again_before_batch = bool(saved["mid_epoch"])
         if self._fit_started:  # strategies that restore after setup (e.g. FSDP) load after on_fit_start
-            self._apply(trainer, keep=self._again_before_batch)
+            self._apply(trainer, keep=True)
 
     def on_fit_start(self, trainer: Any) -> None:
         self._fit_started = True
         if self._pending is not None:
-            self._apply(trainer, keep=self._again_before_batch)
+            self._apply(trainer, keep=True)
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        if not self._again_before_batch and self._pending is not None and _iterator_made_again(trainer):
+            self._apply(trainer, keep=False)
 
     def on_train_batch_start(self, trainer: Any) -> None:
         if self._again_before_batch and self._pending is not None:
-            self._again_before_batch = False
             self._apply(trainer, keep=False)
+        self._pending, self._again_before_batch = None, False  # kept for the time before the first batch only
 
     def hold_during_validation(self, trainer: Any) -> None:
         """Called at each training batch's end. Validation inside fit draws from the generators (a loader without a
@@ -138,3 +145,10 @@ class RNGCheckpoint:
         restore(self._pending, trainer.strategy.root_device)
         if not keep:
             self._pending = None
+
+
+def _iterator_made_again(trainer: Any) -> bool:
+    """Lightning's own test (``_TrainingEpochLoop.on_run_start``) for making the training loader's iterator again as
+    an epoch starts rather than using the one made when fit set up its data."""
+    fit_loop = trainer.fit_loop
+    return trainer.current_epoch > 0 and not getattr(fit_loop, "is_resuming", False) and not fit_loop.epoch_loop.restarting

@@ -48,6 +48,7 @@ def test_kernels_dequant_shapes_sweeps_every_setting_under_the_interpreter():
         assert len(row) == 10 and all(cell.endswith("%") for cell in row[2:]), row
 
 
+@pytest.mark.timeout(660)  # its subprocess stops at 600 s
 @pytest.mark.slow
 def test_gemv_sweep_checks_every_setting_and_the_other_kernels_under_the_interpreter(tmp_path):
     """Every setting of the package's and the old kernel matches dequantize + matvec; a probe_* kernel runs unchecked;
@@ -76,6 +77,7 @@ def test_kernels_dequant_shapes_on_the_cpu_times_the_c_kernel():
     assert "Sweep detail" not in out
 
 
+@pytest.mark.timeout(460)  # its subprocess stops at 400 s
 @pytest.mark.slow
 def test_generate_compiled_rows_on_the_cpu():
     """Every model and mode gives a rate; the compiled NF4 decode step has no graph break and does not recompile."""
@@ -90,6 +92,7 @@ def test_generate_compiled_rows_on_the_cpu():
             assert row[8:12] == ["1", "0", "0", "0"], row  # graphs, graph breaks, CUDA-graph skips, recompiles
 
 
+@pytest.mark.timeout(460)  # its subprocess stops at 400 s
 def test_fsdp_host_overhead_times_each_phase_of_ddp_and_sharded_steps():
     """The CPU stand-in for the sharded step's host time (a fake 2-rank group) runs DDP and nf4_fsdp variants,
     the what-if among them, and prints a positive time for every phase of each."""
@@ -102,6 +105,7 @@ def test_fsdp_host_overhead_times_each_phase_of_ddp_and_sharded_steps():
     assert float(rows["ddp"][5]) == 0.0  # extra per layer against the first configuration
 
 
+@pytest.mark.timeout(460)  # its subprocess stops at 400 s
 def test_fsdp_scaling_reports_host_and_device_time_of_each_phase(tmp_path):
     """Two gloo ranks of the sharded step: each rank prints the host time it took to issue forward, backward and
     optimizer step (the device column is NaN without a GPU)."""

@@ -196,6 +196,7 @@ print("ok")
 """
 
 
+@pytest.mark.timeout(660)  # its subprocess stops at 600 s
 def test_runs_without_bitsandbytes(tmp_path):
     """In a process where bitsandbytes cannot be imported and has no installed metadata: quantize, fit with
     NF4Precision + LoRACallback, export, load a float checkpoint into NF4, save it in bitsandbytes' format, load

@@ -214,6 +214,7 @@ def test_a_datamodule_without_validation_data_trains_and_says_so(tmp_path, model
     assert trainer.global_step == 1
 
 
+@pytest.mark.timeout(660)  # its subprocess stops at 600 s
 def test_console_script_exits_zero_after_a_run(tmp_path, model_dir, monkeypatch):
     """``lightning-nf4 fit ...`` as the shell runs it: the entry point's return value is the exit status."""
     from importlib.metadata import entry_points

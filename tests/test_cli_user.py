@@ -192,6 +192,7 @@ def test_export_of_a_full_checkpoint_with_another_alpha_is_refused(tmp_path):
               "--out_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.timeout(660)  # two subprocesses, each stopped at 300 s
 def test_predict_under_ddp_prints_every_prompt_once_in_order(fitted):
     """Lightning deals the prompts out to the processes; only the first process's share was printed, renumbered
     from 0. Two gloo processes must print what one does. Subprocesses with timeouts (DDP re-runs the module)."""

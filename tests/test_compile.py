@@ -16,6 +16,8 @@ from lightning_nf4.plugins.compile import CompileConfigError, compile_blocks, co
 from tests.lightning_models import Regressor, tiny_llama
 from tests import isolated
 
+pytestmark = pytest.mark.timeout(1300)  # the fixture's fits and two-rank run, and three two-rank runs of up to 400 s in one test
+
 WORKER = Path(__file__).with_name("compile_worker.py")
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from tests import isolated
 
+pytestmark = pytest.mark.timeout(540)  # the fixture's run and the test's, each stopped at 240 s
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 

@@ -23,6 +23,8 @@ from lightning_nf4.strategies import NF4FSDPStrategy, NF4ShardingConfigError
 from lightning_nf4.strategies.fsdp import find_sharding_units
 from tests import isolated
 
+pytestmark = pytest.mark.timeout(1000)  # the fixture's three runs of up to 300 s count against its first test; a CLI run stops at 600 s
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 

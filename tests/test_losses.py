@@ -207,6 +207,7 @@ print("liger matches")
 """
 
 
+@pytest.mark.timeout(360)  # its subprocess stops at 300 s
 def test_liger_backend_matches_under_the_triton_interpreter():
     pytest.importorskip("liger_kernel.transformers.functional")
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -148,6 +148,7 @@ def test_compiled_checkpointed_llama_with_the_option_matches_eager():
 
 
 # -- sharded: NF4FSDPStrategy, two gloo ranks, in a subprocess with a timeout ----------------------------------------
+@pytest.mark.timeout(860)  # two two-rank runs, each stopped at 400 s
 def test_sharded_fit_with_the_option_keeps_one_projection_and_trains_the_same(tmp_path):
     """Under NF4FSDPStrategy(activation_checkpointing=True) each weight is an all-gathered NF4Tensor and each
     decoder layer's weights are grouped: with the option a rank holds at most one dequantized projection in any

@@ -536,6 +536,7 @@ def test_resume_from_an_epoch_end_checkpoint_with_validation(tmp_path, val_check
     _assert_same(straight, run(str(tmp_path / "ckpt" / "epoch=0.ckpt")))
 
 
+@pytest.mark.timeout(540)  # two two-rank runs, each stopped at 240 s
 def test_ddp_resume_restores_every_ranks_generators(tmp_path):
     """Two gloo ranks with different dropout streams, stopped mid-epoch and resumed: the adapters equal an
     uninterrupted two-rank run's exactly (each rank got its own states back). Runs in subprocesses with timeouts."""

@@ -11,6 +11,7 @@ from tests.guarded import run_bounds_check
 pytest.importorskip("triton")
 
 
+@pytest.mark.timeout(360)  # its subprocess stops at 300 s
 def test_triton_kernels_under_the_interpreter_match_the_cpu_kernels():
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))

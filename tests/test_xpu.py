@@ -127,6 +127,7 @@ def test_registered_under_xpu():
     assert xpu_mod._patch_accelerator_connector() is True  # idempotent: already patched at import
 
 
+@pytest.mark.timeout(360)  # its subprocess stops at 300 s
 def test_import_lightning_nf4_registers_xpu():
     """Fails until lightning_nf4/__init__.py imports lightning_nf4.accelerators."""
     code = (

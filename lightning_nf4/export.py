@@ -131,6 +131,28 @@ def _ties_saved(root: nn.Module) -> bool:
     return any(len(names) > 1 for names, _ in _trained_in_full(root))
 
 
+def own_lora_config(root: nn.Module, adapter_name: str) -> Optional[LoraConfig]:
+    """The ``LoraConfig`` PEFT recorded on the model it wrapped (``get_peft_model``, ``inject_adapter_in_model``)."""
+    config = getattr(root, "peft_config", None)
+    own = config.get(adapter_name) if isinstance(config, dict) else None
+    return own if isinstance(own, LoraConfig) else None
+
+
+_CARRIED = ("use_rslora", "rank_pattern", "alpha_pattern")
+
+
+def _carried(own: Optional[LoraConfig]) -> dict[str, Any]:
+    """What a model's own LoRA config sets beyond rank, alpha and targets that PEFT needs to load the adapter as
+    trained: rsLoRA's scaling, per-layer ranks and alphas, and an init that rewrites the base (OLoRA, PiSSA),
+    which PEFT repeats on the float base as it loads."""
+    if own is None:
+        return {}
+    out = {key: getattr(own, key) for key in _CARRIED if getattr(own, key, None)}
+    if isinstance(own.init_lora_weights, str):
+        out["init_lora_weights"] = own.init_lora_weights
+    return out
+
+
 def _whole(param: Tensor) -> Tensor:
     """The parameter's full value; for an FSDP-sharded one, gathered (a collective: every rank must ask)."""
     full_tensor = getattr(param, "full_tensor", None)
@@ -155,11 +177,13 @@ def write_adapter(
         return
     if not any(".lora_" in k for k in tensors):
         raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
+    own = own_lora_config(root, adapter_name)
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=_target_names(root),
-        modules_to_save=modules_to_save or None, task_type=_task_type(hf), ensure_weight_tying=_ties_saved(root),
-        fan_in_fan_out=_conv1d_targets(root), use_dora=any(getattr(layer, "lora_magnitude_vector", None) for _, layer in lora_layers(root)),
-        base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None,
+        r=r, lora_alpha=lora_alpha, lora_dropout=own.lora_dropout if own is not None else lora_dropout,
+        target_modules=_target_names(root), modules_to_save=modules_to_save or None, task_type=_task_type(hf),
+        ensure_weight_tying=_ties_saved(root), fan_in_fan_out=_conv1d_targets(root),
+        use_dora=any(getattr(layer, "lora_magnitude_vector", None) for _, layer in lora_layers(root)),
+        base_model_name_or_path=getattr(getattr(hf, "config", None), "_name_or_path", None) or None, **_carried(own),
     )
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -21,6 +21,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.callbacks import Callback
 from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from lightning_nf4 import export, publish
@@ -36,6 +37,8 @@ from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
 
 _CKPT_KEY = "lightning_nf4"
+# a model's own LoraConfig settings whose trained weights an adapter folder cannot hold, with PEFT's defaults
+_UNEXPORTED = (("bias", "none"), ("lora_bias", False), ("trainable_token_indices", None), ("layer_replication", None))
 
 
 class LoRACallback(Callback):
@@ -199,18 +202,45 @@ class LoRACallback(Callback):
 
     def _check_existing_adapters(self, module: nn.Module, to_quantize: set[str]) -> None:
         """A model that carries LoRA already (PEFT's ``get_peft_model`` in ``__init__``, or an earlier fit) is trained
-        as it is; the exports describe it with this callback's ``r`` and ``alpha``, so those must be the layers'. PEFT's
-        own DoRA cannot sit on a base about to be quantized (``to_quantize``): its row norms would read packed codes."""
+        as it is, and its exports must describe it: its config's ``r`` and ``lora_alpha`` are this callback's, the
+        adapter trained and run is the callback's ``adapter_name``, and nothing trains that the adapter folder cannot
+        hold. PEFT's own DoRA or ``target_parameters`` cannot sit on a base about to be quantized (``to_quantize``):
+        they would read or add to packed codes."""
+        own = export.own_lora_config(export.export_root(module)[1], self.adapter_name)
+        if own is not None:
+            unexported = [f"{key}={getattr(own, key)!r}" for key, default in _UNEXPORTED if getattr(own, key, default) != default]
+            if unexported:
+                raise ValueError(
+                    f"The model's own LoraConfig sets {', '.join(unexported)}: the exported adapter holds LoRA weights and "
+                    "modules trained in full only, so it would load as another model. Leave those at PEFT's defaults (train "
+                    "a bias or an embedding in full with modules_to_save), or let LoRACallback inject the adapters itself."
+                )
+            if (own.r, own.lora_alpha) != (self.r, self.alpha):
+                raise ValueError(
+                    f"The model carries LoRA adapter {self.adapter_name!r} with r={own.r}, lora_alpha={own.lora_alpha}, but "
+                    f"LoRACallback has r={self.r}, alpha={self.alpha}: its checkpoints would record another scaling. Give "
+                    f"LoRACallback(r={own.r}, alpha={own.lora_alpha}), or let LoRACallback inject the adapters itself."
+                )
         for name, layer in module.named_modules():
-            if isinstance(layer, LoraLayer) and not isinstance(layer, NF4LoraLinear) and any(getattr(layer, "use_dora", {}).values()):
-                base = layer.get_base_layer()
-                if isinstance(base, NF4Linear) or f"{name}.base_layer" in to_quantize:
-                    raise ValueError(
-                        f"{name} carries PEFT's DoRA on a base that NF4Precision quantizes; PEFT's DoRA cannot read NF4 weights. "
-                        "Let LoRACallback(use_dora=True) inject DoRA after the conversion, or keep the layer in float "
-                        "(NF4Precision(skip_modules=...))."
-                    )
-            if isinstance(layer, LoraLayer) and self.adapter_name in getattr(layer, "r", {}):
+            if not isinstance(layer, LoraLayer):
+                continue
+            self._check_active(name, layer)
+            base = layer.get_base_layer()
+            to_be_quantized = f"{name}.base_layer" in to_quantize
+            dora = not isinstance(layer, NF4LoraLinear) and any(getattr(layer, "use_dora", {}).values())
+            if dora and (isinstance(base, NF4Linear) or to_be_quantized):
+                raise ValueError(
+                    f"{name} carries PEFT's DoRA on a base that NF4Precision quantizes; PEFT's DoRA cannot read NF4 weights. "
+                    "Let LoRACallback(use_dora=True) inject DoRA after the conversion, or keep the layer in float "
+                    "(NF4Precision(skip_modules=...))."
+                )
+            if type(layer).__name__ == "ParamWrapper" and to_be_quantized:
+                raise ValueError(
+                    f"{name} carries PEFT's target_parameters LoRA on a linear that NF4Precision quantizes: its update would "
+                    "be added to the packed codes. Load the model in NF4 first (lightning_nf4's from_pretrained), then "
+                    "wrap it with PEFT; or target the layer with target_modules."
+                )
+            if own is None and self.adapter_name in getattr(layer, "r", {}):
                 r, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
                 if (r, alpha) != (self.r, self.alpha):
                     raise ValueError(
@@ -218,6 +248,15 @@ class LoRACallback(Callback):
                         f"LoRACallback has r={self.r}, alpha={self.alpha}: its exports would describe another adapter. "
                         f"Give LoRACallback(r={r}, alpha={alpha}), or let LoRACallback inject the adapters itself."
                     )
+
+    def _check_active(self, name: str, layer: LoraLayer) -> None:
+        active = list(getattr(layer, "active_adapters", []))
+        if active and active != [self.adapter_name]:
+            raise ValueError(
+                f"{name} runs LoRA adapter(s) {active}, but LoRACallback trains and exports {self.adapter_name!r}: the "
+                "adapter folder would hold another adapter than the merged model. Train one adapter at a time: "
+                f"model.set_adapter(...) and LoRACallback(adapter_name=...) naming it."
+            )
 
     @staticmethod
     def _injected(module: nn.Module) -> bool:
@@ -303,6 +342,7 @@ class LoRACallback(Callback):
     def inject(self, module: nn.Module) -> None:
         """Wrap the target layers with LoRA, freeze all else, cast adapters; idempotent."""
         if self._injected(module):
+            self._saved_modules = list(dict.fromkeys([*self.modules_to_save, *_wrapped_to_save(module)]))
             call_layers_in_torch_transformers(module)
             if self.compile is not None:
                 compile_blocks(module, **self.compile)
@@ -576,6 +616,13 @@ def _refuse_weight_averaging(trainer: pl.Trainer) -> None:
             "changes them), and puts the whole averaged model into the adapter-only checkpoints; it does not work with "
             "LoRACallback. Remove it from the callbacks (an average of the adapters alone is not built in)."
         )
+
+
+def _wrapped_to_save(module: nn.Module) -> list[str]:
+    """The modules PEFT's own ``modules_to_save`` wrapped (by their names under the exported model): trained in full,
+    so the adapter must hold them."""
+    prefix = export.root_prefix(module)
+    return [n.removeprefix(prefix) for n, m in module.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
 def check_scaling(meta: dict[str, Any], r: int, alpha: float, holder: str, fix: str) -> None:

@@ -69,6 +69,7 @@ class NF4Trainer(Trainer):
         callback = next((c for c in self.callbacks if isinstance(c, LoRACallback)), None)
         if callback is None:
             raise ValueError("export needs lightning_nf4.LoRACallback in trainer.callbacks, with the settings of the run that wrote the checkpoint.")
+        model.trainer = self  # as in fit: the model reads the trainer's settings as it builds (NF4Precision's skip_modules)
         build = getattr(model, "build", None)
         build(self.strategy.root_device) if callable(build) else model.configure_model()
         if isinstance(self.precision_plugin, NF4Precision):

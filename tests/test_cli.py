@@ -110,6 +110,9 @@ def test_fit_text_writes_artifacts_and_export_matches(tmp_path, model_dir, capsy
     data = {"class_path": "lightning_nf4.data.TextDataModule",
             "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
     config = write_config(tmp_path, model_dir, data, generation_prompts=["The quick"])
+    saved = yaml.safe_load(config.read_text())  # a layer kept in float: the export must build the base as fit did
+    saved["trainer"]["plugins"]["init_args"]["skip_modules"] = ["lm_head", "down_proj"]
+    config.write_text(yaml.safe_dump(saved))
 
     main(["fit", "--config", str(config)])
     out = capsys.readouterr().out
@@ -128,6 +131,8 @@ def test_fit_text_writes_artifacts_and_export_matches(tmp_path, model_dir, capsy
     assert all(torch.equal(exported[k], at_fit_end[k]) for k in exported)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in exported.items())  # trained, not initial
     assert (tmp_path / "export" / "merged" / "tokenizer.json").is_file()
+    merged, merged_at_fit_end = (load_file(root / "merged" / "model.safetensors") for root in (tmp_path / "export", tmp_path / "fit-out"))
+    assert merged.keys() == merged_at_fit_end.keys() and all(torch.equal(merged[k], merged_at_fit_end[k]) for k in merged)
 
 
 def test_export_takes_last_as_fit_does(tmp_path, model_dir, capsys):

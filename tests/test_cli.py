@@ -161,6 +161,50 @@ def test_export_takes_last_as_fit_does(tmp_path, model_dir, capsys):
         main(["export", "--config", str(config), "--ckpt_path", "best", "--out_dir", str(tmp_path / "best")])
 
 
+_PERPLEXITY_RUN = """
+import sys, torch, lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+from lightning_nf4 import NF4Precision, LoRACallback
+from lightning_nf4.models.causal_lm import CausalLMModule
+
+class Blocks(Dataset):
+    ids = torch.randint(3, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    def __len__(self):
+        return len(self.ids)
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "attention_mask": torch.ones(16, dtype=torch.long)}
+
+devices = int(sys.argv[2])
+module = CausalLMModule(sys.argv[1], compute_dtype="float32", loss="plain")
+trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0)])
+trainer.fit(module, DataLoader(Blocks(), batch_size=2), DataLoader(Blocks(), batch_size=2))
+print(f"rank {trainer.global_rank} after fit: {module.held_out_perplexity()}", flush=True)
+"""
+
+
+@pytest.mark.timeout(400)  # two runs, each stopped at 180 s
+def test_the_held_out_perplexity_covers_the_whole_set_under_ddp(tmp_path, model_dir):
+    """Validation loaders given to fit get Lightning's DistributedSampler under DDP: each rank computed the perplexity
+    of its own half (rank 0's was printed), and the ranks disagreed. Subprocesses with timeouts (DDP re-runs the script)."""
+    from tests import isolated
+
+    script = tmp_path / "perplexity_run.py"
+    script.write_text(_PERPLEXITY_RUN)
+    out = {}
+    for devices in (1, 2):
+        done = isolated.run([sys.executable, str(script), str(model_dir), str(devices)], capture_output=True, text=True,
+                            timeout=180, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[devices] = done.stdout
+    before = {devices: re.search(r"perplexity before: ([0-9.]+) \(held-out, (\d+) tokens", text).groups() for devices, text in out.items()}
+    assert before[2] == before[1] and int(before[1][1]) == 6 * 15  # the base model over every block, in both
+    after = sorted(line.split(": ", 1)[1] for line in out[2].splitlines() if " after fit: " in line)
+    assert len(after) == 2 and after[0] == after[1], out[2]  # the same value on every rank
+    assert after[0].endswith(", 90)"), after
+
+
 def test_fit_instruction_then_predict(tmp_path, model_dir, capsys):
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")

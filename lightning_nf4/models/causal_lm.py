@@ -15,6 +15,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, SequentialSampler
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_nf4.data.text import load_tokenizer
@@ -226,7 +227,8 @@ class CausalLMModule(pl.LightningModule):
     def held_out_perplexity(self) -> Optional[tuple[float, int]]:
         """exp(mean token loss) over the whole validation set, and its token count (None without one).
 
-        Every rank evaluates the full set (no sampler), so the value is the same everywhere without syncing.
+        Every rank evaluates the full set (a loader that Lightning gave a DistributedSampler is read whole, in order),
+        so the value is the same everywhere without syncing.
         """
         from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -239,6 +241,10 @@ class CausalLMModule(pl.LightningModule):
             loader = loader[0] if loader else None
         if loader is None:
             return None
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):  # Lightning's, under DDP: this rank's share
+            from lightning.pytorch.utilities.data import _update_dataloader
+
+            loader = _update_dataloader(loader, SequentialSampler(loader.dataset))
         limit = trainer.limit_val_batches
         n_batches = len(loader) if not isinstance(limit, int) else min(limit, len(loader))
         if isinstance(limit, float):

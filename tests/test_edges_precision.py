@@ -3,6 +3,7 @@
 their owner reads directly, and ``load_in_4bit`` given as a hyperparameter."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 
@@ -110,3 +111,14 @@ def test_packed_weights_are_left_out_of_ddps_start_up_broadcast():
     moved = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear))
     assert all(".base_layer.weight" in name for name in moved) and len(moved) == 3
     assert model._ddp_params_and_buffers_to_ignore == moved  # "proj.bias" is now "proj.base_layer.bias": dropped
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_grad_scaler_without_float16_compute_is_refused(dtype):
+    """It was accepted and dropped (Lightning's MixedPrecision refuses a scaler with 'bf16-mixed')."""
+    from lightning_nf4.plugins.precision import NF4PrecisionError
+
+    with pytest.raises(NF4PrecisionError, match=r"a GradScaler is for float16 compute only"):
+        NF4Precision(compute_dtype=dtype, scaler=torch.amp.GradScaler("cpu"))
+    scaler = torch.amp.GradScaler("cpu")
+    assert NF4Precision(compute_dtype=torch.float16, scaler=scaler).scaler is scaler

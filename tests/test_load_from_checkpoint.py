@@ -120,6 +120,10 @@ def test_checkpoints_it_cannot_rebuild_from_are_named(tmp_path):
     for remap in ({"cuda:0": "cpu"}, lambda storage, location: storage):  # Lightning's per-tensor forms
         with pytest.raises(TypeError, match=r"builds the module on one device; pass that device \(map_location='cuda:0'"):
             load_from_checkpoint(CausalLM, path, map_location=remap)
+    if not torch.cuda.is_available():  # a device that is not here: named, with what is, before anything is built
+        for absent in ("cuda", "cuda:1", 0):
+            with pytest.raises(ValueError, match=r"Device cuda:\d is not available \(found 0 cuda device\(s\)\); available here: \['cpu'"):
+                load_from_checkpoint(CausalLM, path, map_location=absent)
 
 
 class StrictWithHook(CausalLM):

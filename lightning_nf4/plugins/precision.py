@@ -50,6 +50,8 @@ class NF4Precision(MixedPrecision):
             from forward to backward (``lightning_nf4.layers.offload``). Under activation checkpointing these are
             the decoder layers' inputs: at Llama-3-8B shape and 2048 tokens 0.5 GiB less on the device, for one
             copy out and one back per layer, issued without waiting. Off by default.
+        scaler: the ``torch.amp.GradScaler`` for float16 compute (by default one on the training device); refused
+            with another compute dtype, as Lightning's ``MixedPrecision`` refuses it.
     """
 
     def __init__(
@@ -69,8 +71,13 @@ class NF4Precision(MixedPrecision):
             raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
         if device is not None:
             _check_device(device)
+        if scaler is not None and compute_dtype != torch.float16:
+            raise NF4PrecisionError(
+                f"NF4Precision(compute_dtype={compute_dtype}, scaler=...): a GradScaler is for float16 compute only (Lightning's "
+                "'bf16-mixed' refuses one too); leave scaler out, or use compute_dtype=torch.float16."
+            )
         mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"
-        super().__init__(mixed, device=device or "cpu", scaler=scaler if compute_dtype == torch.float16 else None)
+        super().__init__(mixed, device=device or "cpu", scaler=scaler)
         self._user_scaler = scaler is not None
         self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
         self.compute_dtype = compute_dtype

@@ -82,7 +82,7 @@ def _device(map_location: Any) -> torch.device:
     if isinstance(map_location, (str, torch.device, int)):
         from lightning_nf4.loading.devices import resolve_device  # an absent device named, with what is here
 
-        return resolve_device(torch.device(map_location))
+        return resolve_device(map_location)
     raise TypeError(
         f"map_location={map_location!r}: lightning_nf4.load_from_checkpoint builds the module on one device; pass that "
         "device (map_location='cuda:0', 'cpu', ...), not a dict or a function of each tensor's saved location."

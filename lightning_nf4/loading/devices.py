@@ -22,8 +22,8 @@ def available_devices() -> list[str]:
     return found
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None`` means CPU; ``"cuda"``/``"xpu"`` mean device 0 of that kind, which must exist."""
+def resolve_device(device: Union[str, torch.device, int, None]) -> torch.device:
+    """``None`` means CPU; ``"cuda"``/``"xpu"`` mean device 0 of that kind, an index the current accelerator's; it must exist."""
     if device is None:
         return torch.device("cpu")
     try:

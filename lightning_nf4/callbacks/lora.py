@@ -404,6 +404,15 @@ class LoRACallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.setdefault(_CKPT_KEY, {})
         meta["rng"] = self._rng.save(trainer)  # a collective: every rank's generator states
+        pending = _accumulated_unapplied(trainer)
+        if pending:
+            rank_zero_warn(
+                f"LoRACallback: a checkpoint is saved at step {trainer.global_step} with {pending} of "
+                f"{trainer.accumulate_grad_batches} batches' gradients accumulated and not yet applied. Lightning saves no "
+                "gradients, so a run resumed from it takes its next step on the remaining batches only, not as the "
+                "uninterrupted run does. For an exact resume, save at optimizer steps: a val_check_interval that is a "
+                "multiple of accumulate_grad_batches."
+            )
         meta.update({"r": self.r, "alpha": self.alpha, "settings": self._settings(trainer.precision_plugin)})
         if self.full_checkpoint:
             return
@@ -623,6 +632,15 @@ def _wrapped_to_save(module: nn.Module) -> list[str]:
     so the adapter must hold them."""
     prefix = export.root_prefix(module)
     return [n.removeprefix(prefix) for n, m in module.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def _accumulated_unapplied(trainer: pl.Trainer) -> int:
+    """How many batches' gradients a checkpoint saved now leaves out: those accumulated since the last optimizer step,
+    when it is saved inside an accumulation window (by a validation there); 0 at a step."""
+    if trainer.accumulate_grad_batches == 1 or trainer.state.fn != "fit":
+        return 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return 0 if progress.is_last_batch else progress.current.ready % trainer.accumulate_grad_batches
 
 
 def check_scaling(meta: dict[str, Any], r: int, alpha: float, holder: str, fix: str) -> None:

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
+from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision, load_from_checkpoint
 from lightning_nf4.plugins.convert import convert_linears
 
 
@@ -112,6 +112,13 @@ def test_a_weights_only_checkpoint_that_does_not_fit_is_refused(tmp_path):
     other = _trainer(plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[LoRACallback(r=4, target_modules=["net.0"])])
     with pytest.raises(RuntimeError, match="does not fit this model.*unexpected.*net.4.lora_A"):
         other.validate(Net(), _data(), ckpt_path=tmp_path / "w.ckpt", verbose=False)
+    # without a Trainer: such a checkpoint records no settings, so they are asked for (the advice was Lightning's own
+    # load_from_checkpoint, which cannot read its NF4 base), then it loads as the trained model
+    with pytest.raises(ValueError, match=r"holds LoRA weights but no LoRACallback record.*Pass lora=LoRACallback"):
+        load_from_checkpoint(Net, tmp_path / "w.ckpt")
+    loaded = load_from_checkpoint(Net, tmp_path / "w.ckpt", lora=LoRACallback(r=4), precision=NF4Precision(compute_dtype=torch.float32))
+    saved = torch.load(tmp_path / "w.ckpt", weights_only=True)["state_dict"]
+    assert saved.keys() == loaded.state_dict().keys() and all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
 
 
 def test_a_full_checkpoint_of_a_model_with_its_own_peft_adapters_resumes(tmp_path):

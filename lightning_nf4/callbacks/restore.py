@@ -41,10 +41,18 @@ def load_from_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint.get(_CKPT_KEY)
     if meta is None:
-        raise ValueError(
-            f"{str(checkpoint_path)!r} was not written with LoRACallback (it has no {_CKPT_KEY!r} record): load it with "
-            f"{module_class.__name__}.load_from_checkpoint."
-        )
+        if not any(".lora_" in key for key in checkpoint.get("state_dict", {})):
+            raise ValueError(
+                f"{str(checkpoint_path)!r} was not written with LoRACallback (it has no {_CKPT_KEY!r} record): load it with "
+                f"{module_class.__name__}.load_from_checkpoint."
+            )
+        if lora is None:  # Lightning runs no callback hook for save_weights_only checkpoints: the whole model, no record
+            raise ValueError(
+                f"{str(checkpoint_path)!r} holds LoRA weights but no LoRACallback record (a save_weights_only checkpoint: "
+                "Lightning runs no callback hooks for those). Pass lora=LoRACallback(r=..., alpha=..., target_modules=...) "
+                "and precision=NF4Precision(...) as in the run that wrote it (its alpha is not recorded)."
+            )
+        meta = {}  # the whole module's weights, loaded as a full checkpoint
     settings = meta.get("settings")
     if lora is None:
         if settings is None:

@@ -13,8 +13,19 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any, Mapping, Sequence
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run()'s and run_many()'s cleanup, which kill the children's groups
+
+
+# A run stopped from outside (CI's time limit, a kill of pytest) ends as an exit, not abruptly: the children, each in a
+# session of its own, would otherwise outlive it, blocked in a collective.
+if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _terminated)
 
 
 def popen(args: Sequence[str], **kwargs: Any) -> subprocess.Popen:

@@ -79,3 +79,26 @@ def test_run_many_kills_every_running_family_when_one_times_out(tmp_path):
     assert time.monotonic() - started < 40
     for name in ("a", "b"):
         assert _gone(int((tmp_path / name).read_text()))
+
+
+def test_a_terminated_run_still_kills_what_its_children_started(tmp_path):
+    """SIGTERM to the process running the tests (CI's time limit, a kill): the child's own session, and what it
+    started, went on running after pytest died; it now ends as an exit, through run()'s cleanup."""
+    import signal
+    from pathlib import Path
+
+    out = tmp_path / "out.txt"
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (f"import sys; sys.path.insert(0, {root!r}); from tests import isolated; "
+            f"isolated.run([sys.executable, '-c', {_FAMILY!r}, 'hang'], timeout=60, stdout=open({str(out)!r}, 'w'))")
+    parent = isolated.popen([sys.executable, "-c", code])
+    try:
+        end = time.monotonic() + 60
+        while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
+            time.sleep(0.1)
+        grandchild = int(out.read_text().split()[0])
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        assert _gone(grandchild, within=10)
+    finally:
+        isolated.kill(parent)

@@ -10,8 +10,8 @@ import lightning_nf4.accelerators  # noqa: E402,F401
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_nf4",
-    "load_from_checkpoint", "quantize_nf4",
+    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_model",
+    "dequantize_nf4", "load_from_checkpoint", "quantize_nf4",
 ]
 
 
@@ -29,6 +29,10 @@ def __getattr__(name: str):
         from lightning_nf4.callbacks.restore import load_from_checkpoint
 
         return load_from_checkpoint
+    if name == "dequantize_model":  # transformers' model.dequantize() for these models: float layers back, in place
+        from lightning_nf4.plugins.convert import dequantize_linears
+
+        return dequantize_linears
     if name == "AutoModelForCausalLM":  # transformers' name, loading straight into NF4
         from lightning_nf4.loading import AutoModelForCausalLM
 

@@ -975,6 +975,21 @@ MUTATIONS: list[Mutation] = [
         (("    return 0 if progress.is_last_batch else progress.current.ready % trainer.accumulate_grad_batches\n", "    return 0\n"),),
         ("tests/test_reliability.py::test_a_checkpoint_saved_inside_an_accumulation_window_says_its_resume_is_not_exact",),
     ),
+    Mutation(
+        "to-float-layout",
+        "NF4Linear.to_float gives a Conv1D its weight in [out, in] instead of its own [in, out] layout",
+        "lightning_nf4/layers/linear.py",
+        (("        weight = nn.Parameter(self.float_layout(self.dequantize(dtype)).contiguous())\n",
+          "        weight = nn.Parameter(self.dequantize(dtype).contiguous())\n"),),
+        ("tests/test_loading_parity.py::test_dequantize_model_gives_back_the_float_model_as_transformers_dequantize_does",),
+    ),
+    Mutation(
+        "save-weights-only-advice",
+        "load_from_checkpoint of a save_weights_only checkpoint sends the user to Lightning's own load_from_checkpoint",
+        "lightning_nf4/callbacks/restore.py",
+        (("        if not any(\".lora_\" in key for key in checkpoint.get(\"state_dict\", {})):\n", "        if True:\n"),),
+        ("tests/test_plugin_user.py::test_a_weights_only_checkpoint_that_does_not_fit_is_refused",),
+    ),
 ]
 
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import peft
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import BitsAndBytesConfig, GenerationConfig
@@ -200,3 +201,36 @@ def test_the_deferred_tie_check_reads_no_tensor_whole(tmp_path, monkeypatch):
     save_file({"a": a, "b": b, "c": c}, tmp_path / "three.safetensors")
     index = CheckpointIndex([tmp_path / "three.safetensors"])
     assert index.same_values("a", "b", chunk=1000) and not index.same_values("a", "c", chunk=1000) and reads == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dequantize_model_gives_back_the_float_model_as_transformers_dequantize_does(tmp_path, arch):
+    """transformers' ``model.dequantize()`` knows bitsandbytes models only (for these it says the model is not
+    quantized): ``lightning_nf4.dequantize_model`` puts back float layers (GPT-2's ``Conv1D`` in its own layout) with
+    the dequantized weights, drops the quantization config, and the model computes as the NF4 one did; saved, it loads
+    in plain transformers as that model. LoRA on an NF4 layer is refused, naming the export."""
+    from lightning_nf4 import dequantize_model
+    from lightning_nf4.layers.lora import lora_config
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = llama()
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32))
+    model.save_pretrained(tmp_path / "float")
+    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=FP32, progress=False)
+    expected = logits(nf4)
+    float_kind = (transformers.pytorch_utils.Conv1D if arch == "gpt2" else torch.nn.Linear)
+    wrapped = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=FP32, progress=False),
+                                  lora_config(r=2, target_modules=["c_attn"] if arch == "gpt2" else ["q_proj"]))
+    with pytest.raises(ValueError, match=r"carries LoRA on an NF4 layer.*save_merged"):
+        dequantize_model(wrapped)
+
+    assert dequantize_model(nf4) is nf4 and not any(isinstance(m, NF4Linear) for m in nf4.modules())
+    kinds = {type(m) for n, m in nf4.named_modules() if n.endswith(("q_proj", "c_attn", "down_proj", "c_proj"))}
+    assert kinds == {float_kind}
+    assert getattr(nf4.config, "quantization_config", None) is None
+    torch.testing.assert_close(logits(nf4), expected, atol=1e-5, rtol=1e-5)
+    nf4.save_pretrained(tmp_path / "dequantized")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized")
+    torch.testing.assert_close(logits(plain), expected, atol=1e-5, rtol=1e-5)

@@ -299,6 +299,23 @@ class NF4Linear(nn.Module):
         """The float weight ``[out_features, in_features]`` (the original dtype unless ``dtype`` is given)."""
         return self._synced_quant().dequantize(dtype)
 
+    def to_float(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """The float layer this one stands for (``nn.Linear``, or transformers' ``Conv1D`` for a transposed one), with
+        the dequantized weight in ``dtype`` (by default the dtype it was quantized from) on this layer's device; the
+        inverse of ``from_linear``. The bias is kept (cast when ``dtype`` is given)."""
+        weight = nn.Parameter(self.float_layout(self.dequantize(dtype)).contiguous())
+        with torch.device("meta"):  # no float weight drawn only to be replaced
+            if self.stored_transposed:
+                from transformers.pytorch_utils import Conv1D
+
+                layer: nn.Module = Conv1D(self.out_features, self.in_features)
+            else:
+                layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = weight
+        bias = self.bias
+        layer.bias = bias if bias is None or dtype is None or bias.dtype == dtype else nn.Parameter(bias.detach().to(dtype))
+        return layer
+
     def _synced_quant(self) -> NF4Weight:
         # The packed Parameter may have been replaced or moved by code outside this class (e.g. a
         # strategy's model.to(device)); the scales follow it here. An NF4Tensor weight (the form FSDP2

@@ -147,3 +147,28 @@ def exclude_nf4_from_ddp_sync(module: nn.Module) -> None:
 
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+
+
+def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Every ``NF4Linear`` of ``model`` replaced, in place, by the float layer it stands for (``NF4Linear.to_float``):
+    the inverse of ``convert_linears``, as transformers' ``model.dequantize()`` is for bitsandbytes models (which
+    these models are not, to transformers). A Hugging Face model's ``config.quantization_config`` goes with them.
+    NF4 layers under LoRA are refused: their merged float model is an export."""
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), NF4Linear)]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped[0]} carries LoRA on an NF4 layer: dequantizing under it would leave the adapter on another base. "
+            "Write the merged float model (LoRACallback(save_dir=...) or lightning_nf4.export.save_merged), or remove the "
+            "adapters first (PEFT's unload())."
+        )
+    for name, layer in nf4_layers(model):
+        if not name:
+            raise ValueError("dequantize_linears: the model is itself an NF4Linear; use its to_float().")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer.to_float(dtype))
+    config = getattr(model, "config", None)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return model

@@ -21,6 +21,14 @@ def tiny_llama_tied():
 from tests import isolated
 
 
+class Validated(CausalLM):
+    """CausalLM with a validation step: validations inside fit, whose loaders draw from the global generator."""
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+
 def trainer(tmp_path, **kw):
     defaults = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -482,11 +490,6 @@ def resume_before_validation(tmp_path, make_trainer):
 
     dataset = token_loader(n=24).dataset  # 6 batches an epoch
 
-    class Validated(CausalLM):
-        def validation_step(self, batch, batch_idx):
-            (ids,) = batch
-            self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
-
     def run(ckpt_path=None):
         pl.seed_everything(0 if ckpt_path is None else 1234)
         model = Validated(lr=1e-2)
@@ -515,11 +518,6 @@ def test_resume_from_an_epoch_end_checkpoint_with_validation(tmp_path, val_check
 
     dataset = token_loader(n=24).dataset  # 6 batches an epoch
 
-    class Validated(CausalLM):
-        def validation_step(self, batch, batch_idx):
-            (ids,) = batch
-            self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
-
     def run(ckpt_path=None):
         pl.seed_everything(0 if ckpt_path is None else 1234)
         model = Validated(lr=1e-2)
@@ -545,11 +543,6 @@ def test_a_checkpoint_saved_inside_an_accumulation_window_says_its_resume_is_not
     from torch.utils.data import DataLoader
 
     dataset = token_loader(n=24).dataset
-
-    class Validated(CausalLM):
-        def validation_step(self, batch, batch_idx):
-            (ids,) = batch
-            self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
 
     t = trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, val_check_interval=val_check_interval, limit_val_batches=1,
                 num_sanity_val_steps=0, plugins=NF4Precision(), enable_checkpointing=True,

@@ -7,12 +7,12 @@ Everything is stored as plain tensors, so a weights-only load needs nothing allo
 
 When they are put back matters. At an epoch boundary they are restored when fit starts (after the model,
 optimizers and checkpoint are set up, before the loader's iterator and the next epoch's shuffle draw from
-them: exactly where the uninterrupted run stood). A resume inside an epoch restores them again just before
-the next batch, since creating the loader's iterator drew from them in between. Where Lightning makes the
-loader's iterator again when the next epoch starts, after the one made when fit set up its data (a checkpoint
-saved by a validation in an epoch's last batch, or at the epoch's end with a validation loader), they are restored
-again as that epoch starts. Validation inside fit leaves them as it
-found them: a checkpoint saved at a batch's end precedes a validation that a resumed run does not repeat.
+them: exactly where the uninterrupted run stood). Where Lightning makes the loader's iterator again as the next
+epoch starts, after the one made when fit set up its data (a checkpoint saved by a validation in an epoch's last
+batch, or at an epoch's end with a validation loader), they are restored again as that epoch starts. A resume
+inside an epoch restores them again just before the next batch, since creating the loader's iterator drew from
+them in between. Validation inside fit leaves them as it found them: a checkpoint saved at a batch's end precedes
+a validation that a resumed run does not repeat.
 """
 
 from __future__ import annotations

@@ -19,11 +19,13 @@ from typing import Any, Mapping, Sequence
 
 
 def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds through run()'s and run_many()'s cleanup, which kill the children's groups
+    # as Ctrl-C: pytest ends the session (a SystemExit inside a test would only fail that test, and the run go on),
+    # unwinding through run()'s and run_many()'s cleanup, which kill the children's process groups
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
-# A run stopped from outside (CI's time limit, a kill of pytest) ends as an exit, not abruptly: the children, each in a
-# session of its own, would otherwise outlive it, blocked in a collective.
+# A run stopped from outside (CI's time limit, a kill of pytest) ends as an interrupt, not abruptly: the children, each
+# in a session of its own, would otherwise outlive it, blocked in a collective.
 if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
     signal.signal(signal.SIGTERM, _terminated)
 

@@ -83,7 +83,7 @@ def test_run_many_kills_every_running_family_when_one_times_out(tmp_path):
 
 def test_a_terminated_run_still_kills_what_its_children_started(tmp_path):
     """SIGTERM to the process running the tests (CI's time limit, a kill): the child's own session, and what it
-    started, went on running after pytest died; it now ends as an exit, through run()'s cleanup."""
+    started, went on running after pytest died; it now ends as Ctrl-C does, through run()'s cleanup."""
     import signal
     from pathlib import Path
 

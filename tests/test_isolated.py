@@ -102,3 +102,39 @@ def test_a_terminated_run_still_kills_what_its_children_started(tmp_path):
         assert _gone(grandchild, within=10)
     finally:
         isolated.kill(parent)
+
+
+_SLEEPY_TESTS = """
+import sys
+sys.path.insert(0, {root!r})
+from tests import isolated
+
+def test_first():
+    isolated.run([sys.executable, "-c", {family!r}, "hang"], timeout=60, stdout=open({out!r}, "w"))
+
+def test_second():
+    open({ran!r}, "w").write("ran")
+"""
+
+
+def test_a_terminated_pytest_session_ends_there_with_its_childrens_families(tmp_path):
+    """The same through pytest itself: SIGTERM ends the session (the next test does not start; a SystemExit inside a
+    test would only have failed that test) and the child's family goes with it."""
+    import signal
+    from pathlib import Path
+
+    out, ran = tmp_path / "out.txt", tmp_path / "second_ran.txt"
+    root = str(Path(__file__).resolve().parent.parent)
+    (tmp_path / "test_sleepy.py").write_text(_SLEEPY_TESTS.format(root=root, family=_FAMILY, out=str(out), ran=str(ran)))
+    session = isolated.popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_sleepy.py"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 60
+        while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
+            time.sleep(0.1)
+        grandchild = int(out.read_text().split()[0])
+        session.send_signal(signal.SIGTERM)
+        assert session.wait(timeout=30) != 0
+        assert _gone(grandchild, within=10) and not ran.exists()
+    finally:
+        isolated.kill(session)

@@ -987,7 +987,7 @@ MUTATIONS: list[Mutation] = [
         "save-weights-only-advice",
         "load_from_checkpoint of a save_weights_only checkpoint sends the user to Lightning's own load_from_checkpoint",
         "lightning_nf4/callbacks/restore.py",
-        (("        if not any(\".lora_\" in key for key in checkpoint.get(\"state_dict\", {})):\n", "        if True:\n"),),
+        (("        if not (any(\".lora_\" in key for key in state) and any(\".base_layer.\" in key for key in state)):", "        if True:"),),
         ("tests/test_plugin_user.py::test_a_weights_only_checkpoint_that_does_not_fit_is_refused",),
     ),
 ]

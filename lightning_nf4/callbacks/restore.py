@@ -41,7 +41,8 @@ def load_from_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint.get(_CKPT_KEY)
     if meta is None:
-        if not any(".lora_" in key for key in checkpoint.get("state_dict", {})):
+        state = checkpoint.get("state_dict", {})
+        if not (any(".lora_" in key for key in state) and any(".base_layer." in key for key in state)):  # not LoRA whole
             raise ValueError(
                 f"{str(checkpoint_path)!r} was not written with LoRACallback (it has no {_CKPT_KEY!r} record): load it with "
                 f"{module_class.__name__}.load_from_checkpoint."

@@ -1,9 +1,11 @@
 """``tests/isolated.py``: a test's child process and whatever it starts end with the test."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,24 +83,29 @@ def test_run_many_kills_every_running_family_when_one_times_out(tmp_path):
         assert _gone(int((tmp_path / name).read_text()))
 
 
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _terminate_once_started(proc: subprocess.Popen, out: Path) -> tuple[int, int]:
+    """Wait until ``proc``'s grandchild has written its pid to ``out``, send ``proc`` SIGTERM, and return the
+    grandchild's pid and ``proc``'s exit status."""
+    end = time.monotonic() + 60
+    while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
+        time.sleep(0.1)
+    grandchild = int(out.read_text().split()[0])
+    proc.send_signal(signal.SIGTERM)
+    return grandchild, proc.wait(timeout=30)
+
+
 def test_a_terminated_run_still_kills_what_its_children_started(tmp_path):
     """SIGTERM to the process running the tests (CI's time limit, a kill): the child's own session, and what it
     started, went on running after pytest died; it now ends as Ctrl-C does, through run()'s cleanup."""
-    import signal
-    from pathlib import Path
-
     out = tmp_path / "out.txt"
-    root = str(Path(__file__).resolve().parent.parent)
-    code = (f"import sys; sys.path.insert(0, {root!r}); from tests import isolated; "
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); from tests import isolated; "
             f"isolated.run([sys.executable, '-c', {_FAMILY!r}, 'hang'], timeout=60, stdout=open({str(out)!r}, 'w'))")
     parent = isolated.popen([sys.executable, "-c", code])
     try:
-        end = time.monotonic() + 60
-        while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
-            time.sleep(0.1)
-        grandchild = int(out.read_text().split()[0])
-        parent.send_signal(signal.SIGTERM)
-        parent.wait(timeout=30)
+        grandchild, _ = _terminate_once_started(parent, out)
         assert _gone(grandchild, within=10)
     finally:
         isolated.kill(parent)
@@ -120,21 +127,13 @@ def test_second():
 def test_a_terminated_pytest_session_ends_there_with_its_childrens_families(tmp_path):
     """The same through pytest itself: SIGTERM ends the session (the next test does not start; a SystemExit inside a
     test would only have failed that test) and the child's family goes with it."""
-    import signal
-    from pathlib import Path
-
     out, ran = tmp_path / "out.txt", tmp_path / "second_ran.txt"
-    root = str(Path(__file__).resolve().parent.parent)
-    (tmp_path / "test_sleepy.py").write_text(_SLEEPY_TESTS.format(root=root, family=_FAMILY, out=str(out), ran=str(ran)))
+    (tmp_path / "test_sleepy.py").write_text(_SLEEPY_TESTS.format(root=ROOT, family=_FAMILY, out=str(out), ran=str(ran)))
     session = isolated.popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_sleepy.py"], cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        end = time.monotonic() + 60
-        while not (out.exists() and out.read_text().strip()) and time.monotonic() < end:
-            time.sleep(0.1)
-        grandchild = int(out.read_text().split()[0])
-        session.send_signal(signal.SIGTERM)
-        assert session.wait(timeout=30) != 0
+        grandchild, status = _terminate_once_started(session, out)
+        assert status != 0
         assert _gone(grandchild, within=10) and not ran.exists()
     finally:
         isolated.kill(session)

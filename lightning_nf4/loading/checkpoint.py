@@ -228,7 +228,6 @@ class CheckpointIndex:
                 raise CheckpointError(f"{file} ended inside tensor {name!r}; the file is truncated. Re-download it.")
         return buffer.view(dtype).reshape(entry["shape"])
 
-
     def _bin(self, file: Path) -> dict[str, Tensor]:
         """A ``.bin`` file's tensors, memory-mapped once."""
         if file not in self._bins:
@@ -242,7 +241,8 @@ class CheckpointIndex:
         (file_a, entry_a, start_a), (file_b, entry_b, start_b) = self._where[first], self._where[second]
         if start_a < 0 or start_b < 0 or entry_a.get("dtype") != entry_b.get("dtype") or entry_a.get("shape") != entry_b.get("shape"):
             if start_a < 0 and start_b < 0 and file_a == file_b:
-                a, b = self._bin(file_a)[first], self._bin(file_a)[second]
+                tensors = self._bin(file_a)
+                a, b = tensors[first], tensors[second]
                 if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.storage_offset() == b.storage_offset() \
                         and a.shape == b.shape and a.stride() == b.stride():
                     return True

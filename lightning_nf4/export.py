@@ -139,6 +139,14 @@ def own_lora_config(root: nn.Module, adapter_name: str) -> Optional[LoraConfig]:
 
 
 _CARRIED = ("use_rslora", "rank_pattern", "alpha_pattern")
+# settings whose trained weights an adapter folder cannot hold, with PEFT's defaults
+_UNEXPORTED = (("bias", "none"), ("lora_bias", False), ("trainable_token_indices", None), ("layer_replication", None))
+
+
+def unexported_settings(own: LoraConfig) -> list[str]:
+    """``key=value`` for each setting of a model's own LoRA config that trains weights the adapter folder cannot hold
+    (it holds LoRA weights and modules trained in full only)."""
+    return [f"{key}={getattr(own, key)!r}" for key, default in _UNEXPORTED if getattr(own, key, default) != default]
 
 
 def _carried(own: Optional[LoraConfig]) -> dict[str, Any]:

@@ -37,8 +37,6 @@ from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
 
 _CKPT_KEY = "lightning_nf4"
-# a model's own LoraConfig settings whose trained weights an adapter folder cannot hold, with PEFT's defaults
-_UNEXPORTED = (("bias", "none"), ("lora_bias", False), ("trainable_token_indices", None), ("layer_replication", None))
 
 
 class LoRACallback(Callback):
@@ -208,7 +206,7 @@ class LoRACallback(Callback):
         they would read or add to packed codes."""
         own = export.own_lora_config(export.export_root(module)[1], self.adapter_name)
         if own is not None:
-            unexported = [f"{key}={getattr(own, key)!r}" for key, default in _UNEXPORTED if getattr(own, key, default) != default]
+            unexported = export.unexported_settings(own)
             if unexported:
                 raise ValueError(
                     f"The model's own LoraConfig sets {', '.join(unexported)}: the exported adapter holds LoRA weights and "

@@ -990,6 +990,13 @@ MUTATIONS: list[Mutation] = [
         (("        if not (any(\".lora_\" in key for key in state) and any(\".base_layer.\" in key for key in state)):", "        if True:"),),
         ("tests/test_plugin_user.py::test_a_weights_only_checkpoint_that_does_not_fit_is_refused",),
     ),
+    Mutation(
+        "device-index-unchecked",
+        "a device named with an index is taken as available without checking that kind's devices (one shared check)",
+        "lightning_nf4/devices.py",
+        (("    if index < count:\n", "    if index < count or device.index:\n"),),
+        ("tests/test_reliability.py::test_precision_on_a_missing_device_says_so",),
+    ),
 ]
 
 

@@ -334,3 +334,18 @@ def test_cuda_offload_activations_keeps_gradients_and_frees_the_checkpoint_input
     assert hooks.offloaded_bytes >= inputs
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert results[0][2] - results[1][2] >= 0.9 * inputs, (results[0][2], results[1][2], inputs)
+
+
+def test_cuda_index_past_the_visible_gpus_is_named_before_anything_is_built():
+    """An index past the visible GPUs fails at once in the plugin and the loader, with the count, not in a kernel."""
+    from lightning_nf4.devices import resolve_device
+    from lightning_nf4.plugins import NF4Precision, NF4PrecisionError
+
+    cuda_or_skip()
+    count = torch.cuda.device_count()
+    assert resolve_device(f"cuda:{count - 1}") == torch.device("cuda", count - 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(NF4PrecisionError, match=rf"found {count} cuda device\(s\), so index {count} is out of range"):
+        NF4Precision(device=f"cuda:{count}")
+    with pytest.raises(ValueError, match=rf"Device cuda:{count} is not available: found {count} cuda"):
+        resolve_device(f"cuda:{count}")

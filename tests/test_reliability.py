@@ -202,6 +202,11 @@ def test_precision_on_a_missing_device_says_so():
 
     with pytest.raises(NF4PrecisionError, match=r"device='cuda'.*(no CUDA support|no CUDA device is visible).*leave device unset"):
         NF4Precision(device="cuda")
+    with pytest.raises(NF4PrecisionError, match=r"device='cuda:1'.*(no CUDA support|no CUDA device is visible)"):
+        NF4Precision(device="cuda:1")  # an index is checked as the bare kind is
+    if not torch.xpu.is_available():
+        with pytest.raises(NF4PrecisionError, match=r"device='xpu'.*(no XPU support|no XPU device is visible).*leave device unset"):
+            NF4Precision(device="xpu")
     with pytest.raises(NF4PrecisionError, match="not a torch device"):
         NF4Precision(device="gpu0")
 

@@ -18,6 +18,7 @@ import torch
 
 from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback, _raise_if_mismatch, check_scaling
 from lightning_nf4.checkpoint_io import load_checkpoint
+from lightning_nf4.devices import resolve_device
 from lightning_nf4.plugins.precision import NF4Precision
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
@@ -89,8 +90,6 @@ def _device(map_location: Any) -> torch.device:
     if map_location is None:
         return torch.device("cpu")
     if isinstance(map_location, (str, torch.device, int)):
-        from lightning_nf4.loading.devices import resolve_device  # an absent device named, with what is here
-
         return resolve_device(map_location)
     raise TypeError(
         f"map_location={map_location!r}: lightning_nf4.load_from_checkpoint builds the module on one device; pass that "

@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_nf4.devices import resolve_device
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import (
@@ -25,7 +26,6 @@ from lightning_nf4.loading.checkpoint import (
 )
 from lightning_nf4.loading.config import NF4LoadConfig, parse_quantization_config
 from lightning_nf4.loading.deferred import attach
-from lightning_nf4.loading.devices import resolve_device
 from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops

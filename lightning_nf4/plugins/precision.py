@@ -17,6 +17,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
+from lightning_nf4.devices import parse_device, unavailable_reason
 from lightning_nf4.format.quantized import check_blocksize, float_dtype
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
@@ -220,19 +221,11 @@ def wants_4bit(module: nn.Module) -> bool:
 def _check_device(device: str) -> None:
     """A device given by name must exist here: otherwise torch fails later, deep inside, with a bare assertion."""
     try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError) as err:
-        raise NF4PrecisionError(f"NF4Precision(device={device!r}): not a torch device ({err}); use e.g. 'cpu', 'cuda', 'cuda:1' or 'xpu'.") from err
-    backend = getattr(torch, kind, None) if kind in ("cuda", "xpu") else None
-    if backend is None or backend.is_available():
-        return
-    built = (torch.version.cuda or torch.version.hip) if kind == "cuda" else getattr(torch.version, "xpu", None)
-    why = f"no {kind.upper()} device is visible" if built else f"this PyTorch build ({torch.__version__}) has no {kind.upper()} support"
-    raise NF4PrecisionError(
-        f"NF4Precision(device={device!r}), but {why}. Install the PyTorch wheel for your GPU before lightning-nf4 "
-        "(pip install torch --index-url ...), check the driver and *_VISIBLE_DEVICES, or leave device unset to "
-        "follow the Trainer's accelerator."
-    )
+        reason = unavailable_reason(parse_device(device))
+    except ValueError as err:
+        raise NF4PrecisionError(f"NF4Precision(device={device!r}): not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'xpu'.") from err
+    if reason is not None:
+        raise NF4PrecisionError(f"NF4Precision(device={device!r}), but {reason}; or leave device unset to follow the Trainer's accelerator.")
 
 
 def _param_bytes(module: nn.Module) -> int:

@@ -10,7 +10,7 @@ import lightning_nf4.accelerators  # noqa: E402,F401
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoModelForCausalLM", "LoRACallback", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_model",
+    "AutoModelForCausalLM", "LoRACallback", "NF4FabricPrecision", "NF4FormatError", "NF4Linear", "NF4Precision", "NF4Weight", "dequantize_model",
     "dequantize_nf4", "load_from_checkpoint", "quantize_nf4",
 ]
 
@@ -21,6 +21,10 @@ def __getattr__(name: str):
         from lightning_nf4.plugins import NF4Precision
 
         return NF4Precision
+    if name == "NF4FabricPrecision":  # the same plugin for Lightning Fabric
+        from lightning_nf4.plugins import NF4FabricPrecision
+
+        return NF4FabricPrecision
     if name == "LoRACallback":
         from lightning_nf4.callbacks import LoRACallback
 

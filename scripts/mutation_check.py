@@ -997,6 +997,13 @@ MUTATIONS: list[Mutation] = [
         (("    if index < count:\n", "    if index < count or device.index:\n"),),
         ("tests/test_reliability.py::test_precision_on_a_missing_device_says_so",),
     ),
+    Mutation(
+        "fabric-fp32-inputs-cast",
+        "NF4FabricPrecision(compute_dtype=torch.float32) casts Fabric's inputs to bfloat16 as Fabric's bf16-mixed does",
+        "lightning_nf4/plugins/fabric.py",
+        (("        if self.compute_dtype == torch.float32:\n            return data\n", ""),),
+        ("tests/test_fabric.py",),
+    ),
 ]
 
 

@@ -206,3 +206,41 @@ def test_one_gpu_qdora_matches_the_cpu_and_exports(tmp_path):
     ids = torch.tensor([[1, 5, 9, 30, 2, 77, 3, 8]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, gpu.model.cpu().eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_one_gpu_fabric_quantizes_on_the_gpu_and_names_a_cpu_run():
+    """``Fabric(accelerator="cuda", plugins=NF4FabricPrecision())`` with a model built on the CPU quantizes on the GPU
+    (as the CPU does, byte for byte) and trains; Fabric on the CPU of a GPU host is named at the first forward."""
+    import lightning as L
+
+    from lightning_nf4 import NF4FabricPrecision, quantize_nf4
+    from lightning_nf4.plugins import NF4PrecisionError
+    from tests.test_fabric import _data, _fit, _peft_mlp
+
+    model = _peft_mlp()
+    expected = quantize_nf4(model.get_submodule("base_model.model.up").base_layer.weight.detach(), 64, True).packed
+    fabric = L.Fabric(accelerator="cuda", devices=1, plugins=NF4FabricPrecision(skip_modules=("head",)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    layer = model.get_submodule("base_model.model.up").base_layer
+    assert isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda"
+    assert torch.equal(layer.weight.cpu(), expected)
+
+    def on_device_fit(steps):
+        x, y = (t.cuda() for t in _data())
+        losses = []
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    losses = on_device_fit(15)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    cpu_fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(skip_modules=("head",)))
+    cpu_model = cpu_fabric.setup_module(_peft_mlp())
+    with pytest.raises(NF4PrecisionError, match=r"Fabric runs this model on cpu.*NF4FabricPrecision\(device='cpu'\)"):
+        _fit(cpu_fabric, cpu_model, torch.optim.AdamW([p for p in cpu_model.parameters() if p.requires_grad]), steps=1)

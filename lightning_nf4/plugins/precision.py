@@ -31,29 +31,10 @@ class NF4PrecisionError(RuntimeError):
     """A configuration NF4Precision cannot train with; the message says how to fix it."""
 
 
-class NF4Precision(MixedPrecision):
-    """QLoRA precision: NF4 base weights, computation in ``compute_dtype`` under autocast.
-
-    Args:
-        compute_dtype: dtype of the matmuls (bfloat16 default; float16 adds a GradScaler; float32 no autocast).
-        blocksize: NF4 block size (64 as in QLoRA and bitsandbytes).
-        double_quant: quantize the per-block scales too (about 0.37 bits per weight saved).
-        skip_modules: module names or patterns left in float (``lm_head`` by default, as transformers does).
-        device: where to quantize and autocast; by default the trainer's root device.
-        group_dequantize: dequantize the NF4 weights of each decoder layer together, in one kernel launch
-            (``lightning_nf4.layers.group``); results are identical either way. "auto" (default): on GPUs,
-            where each launch costs host time, not on CPU, where it only holds a layer's weights longer.
-        low_memory_recompute: under activation checkpointing, keep no dequantized weight from a layer's recompute
-            to its backward, which dequantizes each weight again, one at a time (``NF4Linear.low_memory_recompute``):
-            a decoder layer's dequantized weights less at the peak, for one more dequantize per weight and step.
-            "auto" (default): the strategy decides (on under ``NF4FSDPStrategy``, off on one device and DDP).
-        offload_activations: keep the tensors a training step saves for its backward in pinned host memory
-            from forward to backward (``lightning_nf4.layers.offload``). Under activation checkpointing these are
-            the decoder layers' inputs: at Llama-3-8B shape and 2048 tokens 0.5 GiB less on the device, for one
-            copy out and one back per layer, issued without waiting. Off by default.
-        scaler: the ``torch.amp.GradScaler`` for float16 compute (by default one on the training device); refused
-            with another compute dtype, as Lightning's ``MixedPrecision`` refuses it.
-    """
+class NF4Conversion:
+    """What both NF4 precision plugins share: their arguments, the conversion of a model's linears, the autocast
+    and the init contexts. Mixed in before Lightning's ``MixedPrecision`` (Trainer's or Fabric's), whose
+    scaler and backward it keeps; see ``NF4Precision`` for the arguments."""
 
     def __init__(
         self,
@@ -129,7 +110,7 @@ class NF4Precision(MixedPrecision):
         device = self._resolve_device(module)
         self._bind_device(device)
         if not wants_4bit(module):
-            rank_zero_info(f"NF4Precision: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
+            rank_zero_info(f"{type(self).__name__}: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
             return self._after_convert(module)
         pending = convertible_linears(module, self.skip_modules)
         if not pending and not nf4_layers(module):
@@ -144,7 +125,7 @@ class NF4Precision(MixedPrecision):
                 compute_dtype=self.compute_dtype, skip_modules=self.skip_modules, device=device,
             )
             after = _param_bytes(module)
-            rank_zero_info(f"NF4Precision: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
+            rank_zero_info(f"{type(self).__name__}: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)
@@ -175,7 +156,7 @@ class NF4Precision(MixedPrecision):
     @contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         """Autocast, and with ``offload_activations`` the saved tensors' trip to host memory (when grad is on)."""
-        with super().forward_context():
+        with self.autocast_context_manager():
             if self.offload_activations and torch.is_grad_enabled():
                 from lightning_nf4.layers.offload import offload_activations
 
@@ -195,6 +176,31 @@ class NF4Precision(MixedPrecision):
         with _default_dtype(self.compute_dtype):
             yield
 
+
+class NF4Precision(NF4Conversion, MixedPrecision):
+    """QLoRA precision: NF4 base weights, computation in ``compute_dtype`` under autocast.
+
+    Args:
+        compute_dtype: dtype of the matmuls (bfloat16 default; float16 adds a GradScaler; float32 no autocast).
+        blocksize: NF4 block size (64 as in QLoRA and bitsandbytes).
+        double_quant: quantize the per-block scales too (about 0.37 bits per weight saved).
+        skip_modules: module names or patterns left in float (``lm_head`` by default, as transformers does).
+        device: where to quantize and autocast; by default the trainer's root device.
+        group_dequantize: dequantize the NF4 weights of each decoder layer together, in one kernel launch
+            (``lightning_nf4.layers.group``); results are identical either way. "auto" (default): on GPUs,
+            where each launch costs host time, not on CPU, where it only holds a layer's weights longer.
+        low_memory_recompute: under activation checkpointing, keep no dequantized weight from a layer's recompute
+            to its backward, which dequantizes each weight again, one at a time (``NF4Linear.low_memory_recompute``):
+            a decoder layer's dequantized weights less at the peak, for one more dequantize per weight and step.
+            "auto" (default): the strategy decides (on under ``NF4FSDPStrategy``, off on one device and DDP).
+        offload_activations: keep the tensors a training step saves for its backward in pinned host memory
+            from forward to backward (``lightning_nf4.layers.offload``). Under activation checkpointing these are
+            the decoder layers' inputs: at Llama-3-8B shape and 2048 tokens 0.5 GiB less on the device, for one
+            copy out and one back per layer, issued without waiting. Off by default.
+        scaler: the ``torch.amp.GradScaler`` for float16 compute (by default one on the training device); refused
+            with another compute dtype, as Lightning's ``MixedPrecision`` refuses it.
+    """
+
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
         """Refuse optimizers that hold a frozen NF4 weight (they would silently do nothing or fail)."""
         packed = {id(layer.weight): name for name, layer in nf4_layers(model)}
@@ -208,6 +214,15 @@ class NF4Precision(MixedPrecision):
                         "torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)."
                     )
         return super().connect(model, optimizers, lr_schedulers)
+
+    def pre_backward(self, tensor: torch.Tensor, module: Any) -> torch.Tensor:
+        if getattr(module, "_trainer", None) is None:  # Fabric calls this with its own module, or None
+            raise NF4PrecisionError(
+                "NF4Precision is the Trainer's plugin, and this backward comes from outside a Trainer (Lightning Fabric?). "
+                "With Fabric use lightning_nf4.NF4FabricPrecision, which takes the same arguments: "
+                "Fabric(plugins=NF4FabricPrecision())."
+            )
+        return super().pre_backward(tensor, module)
 
 
 def wants_4bit(module: nn.Module) -> bool:

@@ -1,0 +1,64 @@
+"""``NF4FabricPrecision``: ``NF4Precision`` for Lightning Fabric, as Lightning pairs its own precision plugins.
+
+Fabric calls ``convert_module`` in ``setup_module``, before it moves the model, and its backward and optimizer
+step take other arguments than the Trainer's; so the NF4 conversion, autocast and init contexts are shared
+(``NF4Conversion``), and the scaler, backward and step are Fabric's ``MixedPrecision``. The model's base stays
+frozen; adapters come from PEFT (``get_peft_model`` before ``fabric.setup``), as with a Trainer and a model
+the user wrapped first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+from lightning_nf4.plugins.precision import NF4Conversion, NF4PrecisionError
+
+
+class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
+    """QLoRA precision for ``lightning.Fabric(plugins=NF4FabricPrecision())``: NF4 base weights, computation in
+    ``compute_dtype`` under autocast. Takes ``NF4Precision``'s arguments.
+
+    Fabric tells a plugin nothing of its accelerator, so without ``device`` the model is quantized where its
+    weights are (a model built under ``fabric.init_module()``), else on the GPU Fabric's ``accelerator="auto"``
+    picks (CUDA, then XPU), else on the CPU. The first forward checks that Fabric runs the model there, and
+    otherwise names the ``device`` to pass.
+    """
+
+    _input_checked = False
+
+    def _resolve_device(self, module: nn.Module) -> torch.device:
+        if self._device_given:
+            return torch.device(self.device)
+        param = next(module.parameters(), None)
+        if param is not None and param.device.type not in ("cpu", "meta"):
+            return param.device
+        for kind in ("cuda", "xpu"):
+            backend = getattr(torch, kind, None)
+            if backend is not None and backend.is_available():
+                return torch.device(kind, backend.current_device())
+        return torch.device("cpu")
+
+    def convert_input(self, data: Any) -> Any:
+        if not self._input_checked:
+            self._check_input_device(data)
+        if self.compute_dtype == torch.float32:
+            return data
+        return super().convert_input(data)
+
+    def _check_input_device(self, data: Any) -> None:
+        found: list[Tensor] = []
+        apply_to_collection(data, Tensor, found.append)
+        if not found:
+            return
+        kind = found[0].device.type
+        if kind not in (self.device, "meta"):
+            raise NF4PrecisionError(
+                f"Fabric runs this model on {kind}, but NF4FabricPrecision quantized it and autocasts for {self.device}. "
+                f"Pass NF4FabricPrecision(device={kind!r}) to match Fabric's accelerator."
+            )
+        self._input_checked = True

@@ -1,0 +1,144 @@
+"""QLoRA under Lightning Fabric: ``Fabric(plugins=NF4FabricPrecision())`` with a model wrapped by PEFT, on the CPU.
+The base is quantized bit for bit as ``quantize_nf4`` does and stays so, the adapters learn, Fabric's own checkpoint
+and PEFT's adapter folder carry them, and the Trainer's plugin given to Fabric says which one to use."""
+
+import lightning as L
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from lightning_nf4 import NF4FabricPrecision, NF4Linear, NF4Precision, dequantize_model, quantize_nf4
+from lightning_nf4.plugins import NF4PrecisionError
+from lightning_nf4.plugins.convert import convert_linears
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.down(torch.relu(self.up(x)))))
+
+
+def _peft_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=True)
+    return get_peft_model(Mlp(), config)
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 64, generator=g), torch.randint(0, 8, (32,), generator=g)
+
+
+def _fit(fabric: L.Fabric, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
+    x, y = _data()
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _dtypes_seen(model: nn.Module, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The dtype the first adapted layer receives, and the dtype the float head returns, in one forward."""
+    seen = []
+    hooks = [model.get_submodule("base_model.model.up").register_forward_hook(lambda m, args, out: seen.append(args[0].dtype)),
+             model.get_submodule("base_model.model.head").register_forward_hook(lambda m, args, out: seen.append(out.dtype))]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen[0], seen[1]
+
+
+def _setup(precision: NF4FabricPrecision, seed: int = 0):
+    model = _peft_mlp(seed)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=precision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    return fabric, model, optimizer
+
+
+def test_fabric_quantizes_the_base_exactly_and_trains_only_the_adapters():
+    float_weights = {name: _peft_mlp().get_submodule(name).base_layer.weight.detach().clone()
+                     for name in ("base_model.model.up", "base_model.model.down")}
+    fabric, model, optimizer = _setup(NF4FabricPrecision(skip_modules=("head",)))
+    layers = {name: model.get_submodule(name).base_layer for name in float_weights}
+    for name, layer in layers.items():
+        assert isinstance(layer, NF4Linear)
+        assert torch.equal(layer.weight, quantize_nf4(float_weights[name], 64, True).packed)
+    assert type(model.get_submodule("base_model.model.head")) is nn.Linear  # skip_modules honoured
+    before = {name: layer.weight.clone() for name, layer in layers.items()}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+
+    assert _dtypes_seen(model, _data()[0]) == (torch.bfloat16, torch.bfloat16)  # inputs cast, the float head autocast
+    assert model(_data()[0]).dtype == torch.float32  # Fabric's output conversion
+    assert layers["base_model.model.up"].compute_dtype == torch.bfloat16
+    losses = _fit(fabric, model, optimizer, steps=15)
+
+    assert losses[-1] < 0.7 * losses[0], losses
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight, before[name])  # the base never moves
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, adapters[n])]
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+
+
+def test_fabric_checkpoint_and_peft_adapter_folder_give_the_trained_model_back(tmp_path):
+    fabric, model, optimizer = _setup(NF4FabricPrecision(skip_modules=("head",)))
+    _fit(fabric, model, optimizer, steps=5)
+    x = _data()[0]
+    with torch.no_grad():
+        trained = model(x)
+    fabric.save(tmp_path / "run.ckpt", {"model": model, "optimizer": optimizer, "step": 5})
+
+    # Fabric's checkpoint, into a fresh run set up the same way (other random adapters)
+    fabric2, model2, optimizer2 = _setup(NF4FabricPrecision(skip_modules=("head",)), seed=3)
+    state = {"model": model2, "optimizer": optimizer2}
+    remainder = fabric2.load(tmp_path / "run.ckpt", state)
+    assert remainder == {"step": 5}
+    with torch.no_grad():
+        assert torch.equal(model2(x), trained)
+    assert optimizer2.state_dict()["state"][0]["step"] == 5
+
+    # PEFT's adapter folder, onto the float base the NF4 weights stand for
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)  # the same base as _peft_mlp's, through NF4 and back
+    float_base = Mlp()
+    assert convert_linears(float_base, skip_modules=("head",)) == 2
+    dequantize_model(float_base)
+    reloaded = PeftModel.from_pretrained(float_base, tmp_path / "adapter").float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = reloaded(x).float()
+    torch.testing.assert_close(plain, trained, atol=2e-2, rtol=2e-2)
+    assert (trained - _setup(NF4FabricPrecision(skip_modules=("head",)))[1](x)).abs().max() > 0.1  # training moved it
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.float32])
+def test_fabric_float16_scales_the_loss_and_float32_runs_without_autocast(compute_dtype):
+    precision = NF4FabricPrecision(compute_dtype=compute_dtype, skip_modules=("head",))
+    fabric, model, optimizer = _setup(precision)
+    assert (precision.scaler is not None) == (compute_dtype == torch.float16)
+    assert _dtypes_seen(model, _data()[0]) == (compute_dtype, compute_dtype)  # float32: no cast and no autocast
+    losses = _fit(fabric, model, optimizer, steps=10)
+    assert losses[-1] < losses[0]
+    if precision.scaler is not None:
+        assert precision.scaler.get_scale() > 1.0  # Fabric's backward scaled the loss with the plugin's scaler
+
+
+def test_the_trainer_plugin_under_fabric_names_the_fabric_one():
+    model = _peft_mlp()
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4Precision(skip_modules=("head",)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    loss = model(_data()[0]).sum()
+    with pytest.raises(NF4PrecisionError, match=r"Trainer's plugin.*Fabric\(plugins=NF4FabricPrecision\(\)\)"):
+        fabric.backward(loss)

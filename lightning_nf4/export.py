@@ -85,9 +85,10 @@ def _inside_lora(name: str, targeted: set[str]) -> bool:
     return any(name.startswith(t + ".") for t in targeted)
 
 
-def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_save: tuple[str, ...] = ()) -> dict[str, Tensor]:
-    """The adapter in PEFT's on-disk naming (``base_model.model.<path>.lora_A.weight`` ...)."""
-    out: dict[str, Tensor] = {}
+def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_save: tuple[str, ...] = (), bias: str = "none") -> dict[str, Tensor]:
+    """The adapter in PEFT's on-disk naming (``base_model.model.<path>.lora_A.weight`` ...), with the biases a
+    model's own ``LoraConfig(bias=...)`` trains."""
+    out: dict[str, Tensor] = {"base_model.model." + name: _whole(value).contiguous().cpu() for name, value in _trained_biases(root, bias).items()}
     tag = f".{adapter_name}."
     wrapped = f".modules_to_save{tag}"  # a module PEFT wrapped (ModulesToSaveWrapper): its trained copy, saved by its own name
     for name, param in root.named_parameters():
@@ -108,6 +109,18 @@ def adapter_tensors(root: nn.Module, adapter_name: str = "default", modules_to_s
                 continue  # another adapter's copy
             out["base_model.model." + name.replace(wrapped, ".")] = buffer.detach().contiguous().cpu()
     return out
+
+
+def _trained_biases(root: nn.Module, bias: str) -> dict[str, Tensor]:
+    """The biases PEFT's ``bias="all"`` (every ``bias``) or ``"lora_only"`` (the LoRA layers' base layers') trains and
+    saves, by the names PEFT gives them."""
+    if bias == "all":
+        return {n: t for n, t in root.state_dict(keep_vars=True).items()
+                if (n == "bias" or n.endswith(".bias")) and ".lora_" not in n and ".modules_to_save." not in n}
+    if bias == "lora_only":
+        return {f"{n}.base_layer.bias": layer.get_base_layer().bias for n, layer in lora_layers(root)
+                if layer.get_base_layer().bias is not None}
+    return {}
 
 
 def _trained_in_full(root: nn.Module) -> list[tuple[list[str], Tensor]]:
@@ -138,9 +151,9 @@ def own_lora_config(root: nn.Module, adapter_name: str) -> Optional[LoraConfig]:
     return own if isinstance(own, LoraConfig) else None
 
 
-_CARRIED = ("use_rslora", "rank_pattern", "alpha_pattern")
+_CARRIED = ("use_rslora", "rank_pattern", "alpha_pattern", "lora_bias")
 # settings whose trained weights an adapter folder cannot hold, with PEFT's defaults
-_UNEXPORTED = (("bias", "none"), ("lora_bias", False), ("trainable_token_indices", None), ("layer_replication", None))
+_UNEXPORTED = (("trainable_token_indices", None), ("layer_replication", None))
 
 
 def unexported_settings(own: LoraConfig) -> list[str]:
@@ -151,11 +164,13 @@ def unexported_settings(own: LoraConfig) -> list[str]:
 
 def _carried(own: Optional[LoraConfig]) -> dict[str, Any]:
     """What a model's own LoRA config sets beyond rank, alpha and targets that PEFT needs to load the adapter as
-    trained: rsLoRA's scaling, per-layer ranks and alphas, and an init that rewrites the base (OLoRA, PiSSA),
+    trained: rsLoRA's scaling, per-layer ranks and alphas, trained biases (``bias``, ``lora_bias``), and an init that rewrites the base (OLoRA, PiSSA),
     which PEFT repeats on the float base as it loads."""
     if own is None:
         return {}
     out = {key: getattr(own, key) for key in _CARRIED if getattr(own, key, None)}
+    if own.bias != "none":  # the biases it trains are in the folder; PEFT loads them only when the config says so
+        out["bias"] = own.bias
     if isinstance(own.init_lora_weights, str):
         out["init_lora_weights"] = own.init_lora_weights
     return out
@@ -180,12 +195,12 @@ def write_adapter(
     """``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, loadable by ``PeftModel.from_pretrained``.
     The adapters are gathered first (a collective for a sharded model); with ``folder=None`` nothing is written."""
     hf, root = export_root(module)
-    tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()))
+    own = own_lora_config(root, adapter_name)
+    tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()), own.bias if own is not None else "none")
     if folder is None:
         return
     if not any(".lora_" in k for k in tensors):
         raise RuntimeError("The model has no LoRA adapter to save; was LoRACallback set up on it?")
-    own = own_lora_config(root, adapter_name)
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=own.lora_dropout if own is not None else lora_dropout,
         target_modules=_target_names(root), modules_to_save=modules_to_save or None, task_type=_task_type(hf),

@@ -1004,6 +1004,13 @@ MUTATIONS: list[Mutation] = [
         (("        if self.compute_dtype == torch.float32:\n            return data\n", ""),),
         ("tests/test_fabric.py",),
     ),
+    Mutation(
+        "export-drops-lora-only-biases",
+        "a PEFT-wrapped model's bias=\"lora_only\" biases trained but left out of the adapter folder",
+        "lightning_nf4/export.py",
+        (('    if bias == "lora_only":\n', '    if bias == "lora_only_":\n'),),
+        ("tests/test_own_peft_models.py",),
+    ),
 ]
 
 

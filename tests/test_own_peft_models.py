@@ -5,11 +5,13 @@ hold is refused before training, as is running another adapter than the callback
 wrong, silently, before (the adapter loaded as another model than the merged one)."""
 
 import json
+import shutil
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
@@ -26,14 +28,25 @@ def _fit(module: pl.LightningModule, callback: LoRACallback, tmp_path, steps: in
     trainer.fit(module, token_loader(n=8))
 
 
-def _float_base() -> nn.Module:
+def _float_base(make=tiny_llama) -> nn.Module:
     """The float network the NF4 model stands for: tiny_llama with each quantized linear's weight dequantized."""
-    model = tiny_llama()
+    model = make()
     with torch.no_grad():
         for name, layer in model.named_modules():
             if type(layer) is nn.Linear and name != "lm_head":
                 layer.weight.copy_(NF4Linear.from_linear(layer, 64, True, torch.float32).dequantize(torch.float32))
     return model.eval()
+
+
+def _biased_llama(seed: int = 0) -> nn.Module:
+    """tiny_llama with a bias on every projection (Qwen2's attention has them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+    ))
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
@@ -59,6 +72,36 @@ def test_the_adapter_of_a_peft_wrapped_model_loads_as_trained(tmp_path):
     torch.testing.assert_close(_logits(loaded), trained, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("settings, trained", [
+    ({"bias": "all"}, {"q_proj.base_layer.bias", "k_proj.bias", "down_proj.bias"}),
+    ({"bias": "lora_only"}, {"q_proj.base_layer.bias", "v_proj.base_layer.bias"}),
+    ({"lora_bias": True}, {"q_proj.lora_B.bias", "v_proj.lora_B.bias"}),
+], ids=["all", "lora_only", "lora_bias"])
+def test_the_biases_a_peft_wrapped_model_trains_are_exported(tmp_path, settings, trained):
+    """PEFT's ``bias="all"`` / ``"lora_only"`` (base biases trained, on quantized layers too) and ``lora_bias`` (a
+    bias on lora_B): the folder holds them by PEFT's names and its config says so, so PEFT loads the trained model."""
+    own = lora_config(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], **settings)
+    module = CausalLM(get_peft_model(_biased_llama(), own))
+    start = {n: p.detach().clone() for n, p in module.model.named_parameters() if "bias" in n}
+    _fit(module, LoRACallback(r=4, alpha=8, save_dir=str(tmp_path / "export")), tmp_path)
+    trained_logits = _logits(module.model.eval())
+    moved = {n.split("layers.0.", 1)[-1].split(".", 1)[-1].replace(".default", "")
+             for n, p in module.model.named_parameters() if n in start and not torch.equal(p, start[n])}
+    assert trained <= moved, moved  # the biases trained, on NF4 layers (q_proj) as on float ones (k_proj)
+
+    folder = tmp_path / "export" / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["bias"] == settings.get("bias", "none") and config["lora_bias"] == settings.get("lora_bias", False)
+    loaded = PeftModel.from_pretrained(_float_base(_biased_llama), str(folder)).eval()
+    torch.testing.assert_close(_logits(loaded), trained_logits, atol=1e-4, rtol=1e-4)
+    # the biases carry part of what was trained: the folder without them loads as another model
+    shutil.copytree(folder, tmp_path / "unbiased")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".bias")}, tmp_path / "unbiased" / "adapter_model.safetensors")
+    unbiased = PeftModel.from_pretrained(_float_base(_biased_llama), str(tmp_path / "unbiased")).eval()
+    assert (_logits(unbiased) - trained_logits).abs().max() > 1e-3
+
+
 def test_a_base_rewriting_init_is_recorded_for_peft_to_repeat(tmp_path):
     """OLoRA rewrites the base at init (PEFT on the float base repeats it as it loads the adapter): the config says so."""
     module = CausalLM(get_peft_model(tiny_llama(), lora_config(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="olora")))
@@ -79,15 +122,13 @@ def _another_adapter_active():
 
 
 @pytest.mark.parametrize("make, match", [
-    (_own(bias="all"), r"sets bias='all'"),
-    (_own(lora_bias=True), r"sets lora_bias=True"),
     (_own(trainable_token_indices=[1, 2]), r"sets trainable_token_indices=\[1, 2\]"),
     (_own(layer_replication=[[0, 2], [1, 2]]), r"sets layer_replication"),
     (_own(rank_pattern={"v_proj": 2}, r=2), r"with r=2, lora_alpha=8, but LoRACallback has r=4, alpha=8.*LoRACallback\(r=2, alpha=8\)"),
     (lambda: get_peft_model(tiny_llama(), lora_config(r=4, lora_alpha=8, target_modules=[], target_parameters=["q_proj.weight"])),
      r"target_parameters LoRA on a linear that NF4Precision quantizes"),
     (_another_adapter_active, r"runs LoRA adapter\(s\) \['other'\], but LoRACallback trains and exports 'default'"),
-], ids=["bias", "lora_bias", "trainable_tokens", "layer_replication", "rank", "target_parameters", "other_adapter"])
+], ids=["trainable_tokens", "layer_replication", "rank", "target_parameters", "other_adapter"])
 def test_what_the_adapter_folder_cannot_hold_is_refused_before_training(tmp_path, make, match):
     module = CausalLM(make())
     with pytest.raises(ValueError, match=match):

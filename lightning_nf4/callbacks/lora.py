@@ -210,8 +210,8 @@ class LoRACallback(Callback):
             if unexported:
                 raise ValueError(
                     f"The model's own LoraConfig sets {', '.join(unexported)}: the exported adapter holds LoRA weights and "
-                    "modules trained in full only, so it would load as another model. Leave those at PEFT's defaults (train "
-                    "a bias or an embedding in full with modules_to_save), or let LoRACallback inject the adapters itself."
+                    "modules trained in full (and biases) only, so it would load as another model. Leave those at PEFT's defaults "
+                    "(train an embedding in full with modules_to_save), or let LoRACallback inject the adapters itself."
                 )
             if (own.r, own.lora_alpha) != (self.r, self.alpha):
                 raise ValueError(

@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from lightning_nf4 import LoRACallback, NF4Linear, NF4Precision
 from lightning_nf4.layers.lora import lora_config
@@ -94,6 +95,8 @@ def test_the_biases_a_peft_wrapped_model_trains_are_exported(tmp_path, settings,
     assert config["bias"] == settings.get("bias", "none") and config["lora_bias"] == settings.get("lora_bias", False)
     loaded = PeftModel.from_pretrained(_float_base(_biased_llama), str(folder)).eval()
     torch.testing.assert_close(_logits(loaded), trained_logits, atol=1e-4, rtol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()  # transformers' own, in float
+    torch.testing.assert_close(_logits(merged), trained_logits, atol=1e-4, rtol=1e-4)
     # the biases carry part of what was trained: the folder without them loads as another model
     shutil.copytree(folder, tmp_path / "unbiased")
     tensors = load_file(folder / "adapter_model.safetensors")

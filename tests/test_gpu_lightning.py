@@ -208,14 +208,15 @@ def test_one_gpu_qdora_matches_the_cpu_and_exports(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, gpu.model.cpu().eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_one_gpu_fabric_quantizes_on_the_gpu_and_names_a_cpu_run():
+def test_one_gpu_fabric_quantizes_on_the_gpu_and_follows_a_cpu_run():
     """``Fabric(accelerator="cuda", plugins=NF4FabricPrecision())`` with a model built on the CPU quantizes on the GPU
-    (as the CPU does, byte for byte) and trains; Fabric on the CPU of a GPU host is named at the first forward."""
+    (as the CPU does, byte for byte) and trains. Fabric on the CPU of a GPU host: the plugin follows it (autocast and
+    weights on the CPU); a ``device`` given that Fabric does not run on is named at the first forward."""
     import lightning as L
 
     from lightning_nf4 import NF4FabricPrecision, quantize_nf4
     from lightning_nf4.plugins import NF4PrecisionError
-    from tests.test_fabric import _data, _fit, _peft_mlp
+    from tests.test_fabric import _data, _dtypes_seen, _fit, _peft_mlp
 
     model = _peft_mlp()
     expected = quantize_nf4(model.get_submodule("base_model.model.up").base_layer.weight.detach(), 64, True).packed
@@ -225,22 +226,28 @@ def test_one_gpu_fabric_quantizes_on_the_gpu_and_names_a_cpu_run():
     layer = model.get_submodule("base_model.model.up").base_layer
     assert isinstance(layer, NF4Linear) and layer.weight.device.type == "cuda"
     assert torch.equal(layer.weight.cpu(), expected)
-
-    def on_device_fit(steps):
-        x, y = (t.cuda() for t in _data())
-        losses = []
-        for _ in range(steps):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            fabric.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        return losses
-
-    losses = on_device_fit(15)
+    x, y = (t.cuda() for t in _data())
+    assert _dtypes_seen(model, x) == (torch.bfloat16, torch.bfloat16)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
 
-    cpu_fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(skip_modules=("head",)))
-    cpu_model = cpu_fabric.setup_module(_peft_mlp())
-    with pytest.raises(NF4PrecisionError, match=r"Fabric runs this model on cpu.*NF4FabricPrecision\(device='cpu'\)"):
-        _fit(cpu_fabric, cpu_model, torch.optim.AdamW([p for p in cpu_model.parameters() if p.requires_grad]), steps=1)
+    precision = NF4FabricPrecision(compute_dtype=torch.float16, skip_modules=("head",))  # a default scaler, rebound
+    cpu_fabric = L.Fabric(accelerator="cpu", devices=1, plugins=precision)
+    cpu_model = _peft_mlp()
+    cpu_optimizer = torch.optim.AdamW([p for p in cpu_model.parameters() if p.requires_grad], lr=1e-2)
+    cpu_model, cpu_optimizer = cpu_fabric.setup(cpu_model, cpu_optimizer)
+    assert cpu_model.get_submodule("base_model.model.up").base_layer.weight.device.type == "cpu"
+    losses = _fit(cpu_fabric, cpu_model, cpu_optimizer, steps=10)
+    assert losses[-1] < losses[0] and precision.device == "cpu" and precision.scaler._device == "cpu"
+    assert _dtypes_seen(cpu_model, _data()[0]) == (torch.float16, torch.float16)
+
+    named = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(device="cuda", skip_modules=("head",)))
+    named_model = named.setup_module(_peft_mlp())
+    with pytest.raises(NF4PrecisionError, match=r"runs this model on cpu, but NF4FabricPrecision was given device='cuda'"):
+        named_model(_data()[0])

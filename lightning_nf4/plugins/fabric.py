@@ -25,8 +25,8 @@ class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
 
     Fabric tells a plugin nothing of its accelerator, so without ``device`` the model is quantized where its
     weights are (a model built under ``fabric.init_module()``), else on the GPU Fabric's ``accelerator="auto"``
-    picks (CUDA, then XPU), else on the CPU. The first forward checks that Fabric runs the model there, and
-    otherwise names the ``device`` to pass.
+    picks (CUDA, then XPU), else on the CPU; Fabric then moves it. Autocast follows the device type of the first
+    inputs Fabric hands the model.
     """
 
     _input_checked = False
@@ -45,20 +45,24 @@ class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
 
     def convert_input(self, data: Any) -> Any:
         if not self._input_checked:
-            self._check_input_device(data)
+            self._follow_inputs(data)
         if self.compute_dtype == torch.float32:
             return data
         return super().convert_input(data)
 
-    def _check_input_device(self, data: Any) -> None:
+    def _follow_inputs(self, data: Any) -> None:
+        """Autocast (and a default GradScaler) on the device type Fabric runs the model on, which its first inputs
+        show; a ``device`` given by name that Fabric does not run on is an error."""
         found: list[Tensor] = []
         apply_to_collection(data, Tensor, found.append)
-        if not found:
+        if not found or found[0].device.type == "meta":
             return
         kind = found[0].device.type
-        if kind not in (self.device, "meta"):
-            raise NF4PrecisionError(
-                f"Fabric runs this model on {kind}, but NF4FabricPrecision quantized it and autocasts for {self.device}. "
-                f"Pass NF4FabricPrecision(device={kind!r}) to match Fabric's accelerator."
-            )
+        if kind != self.device:
+            if self._device_given:
+                raise NF4PrecisionError(
+                    f"Fabric runs this model on {kind}, but NF4FabricPrecision was given device={self.device!r}. Pass "
+                    f"NF4FabricPrecision(device={kind!r}), or leave device unset to follow Fabric's accelerator."
+                )
+            self._bind_device(found[0].device)
         self._input_checked = True

@@ -291,7 +291,7 @@ def test_bad_requests_fail_clearly(float_dir, tmp_path):
     with pytest.raises(NF4FormatError, match="'fp4' is not supported"):
         AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"))
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"cuda.* not available \(found 0 cuda device"):
+        with pytest.raises(ValueError, match=r"cuda.* not available: (this PyTorch build|no CUDA device is visible)"):
             AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=NF4, device="cuda")
     with pytest.raises(FileNotFoundError):
         AutoModelForCausalLM.from_pretrained(tmp_path / "nowhere", quantization_config=NF4)

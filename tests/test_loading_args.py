@@ -141,7 +141,7 @@ def test_a_quantized_checkpoint_without_its_config_is_named_and_loads_when_told(
 
 
 def test_a_dict_config_without_compute_dtype_computes_as_bitsandbytes_config_does(tmp_path):
-    as_dict = AutoModelForCausalLM.from_pretrained(_saved_float(tmp_path), quantization_config={"load_in_4bit": True}, progress=False)
+    as_dict = AutoModelForCausalLM.from_pretrained(_saved_float(tmp_path), quantization_config={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, progress=False)
     default = BitsAndBytesConfig(load_in_4bit=True).bnb_4bit_compute_dtype
     assert as_dict.model.layers[0].mlp.up_proj.compute_dtype == default == torch.float32
 

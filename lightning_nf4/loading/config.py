@@ -109,6 +109,11 @@ def _check(settings: dict[str, Any], where: str, saved: bool = False) -> None:
         raise NF4FormatError(f"{where}: quant_method {settings['quant_method']!r} is not supported; lightning-nf4 reads bitsandbytes NF4. {fix}")
     if settings.get("load_in_8bit"):
         raise NF4FormatError(f"{where}: load_in_8bit (LLM.int8) is not supported. {fix}")
+    if settings.get("load_in_4bit") and "bnb_4bit_quant_type" not in settings:  # a dict reads as BitsAndBytesConfig does
+        raise NF4FormatError(
+            f"{where} sets load_in_4bit without bnb_4bit_quant_type, which BitsAndBytesConfig (and so transformers) reads "
+            f"as 'fp4'; only 'nf4' is supported. " + (fix if saved else "Add bnb_4bit_quant_type='nf4'.")
+        )
     quant_type = settings.get("bnb_4bit_quant_type", "nf4")
     if settings.get("load_in_4bit") and quant_type != "nf4":
         raise NF4FormatError(f"{where}: bnb_4bit_quant_type={quant_type!r} is not supported; only 'nf4' is. {fix}")

@@ -8,19 +8,10 @@ import pytest
 import torch
 
 from tests.test_cli import RECORDS, tiny_tokenizer
+from tests.test_cli_user import _instruction_module
 
 
 # -- instruction data --------------------------------------------------------------------------------------------
-def _instruction_module(tmp_path, records, tokenizer=None, **kwargs):
-    from lightning_nf4.data.instruction import InstructionDataModule
-
-    path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    module = InstructionDataModule(str(path), prompt_template="Q: {instruction}\n{input}\nA:", prompt_template_no_input="Q: {instruction}\nA:", **kwargs)
-    module.tokenizer = tokenizer or tiny_tokenizer()
-    return module
-
-
 def test_an_example_whose_prompt_fills_max_length_is_dropped_with_a_warning(tmp_path):
     """Cut to max_length, an example whose response starts past it has no label to learn: it is dropped (a batch of
     such examples would give a loss over no tokens), and a set of only such examples is refused."""

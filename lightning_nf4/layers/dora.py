@@ -73,7 +73,8 @@ def dora_update(layer: LoraLayer, adapter: str, result: Tensor, dropped: Tensor,
 
 
 def dora_merge(layer: LoraLayer, adapter: str, base_weight: Tensor, merged: Tensor, delta: Tensor) -> Tensor:
-    """``merged`` (the weight so far) with ``adapter``'s DoRA merged in, the norm taken on the unmerged base as
-    PEFT's merge does: ``m/||W + delta|| · (merged + delta)``."""
+    """``merged`` (the weight so far) with ``adapter``'s DoRA merged in, the norm taken on the unmerged base as the
+    forward takes it: ``m/||W + delta|| · (merged + delta)``. (PEFT's sequential merge takes a second adapter's norm
+    on the weight merged so far.)"""
     norm = weight_norm(layer, adapter, base_weight)
     return (getattr(layer, MAGNITUDE)[adapter].weight.detach().float() / norm).unsqueeze(1) * (merged + delta)

@@ -1433,6 +1433,27 @@ MUTATIONS: list[Mutation] = [
         (("matches = here = bool(torch.allclose(ours, theirs, rtol=2e-2, atol=tol))", "matches = here = bool(torch.allclose(ours, theirs, rtol=2e-1, atol=10 * tol))"),),
         ("tests/test_edges_layers.py::test_logits_ten_percent_off_the_head_take_the_plain_path",),
     ),
+    Mutation(
+        "loaded-nf4-keeps-compute-dtype",
+        "NF4 layers that came quantized keep the loader's compute dtype under a plugin with another compute_dtype",
+        "lightning_nf4/plugins/precision.py",
+        (("        self._adopt_compute_dtype(loaded)\n", ""),),
+        ("tests/test_fabric.py::test_a_model_loaded_in_nf4_computes_in_the_plugins_dtype",),
+    ),
+    Mutation(
+        "fabric-trains-in-compute-dtype",
+        "NF4FabricPrecision leaves trainable tensors built under fabric.init_module() in the compute dtype",
+        "lightning_nf4/plugins/fabric.py",
+        (("            param.data = param.data.float()", "            param.data = param.data"),),
+        ("tests/test_fabric.py::test_fabric_init_module_keeps_what_trains_in_float32",),
+    ),
+    Mutation(
+        "fabric-optimizer-unchecked",
+        "an optimizer holding the weights NF4FabricPrecision quantized steps without a word",
+        "lightning_nf4/plugins/fabric.py",
+        (("            self._check_optimizer(optimizer)\n", ""),),
+        ("tests/test_fabric.py::test_fabric_refuses_an_optimizer_that_holds_the_quantized_weights",),
+    ),
 ]
 
 

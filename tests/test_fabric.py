@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from lightning_nf4 import NF4FabricPrecision, NF4Linear, NF4Precision, dequantize_model, quantize_nf4
+from lightning_nf4.layers.lora import lora_config
 from lightning_nf4.plugins import NF4PrecisionError
 from lightning_nf4.plugins.convert import convert_linears
 from tests import isolated
@@ -172,3 +173,67 @@ def test_fabric_ddp_on_two_ranks_matches_one_process(tmp_path):
         # bf16 activations of 16 rows against 32 round apart (4e-5 here); ranks without the sync end 2e-3 apart or more
         torch.testing.assert_close(value, single["trainable"][name], atol=1e-4, rtol=1e-3)
     assert max((v - start[n]).abs().max() for n, v in single["trainable"].items()) > 0.02
+
+
+def test_a_model_loaded_in_nf4_computes_in_the_plugins_dtype():
+    """Layers that came quantized with another compute dtype (a loader's bnb_4bit_compute_dtype) compute in the
+    plugin's, as Lightning's BitsandbytesPrecision sets it: the same outputs as layers the plugin quantized itself."""
+    torch.manual_seed(0)
+    loaded = Mlp()
+    assert convert_linears(loaded, skip_modules=("head",), compute_dtype=torch.bfloat16) == 2
+    model = get_peft_model(loaded, lora_config(r=4, lora_alpha=8, target_modules=["up", "down"]))  # PEFT's dispatch to NF4
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(compute_dtype=torch.float32, skip_modules=("head",)))
+    model = fabric.setup_module(model)
+    assert {model.get_submodule(f"base_model.model.{n}").base_layer.compute_dtype for n in ("up", "down")} == {torch.float32}
+    _, direct, _ = _setup(NF4FabricPrecision(compute_dtype=torch.float32, skip_modules=("head",)))
+    with torch.no_grad():
+        assert torch.equal(model(_data()[0]), direct(_data()[0]))
+
+
+def test_fabric_init_module_keeps_what_trains_in_float32():
+    """Built under ``fabric.init_module()`` (the compute dtype, float16 here), a head trained in full and the adapters
+    train in float32, and the GradScaler steps them (it refuses to unscale float16 gradients)."""
+    precision = NF4FabricPrecision(compute_dtype=torch.float16, skip_modules=("head",))
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=precision)
+    with fabric.init_module():
+        torch.manual_seed(0)
+        base = Mlp()
+    assert base.head.weight.dtype == torch.float16
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], modules_to_save=["head"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trained) and set(trained.values()) == {torch.float32}
+    losses = _fit(fabric, model, optimizer, steps=5)
+    assert losses[-1] < losses[0]
+
+
+def test_fabric_refuses_peft_dora_on_a_base_it_quantizes():
+    model = get_peft_model(Mlp(), LoraConfig(r=4, lora_alpha=8, target_modules=["up"], use_dora=True))
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(skip_modules=("head",)))
+    with pytest.raises(ValueError, match=r"carries PEFT's DoRA on a base that NF4Precision quantizes.*with Fabric, wrap a model already in NF4"):
+        fabric.setup_module(model)
+    assert type(model.base_model.model.up.base_layer) is nn.Linear  # refused before quantizing
+
+
+def test_fabric_refuses_an_optimizer_that_holds_the_quantized_weights():
+    """An optimizer over every parameter, made before setup, keeps the float weights conversion replaced alive: the
+    first step says so (the Trainer's plugin refuses it in connect)."""
+    model = _peft_mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(skip_modules=("head",)))
+    model, optimizer = fabric.setup(model, optimizer)
+    loss = model(_data()[0]).sum()
+    fabric.backward(loss)
+    with pytest.raises(NF4PrecisionError, match=r"optimizer holds 2 weights that NF4FabricPrecision quantized.*if p.requires_grad"):
+        optimizer.step()
+
+
+def test_fabric_plugin_arguments_and_an_empty_model_are_named():
+    with pytest.raises(NF4PrecisionError, match=r"skip_modules must be a module name or a list of names \(\(\) for none\), got None"):
+        NF4FabricPrecision(skip_modules=None)
+    with pytest.raises(NF4PrecisionError, match=r"double_quant must be True or False, got 'no'"):
+        NF4FabricPrecision(double_quant="no")
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision())
+    with pytest.raises(NF4PrecisionError, match=r"has no nn.Linear layer.*Build the model before fabric.setup"):
+        fabric.setup_module(nn.Sequential(nn.ReLU()))

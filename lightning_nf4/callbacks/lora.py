@@ -30,9 +30,11 @@ from lightning_nf4.checkpoint_io import verify_archive
 from lightning_nf4.format.quantized import float_dtype
 from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
-from lightning_nf4.layers.lora import NF4LoraLinear, lora_config, seeded_init, stable_seed
+from lightning_nf4.layers.lora import lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
-from lightning_nf4.plugins.convert import call_layers_in_torch_transformers, exclude_nf4_from_ddp_sync, matches, within
+from lightning_nf4.plugins.convert import (
+    call_layers_in_torch_transformers, check_peft_layers, exclude_nf4_from_ddp_sync, matches, within,
+)
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
 
@@ -219,25 +221,11 @@ class LoRACallback(Callback):
                     f"LoRACallback has r={self.r}, alpha={self.alpha}: its checkpoints would record another scaling. Give "
                     f"LoRACallback(r={own.r}, alpha={own.lora_alpha}), or let LoRACallback inject the adapters itself."
                 )
+        check_peft_layers(module, to_quantize)
         for name, layer in module.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue
             self._check_active(name, layer)
-            base = layer.get_base_layer()
-            to_be_quantized = f"{name}.base_layer" in to_quantize
-            dora = not isinstance(layer, NF4LoraLinear) and any(getattr(layer, "use_dora", {}).values())
-            if dora and (isinstance(base, NF4Linear) or to_be_quantized):
-                raise ValueError(
-                    f"{name} carries PEFT's DoRA on a base that NF4Precision quantizes; PEFT's DoRA cannot read NF4 weights. "
-                    "Let LoRACallback(use_dora=True) inject DoRA after the conversion, or keep the layer in float "
-                    "(NF4Precision(skip_modules=...))."
-                )
-            if type(layer).__name__ == "ParamWrapper" and to_be_quantized:
-                raise ValueError(
-                    f"{name} carries PEFT's target_parameters LoRA on a linear that NF4Precision quantizes: its update would "
-                    "be added to the packed codes. Load the model in NF4 first (lightning_nf4's from_pretrained), then "
-                    "wrap it with PEFT; or target the layer with target_modules."
-                )
             if own is None and self.adapter_name in getattr(layer, "r", {}):
                 r, alpha = layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name]
                 if (r, alpha) != (self.r, self.alpha):

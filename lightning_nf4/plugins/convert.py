@@ -145,6 +145,30 @@ def exclude_nf4_from_ddp_sync(module: nn.Module) -> None:
     module._ddp_params_and_buffers_to_ignore = sorted(set(keep) | {f"{name}.weight" for name, _ in nf4_layers(module)})
 
 
+def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
+    """Refuse PEFT layers that cannot sit on an NF4 base (one already, or a linear in ``to_quantize``, by name): PEFT's
+    own DoRA reads the base weight as a float matrix, and its ``target_parameters`` LoRA adds to the weight itself."""
+    from peft.tuners.lora import LoraLayer  # PEFT loads with the plugins, not with the format
+
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or type(layer).__name__ == "NF4LoraLinear":
+            continue
+        on_nf4 = isinstance(layer.get_base_layer(), NF4Linear) or f"{name}.base_layer" in to_quantize
+        if on_nf4 and any(getattr(layer, "use_dora", {}).values()):
+            raise ValueError(
+                f"{name} carries PEFT's DoRA on a base that NF4Precision quantizes; PEFT's DoRA cannot read NF4 weights. "
+                "Add DoRA after the conversion (LoRACallback(use_dora=True) with a Trainer; with Fabric, wrap a model "
+                "already in NF4 with a lightning_nf4.layers.lora.lora_config(use_dora=True)), or keep the layer in float "
+                "(skip_modules=...)."
+            )
+        if type(layer).__name__ == "ParamWrapper" and f"{name}.base_layer" in to_quantize:
+            raise ValueError(
+                f"{name} carries PEFT's target_parameters LoRA on a linear that NF4Precision quantizes: its update would "
+                "be added to the packed codes. Load the model in NF4 first (lightning_nf4's from_pretrained), then "
+                "wrap it with PEFT; or target the layer with target_modules."
+            )
+
+
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.types import Optimizable
 from torch import Tensor, nn
 
+from lightning_nf4.plugins.convert import nf4_layers
 from lightning_nf4.plugins.precision import NF4Conversion, NF4PrecisionError
 
 
@@ -30,6 +33,38 @@ class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
     """
 
     _input_checked = False
+    _build_hint = "Build the model before fabric.setup (Fabric calls no configure_model),"
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Quantize as ``NF4Precision`` does, then keep what trains in float32 (adapters, biases, modules trained in
+        full), as ``LoRACallback(adapter_dtype=torch.float32)`` does for the Trainer: a model built under
+        ``fabric.init_module()`` starts in the compute dtype, where AdamW's small steps vanish (bf16) or the
+        GradScaler refuses to unscale (fp16)."""
+        module = super().convert_module(module)
+        cast = [p for p in module.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+        for param in cast:
+            param.data = param.data.float()  # the same Parameter: an optimizer made before setup keeps it
+        if cast:
+            rank_zero_info(f"NF4FabricPrecision: {len(cast)} trainable tensors cast to float32.")
+        self._replaced.update((id(layer.weight), layer.weight) for _, layer in nf4_layers(module))
+        return module
+
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        checked = self.__dict__.setdefault("_optimizers_checked", set())
+        if id(optimizer) not in checked:
+            self._check_optimizer(optimizer)
+            checked.add(id(optimizer))
+        return super().optimizer_step(optimizer, **kwargs)
+
+    def _check_optimizer(self, optimizer: Optimizable) -> None:
+        """The Trainer's plugin refuses these in ``connect``; Fabric has no such hook, so the first step does."""
+        held = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"] if self._replaced.get(id(p)) is p]
+        if held:
+            raise NF4PrecisionError(
+                f"The optimizer holds {len(held)} weights that NF4FabricPrecision quantized (the float weights it replaced, "
+                "kept in memory by the optimizer alone, or the frozen NF4 codes). Create it over the trainable parameters "
+                "only: torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)."
+            )
 
     def _resolve_device(self, module: nn.Module) -> torch.device:
         if self._device_given:

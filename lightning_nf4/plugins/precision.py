@@ -8,6 +8,7 @@ type (cpu, cuda or xpu) rather than a hard-coded "cuda".
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, Union
@@ -22,7 +23,7 @@ from lightning_nf4.format.quantized import check_blocksize, float_dtype
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
-from lightning_nf4.plugins.convert import convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
+from lightning_nf4.plugins.convert import check_peft_layers, convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
 
@@ -35,6 +36,8 @@ class NF4Conversion:
     """What both NF4 precision plugins share: their arguments, the conversion of a model's linears, the autocast
     and the init contexts. Mixed in before Lightning's ``MixedPrecision`` (Trainer's or Fabric's), whose
     scaler and backward it keeps; see ``NF4Precision`` for the arguments."""
+
+    _build_hint = "Build the model in __init__ or configure_model,"
 
     def __init__(
         self,
@@ -52,7 +55,7 @@ class NF4Conversion:
         if compute_dtype not in _PRECISION_NAMES:
             raise NF4PrecisionError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {compute_dtype!r}.")
         if device is not None:
-            _check_device(device)
+            _check_device(device, type(self).__name__)
         if scaler is not None and compute_dtype != torch.float16:
             raise NF4PrecisionError(
                 f"NF4Precision(compute_dtype={compute_dtype}, scaler=...): a GradScaler is for float16 compute only (Lightning's "
@@ -64,8 +67,14 @@ class NF4Conversion:
         self.precision = _PRECISION_NAMES[compute_dtype]  # type: ignore[assignment]
         self.compute_dtype = compute_dtype
         self.blocksize = check_blocksize(blocksize)
+        if not isinstance(double_quant, bool):
+            raise NF4PrecisionError(f"double_quant must be True or False, got {double_quant!r}.")
         self.double_quant = double_quant
-        self.skip_modules = (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)  # one name, as a list
+        if isinstance(skip_modules, str):
+            skip_modules = (skip_modules,)  # one name, as a list
+        if not isinstance(skip_modules, Sequence) or not all(isinstance(name, str) for name in skip_modules):
+            raise NF4PrecisionError(f"skip_modules must be a module name or a list of names (() for none), got {skip_modules!r}.")
+        self.skip_modules = tuple(skip_modules)
         self._device_given = device is not None
         if group_dequantize not in (True, False, "auto"):
             raise NF4PrecisionError(f"group_dequantize must be True, False or 'auto', got {group_dequantize!r}.")
@@ -77,6 +86,8 @@ class NF4Conversion:
             raise NF4PrecisionError(f"offload_activations must be True or False, got {offload_activations!r}.")
         self.offload_activations = offload_activations
         self._post_convert: list[Callable[[nn.Module], None]] = []
+        # the float weights conversion replaced (by id: tensors compare elementwise), for optimizer checks
+        self._replaced: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
     # -- device -----------------------------------------------------------------------------
     def _resolve_device(self, module: nn.Module) -> torch.device:
@@ -113,11 +124,15 @@ class NF4Conversion:
             rank_zero_info(f"{type(self).__name__}: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
             return self._after_convert(module)
         pending = convertible_linears(module, self.skip_modules)
-        if not pending and not nf4_layers(module):
+        loaded = nf4_layers(module)
+        if not pending and not loaded:
             raise NF4PrecisionError(
                 f"{type(module).__name__} has no nn.Linear layer to quantize (skip_modules={list(self.skip_modules)}). "
-                "Build the model in __init__ or configure_model, or drop NF4Precision for this model."
+                f"{self._build_hint} or drop {type(self).__name__} for this model."
             )
+        check_peft_layers(module, {name for name, _ in pending})
+        self._adopt_compute_dtype(loaded)
+        self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
         if pending:
             before = _param_bytes(module)
             count = convert_linears(
@@ -132,6 +147,15 @@ class NF4Conversion:
         if self.low_memory_recompute != "auto":
             set_low_memory_recompute(module, self.low_memory_recompute)
         return self._after_convert(module)
+
+    def _adopt_compute_dtype(self, loaded: list[tuple[str, NF4Linear]]) -> None:
+        """NF4 layers that came quantized (a loader's ``bnb_4bit_compute_dtype``) compute in this plugin's dtype, as
+        Lightning's ``BitsandbytesPrecision`` sets it on bitsandbytes' layers."""
+        other = sorted({str(layer.compute_dtype) for _, layer in loaded if layer.compute_dtype != self.compute_dtype})
+        if other:
+            rank_zero_info(f"{type(self).__name__}: {len(loaded)} NF4 layers computed in {', '.join(other)}; now in {self.compute_dtype}.")
+        for _, layer in loaded:
+            layer.compute_dtype = self.compute_dtype
 
     def apply_low_memory_recompute(self, module: nn.Module, default: bool) -> None:
         """For a strategy: set ``low_memory_recompute`` on ``module``'s NF4 layers, to the value this plugin was
@@ -233,14 +257,14 @@ def wants_4bit(module: nn.Module) -> bool:
     return flag is not False
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, plugin: str) -> None:
     """A device given by name must exist here: otherwise torch fails later, deep inside, with a bare assertion."""
     try:
         reason = unavailable_reason(parse_device(device))
     except ValueError as err:
-        raise NF4PrecisionError(f"NF4Precision(device={device!r}): not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'xpu'.") from err
+        raise NF4PrecisionError(f"{plugin}(device={device!r}): not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'xpu'.") from err
     if reason is not None:
-        raise NF4PrecisionError(f"NF4Precision(device={device!r}), but {reason}; or leave device unset to follow the Trainer's accelerator.")
+        raise NF4PrecisionError(f"{plugin}(device={device!r}), but {reason}; or leave device unset to follow the accelerator.")
 
 
 def _param_bytes(module: nn.Module) -> int:

@@ -239,3 +239,17 @@ def test_fabric_plugin_arguments_and_an_empty_model_are_named():
     fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision())
     with pytest.raises(NF4PrecisionError, match=r"has no nn.Linear layer.*Build the model before fabric.setup"):
         fabric.setup_module(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("plugin", [NF4Precision, NF4FabricPrecision])
+def test_the_plugins_pickle_after_converting_a_model(plugin):
+    """ddp_spawn sends the plugin to each process: its record of the weights it replaced (weak references) stays
+    behind, and the copy starts an empty one."""
+    import pickle
+
+    precision, model = plugin(skip_modules=("head",)), Mlp()
+    precision.convert_module(model)
+    if plugin is NF4FabricPrecision:
+        assert len(precision._replaced) == 2  # the model's NF4 codes
+    copy = pickle.loads(pickle.dumps(precision))
+    assert copy.compute_dtype == precision.compute_dtype and copy.skip_modules == ("head",) and len(copy._replaced) == 0

@@ -58,7 +58,7 @@ class NF4Conversion:
             _check_device(device, type(self).__name__)
         if scaler is not None and compute_dtype != torch.float16:
             raise NF4PrecisionError(
-                f"NF4Precision(compute_dtype={compute_dtype}, scaler=...): a GradScaler is for float16 compute only (Lightning's "
+                f"{type(self).__name__}(compute_dtype={compute_dtype}, scaler=...): a GradScaler is for float16 compute only (Lightning's "
                 "'bf16-mixed' refuses one too); leave scaler out, or use compute_dtype=torch.float16."
             )
         mixed = "16-mixed" if compute_dtype == torch.float16 else "bf16-mixed"
@@ -88,6 +88,15 @@ class NF4Conversion:
         self._post_convert: list[Callable[[nn.Module], None]] = []
         # the float weights conversion replaced (by id: tensors compare elementwise), for optimizer checks
         self._replaced: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_replaced"] = None  # weak references do not pickle (ddp_spawn sends the plugin to each process)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._replaced = weakref.WeakValueDictionary()
 
     # -- device -----------------------------------------------------------------------------
     def _resolve_device(self, module: nn.Module) -> torch.device:

@@ -158,14 +158,14 @@ _UNEXPORTED = (("trainable_token_indices", None), ("layer_replication", None))
 
 def unexported_settings(own: LoraConfig) -> list[str]:
     """``key=value`` for each setting of a model's own LoRA config that trains weights the adapter folder cannot hold
-    (it holds LoRA weights and modules trained in full only)."""
+    (it holds LoRA weights, modules trained in full and trained biases only)."""
     return [f"{key}={getattr(own, key)!r}" for key, default in _UNEXPORTED if getattr(own, key, default) != default]
 
 
 def _carried(own: Optional[LoraConfig]) -> dict[str, Any]:
     """What a model's own LoRA config sets beyond rank, alpha and targets that PEFT needs to load the adapter as
-    trained: rsLoRA's scaling, per-layer ranks and alphas, trained biases (``bias``, ``lora_bias``), and an init that rewrites the base (OLoRA, PiSSA),
-    which PEFT repeats on the float base as it loads."""
+    trained: rsLoRA's scaling, per-layer ranks and alphas, trained biases (``bias``, ``lora_bias``), and an init
+    that rewrites the base (OLoRA, PiSSA), which PEFT repeats on the float base as it loads."""
     if own is None:
         return {}
     out = {key: getattr(own, key) for key in _CARRIED if getattr(own, key, None)}

@@ -150,8 +150,10 @@ def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
     own DoRA reads the base weight as a float matrix, and its ``target_parameters`` LoRA adds to the weight itself."""
     from peft.tuners.lora import LoraLayer  # PEFT loads with the plugins, not with the format
 
+    from lightning_nf4.layers.lora import NF4LoraLinear
+
     for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer) or type(layer).__name__ == "NF4LoraLinear":
+        if not isinstance(layer, LoraLayer) or isinstance(layer, NF4LoraLinear):
             continue
         on_nf4 = isinstance(layer.get_base_layer(), NF4Linear) or f"{name}.base_layer" in to_quantize
         if on_nf4 and any(getattr(layer, "use_dora", {}).values()):

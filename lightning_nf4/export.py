@@ -22,6 +22,7 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear, bias_with_updates
 from lightning_nf4.plugins.convert import within
@@ -273,6 +274,9 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
                 out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
             return
         for name, param in module.named_parameters(recurse=False):
+            if isinstance(param, NF4Tensor):  # a stacked expert weight, in the dtype it was quantized from
+                out[prefix + name] = param.quant.dequantize(dtype).contiguous()
+                continue
             param = _whole(param)  # a table sharded by hand (vocab_parallel), outside FSDP's units: gathered here
             out[prefix + name] = param.to(dtype) if (dtype and param.is_floating_point()) else param
         for name, buf in module.named_buffers(recurse=False):

@@ -39,6 +39,18 @@ def shardable_llama(tie: bool = False):
     return LlamaForCausalLM(config)
 
 
+def shardable_mixtral():
+    """A Mixtral whose projections and stacked experts (4 of them) split into 2 row shards on whole scale groups."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config)
+
+
 def load_checkpoint_model(folder: str, deferred: bool, device: str = "cpu", nf4: bool = True):
     from transformers import BitsAndBytesConfig
 
@@ -76,6 +88,7 @@ class Dump(pl.Callback):
 
         self.base = {n: local_parts(p) for n, p in pl_module.named_parameters() if not p.requires_grad}
         self.low_memory = sorted({m.low_memory_recompute for m in pl_module.modules() if isinstance(m, NF4Linear)})
+        self.ddp_ignored = sorted(getattr(trainer.strategy.model, "parameters_to_ignore", []))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 1 and trainer.current_epoch == 0:  # one whole step (forward, backward, optimizer) profiled
@@ -113,7 +126,7 @@ class Dump(pl.Callback):
         state = full_trainable_state(pl_module)
         torch.save({"trainable": state, "held": getattr(self, "held", {}), "strategy": type(trainer.strategy).__name__,
                     "base": self.base, "first_loss": self.first_loss, "gathers": getattr(self, "gathers", {}),
-                    "low_memory_recompute": self.low_memory},
+                    "low_memory_recompute": self.low_memory, "ddp_ignored": self.ddp_ignored},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
@@ -121,11 +134,14 @@ def run(out: Path, strategy: str, devices: int, batch_size: int, epochs: int = 2
     pl.seed_everything(0)
     accelerator = os.environ.get("FSDP_WORKER_ACCELERATOR", "cpu")  # "gpu": tests/test_gpu_fsdp.py
     folder = os.environ.get("FSDP_WORKER_CHECKPOINT")
-    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +tiedhead, +dora, +float: below
+    options = strategy.split("+")[1:]  # nf4_fsdp+u2: two layers per unit; +whole: adapters not sharded; +moe: a Mixtral; +tiedhead, +dora, +float: below
     strategy = strategy.split("+")[0]
     tied_head = "tiedhead" in options  # the head tied to the embeddings, with LoRA on it as well
     nf4 = "float" not in options  # +float: the bf16-LoRA baseline's layout, a float base (load_in_4bit False)
-    base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp"), nf4=nf4) if folder else shardable_llama(tie=tied_head)
+    if folder:
+        base = load_checkpoint_model(folder, deferred=strategy.startswith("nf4_fsdp"), nf4=nf4)
+    else:
+        base = shardable_mixtral() if "moe" in options else shardable_llama(tie=tied_head)  # +moe: NF4 experts
     model = CausalLM(base, lr=1e-2)
     model.load_in_4bit = nf4
     if strategy == "ddp":

@@ -33,7 +33,7 @@ from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import (
-    call_layers_in_torch_transformers, check_peft_layers, exclude_nf4_from_ddp_sync, matches, within,
+    call_layers_in_torch_transformers, check_peft_layers, exclude_nf4_from_ddp_sync, holds_nf4, matches, within,
 )
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
@@ -261,7 +261,7 @@ class LoRACallback(Callback):
                     f"Modules found: {[n for n, _ in named][:8]}"
                 )
             inside = [(".".join(filter(None, (n, c))), sub) for n, m in found for c, sub in m.named_modules()]
-            nf4 = [full for full, sub in inside if isinstance(sub, NF4Linear) or full in to_quantize]
+            nf4 = [full for full, sub in inside if holds_nf4(sub) or full in to_quantize]
             if nf4:
                 raise ValueError(
                     f"modules_to_save entry {pattern!r} names the NF4 layer {nf4[0]!r}, whose packed 4-bit weights are "

@@ -94,19 +94,22 @@ class NF4Tensor(Tensor):
     """
 
     quant: NF4Weight
+    transposed: bool  # the last two dims swapped (a ``weight.t()`` on the way to a matmul); the bytes are not
 
     @staticmethod
-    def __new__(cls, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
-        shape = torch.Size(shape if shape is not None else quant.shape)
+    def __new__(cls, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None, transposed: bool = False) -> "NF4Tensor":
+        shape = torch.Size(shape if shape is not None else _shape(quant.shape, transposed))
         return Tensor._make_wrapper_subclass(cls, shape, dtype=dtype or quant.dtype, device=quant.device, requires_grad=False)
 
-    def __init__(self, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, quant: NF4Weight, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None, transposed: bool = False) -> None:
         self.quant = quant
+        self.transposed = transposed
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __repr__(self) -> str:  # no tensor ops: printing must work on any rank, sharded or not
-        return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant={self.quant!r})"
+        flag = ", transposed" if self.transposed else ""
+        return f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}{flag}, quant={self.quant!r})"
 
     @property
     def data(self) -> Tensor:  # as Tensor.data: a detached alias
@@ -124,16 +127,17 @@ class NF4Tensor(Tensor):
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight, in this tensor's shape (a view, such as FSDP's flat one, keeps its own)."""
-        return self.quant.dequantize(dtype or self.dtype).view(self.shape)
+        weight = self.quant.dequantize(dtype or self.dtype)
+        return weight.transpose(-2, -1) if self.transposed else weight.view(self.shape)
 
     def _alias(self, quant: Optional[NF4Weight] = None, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
         quant = quant or self.quant
-        return NF4Tensor(quant, shape if shape is not None else quant.shape, dtype or self.dtype)
+        return NF4Tensor(quant, shape if shape is not None else _shape(quant.shape, self.transposed), dtype or self.dtype, self.transposed)
 
     # -- torch.compile: the inner tensors are the packed codes and the statistics ---------------
     def __tensor_flatten__(self) -> tuple[list[str], Any]:
         names = ["packed", "absmax", "code"] + (["nested_absmax", "nested_code", "nested_offset"] if self.quant.nested is not None else [])
-        return names, (self.quant.shape, self.quant.dtype, self.quant.blocksize, self.quant.nested.blocksize if self.quant.nested else None, self.shape, self.dtype)
+        return names, (self.quant.shape, self.quant.dtype, self.quant.blocksize, self.quant.nested.blocksize if self.quant.nested else None, self.shape, self.dtype, self.transposed)
 
     def __getattr__(self, name: str) -> Tensor:
         quant = self.__dict__.get("quant")
@@ -146,12 +150,12 @@ class NF4Tensor(Tensor):
 
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, Tensor], meta: Any, outer_size: Any, outer_stride: Any) -> "NF4Tensor":
-        shape, dtype, blocksize, nested_blocksize, outer_shape, outer_dtype = meta
+        shape, dtype, blocksize, nested_blocksize, outer_shape, outer_dtype, transposed = meta
         nested = None
         if nested_blocksize is not None:
             nested = NestedStats(inner["nested_absmax"], inner["nested_code"], inner["nested_offset"], nested_blocksize)
         quant = NF4Weight(inner["packed"], inner["absmax"], inner["code"], shape, dtype, blocksize, nested)
-        return NF4Tensor(quant, outer_shape, outer_dtype)
+        return NF4Tensor(quant, outer_shape, outer_dtype, transposed)
 
     # -- FSDP2 all-gather hooks ----------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: tuple[int, ...], module: Any, mp_policy: Any) -> tuple[tuple[Tensor, ...], Any]:
@@ -197,6 +201,8 @@ class NF4Tensor(Tensor):
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         handler = _OPS.get(func)
+        if handler is None and getattr(func, "_schema", None) is not None and func._schema.name in _DEQUANTIZED_FOREIGN:
+            handler = _OPS[func] = _dequantized_args(func)
         if handler is None:
             raise NotImplementedError(
                 f"NF4Tensor does not support {func}: a frozen NF4 weight supports the ops FSDP2 uses to shard and move it "
@@ -262,7 +268,7 @@ def _clone(t: NF4Tensor, memory_format: Any = None) -> NF4Tensor:
 
 
 def _check_rows(t: NF4Tensor, dim: int, op: str) -> None:
-    if dim not in (0, -t.dim()) or t.shape != t.quant.shape:
+    if dim not in (0, -t.dim()) or t.shape != t.quant.shape or t.transposed:
         raise NotImplementedError(f"NF4Tensor.{op} works on dim 0 of the [out_features, in_features] weight only, got dim {dim}.")
 
 
@@ -357,7 +363,7 @@ def _to_copy(t: NF4Tensor, dtype: Optional[torch.dtype] = None, device: Any = No
     quant = t.quant
     if device is not None and torch.device(device) != quant.device:
         quant = _map_tensors(quant, lambda x: x.to(device, non_blocking=non_blocking))
-    return NF4Tensor(quant, t.shape, dtype or t.dtype)
+    return NF4Tensor(quant, t.shape, dtype or t.dtype, t.transposed)
 
 
 @_implements(aten.is_pinned.default)
@@ -367,7 +373,91 @@ def _is_pinned(t: NF4Tensor, device: Any = None) -> bool:
 
 @_implements(aten._pin_memory.default)
 def _pin_memory(t: NF4Tensor, device: Any = None) -> NF4Tensor:
-    return NF4Tensor(_map_tensors(t.quant, lambda x: x.pin_memory()), t.shape, t.dtype)
+    return NF4Tensor(_map_tensors(t.quant, lambda x: x.pin_memory()), t.shape, t.dtype, t.transposed)
+
+
+# -- stacked weights (MoE experts): one expert, transposes, and the matmuls that read them ----------------
+def _shape(shape: torch.Size, transposed: bool) -> torch.Size:
+    return torch.Size((*shape[:-2], shape[-1], shape[-2])) if transposed else torch.Size(shape)
+
+
+def expert_slice(quant: NF4Weight, index: int) -> NF4Weight:
+    """Matrix ``index`` of a stacked ``[experts, out, in]`` weight, as an ``NF4Weight`` over the same bytes. An
+    expert must start on a block; when it does not start on a group of nested scales, its scales are decoded
+    (a float32 absmax of the expert's blocks only) rather than sliced."""
+    experts = quant.shape[0]
+    if not -experts <= index < experts:
+        raise IndexError(f"index {index} is out of range for {experts} experts")
+    index %= experts
+    per = math.prod(quant.shape[1:])
+    if (index * per) % shard_granularity(quant) == 0 and (per % shard_granularity(quant) == 0 or index == experts - 1):
+        sliced = _row_slices(quant, [(index, index + 1)])[0]
+        return replace(sliced, shape=quant.shape[1:])
+    if per % quant.blocksize:
+        raise NotImplementedError(
+            f"an expert of {per} elements does not hold whole {quant.blocksize}-element blocks, so it cannot be read "
+            "alone; quantize this weight with a blocksize that divides it."
+        )
+    first, blocks = index * per // quant.blocksize, per // quant.blocksize
+    nested = quant.nested
+    g0, g1 = first // nested.blocksize, -(-(first + blocks) // nested.blocksize)
+    decoded = _decode_scales(quant.absmax[g0 * nested.blocksize:g1 * nested.blocksize], nested.absmax[g0:g1], nested)
+    skip = first - g0 * nested.blocksize
+    return replace(
+        quant, packed=quant.packed[index * per // 2:(index + 1) * per // 2], absmax=decoded[skip:skip + blocks].contiguous(),
+        shape=quant.shape[1:], nested=None,
+    )
+
+
+def _decode_scales(codes: Tensor, nested_absmax: Tensor, nested: NestedStats) -> Tensor:
+    from lightning_nf4.kernels import reference
+
+    return reference.dequantize_blockwise_8bit(codes, nested_absmax, nested.code, nested.blocksize, nested.offset)
+
+
+@_implements(aten.select.int)
+def _select(t: NF4Tensor, dim: int, index: int) -> NF4Tensor:
+    if t.dim() < 3 or dim not in (0, -t.dim()) or t.shape != t.quant.shape or t.transposed:
+        raise NotImplementedError(
+            f"NF4Tensor indexes the first dim of a stacked [experts, out, in] weight only, got dim {dim} of shape {tuple(t.shape)}."
+        )
+    return NF4Tensor(expert_slice(t.quant, int(index)), dtype=t.dtype)
+
+
+@_implements(aten.t.default)
+def _t(t: NF4Tensor) -> NF4Tensor:
+    return _transpose(t, 0, 1)
+
+
+@_implements(aten.transpose.int)
+def _transpose(t: NF4Tensor, dim0: int, dim1: int) -> NF4Tensor:
+    dims = sorted(d % t.dim() for d in (dim0, dim1))
+    if t.dim() < 2 or dims != [t.dim() - 2, t.dim() - 1] or t.shape != _shape(t.quant.shape, t.transposed):
+        raise NotImplementedError(f"NF4Tensor transposes its last two dims only, got dims {dim0}, {dim1} of shape {tuple(t.shape)}.")
+    return NF4Tensor(t.quant, _shape(t.shape, True), t.dtype, not t.transposed)
+
+
+def _dequantized_args(func: Any) -> Callable[..., Any]:
+    """``func`` run on the float weight: the weight is dequantized for this call only, so autograd saves the NF4
+    tensor (its bytes) for the backward, not a float copy."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        plain = [a.dequantize() if isinstance(a, NF4Tensor) else a for a in args]
+        return func(*plain, **{k: v.dequantize() if isinstance(v, NF4Tensor) else v for k, v in kwargs.items()})
+    return run
+
+
+for _op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default, aten._grouped_mm.default):
+    _OPS[_op] = _dequantized_args(_op)
+
+
+@_implements(aten.index.Tensor)
+def _index(t: NF4Tensor, indices: list[Optional[Tensor]]) -> Tensor:
+    """``weight[expert_ids]`` (transformers' batched experts): the experts gathered as float matrices."""
+    return t.dequantize()[tuple(indices)]
+
+
+# Ops of other libraries that take a stacked weight (transformers' grouped-matmul fallback and its backward).
+_DEQUANTIZED_FOREIGN = {"transformers::grouped_mm_fallback", "transformers::grouped_mm_fallback_backward"}
 
 
 # -- the dequantize op: how compiled code reads an NF4Tensor -------------------------------------

@@ -1,4 +1,5 @@
-"""Replacing a model's ``nn.Linear`` (and ``Conv1D``) layers by ``NF4Linear``, one layer at a time."""
+"""Replacing a model's ``nn.Linear`` (and ``Conv1D``) layers by ``NF4Linear``, one layer at a time, and its
+stacked MoE expert weights by ``NF4Tensor`` parameters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_nf4.format.tensor import NF4Tensor
+from lightning_nf4.layers.experts import dequantize_experts, quantize_expert_weight
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 
 
@@ -102,6 +105,62 @@ def convert_linears(
     return count
 
 
+def is_expert_weight(module: nn.Module, param: nn.Parameter) -> bool:
+    """A float ``[experts, out, in]`` weight of an experts module (transformers 5 stacks MoE experts this way,
+    ``gate_up_proj`` and ``down_proj`` of ``MixtralExperts``, ``Qwen3MoeExperts``...): one matrix per expert."""
+    experts = getattr(module, "num_experts", None)
+    return (
+        isinstance(experts, int) and not isinstance(param, NF4Tensor) and param.dim() == 3
+        and param.shape[0] == experts and param.is_floating_point()
+    )
+
+
+def convertible_experts(model: nn.Module, skip_modules: Sequence[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(module name, module, parameter name)`` of each stacked expert weight that should become NF4 (its module
+    not skipped, by the same rule as linears)."""
+    found = []
+    for name, module in model.named_modules():
+        if _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
+            continue
+        params = [p for p, param in module.named_parameters(recurse=False) if is_expert_weight(module, param)]
+        if params and (within(name, skip_modules) or within(logical_name(name), skip_modules)):
+            setattr(module, _KEEP_FLOAT, True)
+            continue
+        found += [(name, module, p) for p in params]
+    return found
+
+
+def convert_experts(
+    model: nn.Module,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip_modules: Sequence[str] = ("lm_head",),
+    device: Optional[torch.device] = None,
+) -> int:
+    """Quantize the stacked expert weights in place, each to an ``NF4Tensor`` parameter on ``device`` (as
+    bitsandbytes quantizes the whole ``[experts, out, in]`` tensor); returns how many. The experts module and its
+    forward stay transformers' own: the weight's type answers the indexing and matmuls they do."""
+    count = 0
+    for name, module, attr in convertible_experts(model, skip_modules):
+        quantize_expert_weight(module, attr, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, device=device, name=name)
+        count += 1
+    if count:
+        release_freed_host_memory()
+    return count
+
+
+def holds_nf4(module: nn.Module) -> bool:
+    """An ``NF4Linear``, or a module with an NF4 parameter of its own (an experts module): frozen 4-bit weights."""
+    return isinstance(module, NF4Linear) or any(isinstance(p, NF4Tensor) for p in module.parameters(recurse=False))
+
+
+def nf4_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Parameters held as ``NF4Tensor``: quantized expert weights (and NF4 layers' weights under FSDP2)."""
+    return [(n, p) for n, p in model.named_parameters() if isinstance(p, NF4Tensor)]
+
+
 def call_layers_in_torch_transformers(model: nn.Module) -> None:
     """Turn torch's fused fast path off while an ``nn.TransformerEncoder(Layer)`` holding NF4 or LoRA layers runs.
     In eval without grad that path reads ``linear1.weight`` and ``linear2.weight`` itself instead of calling the layers:
@@ -142,7 +201,8 @@ def exclude_nf4_from_ddp_sync(module: nn.Module) -> None:
     Call again after anything renames layers (LoRA injection moves weights under ``base_layer``)."""
     present = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     keep = [n for n in getattr(module, "_ddp_params_and_buffers_to_ignore", []) if n in present]
-    module._ddp_params_and_buffers_to_ignore = sorted(set(keep) | {f"{name}.weight" for name, _ in nf4_layers(module)})
+    frozen = {f"{name}.weight" for name, _ in nf4_layers(module)} | {name for name, _ in nf4_parameters(module)}
+    module._ddp_params_and_buffers_to_ignore = sorted(set(keep) | frozen)
 
 
 def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
@@ -163,7 +223,8 @@ def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
                 "already in NF4 with a lightning_nf4.layers.lora.lora_config(use_dora=True)), or keep the layer in float "
                 "(skip_modules=...)."
             )
-        if type(layer).__name__ == "ParamWrapper" and f"{name}.base_layer" in to_quantize:
+        # on stacked expert weights it works: the NF4 weight's baddbmm adds the update to the dequantized experts
+        if type(layer).__name__ == "ParamWrapper" and f"{name}.base_layer" in to_quantize and convertible_kind(layer.get_base_layer()):
             raise ValueError(
                 f"{name} carries PEFT's target_parameters LoRA on a linear that NF4Precision quantizes: its update would "
                 "be added to the packed codes. Load the model in NF4 first (lightning_nf4's from_pretrained), then "
@@ -176,8 +237,8 @@ def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
 
 
 def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Every ``NF4Linear`` of ``model`` replaced, in place, by the float layer it stands for (``NF4Linear.to_float``):
-    the inverse of ``convert_linears``, as transformers' ``model.dequantize()`` is for bitsandbytes models (which
+    """Every ``NF4Linear`` of ``model`` replaced, in place, by the float layer it stands for (``NF4Linear.to_float``),
+    and every NF4 expert weight by a float parameter: the inverse of ``convert_linears`` and ``convert_experts``, as transformers' ``model.dequantize()`` is for bitsandbytes models (which
     these models are not, to transformers). A Hugging Face model's ``config.quantization_config`` goes with them.
     NF4 layers under LoRA are refused: their merged float model is an export."""
     from peft.tuners.lora import LoraLayer
@@ -194,6 +255,8 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
             raise ValueError("dequantize_linears: the model is itself an NF4Linear; use its to_float().")
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer.to_float(dtype))
+    for module in model.modules():  # stacked expert weights
+        dequantize_experts(module, dtype)
     config = getattr(model, "config", None)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config

@@ -20,10 +20,14 @@ from torch import nn
 
 from lightning_nf4.devices import parse_device, unavailable_reason
 from lightning_nf4.format.quantized import check_blocksize, float_dtype
+from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
-from lightning_nf4.plugins.convert import check_peft_layers, convert_linears, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers
+from lightning_nf4.plugins.convert import (
+    check_peft_layers, convert_experts, convert_linears, convertible_experts, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers,
+    nf4_parameters,
+)
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
 
@@ -120,11 +124,14 @@ class NF4Conversion:
 
     # -- Lightning hooks --------------------------------------------------------------------
     def pending_conversion(self, module: nn.Module) -> set[str]:
-        """Names of the linears ``convert_module`` would quantize now (none when the module keeps a float base)."""
-        return {name for name, _ in convertible_linears(module, self.skip_modules)} if wants_4bit(module) else set()
+        """Names of the linears (and experts modules) ``convert_module`` would quantize now (none when the module keeps
+        a float base)."""
+        if not wants_4bit(module):
+            return set()
+        return {name for name, _ in convertible_linears(module, self.skip_modules)} | {name for name, _, _ in convertible_experts(module, self.skip_modules)}
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Quantize every convertible ``nn.Linear`` on the training device; idempotent. A module whose
+        """Quantize every convertible ``nn.Linear`` and stacked MoE expert weight on the training device; idempotent. A module whose
         ``load_in_4bit`` (attribute or hyperparameter, as ``CausalLMModule`` has) is False keeps a float base:
         the same config then runs the bf16 LoRA baseline, with this plugin's autocast."""
         device = self._resolve_device(module)
@@ -133,23 +140,25 @@ class NF4Conversion:
             rank_zero_info(f"{type(self).__name__}: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
             return self._after_convert(module)
         pending = convertible_linears(module, self.skip_modules)
+        experts = convertible_experts(module, self.skip_modules)
         loaded = nf4_layers(module)
-        if not pending and not loaded:
+        if not pending and not loaded and not experts and not nf4_parameters(module):
             raise NF4PrecisionError(
                 f"{type(module).__name__} has no nn.Linear layer to quantize (skip_modules={list(self.skip_modules)}). "
                 f"{self._build_hint} or drop {type(self).__name__} for this model."
             )
-        check_peft_layers(module, {name for name, _ in pending})
+        check_peft_layers(module, {name for name, _ in pending} | {name for name, _, _ in experts})
         self._adopt_compute_dtype(loaded)
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
-        if pending:
+        self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
+        if pending or experts:
             before = _param_bytes(module)
-            count = convert_linears(
-                module, blocksize=self.blocksize, double_quant=self.double_quant,
-                compute_dtype=self.compute_dtype, skip_modules=self.skip_modules, device=device,
-            )
+            kwargs = dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules, device=device)
+            count = convert_linears(module, **kwargs)
+            stacked = convert_experts(module, **kwargs)
             after = _param_bytes(module)
-            rank_zero_info(f"{type(self).__name__}: quantized {count} linear layers on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
+            what = f"{count} linear layers" + (f" and {stacked} stacked expert weights" if stacked else "")
+            rank_zero_info(f"{type(self).__name__}: quantized {what} on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)
@@ -283,7 +292,7 @@ def _param_bytes(module: nn.Module) -> int:
             total += sub.memory_bytes
             continue
         for p in sub.parameters(recurse=False):
-            total += p.numel() * p.element_size()
+            total += p.quant.nbytes if isinstance(p, NF4Tensor) else p.numel() * p.element_size()
     return total
 
 

@@ -1,0 +1,281 @@
+"""Mixture-of-experts models: transformers 5 stacks each layer's experts into ``[experts, out, in]`` parameters, which
+``NF4Precision`` quantizes to ``NF4Tensor`` (bitsandbytes' layout of the whole tensor), leaving the experts module and
+its forward (eager, ``batched_mm``, ``grouped_mm``) as transformers wrote them."""
+
+import copy
+import io
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_nf4 import LoRACallback, NF4Precision, dequantize_model
+from lightning_nf4.format import quantize_nf4
+from lightning_nf4.format.tensor import NF4Tensor, expert_slice
+from lightning_nf4.layers.experts import dequantize_experts
+from lightning_nf4.plugins.convert import convert_experts, convert_linears
+from tests import isolated
+from tests.lightning_models import CausalLM, token_loader
+
+aten = torch.ops.aten
+
+
+def tiny_moe(kind: str = "mixtral", implementation: str = "eager", seed: int = 0):
+    """A two-layer MoE model of ``kind`` with 4 experts, top-2 routing."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
+        cls = transformers.MixtralForCausalLM
+    elif kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=128, intermediate_size=128, num_experts=4, head_dim=16, **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:  # gpt-oss: experts stored transposed ([experts, in, out]) and with biases
+        config = transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, head_dim=16, layer_types=["full_attention"] * 2, **common)
+        cls = transformers.GptOssForCausalLM
+    return cls._from_config(config, experts_implementation=implementation).float()
+
+
+def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3}
+
+
+# -- the weight's type: one expert, transposes, and the matmuls on the stacked weight ------------------------
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(4, 128, 128), (3, 64, 96)], ids=["whole_groups", "experts_across_scale_groups"])
+def test_each_expert_reads_as_its_part_of_the_whole_weight(shape, double_quant):
+    """An expert is its rows of the dequantized stack, bit for bit, also when it starts inside a group of nested scales
+    (3 x 64 x 96: 6144 elements an expert, 16384 a group)."""
+    torch.manual_seed(0)
+    quant = quantize_nf4(torch.randn(shape), 64, double_quant)
+    whole = quant.dequantize(torch.float32)
+    weight = NF4Tensor(quant, dtype=torch.bfloat16)
+    for e in range(shape[0]):
+        expert = weight[e]
+        assert isinstance(expert, NF4Tensor) and expert.shape == shape[1:]
+        assert torch.equal(expert.dequantize(torch.float32), whole[e])
+        assert torch.equal(expert_slice(quant, e - shape[0]).dequantize(torch.float32), whole[e])  # negative index
+    with pytest.raises(IndexError, match="out of"):
+        weight[shape[0]]
+    with pytest.raises(IndexError, match=f"index {shape[0]} is out of range for {shape[0]} experts"):
+        expert_slice(quant, shape[0])
+
+
+def test_matmuls_on_the_stacked_weight_equal_those_on_its_float_form():
+    torch.manual_seed(0)
+    quant = quantize_nf4(torch.randn(4, 32, 64), 64, True)
+    weight, plain = NF4Tensor(quant, dtype=torch.float32), quant.dequantize(torch.float32)
+    x = torch.randn(5, 64)
+    assert torch.equal(nn.functional.linear(x, weight[2]), nn.functional.linear(x, plain[2]))  # t + mm
+    assert torch.equal(torch.addmm(torch.ones(32), x, weight[1].t()), torch.addmm(torch.ones(32), x, plain[1].t()))
+    assert weight.transpose(-2, -1).shape == (4, 64, 32) and weight.transpose(-2, -1).transpose(1, 2).shape == (4, 32, 64)
+    assert torch.equal(torch.bmm(weight, torch.randn(4, 64, 3).fill_(0.5)), torch.bmm(plain, torch.full((4, 64, 3), 0.5)))
+    ids = torch.tensor([3, 0, 3])
+    assert torch.equal(weight[ids], plain[ids])
+    offs = torch.tensor([2, 2, 4, 5], dtype=torch.int32)
+    got = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    assert torch.equal(got, torch._grouped_mm(x, plain.transpose(-2, -1), offs=offs))
+    with pytest.raises(NotImplementedError, match="Dequantize it first"):
+        weight + 1
+    with pytest.raises(NotImplementedError, match="last two dims only"):
+        weight.transpose(0, 1)
+
+
+def test_autograd_keeps_the_nf4_weight_not_a_float_copy():
+    """The input's gradient is right, and what the matmul saves for it is the NF4 weight (its packed bytes)."""
+    torch.manual_seed(0)
+    quant = quantize_nf4(torch.randn(2, 32, 64), 64, True)
+    weight, plain = NF4Tensor(quant, dtype=torch.float32), quant.dequantize(torch.float32)
+    saved = []
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(type(t)) or t, lambda t: t):
+        y = nn.functional.linear(x, weight[1])
+    y.sum().backward()
+    ref = torch.randn(5, 64).copy_(x.detach()).requires_grad_()
+    nn.functional.linear(ref, plain[1]).sum().backward()
+    assert torch.equal(x.grad, ref.grad)
+    assert NF4Tensor in saved and all(t is NF4Tensor for t in saved)
+
+
+# -- the plugin: experts quantized, the model as transformers runs it --------------------------------------
+@pytest.mark.parametrize("kind,implementation", [
+    ("mixtral", "eager"), ("mixtral", "grouped_mm"), ("mixtral", "batched_mm"), ("qwen3_moe", "grouped_mm"), ("gpt_oss", "eager"),
+])
+def test_trainer_quantizes_experts_and_trains_lora_around_them(kind, implementation):
+    model = tiny_moe(kind, implementation)
+    floats = {n: p.detach().clone() for n, p in expert_weights(model).items()}
+    module = CausalLM(model)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", plugins=NF4Precision(device="cpu"), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LoRACallback(r=4, alpha=8, target_modules=["q_proj", "v_proj"])])
+    trainer.fit(module, token_loader(n=8))
+    experts = expert_weights(model)
+    assert experts.keys() == floats.keys() and len(experts) == 4
+    for name, param in experts.items():  # quantized as bitsandbytes quantizes the whole stack, and frozen
+        assert isinstance(param, NF4Tensor) and not param.requires_grad and param.dtype == torch.bfloat16
+        expect = quantize_nf4(floats[name], 64, True)
+        assert torch.equal(param.quant.packed, expect.packed) and torch.equal(param.quant.absmax, expect.absmax), name
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the adapters trained through the NF4 experts
+    # the model computes exactly what the same model with the dequantized experts in float computes
+    reference = copy.deepcopy(model.eval())  # eval: LoRA's dropout off
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_conversion_reports_and_shrinks_the_experts(caplog):
+    model = tiny_moe()
+    before = sum(p.numel() * 4 for p in expert_weights(model).values())
+    module = CausalLM(model)
+    plugin = NF4Precision(device="cpu")
+    with caplog.at_level("INFO"):
+        plugin.convert_module(module)
+    assert "quantized 8 linear layers and 4 stacked expert weights" in caplog.text
+    after = sum(p.quant.nbytes for p in expert_weights(model).values())
+    assert after < 0.15 * before  # 4.5 bits of 32
+    assert plugin.convert_module(module) is module and all(isinstance(p, NF4Tensor) for p in expert_weights(model).values())
+
+
+def test_skip_modules_keeps_experts_in_float():
+    model = tiny_moe()
+    NF4Precision(device="cpu", skip_modules=["lm_head", "experts"]).convert_module(CausalLM(model))
+    assert not any(isinstance(p, NF4Tensor) for p in expert_weights(model).values())
+    assert convert_experts(model, skip_modules=()) == 0  # marked: no later conversion takes them either
+
+
+def test_a_model_of_experts_only_is_converted():
+    """No nn.Linear to quantize is no error when the model has expert weights."""
+    model = tiny_moe()
+    NF4Precision(device="cpu", skip_modules=["self_attn", "lm_head"]).convert_module(CausalLM(model))
+    assert all(isinstance(p, NF4Tensor) for p in expert_weights(model).values())
+
+
+# -- state dicts, checkpoints, exports ----------------------------------------------------------------------
+def test_state_dict_holds_bitsandbytes_keys_and_loads_back():
+    model = tiny_moe()
+    convert_linears(model)
+    convert_experts(model)
+    state = model.state_dict()
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert state[key].dtype == torch.uint8 and type(state[key]) is torch.Tensor
+    assert {f"{key}.absmax", f"{key}.quant_map", f"{key}.nested_absmax", f"{key}.quant_state.bitsandbytes__nf4"} <= set(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)  # plain tensors only
+    fresh = tiny_moe(seed=1)
+    convert_linears(fresh)
+    convert_experts(fresh)
+    param = fresh.get_parameter(key)
+    assert not torch.equal(param.quant.packed, model.get_parameter(key).quant.packed)
+    assert fresh.load_state_dict(loaded, strict=True).unexpected_keys == []
+    assert fresh.get_parameter(key) is param  # loaded in place
+    for name, value in expert_weights(model).items():
+        assert torch.equal(fresh.get_parameter(name).dequantize(), value.dequantize()), name
+
+
+def test_a_float_state_dict_is_quantized_on_load_and_a_wrong_shape_is_named():
+    model, source = tiny_moe(), tiny_moe(seed=1)
+    convert_experts(model)
+    floats = {k: v for k, v in source.state_dict().items()}
+    model.load_state_dict(floats)
+    key = "model.layers.1.mlp.experts.down_proj"
+    assert torch.equal(model.get_parameter(key).quant.packed, quantize_nf4(floats[key], 64, True).packed)
+    floats[key] = floats[key][:, :, :64]
+    with pytest.raises(RuntimeError, match=r"size mismatch for model.layers.1.mlp.experts.down_proj: checkpoint has shape \(4, 64, 64\)"):
+        model.load_state_dict(floats)
+
+
+def test_dequantize_model_gives_float_experts_back():
+    model = tiny_moe()
+    convert_experts(model)
+    quantized = {n: p.quant.dequantize(torch.float32) for n, p in expert_weights(model).items()}
+    dequantize_model(model)
+    for name, param in expert_weights(model).items():
+        assert type(param) is nn.Parameter and param.dtype == torch.float32 and torch.equal(param.data, quantized[name])
+
+
+def test_peft_lora_on_nf4_experts_with_target_parameters():
+    """PEFT's ``target_parameters`` LoRA on the stacked experts adds its update to the dequantized weight (NF4Tensor
+    answers its ``baddbmm``): same outputs and adapter gradients as on the float experts the NF4 ones stand for."""
+    from peft import get_peft_model
+
+    from lightning_nf4.layers.lora import lora_config
+
+    model = tiny_moe()
+    convert_linears(model)
+    convert_experts(model, compute_dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.float32)
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"], init_lora_weights=False)
+    ids = torch.randint(0, 128, (2, 16))
+    grads = []
+    for base in (model, reference):
+        torch.manual_seed(3)
+        peft_model = get_peft_model(base, lora_config(**config))
+        loss = peft_model(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert any("experts" in n for n in grads[0]) and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_peft_wrapped_experts_are_converted_under_their_lora():
+    """A model wrapped with PEFT's ``target_parameters`` LoRA before the plugin runs: the experts under it are quantized,
+    not refused (only a linear under such LoRA is refused)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_moe(), LoraConfig(r=4, target_modules=[], target_parameters=["experts.gate_up_proj"]))
+    NF4Precision(device="cpu", compute_dtype=torch.float32).convert_module(CausalLM(model))
+    assert sum(isinstance(p, NF4Tensor) for p in model.parameters()) == 4
+    ids = torch.randint(0, 128, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "experts.lora_B" in n)
+
+
+# -- several processes: DDP and FSDP2 on two gloo ranks, against one process -----------------------------------
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def _run(out: Path, strategy: str, devices: int, batch_size: int):
+    args = [sys.executable, str(WORKER), str(out), strategy, str(devices), str(batch_size), "2"]
+    done = isolated.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
+
+
+@pytest.mark.timeout(900)
+def test_moe_under_ddp_and_fsdp2_matches_one_process(tmp_path):
+    single = _run(tmp_path / "single", "auto+moe", 1, 4)[0]
+    ddp = _run(tmp_path / "ddp", "ddp+moe", 2, 2)
+    fsdp = _run(tmp_path / "fsdp", "nf4_fsdp+moe", 2, 2)
+    experts = [n for n in single["held"] if n.endswith(("gate_up_proj", "down_proj"))]
+    assert len(experts) == 4
+    # DDP leaves the NF4 experts out of its sync; FSDP2 gives each rank 2 of the 4 experts, still packed
+    assert set(experts) <= set(ddp[0]["ddp_ignored"])
+    for name in experts:
+        held = fsdp[0]["held"][name]
+        assert (held["rows"], held["full_rows"], held["dtype"]) == (2, 4, "torch.uint8")
+        assert held["bytes"] < single["held"][name]["bytes"] * 0.6
+    for run in (ddp, fsdp):
+        assert run[0]["trainable"].keys() == single["trainable"].keys()
+        for name, value in run[0]["trainable"].items():
+            torch.testing.assert_close(value, single["trainable"][name], atol=1e-4, rtol=1e-3, msg=name)
+    # the merged exports load in transformers and compute the same model
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 128, (2, 16))
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export" / "merged").eval()(ids).logits for run in ("single", "ddp", "fsdp")]
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], atol=1e-3, rtol=1e-3)

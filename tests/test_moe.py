@@ -279,3 +279,55 @@ def test_moe_under_ddp_and_fsdp2_matches_one_process(tmp_path):
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export" / "merged").eval()(ids).logits for run in ("single", "ddp", "fsdp")]
     for other in logits[1:]:
         torch.testing.assert_close(other, logits[0], atol=1e-3, rtol=1e-3)
+
+
+def test_fabric_trains_peft_lora_on_nf4_experts():
+    """Fabric with a model wrapped by PEFT (attention projections and the stacked experts): the experts become NF4 at
+    ``setup``, an optimizer made before it over every parameter is refused (it would keep the float experts alive),
+    and one made after trains the adapters with the experts unchanged."""
+    import lightning as L
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_nf4 import NF4FabricPrecision
+
+    model = get_peft_model(tiny_moe(), LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.down_proj"]))
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(skip_modules=("lm_head", "self_attn")))  # experts only
+    stale = torch.optim.AdamW(model.parameters())
+    model = fabric.setup_module(model)
+    experts = {n: p.quant.packed.clone() for n, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+    assert len(experts) == 4
+    stale_opt = fabric.setup_optimizers(stale)
+    ids = torch.randint(0, 128, (2, 16))
+    fabric.backward(model(ids, labels=ids).loss)
+    with pytest.raises(Exception, match="holds 4 weights that NF4FabricPrecision quantized"):  # the 4 float expert stacks
+        stale_opt.step()
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        optimizer.zero_grad()
+        fabric.backward(model(ids, labels=ids).loss)
+        optimizer.step()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trained[n])]
+    assert any("experts.lora" in n for n in moved) and any("q_proj.lora" in n for n in moved)
+    for name, packed in experts.items():
+        assert torch.equal(model.get_parameter(name).quant.packed, packed)
+
+
+def test_compiled_decoder_layers_run_nf4_experts():
+    """``torch.compile`` on each decoder layer (``LoRACallback(compile=True)``'s switch) traces through the NF4 experts'
+    grouped matmul: the same outputs and input gradients as eager."""
+    from lightning_nf4.plugins.compile import compile_blocks
+
+    model = tiny_moe(implementation="grouped_mm")
+    convert_experts(model, compute_dtype=torch.float32)
+    eager = copy.deepcopy(model)
+    compile_blocks(model)
+    ids = torch.randint(0, 128, (2, 16))
+    grads = []
+    for m in (model, eager):
+        m.model.embed_tokens.weight.requires_grad_(True)
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        grads.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)

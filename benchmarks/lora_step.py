@@ -6,6 +6,7 @@ and the script prints median step time, tokens/s, the ratio to bf16 LoRA and pea
     python benchmarks/lora_step.py                      # CPU: hidden 1024, 12 layers (~220M), batch 2 x 256
     python benchmarks/lora_step.py --device cuda --peers   # GPU: Llama-3-8B shape, batch 1 x 2048, with peers
     python benchmarks/lora_step.py --device cuda --configs bf16-compiled,nf4-compiled --rounds 3   # a subset
+    python benchmarks/lora_step.py --device cuda --preset qwen3-30b-a3b-4l --configs bf16,nf4,bnb --rounds 5   # MoE
 
 lightning-nf4 and bf16 LoRA run through the Lightning Trainer; the peers (bitsandbytes Linear4bit and
 torchao NF4Tensor bases under PEFT's LoRA) run a plain loop with the same model, optimizer and autocast.
@@ -34,6 +35,13 @@ PRESETS = {
     # dispatcher, autograd), the part of an eager 8B step on a GPU that the GPU does not hide
     "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=256, batch=1, seq=8),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, batch=1, seq=2048),
+    # mixture of experts (transformers' stacked experts, which NF4Precision quantizes and bitsandbytes leaves in bf16);
+    # LoRA on the attention projections. Qwen3-30B-A3B's layer shape, 4 of its 48 layers.
+    "tiny-moe": dict(arch="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024, batch=1, seq=64),
+    "qwen3-30b-a3b-4l": dict(arch="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                             num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                             vocab_size=151936, batch=1, seq=2048),
 }
 UNGROUPED = "lightning-nf4 QLoRA, one dequantize launch per weight"  # --ablation: NF4Precision(group_dequantize=False)
 UNFUSED = "lightning-nf4 QLoRA, LoRA update as PEFT computes it (mul + add)"  # --ablation: NF4LoraLinear.fuse_update = False
@@ -66,22 +74,30 @@ def baseline_of(key: str) -> str:
     """Compiled rows are compared with compiled bf16 LoRA, DoRA rows with bf16 DoRA, the others with eager bf16 LoRA."""
     return "bf16-compiled-cpp" if key in CPP_WRAPPER else "bf16-compiled" if key in COMPILED else "bf16-dora" if key in DORA else "bf16"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # a MoE layer's MLP has no linears: its experts are stacked weights
+
+
+def targets_of(preset: dict) -> list[str]:
+    return MOE_TARGETS if preset.get("arch") == "qwen3_moe" else TARGETS
 
 
 def _build_model(preset: dict, seq: int, device: str, checkpointing: bool = True):
-    """The preset's Llama with random bf16 weights on ``device``; ``checkpointing``: set up for training as the
+    """The preset's Llama (or ``arch``) with random bf16 weights on ``device``; ``checkpointing``: set up for training as the
     steps here are (non-reentrant activation checkpointing, no KV cache). A model for decoding passes False:
     transformers' checkpointing switch also hooks the embeddings' output (``requires_grad_``), and turning
     checkpointing off again leaves that hook, a graph break for torch.compile before 2.13."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from lightning_nf4.loading.auto import _parameters_on_meta
 
     torch.manual_seed(0)
-    config = LlamaConfig(**preset, max_position_embeddings=seq, tie_word_embeddings=False)
+    preset = dict(preset)
+    arch = preset.pop("arch", "llama")
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}[arch]
+    config = getattr(transformers, config_cls)(**preset, max_position_embeddings=seq, tie_word_embeddings=False)
     with _parameters_on_meta():  # parameters cost nothing until materialised on the device below
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, model_cls)(config)
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
@@ -94,7 +110,7 @@ def _build_model(preset: dict, seq: int, device: str, checkpointing: bool = True
     return model
 
 
-def _peer_model(name: str, model):
+def _peer_model(name: str, model, targets: list[str]):
     """bitsandbytes / torchao base layers under PEFT's LoRA, as their users set them up."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -114,7 +130,7 @@ def _peer_model(name: str, model):
                 from torchao.quantization import to_nf4
 
                 child.weight = torch.nn.Parameter(to_nf4(child.weight.data), requires_grad=False)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, use_dora="DoRA" in name)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, use_dora="DoRA" in name)
     return get_peft_model(model, config)
 
 
@@ -181,7 +197,7 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
             note = "liger-kernel" if device == "cuda" and liger_available() else "portable chunks"
         options = {**args["inductor_options"], **({"cpp_wrapper": True} if key in CPP_WRAPPER else {})}
         compiled = key in COMPILED or key in CPP_WRAPPER
-        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=TARGETS, compile=({"options": options} if options else True) if compiled else False,
+        lora = LoRACallback(r=16, alpha=32, dropout=0.0, target_modules=targets_of(PRESETS[args["preset"]]), compile=({"options": options} if options else True) if compiled else False,
                             use_dora=key in DORA)
         kw = dict(precision="bf16-mixed") if key.startswith("bf16") else dict(plugins=NF4Precision(group_dequantize=False if key == "nf4-ungrouped" else "auto"))
         trainer = pl.Trainer(
@@ -191,7 +207,7 @@ def run_config(key: str, args: dict, queue: mp.Queue) -> None:
         trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=batch))
     else:  # peers: a plain loop with the same model, optimizer and autocast
         try:
-            model = _peer_model(name, _build_model(preset, seq, device)).train()
+            model = _peer_model(name, _build_model(preset, seq, device), targets_of(preset)).train()
         except Exception as err:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
             queue.put(dict(key=key, name=name, error=f"{type(err).__name__}: {err}"[:120]))
             return
@@ -292,7 +308,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args["device"] == "cuda" else f"{platform.processor() or 'CPU'} ({args['threads']} threads)"
     memory = "peak GPU memory in training" if args["device"] == "cuda" else "peak RSS in training"
     print(f"\nDevice: {where}; preset {args['preset']} {json.dumps(PRESETS[args['preset']])}" + (f"; inductor options {json.dumps(args['inductor_options'])}" if args['inductor_options'] else ""))
-    print(f"LoRA r=16 on {','.join(TARGETS)}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up, "
+    print(f"LoRA r=16 on {','.join(targets_of(PRESETS[args['preset']]))}, AdamW, gradient checkpointing; median of {args['steps']} steps after {args['warmup']} warm-up, "
           f"{args['rounds']} round(s); compiled rows are compared with compiled bf16 LoRA, DoRA rows with bf16 DoRA; first step includes the compile\n")
     print(f"| configuration | median step (s) | tokens/s | vs bf16 LoRA (range) | fastest step (s) | fastest vs bf16 (range) | first step (s) | {memory} |")
     print("|---|---|---|---|---|---|---|---|")

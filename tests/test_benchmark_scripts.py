@@ -155,3 +155,12 @@ def test_mma_research_kernel_and_its_probes_build_for_hopper(tmp_path):
                                f"-DWARPS={warps}", f"-DRING={ring}", f"-DCTAS={ctas}", f"-DNESTED={nested}", "-DNESTED_SHIFT=8"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_lora_step_moe_preset_compares_nf4_experts_with_bf16():
+    """``lora_step.py --preset tiny-moe``: the MoE rows (Qwen3-MoE's stacked experts, LoRA on attention) run and report
+    a ratio and a peak for each configuration."""
+    out = _run(["benchmarks/lora_step.py", "--preset", "tiny-moe", "--configs", "bf16,nf4", "--steps", "2", "--warmup", "1"])
+    rows = _rows(out, "configuration")
+    assert [r[0] for r in rows] == ["bf16 LoRA", "lightning-nf4 QLoRA"] and rows[0][3] == "1.00"
+    assert "LoRA r=16 on q_proj,k_proj,v_proj,o_proj" in out and all(r[7].endswith("GiB") for r in rows)

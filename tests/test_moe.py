@@ -331,3 +331,26 @@ def test_compiled_decoder_layers_run_nf4_experts():
         grads.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_cuda_quantizes_experts_on_the_gpu_and_trains(implementation):
+    """On a GPU: the experts are quantized there (the codes as on the CPU), transformers' grouped matmul (torch's own
+    kernel on the GPU) or eager loop reads them, and the model computes what it computes with the experts in float."""
+    model = tiny_moe("qwen3_moe", implementation)
+    floats = {n: p.detach().clone() for n, p in expert_weights(model).items()}
+    trainer = pl.Trainer(max_steps=2, accelerator="gpu", devices=1, plugins=NF4Precision(), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])])
+    trainer.fit(CausalLM(model), token_loader(n=8))
+    for name, param in expert_weights(model).items():
+        assert isinstance(param, NF4Tensor) and param.device.type == "cuda"
+        assert torch.equal(param.quant.packed.cpu(), quantize_nf4(floats[name], 64, True).packed), name
+    model.eval()
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -81,6 +81,21 @@ def test_matmuls_on_the_stacked_weight_equal_those_on_its_float_form():
     offs = torch.tensor([2, 2, 4, 5], dtype=torch.int32)
     got = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     assert torch.equal(got, torch._grouped_mm(x, plain.transpose(-2, -1), offs=offs))
+    # what grouped-matmul fallbacks do with the stacked weight (transformers' custom op, or a loop with out= buffers)
+    buffer, expect = torch.empty(5, 32), torch.empty(5, 32)
+    torch.mm(x, weight[3].t(), out=buffer)
+    assert torch.equal(buffer, torch.mm(x, plain[3].t(), out=expect))
+    assert torch.equal(torch.zeros_like(weight), torch.zeros(4, 32, 64)) and torch.empty_like(weight).shape == (4, 32, 64)
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
+    if hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        xs = x.clone().requires_grad_()
+        out = torch.ops.transformers.grouped_mm_fallback(xs, weight.transpose(-2, -1), offs)
+        assert torch.equal(out, torch._grouped_mm(x, plain.transpose(-2, -1), offs=offs))
+        out.sum().backward()
+        ref = x.clone().requires_grad_()
+        torch.ops.transformers.grouped_mm_fallback(ref, plain.transpose(-2, -1), offs).sum().backward()
+        torch.testing.assert_close(xs.grad, ref.grad)
     with pytest.raises(NotImplementedError, match="Dequantize it first"):
         weight + 1
     with pytest.raises(NotImplementedError, match="last two dims only"):
@@ -343,11 +358,19 @@ def test_cuda_quantizes_experts_on_the_gpu_and_trains(implementation):
     trainer = pl.Trainer(max_steps=2, accelerator="gpu", devices=1, plugins=NF4Precision(), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[LoRACallback(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])])
+    devices = []
+
+    class Where(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            devices.extend(p.quant.packed.device.type for p in expert_weights(pl_module).values())
+
+    trainer.callbacks.append(Where())
     trainer.fit(CausalLM(model), token_loader(n=8))
+    assert devices == ["cuda"] * 4  # quantized and trained there (Lightning moves the model back to the CPU after fit)
     for name, param in expert_weights(model).items():
-        assert isinstance(param, NF4Tensor) and param.device.type == "cuda"
+        assert isinstance(param, NF4Tensor)
         assert torch.equal(param.quant.packed.cpu(), quantize_nf4(floats[name], 64, True).packed), name
-    model.eval()
+    model.cuda().eval()
     reference = copy.deepcopy(model)
     for sub in reference.modules():
         dequantize_experts(sub, torch.bfloat16)

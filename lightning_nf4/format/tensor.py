@@ -446,8 +446,16 @@ def _dequantized_args(func: Any) -> Callable[..., Any]:
     return run
 
 
-for _op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default, aten._grouped_mm.default):
+for _op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default, aten._grouped_mm.default,
+            aten.mm.out, aten.addmm.out, aten.bmm.out):
     _OPS[_op] = _dequantized_args(_op)
+
+
+@_implements(aten.zeros_like.default, aten.empty_like.default)
+def _like(t: NF4Tensor, dtype: Optional[torch.dtype] = None, layout: Any = None, device: Any = None, pin_memory: Any = None,
+          memory_format: Any = None) -> Tensor:
+    """A plain float tensor of the weight's logical shape (a gradient buffer, as grouped-matmul fallbacks make one)."""
+    return torch.zeros(t.shape, dtype=dtype or t.dtype, device=device or t.device)
 
 
 @_implements(aten.index.Tensor)

@@ -4,7 +4,8 @@
 #                                         # a profile of the compiled step (8 layers), the CUDA tests of the loss and decode
 #   bash benchmarks/gpu_step.sh decode    # greedy decode at 8B shape, eager and static-cache compiled (CUDA graphs)
 #   bash benchmarks/gpu_step.sh compiled [ROUNDS] [CONFIGS]   # compiled step pairs (default 5 rounds of bf16-compiled,nf4-compiled)
-#   bash benchmarks/gpu_step.sh moe [ROUNDS]   # MoE tests, and the Qwen3-30B-A3B-shape step against bf16 and bitsandbytes
+#   bash benchmarks/gpu_step.sh moe-tests     # the MoE tests on the GPU
+#   bash benchmarks/gpu_step.sh moe [ROUNDS]  # the Qwen3-30B-A3B-shape step (4 layers) against bf16 and bitsandbytes
 # liger-kernel is used when its wheel is carried in .whl/ (installed to /tmp/site). Outputs go to ${OUT:-.}.
 set -uo pipefail
 out="${OUT:-.}"
@@ -24,12 +25,13 @@ case "${1:-}" in
     rounds="${2:-5}"; configs="${3:-bf16-compiled,nf4-compiled}"
     timeout 570 python3 benchmarks/lora_step.py --device cuda --configs "$configs" --rounds "$rounds" --steps 20 --warmup 3 \
       > "$out/lora_step_compiled.md" 2> "$out/lora_step_compiled.err"; cat "$out/lora_step_compiled.md"; tail -5 "$out/lora_step_compiled.err" ;;
-  moe)  # mixture of experts: the MoE tests on the GPU, then Qwen3-30B-A3B's layer shape (4 layers), NF4 experts against
-        # bf16 and bitsandbytes + PEFT (which leaves the experts in bf16; its wheel from benchmarks/bnb_for_gpu.sh, carried)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_moe.py -k "not ddp" 2>&1 | tail -4
+  moe-tests)  # the MoE tests on the GPU (NF4 experts quantized there, grouped and eager matmuls, compile)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_moe.py -k "not ddp" 2>&1 | tail -4 ;;
+  moe)  # Qwen3-30B-A3B's layer shape (4 layers), NF4 experts against bf16 and bitsandbytes + PEFT (which leaves the
+        # experts in bf16; its wheel from benchmarks/bnb_for_gpu.sh, carried), alternating processes
     rounds="${2:-5}"
-    PYTHONPATH="$PYTHONPATH:$PWD/.whl/bnb_site" timeout 400 python3 benchmarks/lora_step.py --device cuda --preset qwen3-30b-a3b-4l \
+    PYTHONPATH="$PYTHONPATH:$PWD/.whl/bnb_site" timeout 570 python3 benchmarks/lora_step.py --device cuda --preset qwen3-30b-a3b-4l \
       --configs bf16,nf4,bnb --rounds "$rounds" --steps 10 --warmup 3 > "$out/lora_step_moe.md" 2> "$out/lora_step_moe.err"
     cat "$out/lora_step_moe.md"; tail -5 "$out/lora_step_moe.err" ;;
-  *) echo "usage: gpu_step.sh memory|decode|compiled|moe [ROUNDS] [CONFIGS]"; exit 2 ;;
+  *) echo "usage: gpu_step.sh memory|decode|compiled|moe-tests|moe [ROUNDS] [CONFIGS]"; exit 2 ;;
 esac

@@ -83,7 +83,7 @@ def test_matmuls_on_the_stacked_weight_equal_those_on_its_float_form():
     assert torch.equal(got, torch._grouped_mm(x, plain.transpose(-2, -1), offs=offs))
     # what grouped-matmul fallbacks do with the stacked weight (transformers' custom op, or a loop with out= buffers)
     buffer, expect = torch.empty(5, 32), torch.empty(5, 32)
-    torch.mm(x, weight[3].t(), out=buffer)
+    torch.mm(x, weight.transpose(-2, -1)[3], out=buffer)  # one expert of the transposed stack (transformers 5.17's loop)
     assert torch.equal(buffer, torch.mm(x, plain[3].t(), out=expect))
     assert torch.equal(torch.zeros_like(weight), torch.zeros(4, 32, 64)) and torch.empty_like(weight).shape == (4, 32, 64)
     import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
@@ -328,6 +328,7 @@ def test_fabric_trains_peft_lora_on_nf4_experts():
         assert torch.equal(model.get_parameter(name).quant.packed, packed)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's dynamo cannot trace an NF4Tensor built inside a compiled region")
 def test_compiled_decoder_layers_run_nf4_experts():
     """``torch.compile`` on each decoder layer (``LoRACallback(compile=True)``'s switch) traces through the NF4 experts'
     grouped matmul: the same outputs and input gradients as eager."""

@@ -417,11 +417,12 @@ def _decode_scales(codes: Tensor, nested_absmax: Tensor, nested: NestedStats) ->
 
 @_implements(aten.select.int)
 def _select(t: NF4Tensor, dim: int, index: int) -> NF4Tensor:
-    if t.dim() < 3 or dim not in (0, -t.dim()) or t.shape != t.quant.shape or t.transposed:
+    """One expert of a stacked weight (of its transpose too: transformers' grouped-matmul fallback loops over one)."""
+    if t.dim() < 3 or dim not in (0, -t.dim()) or t.shape != _shape(t.quant.shape, t.transposed):
         raise NotImplementedError(
             f"NF4Tensor indexes the first dim of a stacked [experts, out, in] weight only, got dim {dim} of shape {tuple(t.shape)}."
         )
-    return NF4Tensor(expert_slice(t.quant, int(index)), dtype=t.dtype)
+    return NF4Tensor(expert_slice(t.quant, int(index)), dtype=t.dtype, transposed=t.transposed)
 
 
 @_implements(aten.t.default)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from packaging.version import Version
 import torch
 from torch import nn
 
@@ -328,7 +329,7 @@ def test_fabric_trains_peft_lora_on_nf4_experts():
         assert torch.equal(model.get_parameter(name).quant.packed, packed)
 
 
-@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's dynamo cannot trace an NF4Tensor built inside a compiled region")
+@pytest.mark.skipif(Version(torch.__version__.split("+")[0]) < Version("2.13"), reason="torch 2.11's dynamo cannot trace an NF4Tensor built inside a compiled region")
 def test_compiled_decoder_layers_run_nf4_experts():
     """``torch.compile`` on each decoder layer (``LoRACallback(compile=True)``'s switch) traces through the NF4 experts'
     grouped matmul: the same outputs and input gradients as eager."""

@@ -86,6 +86,11 @@ def test_matmuls_on_the_stacked_weight_equal_those_on_its_float_form():
     buffer, expect = torch.empty(5, 32), torch.empty(5, 32)
     torch.mm(x, weight.transpose(-2, -1)[3], out=buffer)  # one expert of the transposed stack (transformers 5.17's loop)
     assert torch.equal(buffer, torch.mm(x, plain[3].t(), out=expect))
+    grad = torch.randn(5, 32)
+    assert torch.equal(torch.mm(grad, weight.transpose(-2, -1)[3].T), torch.mm(grad, plain[3]))  # .T is a permute
+    assert weight.permute(0, 2, 1).shape == (4, 64, 32) and weight.permute(0, 1, 2).shape == (4, 32, 64)
+    with pytest.raises(NotImplementedError, match="permutes its last two dims only"):
+        weight.permute(1, 0, 2)
     assert torch.equal(torch.zeros_like(weight), torch.zeros(4, 32, 64)) and torch.empty_like(weight).shape == (4, 32, 64)
     import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
 

@@ -438,6 +438,18 @@ def _transpose(t: NF4Tensor, dim0: int, dim1: int) -> NF4Tensor:
     return NF4Tensor(t.quant, _shape(t.shape, True), t.dtype, not t.transposed)
 
 
+@_implements(aten.permute.default)
+def _permute(t: NF4Tensor, dims: list[int]) -> NF4Tensor:
+    """``weight.T`` and other permutes that swap the last two dims (or none)."""
+    order = [d % t.dim() for d in dims]
+    keep = list(range(t.dim() - 2))
+    if order == keep + [t.dim() - 2, t.dim() - 1]:
+        return t._alias(shape=t.shape)
+    if order == keep + [t.dim() - 1, t.dim() - 2]:
+        return _transpose(t, -2, -1)
+    raise NotImplementedError(f"NF4Tensor permutes its last two dims only, got {list(dims)} for shape {tuple(t.shape)}.")
+
+
 def _dequantized_args(func: Any) -> Callable[..., Any]:
     """``func`` run on the float weight: the weight is dequantized for this call only, so autograd saves the NF4
     tensor (its bytes) for the backward, not a float copy."""

@@ -8,6 +8,10 @@ absmax codes and of the nested absmax, while the code tables and the nested offs
 rank. The packed bytes never become a float tensor, whatever mixed-precision policy FSDP is given: the
 outer dtype is only the dtype the weight dequantizes to.
 
+A stacked ``[experts, out, in]`` weight (transformers' MoE experts) also answers what its experts module does with
+it: one expert (``weight[i]``), transposes, and the matmuls (``mm``, ``bmm``, ``baddbmm``, ``_grouped_mm``), which
+dequantize the operand for that call only, so autograd saves the NF4 tensor, not a float copy.
+
 Rows shard evenly or not at all: a shard must hold whole quantization blocks (``blocksize`` elements)
 and, with double quantization, whole groups of scales (``blocksize * 256`` elements). A layout that
 cannot split is refused with ``NF4ShardingError`` naming the weight and the fix.
@@ -90,7 +94,8 @@ class NF4Tensor(Tensor):
     """A frozen NF4 weight that behaves as a tensor of its logical shape and dequantized dtype.
 
     Holds an ``NF4Weight`` (``.quant``). Supports the ops FSDP2 uses to shard, pad, move and all-gather a
-    parameter; any other op raises, rather than silently working on the packed bytes.
+    parameter, and the indexing, transposes and matmuls of MoE experts; any other op raises, rather than silently
+    working on the packed bytes.
     """
 
     quant: NF4Weight
@@ -206,7 +211,8 @@ class NF4Tensor(Tensor):
         if handler is None:
             raise NotImplementedError(
                 f"NF4Tensor does not support {func}: a frozen NF4 weight supports the ops FSDP2 uses to shard and move it "
-                "(split, narrow, new_zeros, copy_, view, to, detach). Dequantize it first (layer.dequantize()) for math on it."
+                "(split, narrow, new_zeros, copy_, view, to, detach) and an experts module's indexing and matmuls. "
+                "Dequantize it first (layer.dequantize() or weight.dequantize()) for other math on it."
             )
         return handler(*args, **kwargs)
 

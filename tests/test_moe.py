@@ -384,3 +384,19 @@ def test_cuda_quantizes_experts_on_the_gpu_and_trains(implementation):
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_experts_quantized_earlier_compute_in_the_plugins_dtype():
+    """Experts already in NF4 for bf16 (``convert_experts``' default) under a float32 plugin: they dequantize to
+    float32, as NF4 layers take the plugin's compute dtype, and the model runs without autocast."""
+    model = tiny_moe()
+    convert_experts(model)
+    assert {p.dtype for p in expert_weights(model).values()} == {torch.bfloat16}
+    NF4Precision(device="cpu", compute_dtype=torch.float32).convert_module(CausalLM(model))
+    assert {p.dtype for p in expert_weights(model).values()} == {torch.float32}
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.float32)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -148,7 +148,7 @@ class NF4Conversion:
                 f"{self._build_hint} or drop {type(self).__name__} for this model."
             )
         check_peft_layers(module, {name for name, _ in pending} | {name for name, _, _ in experts})
-        self._adopt_compute_dtype(loaded)
+        self._adopt_compute_dtype(loaded, nf4_parameters(module))
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
         self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
         if pending or experts:
@@ -166,14 +166,18 @@ class NF4Conversion:
             set_low_memory_recompute(module, self.low_memory_recompute)
         return self._after_convert(module)
 
-    def _adopt_compute_dtype(self, loaded: list[tuple[str, NF4Linear]]) -> None:
+    def _adopt_compute_dtype(self, loaded: list[tuple[str, NF4Linear]], stacked: Sequence[tuple[str, Any]] = ()) -> None:
         """NF4 layers that came quantized (a loader's ``bnb_4bit_compute_dtype``) compute in this plugin's dtype, as
-        Lightning's ``BitsandbytesPrecision`` sets it on bitsandbytes' layers."""
+        Lightning's ``BitsandbytesPrecision`` sets it on bitsandbytes' layers; NF4 expert weights dequantize to it."""
         other = sorted({str(layer.compute_dtype) for _, layer in loaded if layer.compute_dtype != self.compute_dtype})
+        other += sorted({str(p.dtype) for _, p in stacked if p.dtype != self.compute_dtype} - set(other))
         if other:
-            rank_zero_info(f"{type(self).__name__}: {len(loaded)} NF4 layers computed in {', '.join(other)}; now in {self.compute_dtype}.")
+            rank_zero_info(f"{type(self).__name__}: {len(loaded) + len(stacked)} NF4 weights computed in {', '.join(other)}; now in {self.compute_dtype}.")
         for _, layer in loaded:
             layer.compute_dtype = self.compute_dtype
+        for _, param in stacked:
+            if param.dtype != self.compute_dtype:
+                param.data = NF4Tensor(param.quant, dtype=self.compute_dtype, transposed=param.transposed)
 
     def apply_low_memory_recompute(self, module: nn.Module, default: bool) -> None:
         """For a strategy: set ``low_memory_recompute`` on ``module``'s NF4 layers, to the value this plugin was

@@ -1532,6 +1532,13 @@ MUTATIONS: list[Mutation] = [
         (('            stacked = convert_experts(module, **kwargs)', '            stacked = 0'),),
         ('tests/test_moe.py::test_trainer_quantizes_experts_and_trains_lora_around_them', 'tests/test_moe.py::test_conversion_reports_and_shrinks_the_experts',),
     ),
+    Mutation(
+        "moe-experts-keep-their-dtype",
+        "NF4 expert weights quantized for bf16 keep dequantizing to bf16 under a float32 plugin",
+        "lightning_nf4/plugins/precision.py",
+        (("                param.data = NF4Tensor(param.quant, dtype=self.compute_dtype, transposed=param.transposed)", "                pass"),),
+        ("tests/test_moe.py::test_experts_quantized_earlier_compute_in_the_plugins_dtype",),
+    ),
 ]
 
 

@@ -1438,7 +1438,7 @@ MUTATIONS: list[Mutation] = [
         "loaded-nf4-keeps-compute-dtype",
         "NF4 layers that came quantized keep the loader's compute dtype under a plugin with another compute_dtype",
         "lightning_nf4/plugins/precision.py",
-        (("        self._adopt_compute_dtype(loaded, nf4_parameters(module))\n", ""),),
+        (("        self._adopt_compute_dtype(loaded, nf4_expert_weights(module))\n", ""),),
         ("tests/test_fabric.py::test_a_model_loaded_in_nf4_computes_in_the_plugins_dtype",),
     ),
     Mutation(

@@ -161,6 +161,15 @@ def nf4_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if isinstance(p, NF4Tensor)]
 
 
+def nf4_expert_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The ``NF4Tensor`` parameters that are not an ``NF4Linear``'s weight: stacked expert weights."""
+    return [
+        (f"{name}.{attr}" if name else attr, p)
+        for name, module in model.named_modules() if not isinstance(module, NF4Linear)
+        for attr, p in module.named_parameters(recurse=False) if isinstance(p, NF4Tensor)
+    ]
+
+
 def call_layers_in_torch_transformers(model: nn.Module) -> None:
     """Turn torch's fused fast path off while an ``nn.TransformerEncoder(Layer)`` holding NF4 or LoRA layers runs.
     In eval without grad that path reads ``linear1.weight`` and ``linear2.weight`` itself instead of calling the layers:

@@ -26,7 +26,7 @@ from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
 from lightning_nf4.plugins.convert import (
     check_peft_layers, convert_experts, convert_linears, convertible_experts, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers,
-    nf4_parameters,
+    nf4_expert_weights,
 )
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
@@ -142,13 +142,13 @@ class NF4Conversion:
         pending = convertible_linears(module, self.skip_modules)
         experts = convertible_experts(module, self.skip_modules)
         loaded = nf4_layers(module)
-        if not pending and not loaded and not experts and not nf4_parameters(module):
+        if not pending and not loaded and not experts and not nf4_expert_weights(module):
             raise NF4PrecisionError(
                 f"{type(module).__name__} has no nn.Linear layer to quantize (skip_modules={list(self.skip_modules)}). "
                 f"{self._build_hint} or drop {type(self).__name__} for this model."
             )
         check_peft_layers(module, {name for name, _ in pending} | {name for name, _, _ in experts})
-        self._adopt_compute_dtype(loaded, nf4_parameters(module))
+        self._adopt_compute_dtype(loaded, nf4_expert_weights(module))
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
         self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
         if pending or experts:

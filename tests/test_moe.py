@@ -400,3 +400,57 @@ def test_experts_quantized_earlier_compute_in_the_plugins_dtype():
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_float32_activations_outside_autocast_run_against_bf16_experts(implementation):
+    """After training in bf16 (the default compute dtype), the model runs outside autocast too, as its NF4 layers do
+    (``generate`` or a check after ``fit``): the experts dequantize to the activations' float32, or to the dtype they
+    were quantized from where a gather meets no activations."""
+    model = tiny_moe(implementation=implementation).eval()
+    NF4Precision(device="cpu").convert_module(CausalLM(model))
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.float32)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.float32
+    tolerance = 2e-2 if implementation == "grouped_mm" else 1e-5  # transformers casts grouped_mm's input to the weight's bf16
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(ids).logits, atol=tolerance, rtol=tolerance)
+
+
+def test_experts_without_whole_blocks_read_from_the_whole_weight():
+    """An expert of 36 x 18 elements (not whole 64-element blocks) cannot be sliced: the eager loop gets it dequantized
+    from the whole weight, so such a model runs (and matches its float form) instead of failing at its first forward."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=36, moe_intermediate_size=18, intermediate_size=36, num_experts=4,
+                                         num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=18)
+    model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="eager").float().eval()
+    convert_experts(model, compute_dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, torch.float32)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_share_memory_shares_the_codes():
+    """``model.share_memory()`` (torch.multiprocessing's Hogwild pattern) moves the NF4 codes and scales to shared
+    memory instead of crashing on the weight's empty wrapper storage."""
+    model = tiny_moe()
+    convert_experts(model)
+    model.share_memory()
+    weight = expert_weights(model)["model.layers.0.mlp.experts.gate_up_proj"]
+    assert weight.is_shared() and weight.quant.packed.is_shared() and weight.quant.absmax.is_shared()
+
+
+def test_one_stacked_weight_is_skipped_by_its_path():
+    model = tiny_moe()
+    convert_experts(model, skip_modules=["experts.down_proj"])  # as PEFT's target_parameters names it
+    kinds = {n.rsplit(".", 1)[-1]: isinstance(p, NF4Tensor) for n, p in expert_weights(model).items()}
+    assert kinds == {"gate_up_proj": True, "down_proj": False}

@@ -135,6 +135,14 @@ class NF4Tensor(Tensor):
         weight = self.quant.dequantize(dtype or self.dtype)
         return weight.transpose(-2, -1) if self.transposed else weight.view(self.shape)
 
+    def share_memory_(self) -> "NF4Tensor":
+        """Move the codes and scales to shared memory (``Module.share_memory()``; the wrapper has no storage of its own)."""
+        self.quant = _map_tensors(self.quant, lambda x: x.share_memory_())
+        return self
+
+    def is_shared(self) -> bool:
+        return all(x.is_shared() for x in self.quant.tensors())
+
     def _alias(self, quant: Optional[NF4Weight] = None, shape: Optional[torch.Size] = None, dtype: Optional[torch.dtype] = None) -> "NF4Tensor":
         quant = quant or self.quant
         return NF4Tensor(quant, shape if shape is not None else _shape(quant.shape, self.transposed), dtype or self.dtype, self.transposed)
@@ -422,12 +430,15 @@ def _decode_scales(codes: Tensor, nested_absmax: Tensor, nested: NestedStats) ->
 
 
 @_implements(aten.select.int)
-def _select(t: NF4Tensor, dim: int, index: int) -> NF4Tensor:
-    """One expert of a stacked weight (of its transpose too: transformers' grouped-matmul fallback loops over one)."""
+def _select(t: NF4Tensor, dim: int, index: int) -> Tensor:
+    """One expert of a stacked weight (of its transpose too: transformers' grouped-matmul fallback loops over one).
+    An expert that does not hold whole blocks cannot be read alone: it comes dequantized, from the whole weight."""
     if t.dim() < 3 or dim not in (0, -t.dim()) or t.shape != _shape(t.quant.shape, t.transposed):
         raise NotImplementedError(
             f"NF4Tensor indexes the first dim of a stacked [experts, out, in] weight only, got dim {dim} of shape {tuple(t.shape)}."
         )
+    if math.prod(t.quant.shape[1:]) % t.quant.blocksize:
+        return t.dequantize()[index]
     return NF4Tensor(expert_slice(t.quant, int(index)), dtype=t.dtype, transposed=t.transposed)
 
 
@@ -458,10 +469,13 @@ def _permute(t: NF4Tensor, dims: list[int]) -> NF4Tensor:
 
 def _dequantized_args(func: Any) -> Callable[..., Any]:
     """``func`` run on the float weight: the weight is dequantized for this call only, so autograd saves the NF4
-    tensor (its bytes) for the backward, not a float copy."""
+    tensor (its bytes) for the backward, not a float copy. It dequantizes to the dtype of the float tensor it meets
+    (the activations: float32 outside autocast, as an ``NF4Linear`` computes), else to its own."""
     def run(*args: Any, **kwargs: Any) -> Any:
-        plain = [a.dequantize() if isinstance(a, NF4Tensor) else a for a in args]
-        return func(*plain, **{k: v.dequantize() if isinstance(v, NF4Tensor) else v for k, v in kwargs.items()})
+        values = list(args) + list(kwargs.values())
+        dtype = next((a.dtype for a in values if isinstance(a, Tensor) and not isinstance(a, NF4Tensor) and a.is_floating_point()), None)
+        plain = [a.dequantize(dtype) if isinstance(a, NF4Tensor) else a for a in args]
+        return func(*plain, **{k: v.dequantize(dtype) if isinstance(v, NF4Tensor) else v for k, v in kwargs.items()})
     return run
 
 
@@ -479,8 +493,9 @@ def _like(t: NF4Tensor, dtype: Optional[torch.dtype] = None, layout: Any = None,
 
 @_implements(aten.index.Tensor)
 def _index(t: NF4Tensor, indices: list[Optional[Tensor]]) -> Tensor:
-    """``weight[expert_ids]`` (transformers' batched experts): the experts gathered as float matrices."""
-    return t.dequantize()[tuple(indices)]
+    """``weight[expert_ids]`` (transformers' batched experts): the experts gathered as float matrices, in the dtype
+    the weight was quantized from (what the float model held; autocast casts them for its matmul)."""
+    return t.dequantize(t.quant.dtype)[tuple(indices)]
 
 
 # Ops of other libraries that take a stacked weight (transformers' grouped-matmul fallback and its backward).

@@ -126,7 +126,8 @@ def convertible_experts(model: nn.Module, skip_modules: Sequence[str]) -> list[t
         if params and (within(name, skip_modules) or within(logical_name(name), skip_modules)):
             setattr(module, _KEEP_FLOAT, True)
             continue
-        found += [(name, module, p) for p in params]
+        # one stacked weight skipped by its path, as PEFT's target_parameters names it ("experts.down_proj")
+        found += [(name, module, p) for p in params if not matches(logical_name(f"{name}.{p}" if name else p), skip_modules)]
     return found
 
 

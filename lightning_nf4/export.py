@@ -154,7 +154,7 @@ def own_lora_config(root: nn.Module, adapter_name: str) -> Optional[LoraConfig]:
 
 _CARRIED = ("use_rslora", "rank_pattern", "alpha_pattern", "lora_bias")
 # settings whose trained weights an adapter folder cannot hold, with PEFT's defaults
-_UNEXPORTED = (("trainable_token_indices", None), ("layer_replication", None))
+_UNEXPORTED = (("trainable_token_indices", None), ("layer_replication", None), ("target_parameters", None))
 
 
 def unexported_settings(own: LoraConfig) -> list[str]:
@@ -196,6 +196,13 @@ def write_adapter(
     """``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, loadable by ``PeftModel.from_pretrained``.
     The adapters are gathered first (a collective for a sharded model); with ``folder=None`` nothing is written."""
     hf, root = export_root(module)
+    wrapped = [name for name, layer in root.named_modules() if _is_param_wrapper(layer)]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped[0]} carries PEFT's target_parameters LoRA, which this adapter folder cannot describe. Write the adapter "
+            "with PEFT's own model.save_pretrained(folder) (it loads on the float base with PeftModel.from_pretrained), and "
+            "the merged float model with lightning_nf4.export.save_merged."
+        )
     own = own_lora_config(root, adapter_name)
     tensors = adapter_tensors(root, adapter_name, tuple(modules_to_save or ()), own.bias if own is not None else "none")
     if folder is None:
@@ -258,6 +265,11 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             names = [] if getattr(module, "disable_adapters", False) else list(module.active_adapters)
             active = names[0] if names and names[0] in module.modules_to_save else None
             visit(module.modules_to_save[active] if active is not None else module.original_module, prefix)
+            return
+        if _is_param_wrapper(module):  # PEFT's target_parameters LoRA (on stacked experts): updates added to the weights
+            _visit_merged_parameters(module, prefix, out, dtype)
+            for name, child in module.get_base_layer().named_children():
+                visit(child, prefix + name + ".")
             return
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
@@ -403,6 +415,33 @@ def _written_dtype(state: dict[str, Tensor]) -> Optional[torch.dtype]:
 
 def _original_dtype(base: nn.Module) -> torch.dtype:
     return base.quant.dtype if isinstance(base, NF4Linear) else base.weight.dtype
+
+
+def _is_param_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer) and type(module).__name__ == "ParamWrapper"
+
+
+def _visit_merged_parameters(wrapper: LoraLayer, prefix: str, out: dict[str, Tensor], dtype: Optional[torch.dtype]) -> None:
+    """The parameters of the module under one or more ``ParamWrapper`` (one per targeted parameter), each with the
+    deltas of its active adapters added, in float32 and then ``dtype`` or the parameter's own (an NF4 one's: the dtype
+    it was quantized from)."""
+    deltas: dict[str, Tensor] = {}
+    layer: nn.Module = wrapper
+    while _is_param_wrapper(layer):
+        for name in _unmerged(layer):
+            if name in layer.lora_A:
+                delta = layer.get_delta_weight(name).float()
+                deltas[layer.parameter_name] = deltas[layer.parameter_name] + delta if layer.parameter_name in deltas else delta
+        layer = layer.base_layer
+    for name, param in layer.named_parameters(recurse=False):
+        nf4 = isinstance(param, NF4Tensor)
+        value = param.quant.dequantize(torch.float32) if nf4 else param.detach().float()
+        if name in deltas:
+            value = value + deltas[name].to(value.device)
+        out[prefix + name] = value.to(dtype or (param.quant.dtype if nf4 else param.dtype)).contiguous()
+    for name, buf in layer.named_buffers(recurse=False):
+        if name not in layer._non_persistent_buffers_set:
+            out[prefix + name] = buf.detach()
 
 
 def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:

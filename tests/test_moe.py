@@ -454,3 +454,44 @@ def test_one_stacked_weight_is_skipped_by_its_path():
     convert_experts(model, skip_modules=["experts.down_proj"])  # as PEFT's target_parameters names it
     kinds = {n.rsplit(".", 1)[-1]: isinstance(p, NF4Tensor) for n, p in expert_weights(model).items()}
     assert kinds == {"gate_up_proj": True, "down_proj": False}
+
+
+def test_target_parameters_lora_merges_into_the_export_and_its_adapter_is_peft_s(tmp_path):
+    """PEFT's ``target_parameters`` LoRA on NF4 experts: ``save_merged`` adds each update to its dequantized stack (the
+    folder transformers loads computes what PEFT computes on the float experts); the adapter folder is PEFT's own
+    ``save_pretrained`` (ours refuses, naming it); LoRACallback refuses such a model before training, since its
+    exports could not hold it."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lightning_nf4.export import save_adapter, save_merged
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                  init_lora_weights=False)
+    torch.manual_seed(5)
+    model = get_peft_model(tiny_moe(), LoraConfig(**config))
+    NF4Precision(device="cpu", compute_dtype=torch.float32).convert_module(CausalLM(model))
+    model.eval()
+    save_merged(model, tmp_path / "merged")
+    with pytest.raises(ValueError, match="target_parameters LoRA, which this adapter folder cannot describe.*save_pretrained"):
+        save_adapter(model, tmp_path / "ours", r=4, lora_alpha=8, lora_dropout=0.0)
+    model.save_pretrained(tmp_path / "adapter")
+    # the float model the NF4 one stands for: experts and linears dequantized, PEFT's adapter loaded on it
+    float_base = tiny_moe()
+    for name, param in expert_weights(model.base_model.model).items():
+        float_base.get_parameter(name.replace(".base_layer", "")).data = param.quant.dequantize(torch.float32)
+    for name, module in model.named_modules():
+        if name.endswith("q_proj.base_layer") or (name.endswith(("k_proj", "v_proj", "o_proj")) and hasattr(module, "dequantize")):
+            target = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            float_base.get_submodule(target).weight.data = module.dequantize(torch.float32)
+    peft_float = PeftModel.from_pretrained(float_base, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        expect = peft_float(ids).logits
+        torch.testing.assert_close(model(ids).logits, expect, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, expect, atol=1e-4, rtol=1e-4)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", plugins=NF4Precision(device="cpu"), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[LoRACallback(r=4, alpha=8)])
+    with pytest.raises(ValueError, match="target_parameters="):
+        trainer.fit(CausalLM(get_peft_model(tiny_moe(), LoraConfig(**config))), token_loader(n=4))

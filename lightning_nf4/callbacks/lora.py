@@ -206,6 +206,7 @@ class LoRACallback(Callback):
         adapter trained and run is the callback's ``adapter_name``, and nothing trains that the adapter folder cannot
         hold. PEFT's own DoRA or ``target_parameters`` cannot sit on a base about to be quantized (``to_quantize``):
         they would read or add to packed codes."""
+        check_peft_layers(module, to_quantize)
         own = export.own_lora_config(export.export_root(module)[1], self.adapter_name)
         if own is not None:
             unexported = export.unexported_settings(own)
@@ -221,7 +222,6 @@ class LoRACallback(Callback):
                     f"LoRACallback has r={self.r}, alpha={self.alpha}: its checkpoints would record another scaling. Give "
                     f"LoRACallback(r={own.r}, alpha={own.lora_alpha}), or let LoRACallback inject the adapters itself."
                 )
-        check_peft_layers(module, to_quantize)
         for name, layer in module.named_modules():
             if not isinstance(layer, LoraLayer):
                 continue

@@ -495,3 +495,23 @@ def test_target_parameters_lora_merges_into_the_export_and_its_adapter_is_peft_s
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[LoRACallback(r=4, alpha=8)])
     with pytest.raises(ValueError, match="target_parameters="):
         trainer.fit(CausalLM(get_peft_model(tiny_moe(), LoraConfig(**config))), token_loader(n=4))
+
+
+def test_modules_a_model_keeps_in_float32_stay_float():
+    """LongcatFlash lists its router's ``classifier.weight`` in ``_keep_in_fp32_modules`` and reads that weight itself:
+    the plugin leaves such modules in float, as transformers + bitsandbytes does, and the model runs."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LongcatFlashConfig(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_layers=1, ffn_hidden_size=128,
+        expert_ffn_hidden_size=64, n_routed_experts=4, zero_expert_num=2, moe_topk=2, head_dim=8, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    model = transformers.LongcatFlashForCausalLM(config)
+    assert "classifier.weight" in model._keep_in_fp32_modules
+    NF4Precision(device="cpu").convert_module(CausalLM(model))
+    router = model.model.layers[0].mlp.router.classifier
+    assert type(router) is nn.Linear
+    assert any(type(m).__name__ == "NF4Linear" for m in model.modules())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.randint(0, 128, (2, 8))).logits).all()

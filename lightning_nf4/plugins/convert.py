@@ -152,6 +152,31 @@ def convert_experts(
     return count
 
 
+def kept_in_float_by_model(model: nn.Module) -> tuple[str, ...]:
+    """The linears and experts modules that a transformers model inside ``model`` keeps in float32 by its
+    ``_keep_in_fp32_modules`` (read by transformers' rule, and a ``name.weight`` entry as its module ``name``: a model
+    whose code reads that weight itself, such as LongcatFlash's router, cannot take an NF4 layer there)."""
+    names: list[str] = []
+    for prefix, hf in model.named_modules():
+        patterns = [*(getattr(hf, "_keep_in_fp32_modules", None) or ()), *(getattr(hf, "_keep_in_fp32_modules_strict", None) or ())]
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            continue
+        patterns += [p.rsplit(".", 1)[0] for p in patterns if p.endswith((".weight", ".bias"))]
+        for name, sub in hf.named_modules():
+            quantizable = convertible_kind(sub) or any(is_expert_weight(sub, p) for p in sub.parameters(recurse=False))
+            if name and quantizable and _kept_by(logical_name(name), patterns):
+                names.append(f"{prefix}.{name}" if prefix else name)
+    return tuple(dict.fromkeys(names))
+
+
+def _kept_by(name: str, patterns: list[str]) -> bool:
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return within(name, patterns)
+    return not should_convert_module(name, patterns)
+
+
 def holds_nf4(module: nn.Module) -> bool:
     """An ``NF4Linear``, or a module with an NF4 parameter of its own (an experts module): frozen 4-bit weights."""
     return isinstance(module, NF4Linear) or any(isinstance(p, NF4Tensor) for p in module.parameters(recurse=False))

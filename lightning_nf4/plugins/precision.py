@@ -26,7 +26,7 @@ from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
 from lightning_nf4.plugins.convert import (
     check_peft_layers, convert_experts, convert_linears, convertible_experts, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers,
-    nf4_expert_weights,
+    kept_in_float_by_model, nf4_expert_weights,
 )
 
 _PRECISION_NAMES = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed", torch.float32: "32-true"}
@@ -128,7 +128,13 @@ class NF4Conversion:
         a float base)."""
         if not wants_4bit(module):
             return set()
-        return {name for name, _ in convertible_linears(module, self.skip_modules)} | {name for name, _, _ in convertible_experts(module, self.skip_modules)}
+        skip = self._skip(module)
+        return {name for name, _ in convertible_linears(module, skip)} | {name for name, _, _ in convertible_experts(module, skip)}
+
+    def _skip(self, module: nn.Module) -> tuple[str, ...]:
+        """``skip_modules``, and the modules a transformers model keeps in float32 (``_keep_in_fp32_modules``), which
+        transformers + bitsandbytes leaves unquantized as well."""
+        return (*self.skip_modules, *kept_in_float_by_model(module))
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Quantize every convertible ``nn.Linear`` and stacked MoE expert weight on the training device; idempotent. A module whose
@@ -139,8 +145,9 @@ class NF4Conversion:
         if not wants_4bit(module):
             rank_zero_info(f"{type(self).__name__}: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
             return self._after_convert(module)
-        pending = convertible_linears(module, self.skip_modules)
-        experts = convertible_experts(module, self.skip_modules)
+        skip = self._skip(module)
+        pending = convertible_linears(module, skip)
+        experts = convertible_experts(module, skip)
         loaded = nf4_layers(module)
         if not pending and not loaded and not experts and not nf4_expert_weights(module):
             raise NF4PrecisionError(
@@ -153,7 +160,7 @@ class NF4Conversion:
         self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
         if pending or experts:
             before = _param_bytes(module)
-            kwargs = dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules, device=device)
+            kwargs = dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=skip, device=device)
             count = convert_linears(module, **kwargs)
             stacked = convert_experts(module, **kwargs)
             after = _param_bytes(module)

@@ -1539,6 +1539,41 @@ MUTATIONS: list[Mutation] = [
         (("                param.data = NF4Tensor(param.quant, dtype=self.compute_dtype, transposed=param.transposed)", "                pass"),),
         ("tests/test_moe.py::test_experts_quantized_earlier_compute_in_the_plugins_dtype",),
     ),
+    Mutation(
+        'moe-fp32-activations',
+        'NF4 experts dequantize to bf16 whatever the activations, so float32 inputs outside autocast fail',
+        'lightning_nf4/format/tensor.py',
+        (('        dtype = next((a.dtype for a in values if isinstance(a, Tensor) and not isinstance(a, NF4Tensor) and a.is_floating_point()), None)', '        dtype = None'),),
+        ('tests/test_moe.py::test_float32_activations_outside_autocast_run_against_bf16_experts',),
+    ),
+    Mutation(
+        'moe-odd-expert-sliced',
+        'an expert that does not hold whole blocks is sliced anyway (the eager loop fails on such models)',
+        'lightning_nf4/format/tensor.py',
+        (('    if math.prod(t.quant.shape[1:]) % t.quant.blocksize:\n        return t.dequantize()[index]\n', ''),),
+        ('tests/test_moe.py::test_experts_without_whole_blocks_read_from_the_whole_weight',),
+    ),
+    Mutation(
+        'moe-param-path-skip-ignored',
+        'skip_modules naming one stacked weight (experts.down_proj) is ignored',
+        'lightning_nf4/plugins/convert.py',
+        ((' if not matches(logical_name(f"{name}.{p}" if name else p), skip_modules)]', ']'),),
+        ('tests/test_moe.py::test_one_stacked_weight_is_skipped_by_its_path',),
+    ),
+    Mutation(
+        'moe-target-parameters-unmerged',
+        "the merged export leaves out PEFT's target_parameters updates on the experts",
+        'lightning_nf4/export.py',
+        (('            value = value + deltas[name].to(value.device)', '            value = value'),),
+        ('tests/test_moe.py::test_target_parameters_lora_merges_into_the_export_and_its_adapter_is_peft_s',),
+    ),
+    Mutation(
+        'keep-in-fp32-ignored',
+        'NF4Precision quantizes the modules a transformers model keeps in float32',
+        'lightning_nf4/plugins/precision.py',
+        (('        return (*self.skip_modules, *kept_in_float_by_model(module))', '        return tuple(self.skip_modules)'),),
+        ('tests/test_moe.py::test_modules_a_model_keeps_in_float32_stay_float',),
+    ),
 ]
 
 

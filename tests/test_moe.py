@@ -47,6 +47,14 @@ def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3}
 
 
+def with_float_experts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose NF4 expert weights are float ``dtype`` parameters: what the NF4 model stands for."""
+    reference = copy.deepcopy(model)
+    for sub in reference.modules():
+        dequantize_experts(sub, dtype)
+    return reference
+
+
 # -- the weight's type: one expert, transposes, and the matmuls on the stacked weight ------------------------
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("shape", [(4, 128, 128), (3, 64, 96)], ids=["whole_groups", "experts_across_scale_groups"])
@@ -145,9 +153,7 @@ def test_trainer_quantizes_experts_and_trains_lora_around_them(kind, implementat
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the adapters trained through the NF4 experts
     # the model computes exactly what the same model with the dequantized experts in float computes
-    reference = copy.deepcopy(model.eval())  # eval: LoRA's dropout off
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.bfloat16)
+    reference = with_float_experts(model.eval(), torch.bfloat16)  # eval: LoRA's dropout off
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(ids).logits, reference(ids).logits)
@@ -235,9 +241,7 @@ def test_peft_lora_on_nf4_experts_with_target_parameters():
     model = tiny_moe()
     convert_linears(model)
     convert_experts(model, compute_dtype=torch.float32)
-    reference = copy.deepcopy(model)
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.float32)
+    reference = with_float_experts(model, torch.float32)
     config = dict(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"], init_lora_weights=False)
     ids = torch.randint(0, 128, (2, 16))
     grads = []
@@ -378,9 +382,7 @@ def test_cuda_quantizes_experts_on_the_gpu_and_trains(implementation):
         assert isinstance(param, NF4Tensor)
         assert torch.equal(param.quant.packed.cpu(), quantize_nf4(floats[name], 64, True).packed), name
     model.cuda().eval()
-    reference = copy.deepcopy(model)
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.bfloat16)
+    reference = with_float_experts(model, torch.bfloat16)
     ids = torch.randint(0, 128, (2, 16), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(model(ids).logits, reference(ids).logits)
@@ -394,9 +396,7 @@ def test_experts_quantized_earlier_compute_in_the_plugins_dtype():
     assert {p.dtype for p in expert_weights(model).values()} == {torch.bfloat16}
     NF4Precision(device="cpu", compute_dtype=torch.float32).convert_module(CausalLM(model))
     assert {p.dtype for p in expert_weights(model).values()} == {torch.float32}
-    reference = copy.deepcopy(model)
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.float32)
+    reference = with_float_experts(model, torch.float32)
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
@@ -409,9 +409,7 @@ def test_float32_activations_outside_autocast_run_against_bf16_experts(implement
     were quantized from where a gather meets no activations."""
     model = tiny_moe(implementation=implementation).eval()
     NF4Precision(device="cpu").convert_module(CausalLM(model))
-    reference = copy.deepcopy(model)
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.float32)
+    reference = with_float_experts(model, torch.float32)
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         logits = model(ids).logits
@@ -431,9 +429,7 @@ def test_experts_without_whole_blocks_read_from_the_whole_weight():
                                          num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=18)
     model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="eager").float().eval()
     convert_experts(model, compute_dtype=torch.float32)
-    reference = copy.deepcopy(model)
-    for sub in reference.modules():
-        dequantize_experts(sub, torch.float32)
+    reference = with_float_experts(model, torch.float32)
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -259,6 +259,7 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
     """Float state dict with every NF4 base dequantized and every LoRA delta merged into it. ``stop(child)``:
     submodules to leave out (the nested sharding units when one FSDP unit is merged at a time)."""
     out: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}  # PEFT's target_parameters updates, by the key of the parameter they add to
 
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, ModulesToSaveWrapper):  # PEFT's modules_to_save: the active trained copy, by the module's own name
@@ -267,9 +268,7 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             visit(module.modules_to_save[active] if active is not None else module.original_module, prefix)
             return
         if _is_param_wrapper(module):  # PEFT's target_parameters LoRA (on stacked experts): updates added to the weights
-            _visit_merged_parameters(module, prefix, out, dtype)
-            for name, child in module.get_base_layer().named_children():
-                visit(child, prefix + name + ".")
+            visit(_collect_param_deltas(module, prefix, deltas), prefix)
             return
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
@@ -286,6 +285,10 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
                 out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
             return
         for name, param in module.named_parameters(recurse=False):
+            delta = deltas.pop(prefix + name, None)
+            if delta is not None:
+                out[prefix + name] = _with_delta(param, delta, dtype)
+                continue
             if isinstance(param, NF4Tensor):  # a stacked expert weight, in the dtype it was quantized from
                 out[prefix + name] = param.quant.dequantize(dtype).contiguous()
                 continue
@@ -421,27 +424,26 @@ def _is_param_wrapper(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer) and type(module).__name__ == "ParamWrapper"
 
 
-def _visit_merged_parameters(wrapper: LoraLayer, prefix: str, out: dict[str, Tensor], dtype: Optional[torch.dtype]) -> None:
-    """The parameters of the module under one or more ``ParamWrapper`` (one per targeted parameter), each with the
-    deltas of its active adapters added, in float32 and then ``dtype`` or the parameter's own (an NF4 one's: the dtype
-    it was quantized from)."""
-    deltas: dict[str, Tensor] = {}
+def _collect_param_deltas(wrapper: LoraLayer, prefix: str, deltas: dict[str, Tensor]) -> nn.Module:
+    """The deltas of the active adapters of one or more nested ``ParamWrapper`` (one per targeted parameter), summed in
+    float32 into ``deltas`` under their parameters' keys; returns the module they wrap."""
     layer: nn.Module = wrapper
     while _is_param_wrapper(layer):
+        key = prefix + layer.parameter_name
         for name in _unmerged(layer):
             if name in layer.lora_A:
                 delta = layer.get_delta_weight(name).float()
-                deltas[layer.parameter_name] = deltas[layer.parameter_name] + delta if layer.parameter_name in deltas else delta
+                deltas[key] = deltas[key] + delta if key in deltas else delta
         layer = layer.base_layer
-    for name, param in layer.named_parameters(recurse=False):
-        nf4 = isinstance(param, NF4Tensor)
-        value = param.quant.dequantize(torch.float32) if nf4 else param.detach().float()
-        if name in deltas:
-            value = value + deltas[name].to(value.device)
-        out[prefix + name] = value.to(dtype or (param.quant.dtype if nf4 else param.dtype)).contiguous()
-    for name, buf in layer.named_buffers(recurse=False):
-        if name not in layer._non_persistent_buffers_set:
-            out[prefix + name] = buf.detach()
+    return layer
+
+
+def _with_delta(param: Tensor, delta: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """``param`` (dequantized, if NF4) plus ``delta`` in float32, then in ``dtype`` or the parameter's own (an NF4
+    one's: the dtype it was quantized from)."""
+    nf4 = isinstance(param, NF4Tensor)
+    value = param.quant.dequantize(torch.float32) if nf4 else param.detach().float()
+    return (value + delta.to(value.device)).to(dtype or (param.quant.dtype if nf4 else param.dtype)).contiguous()
 
 
 def _merged_weight(layer: LoraLayer, base: nn.Module) -> Tensor:

@@ -1438,7 +1438,7 @@ MUTATIONS: list[Mutation] = [
         "loaded-nf4-keeps-compute-dtype",
         "NF4 layers that came quantized keep the loader's compute dtype under a plugin with another compute_dtype",
         "lightning_nf4/plugins/precision.py",
-        (("        self._adopt_compute_dtype(loaded, nf4_expert_weights(module))\n", ""),),
+        (("        self._adopt_compute_dtype(loaded, stacked)\n", ""),),
         ("tests/test_fabric.py::test_a_model_loaded_in_nf4_computes_in_the_plugins_dtype",),
     ),
     Mutation(
@@ -1501,7 +1501,7 @@ MUTATIONS: list[Mutation] = [
         'moe-ddp-syncs-experts',
         'DDP broadcasts the NF4 expert weights (not kept out of its sync)',
         'lightning_nf4/plugins/convert.py',
-        ((' | {name for name, _ in nf4_parameters(module)}', ''),),
+        ((' | {name for name, _ in nf4_expert_weights(module)}', ''),),
         ('tests/test_moe.py::test_moe_under_ddp_and_fsdp2_matches_one_process',),
     ),
     Mutation(
@@ -1529,7 +1529,7 @@ MUTATIONS: list[Mutation] = [
         'moe-experts-skipped',
         'NF4Precision converts linears only and leaves the experts in float',
         'lightning_nf4/plugins/precision.py',
-        (('            stacked = convert_experts(module, **kwargs)', '            stacked = 0'),),
+        (('            count_experts = convert_experts(module, **kwargs)', '            count_experts = 0'),),
         ('tests/test_moe.py::test_trainer_quantizes_experts_and_trains_lora_around_them', 'tests/test_moe.py::test_conversion_reports_and_shrinks_the_experts',),
     ),
     Mutation(
@@ -1564,7 +1564,7 @@ MUTATIONS: list[Mutation] = [
         'moe-target-parameters-unmerged',
         "the merged export leaves out PEFT's target_parameters updates on the experts",
         'lightning_nf4/export.py',
-        (('            value = value + deltas[name].to(value.device)', '            value = value'),),
+        (('    return (value + delta.to(value.device)).to(dtype or (param.quant.dtype if nf4 else param.dtype)).contiguous()', '    return value.to(dtype or (param.quant.dtype if nf4 else param.dtype)).contiguous()'),),
         ('tests/test_moe.py::test_target_parameters_lora_merges_into_the_export_and_its_adapter_is_peft_s',),
     ),
     Mutation(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nf4.format.tensor import NF4Tensor
-from lightning_nf4.layers.experts import dequantize_experts, quantize_expert_weight
+from lightning_nf4.layers.experts import dequantize_experts, nf4_attrs, quantize_expert_weight
 from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 
 
@@ -179,20 +179,15 @@ def _kept_by(name: str, patterns: list[str]) -> bool:
 
 def holds_nf4(module: nn.Module) -> bool:
     """An ``NF4Linear``, or a module with an NF4 parameter of its own (an experts module): frozen 4-bit weights."""
-    return isinstance(module, NF4Linear) or any(isinstance(p, NF4Tensor) for p in module.parameters(recurse=False))
-
-
-def nf4_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """Parameters held as ``NF4Tensor``: quantized expert weights (and NF4 layers' weights under FSDP2)."""
-    return [(n, p) for n, p in model.named_parameters() if isinstance(p, NF4Tensor)]
+    return isinstance(module, NF4Linear) or bool(nf4_attrs(module))
 
 
 def nf4_expert_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
     """The ``NF4Tensor`` parameters that are not an ``NF4Linear``'s weight: stacked expert weights."""
     return [
-        (f"{name}.{attr}" if name else attr, p)
+        (f"{name}.{attr}" if name else attr, getattr(module, attr))
         for name, module in model.named_modules() if not isinstance(module, NF4Linear)
-        for attr, p in module.named_parameters(recurse=False) if isinstance(p, NF4Tensor)
+        for attr in nf4_attrs(module)
     ]
 
 
@@ -236,7 +231,7 @@ def exclude_nf4_from_ddp_sync(module: nn.Module) -> None:
     Call again after anything renames layers (LoRA injection moves weights under ``base_layer``)."""
     present = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     keep = [n for n in getattr(module, "_ddp_params_and_buffers_to_ignore", []) if n in present]
-    frozen = {f"{name}.weight" for name, _ in nf4_layers(module)} | {name for name, _ in nf4_parameters(module)}
+    frozen = {f"{name}.weight" for name, _ in nf4_layers(module)} | {name for name, _ in nf4_expert_weights(module)}
     module._ddp_params_and_buffers_to_ignore = sorted(set(keep) | frozen)
 
 

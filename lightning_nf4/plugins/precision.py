@@ -148,23 +148,23 @@ class NF4Conversion:
         skip = self._skip(module)
         pending = convertible_linears(module, skip)
         experts = convertible_experts(module, skip)
-        loaded = nf4_layers(module)
-        if not pending and not loaded and not experts and not nf4_expert_weights(module):
+        loaded, stacked = nf4_layers(module), nf4_expert_weights(module)
+        if not pending and not loaded and not experts and not stacked:
             raise NF4PrecisionError(
                 f"{type(module).__name__} has no nn.Linear layer to quantize (skip_modules={list(self.skip_modules)}). "
                 f"{self._build_hint} or drop {type(self).__name__} for this model."
             )
         check_peft_layers(module, {name for name, _ in pending} | {name for name, _, _ in experts})
-        self._adopt_compute_dtype(loaded, nf4_expert_weights(module))
+        self._adopt_compute_dtype(loaded, stacked)
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
         self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
         if pending or experts:
             before = _param_bytes(module)
             kwargs = dict(blocksize=self.blocksize, double_quant=self.double_quant, compute_dtype=self.compute_dtype, skip_modules=skip, device=device)
             count = convert_linears(module, **kwargs)
-            stacked = convert_experts(module, **kwargs)
+            count_experts = convert_experts(module, **kwargs)
             after = _param_bytes(module)
-            what = f"{count} linear layers" + (f" and {stacked} stacked expert weights" if stacked else "")
+            what = f"{count} linear layers" + (f" and {count_experts} stacked expert weights" if count_experts else "")
             rank_zero_info(f"{type(self).__name__}: quantized {what} on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):

@@ -519,7 +519,7 @@ MUTATIONS: list[Mutation] = [
         "no-transformers-key-renames",
         "checkpoint keys transformers renames for an architecture (GPT-NeoX's embed_out) are not renamed",
         "lightning_nf4/loading/keys.py",
-        (("        self.renamings = _renamings(model)", "        self.renamings = []"),),
+        (("        self.renamings, self.converters = _transforms(model)", "        self.renamings, self.converters = [], _transforms(model)[1]"),),
         ("tests/test_loading.py",),
     ),
     Mutation(

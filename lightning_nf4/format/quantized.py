@@ -110,6 +110,14 @@ class NF4Weight:
             return None, None, None, NESTED_BLOCKSIZE
         return self.nested.absmax, self.nested.code, self.nested.offset, self.nested.blocksize
 
+    def to_empty(self, device: torch.device | str) -> "NF4Weight":
+        """Uninitialized storage of this weight's layout on ``device`` (from ``meta``, say), for a loader to fill."""
+        empty = lambda t: torch.empty_like(t, device=device)  # noqa: E731
+        nested = None
+        if self.nested is not None:
+            nested = replace(self.nested, absmax=empty(self.nested.absmax), code=empty(self.nested.code), offset=empty(self.nested.offset))
+        return replace(self, packed=empty(self.packed), absmax=empty(self.absmax), code=empty(self.code), nested=nested)
+
     def with_packed(self, packed: Tensor) -> "NF4Weight":
         """The same weight with ``packed`` as its codes; the statistics follow ``packed``'s device."""
         return replace(self.to(packed.device, stats_only=True), packed=packed)
@@ -144,9 +152,20 @@ def quantize_nf4(
     """
     _check_weight(weight, name)
     check_blocksize(blocksize)
-    device = weight.device
-    code = code_table("nf4", device)
+    code = code_table("nf4", weight.device)
     packed, absmax = ops.quantize_4bit(weight.detach(), code, blocksize)
+    return nf4_from_blocks(packed, absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, double_quant=double_quant, name=name, code=code)
+
+
+def nf4_from_blocks(
+    packed: Tensor, absmax: Tensor, *, shape: torch.Size, dtype: torch.dtype, blocksize: int, double_quant: bool,
+    name: str = "weight", code: Optional[Tensor] = None,
+) -> NF4Weight:
+    """The ``NF4Weight`` of codes and fp32 block scales already computed (``ops.quantize_4bit``, whole or in block-aligned
+    pieces: each block depends on its own elements only): checks the scales, then double-quantizes them over the whole
+    tensor as bitsandbytes does. A loader that quantizes a stacked weight piece by piece ends here with the same bytes."""
+    device = absmax.device
+    code = code_table("nf4", device) if code is None else code
     if device.type != "meta":
         finite = torch.isfinite(absmax)
         if not bool(finite.all()):
@@ -168,8 +187,8 @@ def quantize_nf4(
         nested = NestedStats(absmax=nested_absmax, code=nested_code, offset=offset)
         absmax = qabsmax
     return NF4Weight(
-        packed=packed.view(-1, 1), absmax=absmax, code=code, shape=weight.shape,
-        dtype=weight.dtype, blocksize=blocksize, nested=nested,
+        packed=packed.view(-1, 1), absmax=absmax, code=code, shape=torch.Size(shape),
+        dtype=dtype, blocksize=blocksize, nested=nested,
     )
 
 

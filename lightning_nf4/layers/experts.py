@@ -33,7 +33,20 @@ def quantize_expert_weight(
     if weight.device.type == "meta":
         raise NF4FormatError(f"{label} is on the meta device; load the model's weights before quantizing its experts.")
     source = weight.detach().to(device) if device is not None else weight.detach()
-    quant = quantize_nf4(source, blocksize, double_quant, name=label)
+    set_expert_weight(module, attr, quantize_nf4(source, blocksize, double_quant, name=label), compute_dtype)
+
+
+def expert_placeholder(
+    module: nn.Module, attr: str, *, blocksize: int, double_quant: bool, compute_dtype: torch.dtype,
+) -> None:
+    """Replace ``module.<attr>``, a float weight on ``meta``, by an ``NF4Tensor`` of its shape on ``meta``: what a loader
+    fills later from a checkpoint (``loading.experts``), as it fills an ``NF4Linear`` built on ``meta``."""
+    weight = getattr(module, attr)
+    set_expert_weight(module, attr, quantize_nf4(torch.empty_like(weight, device="meta"), blocksize, double_quant), compute_dtype)
+
+
+def set_expert_weight(module: nn.Module, attr: str, quant: NF4Weight, compute_dtype: torch.dtype) -> None:
+    """``module.<attr>`` becomes the frozen NF4 weight ``quant``, saved and loaded under bitsandbytes' keys."""
     setattr(module, attr, nn.Parameter(NF4Tensor(quant, dtype=compute_dtype), requires_grad=False))
     _hook_state_dict(module)
 

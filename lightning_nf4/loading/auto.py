@@ -30,7 +30,10 @@ from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 from lightning_nf4.loading.packaged import resolve_model_path
 from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers, persistent_buffers
-from lightning_nf4.plugins.convert import convert_linears, nf4_layers, release_freed_host_memory
+from lightning_nf4.format.tensor import NF4Tensor
+from lightning_nf4.layers.experts import expert_placeholder
+from lightning_nf4.loading.experts import ExpertSources, StackedWeight, quantize_like, set_filled, stacked_for
+from lightning_nf4.plugins.convert import convert_linears, convertible_experts, nf4_expert_weights, nf4_layers, release_freed_host_memory
 
 class AutoModelForCausalLM:
     """Drop-in for ``transformers.AutoModelForCausalLM`` whose 4-bit path needs no bitsandbytes."""
@@ -136,6 +139,7 @@ class AutoModelForCausalLM:
         _read_generation_config(model, path)
         if nf4 is not None:
             convert_linears(model, **nf4.convert_kwargs(model))  # NF4Linear placeholders on meta
+            _expert_placeholders(model, nf4)
             _refuse_rescaled_in_place(model)
         if target.type == "meta":  # nothing read yet: filled part by part where it gets storage (deferred.py)
             attach(model, CheckpointIndex(files), dtype)
@@ -208,6 +212,13 @@ class _Source:
 _RESCALED_IN_PLACE = ("attention.output", "feed_forward.value")
 
 
+def _expert_placeholders(model: nn.Module, nf4: NF4LoadConfig) -> None:
+    """Stacked MoE expert weights become NF4 placeholders on ``meta``, filled as their pieces stream in
+    (``loading.experts``): the experts NF4Precision would quantize, kept in float by the same rules."""
+    for name, module, attr in convertible_experts(model, nf4.kept_float_experts(model)):
+        expert_placeholder(module, attr, blocksize=nf4.blocksize, double_quant=nf4.double_quant, compute_dtype=nf4.compute_dtype)
+
+
 def _refuse_rescaled_in_place(model: nn.Module) -> None:
     if not getattr(model.config, "rescale_every", 0) or not hasattr(model, "rwkv"):
         return
@@ -278,9 +289,12 @@ def _finish(model: nn.Module, nf4: Optional[NF4LoadConfig]) -> nn.Module:
     if nf4 is not None:
         model.config.quantization_config = nf4.to_bnb_config(model)
         layers = nf4_layers(model)
-        packed = sum(layer.memory_bytes for _, layer in layers)
+        experts = [w.quant for _, w in nf4_expert_weights(model)]
+        packed = sum(layer.memory_bytes for _, layer in layers) + sum(q.nbytes for q in experts)
         floats = sum(layer.in_features * layer.out_features * layer.quant.dtype.itemsize for _, layer in layers)
-        rank_zero_info(f"lightning-nf4: {len(layers)} linear layers in NF4: {floats / 2**20:.1f} MiB in float -> {packed / 2**20:.1f} MiB.")
+        floats += sum(q.numel * q.dtype.itemsize for q in experts)
+        stacked = f" and {len(experts)} stacked expert weights" if experts else ""
+        rank_zero_info(f"lightning-nf4: {len(layers)} linear layers{stacked} in NF4: {floats / 2**20:.1f} MiB in float -> {packed / 2**20:.1f} MiB.")
         if layers and ops.launches_kernels(layers[0][1].weight.device.type):
             group_nf4_layers(model)  # one dequantize launch per decoder layer
     release_freed_host_memory()
@@ -315,6 +329,9 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     unexpected: list[str] = []
     model_key = KeyMap(model, set(params) | set(buffers) | {f"{n}.weight" for n in layers}, layers)
 
+    experts = ExpertSources(model, model_key.converters, params)
+    stacks: dict[str, StackedWeight] = {}  # stacked expert weights whose pieces are still arriving
+
     bar = tqdm(total=count_tensors(files), desc="Loading (NF4)" if layers else "Loading", unit="tensor", disable=not progress)
     for raw_key, tensor in iter_tensors(files):
         bar.update(1)
@@ -325,10 +342,17 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
             parts[match["suffix"] or ""] = tensor
             if _complete(parts, prequantized):
                 load_layer(layers[match["layer"]], pending.pop(match["layer"]), match["layer"], device, dtype)
+        elif key in params and isinstance(params[key], NF4Tensor):  # a stacked expert weight, whole: quantized on the device
+            _fill(model, key, quantize_like(params[key], tensor.to(device=device, dtype=dtype), key))
         elif key in params:
             _assign(model, key, tensor, device, dtype, parameter=True, expected=params[key].shape)
         elif key in buffers:
             _assign(model, key, tensor, device, dtype, parameter=False, expected=buffers[key].shape)
+        elif (piece := experts.piece(key)) is not None:  # one expert's matrix of a stacked weight
+            stack = stacks.get(piece.target) or stacks.setdefault(piece.target, stacked_for(piece, params[piece.target], device, dtype))
+            stack.add(piece, tensor, raw_key)
+            if not stack.missing:
+                _fill(model, piece.target, stacks.pop(piece.target).result())
         else:
             unexpected.append(raw_key)
     bar.close()
@@ -337,21 +361,25 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
 
     _tie_as_loaded(model)
     incomplete = [key for name, parts in pending.items() for key in _missing_parts(name, parts)]
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n.removesuffix(".weight") not in pending]
+    incomplete += [f"{name} ({len(stack.missing)} of its {stack.parts * stack.shape[0]} expert matrices)" for name, stack in stacks.items()]
+    missing = [n for n, p in model.named_parameters()
+               if p.device.type == "meta" and n.removesuffix(".weight") not in pending and n not in stacks]
     missing += incomplete
     if missing:
-        renamed = (
-            f" It also holds tensors this model does not use, e.g. {unexpected[:4]}: transformers fuses some architectures' "
-            "checkpoint tensors as it loads them (Mixtral's per-expert weights into one), which this loader does not do. For such a model, load it in float with transformers and let NF4Precision quantize it."
-        ) if unexpected else ""
+        unused = f" It also holds tensors this model does not use, e.g. {unexpected[:4]}." if unexpected else ""
         raise CheckpointError(
             f"The checkpoint in {files[0].parent} lacks tensors: {missing[:8]}{'...' if len(missing) > 8 else ''}. "
-            f"It is incomplete or belongs to another model/config.{renamed}"
+            f"It is incomplete or belongs to another model/config.{unused}"
         )
     if unexpected:
         rank_zero_info(f"lightning-nf4: ignored {len(unexpected)} checkpoint tensors the model does not use, e.g. {unexpected[:3]}")
     model.to(device)  # buffers built on the CPU with the skeleton
     return unexpected
+
+
+def _fill(model: nn.Module, name: str, value: Any) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    set_filled(model.get_submodule(owner_name) if owner_name else model, attr, value)
 
 
 def _tie_as_loaded(model: nn.Module) -> None:

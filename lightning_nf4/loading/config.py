@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_nf4.format.quantized import NF4FormatError, float_dtype
-from lightning_nf4.plugins.convert import convertible_kind
+from lightning_nf4.plugins.convert import convertible_kind, kept_in_float_by_model
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -38,6 +38,11 @@ class NF4LoadConfig:
         defaults = [] if self.listed_only else _output_and_tied(model)
         fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))
+
+    def kept_float_experts(self, model: nn.Module) -> tuple[str, ...]:
+        """What keeps a stacked MoE expert weight in float: ``kept_float`` and the modules the model keeps in float32 by
+        transformers' reading of ``_keep_in_fp32_modules`` (NF4Precision's rule, so both quantize the same experts)."""
+        return (*self.kept_float(model), *kept_in_float_by_model(model))
 
     def to_bnb_config(self, model: nn.Module) -> Any:
         """``model``'s ``config.quantization_config`` as transformers sets it on bnb-4bit models: a

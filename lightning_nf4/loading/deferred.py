@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nf4.format.bnb_state import QUANT_STATE_KEY, required_parts
+from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
+from lightning_nf4.loading.experts import ExpertSources, Piece, quantize_like, set_filled, stacked_for
 from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
@@ -38,6 +40,7 @@ class DeferredCheckpoint:
     tensors: dict[str, str] = field(default_factory=dict)  # parameter/buffer name -> checkpoint key
     layers: dict[str, dict[str, str]] = field(default_factory=dict)  # NF4 layer -> {suffix: checkpoint key}
     tied: dict[str, list[str]] = field(default_factory=dict)  # a tied parameter's name -> the others sharing its tensor
+    pieces: dict[str, dict[Piece, str]] = field(default_factory=dict)  # stacked expert weight -> its per-expert keys
 
     def load_module(self, root: nn.Module, module: nn.Module, name: Optional[str] = None) -> None:
         """Fill ``module``'s own parameters and buffers (not its children's) from the checkpoint, on the
@@ -53,12 +56,29 @@ class DeferredCheckpoint:
                 self._copy(module.bias, f"{key}.bias")
             return
         prefix = f"{key}." if key else ""
-        for attr, param in module._parameters.items():
-            if param is not None:
+        for attr, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if prefix + attr in self.pieces:  # a stacked expert weight, from one checkpoint tensor per expert
+                set_filled(module, attr, self._stacked(prefix + attr, param))
+            elif isinstance(param, NF4Tensor):  # a stacked expert weight held whole by the checkpoint
+                raw = self.tensors.get(prefix + attr)
+                if raw is None:
+                    raise CheckpointError(f"the checkpoint has no tensor for {prefix + attr!r}; it belongs to another model or config.")
+                value = self.index.read(raw).to(device=param.device, dtype=self.dtype)
+                set_filled(module, attr, quantize_like(param, value, prefix + attr))
+            else:
                 self._copy(param, prefix + attr)
         for attr, buf in module._buffers.items():
             if buf is not None and prefix + attr in self.tensors:  # non-persistent buffers (rotary tables) stay as built
                 self._copy(buf, prefix + attr)
+
+    def _stacked(self, name: str, param: Tensor) -> Tensor:
+        pieces = self.pieces[name]
+        stack = stacked_for(next(iter(pieces)), param, param.device, self.dtype)
+        for piece, raw in pieces.items():
+            stack.add(piece, self.index.read(raw), raw)  # one expert's matrix on the host at a time
+        return stack.result()
 
     def _copy(self, target: Tensor, key: str) -> None:
         raw = next((self.tensors[k] for k in (key, *self.tied.get(key, ())) if k in self.tensors), None)
@@ -80,6 +100,7 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     known = (params - {f"{n}.weight" for n in layers}) | buffers
     deferred = DeferredCheckpoint(index, dtype)
     model_key = KeyMap(model, known, layers)
+    experts = ExpertSources(model, model_key.converters, params)
     for raw in index.names():
         key = model_key(raw)
         match = NF4_KEY.match(key)
@@ -87,10 +108,12 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
             deferred.layers.setdefault(match["layer"], {})[match["suffix"] or ""] = raw
         elif key in known:
             deferred.tensors[key] = raw
+        elif (piece := experts.piece(key)) is not None:
+            deferred.pieces.setdefault(piece.target, {})[piece] = raw
     _untie_differing(model, deferred)
     tied = deferred.tied = _tied_names(model)
     nf4_weights = {f"{n}.weight" for n in layers}
-    present = set(deferred.tensors)
+    present = set(deferred.tensors) | {n for n, pieces in deferred.pieces.items() if _all_experts(pieces, model.get_parameter(n))}
     missing = sorted(n for n in params if n not in nf4_weights and not present.intersection((n, *tied.get(n, ()))))
     missing += sorted(n for n in layers if not _complete(index, deferred.layers.get(n, {})))
     if missing:
@@ -129,7 +152,9 @@ def allocate(modules: Iterable[nn.Module], device: torch.device) -> None:
         for key, param in list(module._parameters.items()):
             if param is None:
                 continue
-            if id(param) not in moved:
+            if id(param) not in moved and isinstance(param, NF4Tensor) and param.is_meta:  # a stacked expert placeholder
+                moved[id(param)] = nn.Parameter(NF4Tensor(param.quant.to_empty(device), dtype=param.dtype), requires_grad=False)
+            elif id(param) not in moved:
                 value = torch.empty_like(param, device=device) if param.is_meta else param.to(device)
                 moved[id(param)] = param if value is param else nn.Parameter(value, requires_grad=param.requires_grad)
             module._parameters[key] = moved[id(param)]
@@ -175,6 +200,12 @@ def _untie_differing(model: nn.Module, deferred: DeferredCheckpoint) -> None:
         owner = model.get_submodule(owner_name) if owner_name else model
         owner._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
         getattr(model, "all_tied_weights_keys", {}).pop(name, None)  # so that a later tie_weights() keeps them apart
+
+
+def _all_experts(pieces: dict[Piece, str], param: Tensor) -> bool:
+    """Whether ``pieces`` hold every expert's matrix of every projection of the stacked weight ``param``."""
+    first = next(iter(pieces))
+    return {(p.part, p.expert) for p in pieces} == {(part, e) for part in range(first.parts) for e in range(param.shape[0])}
 
 
 def _complete(index: CheckpointIndex, parts: dict[str, str]) -> bool:

@@ -20,13 +20,13 @@ class KeyMap:
     ``embed_out`` is ``lm_head``, old ``LayerNorm.gamma`` is ``.weight``), as transformers applies them on load; then a
     bare model's keys (``layers.0...``) go under the ``*ForCausalLM``'s prefix (``model.layers.0...``).
 
-    Renames only: a conversion that fuses tensors (Mixtral's per-expert weights into one) is not done here, so such
-    keys stay unused and the load fails naming them."""
+    Renames only; the conversions that fuse tensors (Mixtral's per-expert weights into one) are kept in ``converters``
+    for ``loading.experts``."""
 
     def __init__(self, model: nn.Module, known: Container[str], layers: Container[str]) -> None:
         self.known, self.layers = known, layers
         self.prefix = getattr(model, "base_model_prefix", "") or "model"
-        self.renamings = _renamings(model)
+        self.renamings, self.converters = _transforms(model)
 
     def __call__(self, key: str) -> str:
         for renaming in self.renamings:
@@ -39,18 +39,19 @@ class KeyMap:
         return candidate in self.known or bool(match and match["layer"] in self.layers)
 
 
-def _renamings(model: nn.Module) -> list[Any]:
-    """transformers' key renames for ``model`` (5.x keeps them beside the model code); none on older versions."""
+def _transforms(model: nn.Module) -> tuple[list[Any], list[Any]]:
+    """transformers' key renames and tensor conversions for ``model`` (5.x keeps them beside the model code); none on
+    older versions."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:
-        return []
+        return [], []
     try:
         transforms = get_model_conversion_mapping(model)
     except (AttributeError, TypeError):  # not a transformers model
-        return []
-    return [t for t in transforms if isinstance(t, WeightRenaming)]
+        return [], []
+    return [t for t in transforms if isinstance(t, WeightRenaming)], [t for t in transforms if isinstance(t, WeightConverter)]
 
 
 def load_layer(layer: NF4Linear, parts: dict[str, Tensor], name: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -1574,6 +1574,42 @@ MUTATIONS: list[Mutation] = [
         (('        return (*self.skip_modules, *kept_in_float_by_model(module))', '        return tuple(self.skip_modules)'),),
         ('tests/test_moe.py::test_modules_a_model_keeps_in_float32_stay_float',),
     ),
+    Mutation(
+        "moe-load-parts-swapped",
+        "the streaming MoE loader puts each expert's gate rows where its up rows go (Concatenate order lost)",
+        "lightning_nf4/loading/experts.py",
+        (("        first_row = piece.expert * self.shape[1] + piece.part * self.rows\n",
+          "        first_row = piece.expert * self.shape[1] + (piece.parts - 1 - piece.part) * self.rows\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "moe-load-stacks-in-float",
+        "the MoE loader builds every stacked expert weight whole in float before quantizing it (the memory streaming saves)",
+        "lightning_nf4/loading/experts.py",
+        (("        self._blockwise = bool(blocksize) and (self.rows * cols) % blocksize == 0\n", "        self._blockwise = False\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "moe-load-experts-left-float",
+        "from_pretrained with a BitsAndBytesConfig leaves stacked MoE experts in float (no NF4 placeholders)",
+        "lightning_nf4/loading/auto.py",
+        (("            _expert_placeholders(model, nf4)\n", "            pass\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "moe-meta-ignores-pieces",
+        "the meta path maps no per-expert checkpoint tensor to its stacked weight",
+        "lightning_nf4/loading/deferred.py",
+        (("            deferred.pieces.setdefault(piece.target, {})[piece] = raw\n", "            pass\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "moe-load-skip-ignored",
+        "the loader quantizes experts that llm_int8_skip_modules (or _keep_in_fp32_modules) keeps in float",
+        "lightning_nf4/loading/config.py",
+        (("        return (*self.kept_float(model), *kept_in_float_by_model(model))\n", "        return ()\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
 ]
 
 

@@ -176,18 +176,6 @@ def test_a_checkpoint_whose_keys_transformers_renames_loads_as_transformers_load
     assert torch.equal(logits(materialize(deferred, "cpu")), logits(reference))  # the meta path maps keys the same way
 
 
-def test_a_checkpoint_whose_tensors_transformers_fuses_is_named_with_the_way_round(tmp_path):
-    """Mixtral's checkpoint holds one tensor per expert, which transformers fuses into one as it loads; this loader
-    does not, and says so (naming the unused keys and the float-then-NF4Precision way) rather than only 'incomplete'."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                           vocab_size=128, num_local_experts=2, num_experts_per_tok=1)
-    MixtralForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"lacks tensors: \['model.layers.0.mlp.experts.*'model.layers.0.block_sparse_moe.experts.0.w1.weight'.*NF4Precision quantize it"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=NF4, progress=False)
-
-
 def test_bin_fallback_and_float_load(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)

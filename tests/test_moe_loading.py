@@ -1,0 +1,217 @@
+"""MoE checkpoints streamed straight into NF4 stacked experts: per-expert tensors fused as transformers fuses them,
+quantized piece by piece to the bytes of the whole stacked weight, on the streaming and the meta path."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BitsAndBytesConfig
+
+from lightning_nf4 import LoRACallback, NF4Precision
+from lightning_nf4.format.tensor import NF4Tensor
+from lightning_nf4.loading import AutoModelForCausalLM, CheckpointError, materialize
+from lightning_nf4.loading.experts import ExpertSources
+from lightning_nf4.plugins.convert import convert_experts, convert_linears
+from tests.lightning_models import CausalLM, token_loader
+from tests.test_moe import expert_weights, tiny_moe
+
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+KINDS = ["mixtral", "qwen3_moe", "gpt_oss"]  # per-expert checkpoints (Mixtral's w1/w3/w2, Qwen's gate/up/down), gpt-oss stacked
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each kind saved by transformers in its checkpoint layout, in shards small enough that one layer's experts
+    span several files."""
+    folders = {}
+    for kind in KINDS:
+        folder = tmp_path_factory.mktemp(kind)
+        tiny_moe(kind).save_pretrained(folder, max_shard_size="60KB")
+        assert len(list(folder.glob("*.safetensors"))) > 4
+        folders[kind] = folder
+    return folders
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def float_then_converted(folder: Path, skip=("lm_head",)):
+    """transformers' own float load, then the plugin's conversion: what NF4Precision trains on."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    convert_linears(model, skip_modules=skip, compute_dtype=torch.bfloat16)
+    convert_experts(model, skip_modules=skip, compute_dtype=torch.bfloat16)
+    return model
+
+
+def assert_same_experts(ours, reference):
+    mine, theirs = expert_weights(ours), expert_weights(reference)
+    assert mine.keys() == theirs.keys() and len(mine) == 4
+    for name, weight in mine.items():
+        assert isinstance(weight, NF4Tensor) and not weight.requires_grad, name
+        a, b = weight.quant, theirs[name].quant
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.equal(x, y), name
+        assert (a.shape, a.dtype, weight.dtype) == (b.shape, b.dtype, theirs[name].dtype), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_moe_checkpoint_streams_into_the_experts_the_plugin_would_make(saved, kind):
+    ours = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.float32, progress=False)
+    reference = float_then_converted(saved[kind])
+    assert_same_experts(ours, reference)
+    assert torch.equal(logits(ours), logits(reference))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_meta_path_fills_the_same_experts(saved, kind):
+    """``device="meta"`` reads nothing and holds NF4 placeholders; ``materialize`` fills them, expert by expert."""
+    deferred = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.float32, device="meta", progress=False)
+    placeholders = expert_weights(deferred)
+    assert all(isinstance(w, NF4Tensor) and w.is_meta for w in placeholders.values())
+    streamed = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.float32, progress=False)
+    filled = materialize(deferred, "cpu")
+    assert_same_experts(filled, streamed)
+    assert torch.equal(logits(filled), logits(streamed))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_a_float_load_fuses_the_experts_as_transformers_does(saved, kind):
+    ours = AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32, progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32)
+    for name, weight in expert_weights(theirs).items():
+        assert torch.equal(ours.get_parameter(name), weight), name
+    lazy = materialize(AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32, device="meta", progress=False), "cpu")
+    assert torch.equal(logits(lazy), logits(theirs))
+
+
+class LargestFloat(TorchDispatchMode):
+    """The most elements of any floating-point tensor an op read or wrote while active, leaving out what only
+    reserves memory (``empty``), the skeleton's parameters moving to ``meta`` as they are built, and NF4 weights (codes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided) or any(
+                isinstance(t, torch.Tensor) and t.is_meta for t in outs):
+            return out
+        for t in [*outs, *torch.utils._pytree.tree_leaves((args, kwargs))]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta and not isinstance(t, NF4Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_stacked_float_weight_is_ever_whole(saved):
+    """The point of streaming: the loader holds one expert's matrix at a time, never a layer's stacked experts in
+    float (what transformers builds before any quantizer sees them)."""
+    with LargestFloat() as mode:
+        model = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, progress=False)
+    expert = model.model.layers[0].mlp.experts
+    one_matrix = expert.gate_up_proj.shape[1] // 2 * expert.gate_up_proj.shape[2]
+    assert mode.largest <= max(one_matrix, model.lm_head.weight.numel(), model.model.embed_tokens.weight.numel())
+    assert mode.largest < expert.gate_up_proj.numel()
+
+
+def test_experts_named_in_skip_modules_load_in_float(saved):
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "mlp.experts"])
+    ours = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=config, dtype=torch.float32, progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(saved["mixtral"], dtype=torch.float32)
+    for name, weight in expert_weights(theirs).items():
+        assert not isinstance(ours.get_parameter(name), NF4Tensor) and torch.equal(ours.get_parameter(name), weight), name
+
+
+def test_the_loaded_moe_model_trains_under_the_plugin(saved):
+    """Loaded in NF4, the experts are kept as they are (not quantized again) and frozen; LoRA trains around them."""
+    model = AutoModelForCausalLM.from_pretrained(saved["qwen3_moe"], quantization_config=NF4, dtype=torch.float32, progress=False).train()
+    before = {n: w.quant.packed.clone() for n, w in expert_weights(model).items()}
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=NF4Precision(),
+                         callbacks=[LoRACallback(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])])
+    module = CausalLM(model)
+    trainer.fit(module, train_dataloaders=token_loader())
+    for name, weight in expert_weights(module.model).items():
+        assert isinstance(weight, NF4Tensor) and torch.equal(weight.quant.packed, before[name.removeprefix("base_model.model.")]), name
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in module.named_parameters())
+
+
+def _rewrite(folder: Path, edit) -> None:
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file(edit(tensors), file, metadata={"format": "pt"})
+
+
+def test_a_missing_expert_is_named_on_both_paths(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(saved["mixtral"], folder)
+    gone = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    _rewrite(folder, lambda t: {k: v for k, v in t.items() if k != gone})
+    with pytest.raises(CheckpointError, match=r"lacks tensors: \['model.layers.1.mlp.experts.gate_up_proj \(1 of its 8 expert matrices\)'\]"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, progress=False)
+    with pytest.raises(CheckpointError, match=r"lacks tensors: \['model.layers.1.mlp.experts.gate_up_proj'\]"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device="meta", progress=False)
+
+
+def test_an_expert_of_another_shape_is_named(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "resized"
+    shutil.copytree(saved["mixtral"], folder)
+    key = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+    _rewrite(folder, lambda t: {k: (v[:, :64].contiguous() if k == key else v) for k, v in t.items()})
+    with pytest.raises(CheckpointError, match=rf"size mismatch for {key}: checkpoint has \(64, 64\), expert 1 of model.layers.0.mlp.experts.down_proj"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, progress=False)
+    with pytest.raises(CheckpointError, match=rf"size mismatch for {key}"):
+        materialize(AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device="meta", progress=False), "cpu")
+
+
+def test_a_conversion_the_loader_does_not_do_is_refused_by_name():
+    """transformers converts some checkpoints' experts otherwise (interleaved gate/up rows, transposed stacks); such a
+    piece is refused naming the operation and the way round, not loaded into the wrong rows."""
+    from transformers.core_model_loading import Interleave, WeightConverter
+
+    model = tiny_moe("mixtral")
+    interleaved = WeightConverter(source_patterns="mlp.experts.w13_weight", target_patterns="mlp.experts.gate_up_proj", operations=[Interleave(dim=1)])
+    sources = ExpertSources(model, [interleaved], {n for n, _ in model.named_parameters()})
+    with pytest.raises(CheckpointError, match=r"fused into model.layers.0.mlp.experts.gate_up_proj by transformers with Interleave.*NF4Precision quantize it"):
+        sources.piece("model.layers.0.mlp.experts.w13_weight")
+    assert sources.piece("model.layers.0.self_attn.q_proj.weight") is None
+
+
+@pytest.mark.timeout(900)
+def test_a_moe_checkpoint_streams_into_fsdp2_shards(tmp_path):
+    """``device="meta"`` under NF4FSDPStrategy on two gloo ranks: each rank fills its units from the per-expert
+    checkpoint and keeps 2 of the 4 experts, byte for byte its rows of the checkpoint loaded whole, and the run
+    trains what one process trains on the whole load."""
+    from tests.test_fsdp import load_worker, run_worker
+
+    worker = load_worker()
+    folder = tmp_path / "hf"
+    worker.shardable_mixtral().save_pretrained(folder)
+    sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(folder))
+    whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(folder))[0]
+    loaded = expert_weights(worker.load_checkpoint_model(str(folder), deferred=False))
+    assert len(loaded) == 4
+    for rank, result in enumerate(sharded):
+        for name, weight in loaded.items():
+            q = weight.quant
+            expected = [t.chunk(2)[rank] for t in (q.packed, q.absmax, q.nested.absmax)] + [q.nested.offset]
+            got = result["base"][f"model.{name}"]
+            assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected)), (rank, name)
+            assert result["held"][f"model.{name}"]["rows"] == 2
+    torch.testing.assert_close((sharded[0]["first_loss"] + sharded[1]["first_loss"]) / 2, whole["first_loss"], atol=1e-5, rtol=1e-5)
+    assert sharded[0]["trainable"].keys() == whole["trainable"].keys()
+    for name, value in whole["trainable"].items():
+        torch.testing.assert_close(sharded[0]["trainable"][name], value, atol=1e-4, rtol=1e-3, msg=name)

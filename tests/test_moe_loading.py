@@ -193,8 +193,8 @@ def test_a_conversion_the_loader_does_not_do_is_refused_by_name():
 @pytest.mark.timeout(900)
 def test_a_moe_checkpoint_streams_into_fsdp2_shards(tmp_path):
     """``device="meta"`` under NF4FSDPStrategy on two gloo ranks: each rank fills its units from the per-expert
-    checkpoint and keeps 2 of the 4 experts, byte for byte its rows of the checkpoint loaded whole, and the run
-    trains what one process trains on the whole load."""
+    checkpoint and keeps 2 of the 4 experts, byte for byte its rows of transformers' float load quantized whole, and
+    the run trains what one process trains on the whole load."""
     from tests.test_fsdp import load_worker, run_worker
 
     worker = load_worker()
@@ -202,7 +202,7 @@ def test_a_moe_checkpoint_streams_into_fsdp2_shards(tmp_path):
     worker.shardable_mixtral().save_pretrained(folder)
     sharded = run_worker(tmp_path / "deferred", "nf4_fsdp", 2, 2, 1, checkpoint=str(folder))
     whole = run_worker(tmp_path / "whole", "auto", 1, 4, 1, checkpoint=str(folder))[0]
-    loaded = expert_weights(worker.load_checkpoint_model(str(folder), deferred=False))
+    loaded = expert_weights(float_then_converted(folder))
     assert len(loaded) == 4
     for rank, result in enumerate(sharded):
         for name, weight in loaded.items():

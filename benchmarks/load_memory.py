@@ -1,8 +1,12 @@
 """Peak host memory of loading a model into NF4 on the CPU: lightning-nf4's streaming loader against
 transformers + bitsandbytes, each in its own process, on the same bf16 safetensors checkpoint.
 
-    python benchmarks/load_memory.py                 # random 1.1B-parameter Llama written to a temp folder
+    python benchmarks/load_memory.py                 # random 0.85B-parameter Llama written to a temp folder
+    python benchmarks/load_memory.py --preset moe    # random 0.75B-parameter Qwen3-MoE (32 experts), per-expert checkpoint
     python benchmarks/load_memory.py --model DIR     # any local HF causal-LM folder
+
+With an MoE model a third row loads in bf16 with transformers, then quantizes linears and experts as NF4Precision
+does: the way round before the streaming loader fused per-expert checkpoints.
 """
 
 from __future__ import annotations
@@ -39,25 +43,43 @@ def _load(kind: str, folder: str, queue: mp.Queue) -> None:
         from lightning_nf4.loading import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, progress=False)
+    elif kind == "transformers bf16, then NF4Precision's conversion":
+        import transformers
+
+        from lightning_nf4.plugins.convert import convert_experts, convert_linears
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        convert_linears(model)
+        convert_experts(model)
     else:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
     seconds = time.perf_counter() - start
     peak = _vm_hwm()
+    from lightning_nf4.format.tensor import NF4Tensor
+
+    nf4 = sum(p.numel() for p in model.parameters() if isinstance(p, NF4Tensor))  # stacked experts in NF4
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 8, dtype=torch.long))  # the model works
-    queue.put(dict(kind=kind, peak=peak, seconds=seconds))
+    queue.put(dict(kind=kind, peak=peak, seconds=seconds, nf4_experts=nf4))
 
 
-def _write_model(folder: Path) -> int:
+def _write_model(folder: Path, preset: str) -> int:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+    if preset == "moe":
+        config = transformers.Qwen3MoeConfig(
+            hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4,
+            num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000, tie_word_embeddings=False)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                                          num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = cls(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
@@ -68,25 +90,36 @@ def _write_model(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--preset", choices=("llama", "moe"), default="llama", help="the random model written when --model is not given")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else Path(tmp)
         if not args.model:
-            print(f"wrote a random Llama of {_write_model(folder) / 1e9:.2f}B parameters (bf16) to {folder}")
+            print(f"wrote a random {args.preset} of {_write_model(folder, args.preset) / 1e9:.2f}B parameters (bf16) to {folder}")
         on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        kinds = ["lightning-nf4", "transformers + bitsandbytes"]
+        if _is_moe(folder):
+            kinds.insert(1, "transformers bf16, then NF4Precision's conversion")
         rows = []
-        for kind in ("lightning-nf4", "transformers + bitsandbytes"):
+        for kind in kinds:
             queue = ctx.Queue()
             proc = ctx.Process(target=_load, args=(kind, str(folder), queue))
             proc.start()
             proc.join()
-            rows.append(queue.get() if proc.exitcode == 0 else dict(kind=kind, peak=float("nan"), seconds=float("nan")))
+            rows.append(queue.get() if proc.exitcode == 0 else dict(kind=kind, peak=float("nan"), seconds=float("nan"), nf4_experts=0))
     print(f"\ncheckpoint on disk: {on_disk / 2**30:.2f} GiB (bf16)\n")
-    print("| loader | peak host memory (VmHWM) | load time (s) |")
-    print("|---|---|---|")
+    print("| loader | peak host memory (VmHWM) | load time (s) | expert parameters in NF4 |")
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['peak'] / 2**30:.2f} GiB | {r['seconds']:.1f} |")
+        print(f"| {r['kind']} | {r['peak'] / 2**30:.2f} GiB | {r['seconds']:.1f} | {r['nf4_experts'] / 1e6:.0f} M |")
+
+
+def _is_moe(folder: Path) -> bool:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    return any(config.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 if __name__ == "__main__":

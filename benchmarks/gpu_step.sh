@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_step.sh compiled [ROUNDS] [CONFIGS]   # compiled step pairs (default 5 rounds of bf16-compiled,nf4-compiled)
 #   bash benchmarks/gpu_step.sh moe-tests     # the MoE tests on the GPU
 #   bash benchmarks/gpu_step.sh moe [ROUNDS]  # the Qwen3-30B-A3B-shape step (4 layers) against bf16 and bitsandbytes
+#   bash benchmarks/gpu_step.sh moe-load      # MoE checkpoints streamed into NF4 on the GPU: tests, then 8 Qwen3-30B-A3B
+#                                             # layers loaded three ways (peak host and GPU memory)
 # liger-kernel is used when its wheel is carried in .whl/ (installed to /tmp/site). Outputs go to ${OUT:-.}.
 set -uo pipefail
 out="${OUT:-.}"
@@ -33,5 +35,9 @@ case "${1:-}" in
     PYTHONPATH="$PYTHONPATH:$PWD/.whl/bnb_site" timeout 570 python3 benchmarks/lora_step.py --device cuda --preset qwen3-30b-a3b-4l \
       --configs bf16,nf4,bnb --rounds "$rounds" --steps 10 --warmup 3 > "$out/lora_step_moe.md" 2> "$out/lora_step_moe.err"
     cat "$out/lora_step_moe.md"; tail -5 "$out/lora_step_moe.err" ;;
-  *) echo "usage: gpu_step.sh memory|decode|compiled|moe-tests|moe [ROUNDS] [CONFIGS]"; exit 2 ;;
+  moe-load)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_moe_loading.py 2>&1 | tail -4
+    PYTHONPATH="$PYTHONPATH:$PWD/.whl/bnb_site" timeout 360 python3 benchmarks/load_memory.py --preset qwen3-30b-a3b-8l --device cuda \
+      > "$out/load_memory_moe.md" 2> "$out/load_memory_moe.err"; cat "$out/load_memory_moe.md"; tail -5 "$out/load_memory_moe.err" ;;
+  *) echo "usage: gpu_step.sh memory|decode|compiled|moe-tests|moe|moe-load [ROUNDS] [CONFIGS]"; exit 2 ;;
 esac

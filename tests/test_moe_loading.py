@@ -145,6 +145,24 @@ def test_the_loaded_moe_model_trains_under_the_plugin(saved):
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in module.named_parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_a_cuda_load_quantizes_the_experts_on_the_gpu_to_the_cpu_bytes(saved, kind):
+    """Streamed and meta-loaded onto a GPU, each expert's matrix is quantized there: the same bytes as on the CPU."""
+    on_cpu = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.bfloat16, progress=False)
+    streamed = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.bfloat16, device="cuda", progress=False)
+    deferred = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.bfloat16, device="meta", progress=False)
+    lazy = materialize(deferred, "cuda")
+    reference = expert_weights(on_cpu)
+    for model in (streamed, lazy):
+        for name, weight in expert_weights(model).items():
+            assert weight.device.type == "cuda", name
+            for x, y in zip(weight.quant.tensors(), reference[name].quant.tensors()):
+                assert torch.equal(x.cpu(), y), name
+    with torch.no_grad():
+        assert torch.equal(streamed(input_ids=IDS.cuda()).logits, lazy(input_ids=IDS.cuda()).logits)
+
+
 def _rewrite(folder: Path, edit) -> None:
     for file in folder.glob("*.safetensors"):
         tensors = load_file(file)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_nf4.format.quantized import NF4FormatError, float_dtype
-from lightning_nf4.plugins.convert import convertible_kind, kept_in_float_by_model
+from lightning_nf4.plugins.convert import convertible_kind, kept_by_transformers, kept_in_float_by_model
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -71,16 +71,9 @@ def _output_and_tied(model: nn.Module) -> list[str]:
 
 
 def skipped_by_transformers(model: nn.Module, patterns: Sequence[str]) -> tuple[str, ...]:
-    """The names of ``model``'s modules that transformers leaves unquantized for ``llm_int8_skip_modules=patterns``
-    (a module path from the start, a regular expression, or a suffix of the name); with a transformers that lacks
-    its rule, the patterns as lightning-nf4 reads them (``plugins.convert.within``)."""
-    try:
-        from transformers.quantizers.quantizers_utils import should_convert_module
-    except ImportError:
-        return tuple(patterns)
-    # transformers asks for each linear by its own name (a parent's name matching covers nothing by itself)
-    return tuple(n for n, m in model.named_modules()
-                 if convertible_kind(m) and not should_convert_module(n, list(patterns)))
+    """The names of ``model``'s linears that transformers leaves unquantized for ``llm_int8_skip_modules=patterns``:
+    it asks for each linear by its own name (a parent's name matching covers nothing by itself)."""
+    return tuple(n for n, m in model.named_modules() if convertible_kind(m) and kept_by_transformers(n, patterns))
 
 
 def _as_dict(config: Any) -> Optional[dict[str, Any]]:

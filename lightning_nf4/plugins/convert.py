@@ -164,12 +164,16 @@ def kept_in_float_by_model(model: nn.Module) -> tuple[str, ...]:
         patterns += [p.rsplit(".", 1)[0] for p in patterns if p.endswith((".weight", ".bias"))]
         for name, sub in hf.named_modules():
             quantizable = convertible_kind(sub) or any(is_expert_weight(sub, p) for p in sub.parameters(recurse=False))
-            if name and quantizable and _kept_by(logical_name(name), patterns):
+            if name and quantizable and kept_by_transformers(logical_name(name), patterns):
                 names.append(f"{prefix}.{name}" if prefix else name)
     return tuple(dict.fromkeys(names))
 
 
-def _kept_by(name: str, patterns: list[str]) -> bool:
+def kept_by_transformers(name: str, patterns: Sequence[str]) -> bool:
+    """Whether transformers leaves module ``name`` unquantized for skip ``patterns`` (a module path from the start, a
+    regular expression, or a suffix of the name: its ``should_convert_module``); with a transformers that lacks that
+    rule, the patterns as ``within`` reads them."""
+    patterns = list(patterns)
     try:
         from transformers.quantizers.quantizers_utils import should_convert_module
     except ImportError:

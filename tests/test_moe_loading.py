@@ -233,3 +233,21 @@ def test_a_moe_checkpoint_streams_into_fsdp2_shards(tmp_path):
     assert sharded[0]["trainable"].keys() == whole["trainable"].keys()
     for name, value in whole["trainable"].items():
         torch.testing.assert_close(sharded[0]["trainable"][name], value, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_bitsandbytes_moe_checkpoint_loads_its_linears_as_saved_and_quantizes_its_experts(saved, tmp_path):
+    """A bnb-4bit MoE checkpoint (transformers + bitsandbytes quantize the linears only and save the experts in bf16,
+    per expert): the linears load as bitsandbytes wrote them, the experts are fused and quantized as the plugin
+    quantizes them, so the model is what NF4Precision trains on after transformers + bitsandbytes loaded it."""
+    pytest.importorskip("bitsandbytes")
+    from lightning_nf4 import NF4Linear
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, device_map="cpu", dtype=torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, progress=False)
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
+    assert len(linears) == 8
+    for name, layer in linears.items():
+        assert torch.equal(layer.weight, reference.get_submodule(name).weight.data), name
+    convert_experts(reference, compute_dtype=torch.bfloat16)
+    assert_same_experts(ours, reference)

@@ -1610,6 +1610,28 @@ MUTATIONS: list[Mutation] = [
         (("        return (*self.kept_float(model), *kept_in_float_by_model(model))\n", "        return ()\n"),),
         ("tests/test_moe_loading.py",),
     ),
+    Mutation(
+        "moe-save-splits-nf4",
+        "save_pretrained of a model with NF4 experts reverses transformers' expert conversions on the packed codes (it fails)",
+        "lightning_nf4/plugins/convert.py",
+        (("        hf._weight_conversions = [t for t in conversions if not (isinstance(t, WeightConverter) and _builds_any(t, names))]\n",
+          "        hf._weight_conversions = list(conversions)\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "moe-stacked-nf4-parts-unread",
+        "the loader does not recognise a stacked NF4 expert weight's bitsandbytes parts (absmax, quant state...)",
+        "lightning_nf4/loading/experts.py",
+        (("            return key[:-len(suffix) - 1], suffix\n", "            return None\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
+    Mutation(
+        "dequantized-moe-saves-stacked",
+        "a dequantized MoE model keeps the conversions dropped for its NF4 experts, so it saves stacked, not per expert",
+        "lightning_nf4/plugins/convert.py",
+        (("        dequantize_experts(module, dtype)\n    restore_weight_conversions(model)\n", "        dequantize_experts(module, dtype)\n"),),
+        ("tests/test_moe_loading.py",),
+    ),
 ]
 
 

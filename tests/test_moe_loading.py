@@ -251,3 +251,27 @@ def test_a_bitsandbytes_moe_checkpoint_loads_its_linears_as_saved_and_quantizes_
         assert torch.equal(layer.weight, reference.get_submodule(name).weight.data), name
     convert_experts(reference, compute_dtype=torch.bfloat16)
     assert_same_experts(ours, reference)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_save_pretrained_writes_nf4_experts_stacked_and_they_load_back_as_saved(saved, kind, tmp_path):
+    """transformers' save_pretrained splits stacked experts back into per-expert matrices, which NF4 codes cannot take
+    (it failed with 'Undefined Operation encountered!'): NF4 experts are written stacked under bitsandbytes' keys, the
+    rest as usual, and both load paths read them back byte for byte. Dequantized, the model saves per expert again."""
+    from lightning_nf4 import dequantize_model
+
+    ours = AutoModelForCausalLM.from_pretrained(saved[kind], quantization_config=NF4, dtype=torch.float32, progress=False)
+    ours.save_pretrained(tmp_path / "nf4")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", progress=False)
+    lazy = materialize(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device="meta", progress=False), "cpu")
+    for model in (again, lazy):
+        assert_same_experts(model, ours)
+        assert torch.equal(logits(model), logits(ours))
+    dequantize_model(ours).save_pretrained(tmp_path / "float")
+    names = set(load_file(next((tmp_path / "float").glob("*.safetensors"))))
+    if kind == "mixtral":  # the checkpoint's own layout again: one matrix per expert, under Mixtral's names
+        assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names and not any("gate_up_proj" in n for n in names)
+    else:  # gpt-oss's checkpoints hold the experts stacked
+        assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32)
+    assert torch.equal(logits(theirs), logits(dequantize_model(again)))

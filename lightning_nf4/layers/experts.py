@@ -18,7 +18,7 @@ from lightning_nf4.format.bnb_state import QUANT_STATE_PREFIX
 from lightning_nf4.format.quantized import NF4Weight
 from lightning_nf4.format.tensor import NF4Tensor
 
-_BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # beside the codes and the quant state
 _HOOKED = "_nf4_expert_state_hooks"
 
 
@@ -105,7 +105,7 @@ def _load_bnb_keys(module: nn.Module, state_dict: dict, prefix: str, local_metad
 
 
 def _is_bnb_suffix(suffix: str) -> bool:
-    return suffix in _BNB_SUFFIXES or suffix.startswith(QUANT_STATE_PREFIX)
+    return suffix in BNB_SUFFIXES or suffix.startswith(QUANT_STATE_PREFIX)
 
 
 def _read(parts: dict[str, torch.Tensor], key: str, param: NF4Tensor) -> NF4Weight:

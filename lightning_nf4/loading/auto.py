@@ -32,8 +32,10 @@ from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers, persistent_buffers
 from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.experts import expert_placeholder
-from lightning_nf4.loading.experts import ExpertSources, StackedWeight, quantize_like, set_filled, stacked_for
-from lightning_nf4.plugins.convert import convert_linears, convertible_experts, nf4_expert_weights, nf4_layers, release_freed_host_memory
+from lightning_nf4.loading.experts import ExpertSources, StackedWeight, read_stacked, set_filled, stacked_for, stacked_part
+from lightning_nf4.plugins.convert import (
+    convert_linears, convertible_experts, nf4_expert_weights, nf4_layers, release_freed_host_memory, save_nf4_experts_stacked,
+)
 
 class AutoModelForCausalLM:
     """Drop-in for ``transformers.AutoModelForCausalLM`` whose 4-bit path needs no bitsandbytes."""
@@ -217,6 +219,7 @@ def _expert_placeholders(model: nn.Module, nf4: NF4LoadConfig) -> None:
     (``loading.experts``): the experts NF4Precision would quantize, kept in float by the same rules."""
     for name, module, attr in convertible_experts(model, nf4.kept_float_experts(model)):
         expert_placeholder(module, attr, blocksize=nf4.blocksize, double_quant=nf4.double_quant, compute_dtype=nf4.compute_dtype)
+    save_nf4_experts_stacked(model)
 
 
 def _refuse_rescaled_in_place(model: nn.Module) -> None:
@@ -331,6 +334,8 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
 
     experts = ExpertSources(model, model_key.converters, params)
     stacks: dict[str, StackedWeight] = {}  # stacked expert weights whose pieces are still arriving
+    nf4_experts = {n for n, p in params.items() if isinstance(p, NF4Tensor)}  # placeholders
+    stacked: dict[str, dict[str, Tensor]] = {}  # stacked NF4 expert weights held whole: their parts so far
 
     bar = tqdm(total=count_tensors(files), desc="Loading (NF4)" if layers else "Loading", unit="tensor", disable=not progress)
     for raw_key, tensor in iter_tensors(files):
@@ -342,8 +347,12 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
             parts[match["suffix"] or ""] = tensor
             if _complete(parts, prequantized):
                 load_layer(layers[match["layer"]], pending.pop(match["layer"]), match["layer"], device, dtype)
-        elif key in params and isinstance(params[key], NF4Tensor):  # a stacked expert weight, whole: quantized on the device
-            _fill(model, key, quantize_like(params[key], tensor.to(device=device, dtype=dtype), key))
+        elif (whole := stacked_part(key, nf4_experts)) is not None:  # a stacked expert weight held whole (or its NF4 parts)
+            name, suffix = whole
+            parts = stacked.setdefault(name, {})
+            parts[suffix] = tensor
+            if _complete(parts, prequantized):
+                _fill(model, name, read_stacked(stacked.pop(name), name, params[name], device, dtype))
         elif key in params:
             _assign(model, key, tensor, device, dtype, parameter=True, expected=params[key].shape)
         elif key in buffers:
@@ -358,12 +367,15 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     bar.close()
     for name in [n for n, parts in pending.items() if set(parts) == {""} and parts[""].is_floating_point()]:
         load_layer(layers[name], pending.pop(name), name, device, dtype)  # a float weight in a pre-quantized checkpoint
+    for name in [n for n, parts in stacked.items() if set(parts) == {""} and parts[""].is_floating_point()]:
+        _fill(model, name, read_stacked(stacked.pop(name), name, params[name], device, dtype))
 
     _tie_as_loaded(model)
-    incomplete = [key for name, parts in pending.items() for key in _missing_parts(name, parts)]
+    incomplete = [key for name, parts in pending.items() for key in _missing_parts(f"{name}.weight", parts)]
+    incomplete += [key for name, parts in stacked.items() for key in _missing_parts(name, parts)]
     incomplete += [f"{name} ({len(stack.missing)} of its {stack.parts * stack.shape[0]} expert matrices)" for name, stack in stacks.items()]
     missing = [n for n, p in model.named_parameters()
-               if p.device.type == "meta" and n.removesuffix(".weight") not in pending and n not in stacks]
+               if p.device.type == "meta" and n.removesuffix(".weight") not in pending and n not in stacks and n not in stacked]
     missing += incomplete
     if missing:
         unused = f" It also holds tensors this model does not use, e.g. {unexpected[:4]}." if unexpected else ""
@@ -395,9 +407,8 @@ def _tie_as_loaded(model: nn.Module) -> None:
         tie()
 
 
-def _missing_parts(layer: str, parts: dict[str, Tensor]) -> list[str]:
-    """The keys a quantized layer's weight still lacks: its codes, its quant state, or what the quant state names."""
-    weight = f"{layer}.weight"
+def _missing_parts(weight: str, parts: dict[str, Tensor]) -> list[str]:
+    """The keys a quantized weight still lacks: its codes, its quant state, or what the quant state names."""
     if "" not in parts:
         return [weight]
     state = next((k for k in parts if k.startswith("quant_state.")), None)

@@ -23,7 +23,7 @@ from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
-from lightning_nf4.loading.experts import ExpertSources, Piece, quantize_like, set_filled, stacked_for
+from lightning_nf4.loading.experts import ExpertSources, Piece, read_stacked, set_filled, stacked_for, stacked_part
 from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
@@ -41,6 +41,7 @@ class DeferredCheckpoint:
     layers: dict[str, dict[str, str]] = field(default_factory=dict)  # NF4 layer -> {suffix: checkpoint key}
     tied: dict[str, list[str]] = field(default_factory=dict)  # a tied parameter's name -> the others sharing its tensor
     pieces: dict[str, dict[Piece, str]] = field(default_factory=dict)  # stacked expert weight -> its per-expert keys
+    stacked: dict[str, dict[str, str]] = field(default_factory=dict)  # stacked NF4 expert weight held whole -> {suffix: key}
 
     def load_module(self, root: nn.Module, module: nn.Module, name: Optional[str] = None) -> None:
         """Fill ``module``'s own parameters and buffers (not its children's) from the checkpoint, on the
@@ -61,12 +62,11 @@ class DeferredCheckpoint:
                 continue
             if prefix + attr in self.pieces:  # a stacked expert weight, from one checkpoint tensor per expert
                 set_filled(module, attr, self._stacked(prefix + attr, param))
-            elif isinstance(param, NF4Tensor):  # a stacked expert weight held whole by the checkpoint
-                raw = self.tensors.get(prefix + attr)
-                if raw is None:
+            elif isinstance(param, NF4Tensor):  # a stacked expert weight held whole by the checkpoint (float, or NF4 parts)
+                if prefix + attr not in self.stacked:
                     raise CheckpointError(f"the checkpoint has no tensor for {prefix + attr!r}; it belongs to another model or config.")
-                value = self.index.read(raw).to(device=param.device, dtype=self.dtype)
-                set_filled(module, attr, quantize_like(param, value, prefix + attr))
+                parts = {suffix: self.index.read(raw) for suffix, raw in self.stacked[prefix + attr].items()}
+                set_filled(module, attr, read_stacked(parts, prefix + attr, param, param.device, self.dtype))
             else:
                 self._copy(param, prefix + attr)
         for attr, buf in module._buffers.items():
@@ -96,8 +96,9 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     weight is there now rather than mid-training, and remember the map on the model."""
     layers = {n for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    nf4_experts = {n for n, p in model.named_parameters() if isinstance(p, NF4Tensor) and n.rpartition(".")[0] not in layers}
     buffers = set(persistent_buffers(model))
-    known = (params - {f"{n}.weight" for n in layers}) | buffers
+    known = (params - {f"{n}.weight" for n in layers} - nf4_experts) | buffers
     deferred = DeferredCheckpoint(index, dtype)
     model_key = KeyMap(model, known, layers)
     experts = ExpertSources(model, model_key.converters, params)
@@ -108,12 +109,15 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
             deferred.layers.setdefault(match["layer"], {})[match["suffix"] or ""] = raw
         elif key in known:
             deferred.tensors[key] = raw
+        elif (whole := stacked_part(key, nf4_experts)) is not None:
+            deferred.stacked.setdefault(whole[0], {})[whole[1]] = raw
         elif (piece := experts.piece(key)) is not None:
             deferred.pieces.setdefault(piece.target, {})[piece] = raw
     _untie_differing(model, deferred)
     tied = deferred.tied = _tied_names(model)
     nf4_weights = {f"{n}.weight" for n in layers}
     present = set(deferred.tensors) | {n for n, pieces in deferred.pieces.items() if _all_experts(pieces, model.get_parameter(n))}
+    present |= {n for n, parts in deferred.stacked.items() if _complete(index, parts)}
     missing = sorted(n for n in params if n not in nf4_weights and not present.intersection((n, *tied.get(n, ()))))
     missing += sorted(n for n in layers if not _complete(index, deferred.layers.get(n, {})))
     if missing:

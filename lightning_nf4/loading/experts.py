@@ -11,18 +11,19 @@ one expert's matrix at a time, and the NF4 bytes equal those of quantizing the w
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_nf4.format.bnb_state import from_bnb_tensors, is_bnb_quantized
 from lightning_nf4.format.codebooks import code_table
 from lightning_nf4.format.quantized import NF4Weight, nf4_from_blocks, quantize_nf4
 from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.kernels import ops
-from lightning_nf4.layers.experts import set_expert_weight
+from lightning_nf4.layers.experts import BNB_SUFFIXES, set_expert_weight
 from lightning_nf4.loading.checkpoint import CheckpointError
 
 # The conversions a stacked expert weight is built by: one matrix per expert stacked on dim 0, then (for fused
@@ -176,8 +177,30 @@ def set_filled(module: nn.Module, attr: str, value: Tensor | NF4Weight) -> None:
         module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
 
 
-def quantize_like(placeholder: NF4Tensor, tensor: Tensor, name: str) -> NF4Weight:
-    """A whole stacked weight (a checkpoint in the model's own layout) quantized as ``placeholder`` says."""
-    if tuple(tensor.shape) != tuple(placeholder.shape):
-        raise CheckpointError(f"size mismatch for {name}: checkpoint has {tuple(tensor.shape)}, the model built from its config has {tuple(placeholder.shape)}.")
-    return quantize_nf4(tensor, placeholder.quant.blocksize, placeholder.quant.double_quant, name=name)
+def stacked_part(key: str, names: Container[str]) -> Optional[tuple[str, str]]:
+    """``(weight, suffix)`` when ``key`` is a stacked NF4 expert weight of ``names`` held whole (suffix ``""``) or one
+    of its bitsandbytes parts (``absmax``, ``quant_state.bitsandbytes__nf4``...), as ``save_pretrained`` writes them."""
+    if key in names:
+        return key, ""
+    for suffix in BNB_SUFFIXES:
+        if key.endswith("." + suffix) and key[:-len(suffix) - 1] in names:
+            return key[:-len(suffix) - 1], suffix
+    name, dot, suffix = key.partition(".quant_state.")
+    return (name, "quant_state." + suffix) if dot and name in names else None
+
+
+def read_stacked(parts: dict[str, Tensor], name: str, placeholder: NF4Tensor, device: torch.device, dtype: torch.dtype) -> NF4Weight:
+    """A stacked expert weight held whole by the checkpoint: its saved NF4 codes and scales as they are, or a float
+    weight quantized on ``device`` as ``placeholder`` says."""
+    if is_bnb_quantized(parts):
+        quant = from_bnb_tensors({k: v.to(device) for k, v in parts.items()}, name)
+    elif parts[""].is_floating_point() and len(parts) == 1:
+        value = parts[""].to(device=device, dtype=dtype)
+        if tuple(value.shape) != tuple(placeholder.shape):
+            raise CheckpointError(f"size mismatch for {name}: checkpoint has {tuple(value.shape)}, the model built from its config has {tuple(placeholder.shape)}.")
+        return quantize_nf4(value, placeholder.quant.blocksize, placeholder.quant.double_quant, name=name)
+    else:
+        raise CheckpointError(f"{name} holds {parts[''].dtype} codes but no '{name}.quant_state.bitsandbytes__nf4'; the checkpoint is incomplete.")
+    if tuple(quant.shape) != tuple(placeholder.shape):
+        raise CheckpointError(f"size mismatch for {name}: checkpoint has {tuple(quant.shape)}, the model built from its config has {tuple(placeholder.shape)}.")
+    return quant

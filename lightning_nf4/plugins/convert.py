@@ -149,7 +149,61 @@ def convert_experts(
         count += 1
     if count:
         release_freed_host_memory()
+        save_nf4_experts_stacked(model)
     return count
+
+
+_SAVED_CONVERSIONS = "_nf4_weight_conversions_before"
+
+
+def save_nf4_experts_stacked(model: nn.Module) -> None:
+    """Let transformers' ``save_pretrained`` write NF4 expert weights as the model holds them, stacked.
+
+    It writes a checkpoint in its original layout by reversing the conversions of ``model._weight_conversions`` (or
+    of the architecture's defaults): the stacked experts split back into one matrix per expert. An NF4 expert's
+    state dict is bitsandbytes' packed codes and scales, which no split can cut by expert, so the conversions that
+    build NF4 expert weights are left out there; lightning-nf4's loader reads such stacked NF4 weights back as saved.
+    ``restore_weight_conversions`` undoes this when the experts are float again."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # transformers before 5 has no conversions: its experts are linears
+        return
+    stacked = [name for name, _ in nf4_expert_weights(model)]
+    for prefix, hf in model.named_modules():
+        if not isinstance(hf, PreTrainedModel):
+            continue
+        names = [logical_name(n[len(prefix) + 1:] if prefix else n) for n in stacked if not prefix or n.startswith(prefix + ".")]
+        if not names:
+            continue
+        if not hasattr(hf, _SAVED_CONVERSIONS):
+            setattr(hf, _SAVED_CONVERSIONS, getattr(hf, "_weight_conversions", None))
+        conversions = getattr(hf, "_weight_conversions", None)
+        if conversions is None:  # what save_pretrained reverses for a model that from_pretrained did not load
+            conversions = [t for t in get_model_conversion_mapping(hf, add_legacy=False) if type(t).__name__ != "PrefixChange"]
+        hf._weight_conversions = [t for t in conversions if not (isinstance(t, WeightConverter) and _builds_any(t, names))]
+
+
+def restore_weight_conversions(model: nn.Module) -> None:
+    """The conversions ``save_nf4_experts_stacked`` changed, back as they were (the experts are float again)."""
+    for hf in model.modules():
+        if hasattr(hf, _SAVED_CONVERSIONS):
+            before = getattr(hf, _SAVED_CONVERSIONS)
+            delattr(hf, _SAVED_CONVERSIONS)
+            if before is None:
+                del hf._weight_conversions
+            else:
+                hf._weight_conversions = before
+
+
+def _builds_any(converter: Any, names: list[str]) -> bool:
+    """Whether ``converter`` builds one of the parameters ``names`` (its reverse, which save_pretrained runs, takes it)."""
+    try:
+        reverse = converter.reverse_transform()
+    except (AttributeError, NotImplementedError, ValueError):
+        return False
+    return any(reverse.rename_source_key(name)[1] is not None for name in names)
 
 
 def kept_in_float_by_model(model: nn.Module) -> tuple[str, ...]:
@@ -291,6 +345,7 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
         setattr(model.get_submodule(parent), attr, layer.to_float(dtype))
     for module in model.modules():  # stacked expert weights
         dequantize_experts(module, dtype)
+    restore_weight_conversions(model)
     config = getattr(model, "config", None)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config

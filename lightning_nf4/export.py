@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear, bias_with_updates
-from lightning_nf4.plugins.convert import within
+from lightning_nf4.plugins.convert import saving_experts_per_expert, within
 from lightning_nf4.publish import publish
 
 
@@ -483,7 +483,7 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:
         written = _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
-        with _float_config(hf.config, untie=_head_untied(hf, state)):
+        with _float_config(hf.config, untie=_head_untied(hf, state)), saving_experts_per_expert(hf):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
         _record_dtype(folder / "config.json", written)
     else:

@@ -275,3 +275,18 @@ def test_save_pretrained_writes_nf4_experts_stacked_and_they_load_back_as_saved(
         assert "model.layers.0.mlp.experts.gate_up_proj" in names
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32)
     assert torch.equal(logits(theirs), logits(dequantize_model(again)))
+
+
+def test_the_merged_export_of_nf4_experts_is_written_per_expert(saved, tmp_path):
+    """The merged (float) export goes through save_pretrained too: its experts are written in the checkpoint's
+    per-expert layout, as transformers writes a float model, while the NF4 model itself saves them stacked."""
+    from lightning_nf4.export import save_merged
+
+    ours = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, progress=False)
+    save_merged(ours, tmp_path / "merged")
+    names = set(load_file(next((tmp_path / "merged").glob("*.safetensors"))))
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names and not any("gate_up_proj" in n for n in names)
+    ours.save_pretrained(tmp_path / "nf4")  # the NF4 model's own save is still stacked afterwards
+    assert "model.layers.0.block_sparse_moe.experts.gate_up_proj.absmax" in set(load_file(next((tmp_path / "nf4").glob("*.safetensors"))))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged), logits(ours), atol=1e-2, rtol=1e-2)  # ours computes in bf16

@@ -7,7 +7,8 @@ import ctypes
 import fnmatch
 import sys
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -195,6 +196,24 @@ def restore_weight_conversions(model: nn.Module) -> None:
                 del hf._weight_conversions
             else:
                 hf._weight_conversions = before
+
+
+@contextmanager
+def saving_experts_per_expert(model: nn.Module) -> Iterator[None]:
+    """While a float state dict of ``model`` is saved (the merged export): the conversions ``save_nf4_experts_stacked``
+    left out are back, so its experts are written in the checkpoint's per-expert layout, as for any float model."""
+    changed = [(hf, hf.__dict__.get("_weight_conversions")) for hf in model.modules() if hasattr(hf, _SAVED_CONVERSIONS)]
+    for hf, _ in changed:
+        before = getattr(hf, _SAVED_CONVERSIONS)
+        if before is None:
+            hf.__dict__.pop("_weight_conversions", None)
+        else:
+            hf._weight_conversions = before
+    try:
+        yield
+    finally:
+        for hf, current in changed:
+            hf._weight_conversions = current
 
 
 def _builds_any(converter: Any, names: list[str]) -> bool:

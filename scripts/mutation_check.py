@@ -1632,6 +1632,14 @@ MUTATIONS: list[Mutation] = [
         (("        dequantize_experts(module, dtype)\n    restore_weight_conversions(model)\n", "        dequantize_experts(module, dtype)\n"),),
         ("tests/test_moe_loading.py",),
     ),
+    Mutation(
+        "merged-export-moe-stacked",
+        "the merged export of a model with NF4 experts writes its float experts stacked, not in the checkpoint's per-expert layout",
+        "lightning_nf4/export.py",
+        (("        with _float_config(hf.config, untie=_head_untied(hf, state)), saving_experts_per_expert(hf):\n",
+          "        with _float_config(hf.config, untie=_head_untied(hf, state)):\n"),),
+        ("tests/test_moe_loading.py::test_the_merged_export_of_nf4_experts_is_written_per_expert",),
+    ),
 ]
 
 

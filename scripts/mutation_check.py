@@ -1607,7 +1607,8 @@ MUTATIONS: list[Mutation] = [
         "moe-load-skip-ignored",
         "the loader quantizes experts that llm_int8_skip_modules (or _keep_in_fp32_modules) keeps in float",
         "lightning_nf4/loading/config.py",
-        (("        return (*self.kept_float(model), *kept_in_float_by_model(model))\n", "        return ()\n"),),
+        (("            for name in (module_name, f\"{module_name}.{attr}\") if kept_by_transformers(name, patterns)\n",
+          "            for name in (module_name, f\"{module_name}.{attr}\") if False\n"),),
         ("tests/test_moe_loading.py",),
     ),
     Mutation(

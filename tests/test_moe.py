@@ -427,12 +427,20 @@ def test_experts_without_whole_blocks_read_from_the_whole_weight():
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=36, moe_intermediate_size=18, intermediate_size=36, num_experts=4,
                                          num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=18)
-    model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="eager").float().eval()
+    float_model = transformers.Qwen3MoeForCausalLM._from_config(config, experts_implementation="eager").float().eval()
+    model = copy.deepcopy(float_model)
     convert_experts(model, compute_dtype=torch.float32)
     reference = with_float_experts(model, torch.float32)
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+    # computing in bf16 (the default), float32 activations outside autocast still run: such an expert comes in the
+    # dtype the weight was quantized from (it came in bf16 and the matmul failed), as whole-block experts follow them
+    bf16 = copy.deepcopy(float_model)
+    convert_experts(bf16, compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert bf16(ids).logits.dtype == torch.float32
+        assert torch.equal(bf16(ids).logits, model(ids).logits)
 
 
 def test_share_memory_shares_the_codes():

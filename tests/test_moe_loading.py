@@ -203,7 +203,7 @@ def test_a_conversion_the_loader_does_not_do_is_refused_by_name():
     model = tiny_moe("mixtral")
     interleaved = WeightConverter(source_patterns="mlp.experts.w13_weight", target_patterns="mlp.experts.gate_up_proj", operations=[Interleave(dim=1)])
     sources = ExpertSources(model, [interleaved], {n for n, _ in model.named_parameters()})
-    with pytest.raises(CheckpointError, match=r"fused into model.layers.0.mlp.experts.gate_up_proj by transformers with Interleave.*NF4Precision quantize it"):
+    with pytest.raises(CheckpointError, match=r"transformers converts model.layers.0.mlp.experts.w13_weight into model.layers.0.mlp.experts.gate_up_proj with Interleave.*NF4Precision quantize it"):
         sources.piece("model.layers.0.mlp.experts.w13_weight")
     assert sources.piece("model.layers.0.self_attn.q_proj.weight") is None
 

@@ -432,13 +432,14 @@ def _decode_scales(codes: Tensor, nested_absmax: Tensor, nested: NestedStats) ->
 @_implements(aten.select.int)
 def _select(t: NF4Tensor, dim: int, index: int) -> Tensor:
     """One expert of a stacked weight (of its transpose too: transformers' grouped-matmul fallback loops over one).
-    An expert that does not hold whole blocks cannot be read alone: it comes dequantized, from the whole weight."""
+    An expert that does not hold whole blocks cannot be read alone: it comes dequantized from the whole weight, in the
+    dtype the weight was quantized from (as ``index`` gives experts; autocast casts it for its matmul)."""
     if t.dim() < 3 or dim not in (0, -t.dim()) or t.shape != _shape(t.quant.shape, t.transposed):
         raise NotImplementedError(
             f"NF4Tensor indexes the first dim of a stacked [experts, out, in] weight only, got dim {dim} of shape {tuple(t.shape)}."
         )
     if math.prod(t.quant.shape[1:]) % t.quant.blocksize:
-        return t.dequantize()[index]
+        return t.dequantize(t.quant.dtype)[index]
     return NF4Tensor(expert_slice(t.quant, int(index)), dtype=t.dtype, transposed=t.transposed)
 
 

@@ -34,7 +34,8 @@ from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.experts import expert_placeholder
 from lightning_nf4.loading.experts import ExpertSources, StackedWeight, read_stacked, set_filled, stacked_for, stacked_part
 from lightning_nf4.plugins.convert import (
-    convert_linears, convertible_experts, nf4_expert_weights, nf4_layers, release_freed_host_memory, save_nf4_experts_stacked,
+    convert_linears, convertible_experts, mark_quantized, nf4_expert_weights, nf4_layers, release_freed_host_memory,
+    save_nf4_experts_stacked,
 )
 
 class AutoModelForCausalLM:
@@ -220,6 +221,7 @@ def _expert_placeholders(model: nn.Module, nf4: NF4LoadConfig) -> None:
     for name, module, attr in convertible_experts(model, nf4.kept_float_experts(model)):
         expert_placeholder(module, attr, blocksize=nf4.blocksize, double_quant=nf4.double_quant, compute_dtype=nf4.compute_dtype)
     save_nf4_experts_stacked(model)
+    mark_quantized(model)
 
 
 def _refuse_rescaled_in_place(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_nf4.format.quantized import NF4FormatError, float_dtype
-from lightning_nf4.plugins.convert import convertible_kind, kept_by_transformers, kept_in_float_by_model
+from lightning_nf4.plugins.convert import convertible_experts, convertible_kind, kept_by_transformers, kept_in_float_by_model
 
 _DEFAULT_SKIP = ("lm_head",)
 
@@ -32,17 +32,23 @@ class NF4LoadConfig:
                     skip_modules=skipped_by_transformers(model, self.kept_float(model)))
 
     def kept_float(self, model: nn.Module) -> tuple[str, ...]:
-        """``skip_modules``, the model's ``_keep_in_fp32_modules``, and what transformers keeps in float by itself
-        unless a pre-quantized checkpoint lists its own: the output embeddings and weights tied to others, whatever
-        their names (BERT's ``cls.predictions.decoder``, XLNet's ``lm_loss``, BioGPT's ``output_projection``)."""
+        """``skip_modules``, the model's ``_keep_in_fp32_modules`` (as patterns, and the modules they keep by transformers'
+        reading, where a ``name.weight`` entry keeps module ``name``: LongcatFlash's router, whose code reads its weight),
+        and what transformers keeps in float by itself unless a pre-quantized checkpoint lists its own: the output
+        embeddings and weights tied to others, whatever their names (BERT's ``cls.predictions.decoder``, XLNet's
+        ``lm_loss``, BioGPT's ``output_projection``)."""
         defaults = [] if self.listed_only else _output_and_tied(model)
         fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))
+        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32, *kept_in_float_by_model(model)]))
 
     def kept_float_experts(self, model: nn.Module) -> tuple[str, ...]:
-        """What keeps a stacked MoE expert weight in float: ``kept_float`` and the modules the model keeps in float32 by
-        transformers' reading of ``_keep_in_fp32_modules`` (NF4Precision's rule, so both quantize the same experts)."""
-        return (*self.kept_float(model), *kept_in_float_by_model(model))
+        """The stacked MoE expert weights kept in float: those whose experts module (or ``module.param`` path) the
+        ``kept_float`` patterns name by transformers' reading, the one the linears follow (regexes included)."""
+        patterns = self.kept_float(model)
+        return tuple(dict.fromkeys(
+            name for module_name, _, attr in convertible_experts(model, ())
+            for name in (module_name, f"{module_name}.{attr}") if kept_by_transformers(name, patterns)
+        ))
 
     def to_bnb_config(self, model: nn.Module) -> Any:
         """``model``'s ``config.quantization_config`` as transformers sets it on bnb-4bit models: a

@@ -23,7 +23,7 @@ from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.group import persistent_buffers
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.loading.checkpoint import CheckpointError, CheckpointIndex
-from lightning_nf4.loading.experts import ExpertSources, Piece, read_stacked, set_filled, stacked_for, stacked_part
+from lightning_nf4.loading.experts import ExpertSources, Piece, check_expert, read_stacked, set_filled, stacked_for, stacked_part
 from lightning_nf4.loading.keys import NF4_KEY, KeyMap, load_layer
 
 _ATTRIBUTE = "_lightning_nf4_checkpoint"
@@ -112,6 +112,7 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
         elif (whole := stacked_part(key, nf4_experts)) is not None:
             deferred.stacked.setdefault(whole[0], {})[whole[1]] = raw
         elif (piece := experts.piece(key)) is not None:
+            check_expert(piece, model.get_parameter(piece.target).shape, raw)
             deferred.pieces.setdefault(piece.target, {})[piece] = raw
     _untie_differing(model, deferred)
     tied = deferred.tied = _tied_names(model)

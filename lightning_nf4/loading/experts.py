@@ -71,8 +71,9 @@ class ExpertSources:
                 continue
             if not converter.supported:
                 raise CheckpointError(
-                    f"{key} is fused into {target} by transformers with {converter.operations}, which lightning-nf4's loader "
-                    "does not do. Load the model in float with transformers and let NF4Precision quantize it."
+                    f"transformers converts {key} into {target} with {converter.operations}, which lightning-nf4's loader "
+                    "does not do (it stacks experts and concatenates their projections). Load this model with transformers' "
+                    "own from_pretrained (in float), then let NF4Precision quantize it for training."
                 )
             sources = converter.transform.source_patterns
             return Piece(target, sources.index(pattern), _expert_index(key, pattern), len(sources))
@@ -133,8 +134,7 @@ class StackedWeight:
                 f"size mismatch for {key}: checkpoint has {tuple(tensor.shape)}, expert {piece.expert} of {self.name} "
                 f"(shape {tuple(self.shape)}) needs {expected}."
             )
-        if not 0 <= piece.expert < self.shape[0]:
-            raise CheckpointError(f"{key} names expert {piece.expert}, but {self.name} holds {self.shape[0]} experts (config num_experts).")
+        check_expert(piece, self.shape, key)
         value = tensor.to(device=self.device, dtype=self.dtype)
         first_row = piece.expert * self.shape[1] + piece.part * self.rows
         if self._blockwise:
@@ -158,6 +158,15 @@ class StackedWeight:
             return quantize_nf4(self._float, blocksize, double_quant, name=self.name)
         return nf4_from_blocks(self._packed, self._absmax, shape=self.shape, dtype=self.dtype, blocksize=blocksize,
                                double_quant=double_quant, name=self.name, code=self._code)
+
+
+def check_expert(piece: Piece, shape: torch.Size, key: str) -> None:
+    """Refuse a checkpoint expert beyond the model's count: the config and the checkpoint disagree on it."""
+    if not 0 <= piece.expert < shape[0]:
+        raise CheckpointError(
+            f"{key} names expert {piece.expert}, but {piece.target} holds {shape[0]} experts: the config's expert count "
+            "(num_experts / num_local_experts) does not match the checkpoint."
+        )
 
 
 def stacked_for(piece: Piece, param: Tensor, device: torch.device, dtype: torch.dtype) -> StackedWeight:

@@ -29,10 +29,14 @@ class KeyMap:
         self.renamings, self.converters = _transforms(model)
 
     def __call__(self, key: str) -> str:
+        renamed = key
         for renaming in self.renamings:
-            key, _ = renaming.rename_source_key(key)
+            renamed, _ = renaming.rename_source_key(renamed)
         dotted = f"{self.prefix}."
-        return next((c for c in (key, dotted + key, key.removeprefix(dotted)) if self._fits(c)), key)
+        # the renamed key, else the key as it is where only that fits (transformers falls back so: DeepSeek-V4's
+        # ".norm." -> ".kv_norm." rename also meets the model's final "model.norm")
+        candidates = (renamed, dotted + renamed, renamed.removeprefix(dotted), key, dotted + key, key.removeprefix(dotted))
+        return next((c for c in candidates if self._fits(c)), renamed)
 
     def _fits(self, candidate: str) -> bool:
         match = NF4_KEY.match(candidate)

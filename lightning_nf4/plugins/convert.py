@@ -103,6 +103,7 @@ def convert_linears(
     if count:
         release_freed_host_memory()
         call_layers_in_torch_transformers(model)
+        mark_quantized(model)
     return count
 
 
@@ -151,7 +152,22 @@ def convert_experts(
     if count:
         release_freed_host_memory()
         save_nf4_experts_stacked(model)
+        mark_quantized(model)
     return count
+
+
+def mark_quantized(model: nn.Module, quantized: bool = True) -> None:
+    """``config._is_quantized`` on each transformers model holding NF4 weights, as transformers' quantizers set it
+    (``quantized=False`` takes it off): some architectures read a linear's weight themselves unless it is set (Jamba's
+    and Falcon-Mamba's ``dt_proj``, the packed codes here) and call the layer when it is."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(module, "base_model_prefix"):  # not a transformers model
+            continue
+        if quantized and any(holds_nf4(m) for m in module.modules()):
+            config._is_quantized = True
+        elif not quantized and "_is_quantized" in vars(config):
+            del config._is_quantized
 
 
 _SAVED_CONVERSIONS = "_nf4_weight_conversions_before"
@@ -365,6 +381,7 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
     for module in model.modules():  # stacked expert weights
         dequantize_experts(module, dtype)
     restore_weight_conversions(model)
+    mark_quantized(model, False)
     config = getattr(model, "config", None)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config

@@ -290,3 +290,102 @@ def test_the_merged_export_of_nf4_experts_is_written_per_expert(saved, tmp_path)
     assert "model.layers.0.block_sparse_moe.experts.gate_up_proj.absmax" in set(load_file(next((tmp_path / "nf4").glob("*.safetensors"))))
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     torch.testing.assert_close(logits(merged), logits(ours), atol=1e-2, rtol=1e-2)  # ours computes in bf16
+
+
+# -- architectures with their own turns (found by using the loader on many) ---------------------------------------
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_local_experts=4, n_routed_experts=4,
+             num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False, expert_intermediate_size=64,
+             ffn_hidden_size=128, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16,
+             q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+
+def tiny(model_type: str, folder: Path, **overrides) -> Path:
+    """A random model of ``model_type`` at test size, saved by transformers in its checkpoint layout."""
+    base = transformers.AutoConfig.for_model(model_type)
+    config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in SMALL.items() if hasattr(base, k)}, **overrides)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return folder
+
+
+def converted(folder: Path, **kwargs):
+    """transformers' float load, converted as NF4Precision converts it (what the loader must equal)."""
+    from lightning_nf4.plugins.convert import kept_in_float_by_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    skip = ("lm_head", *kept_in_float_by_model(model))
+    convert_linears(model, skip_modules=skip, compute_dtype=torch.bfloat16)
+    convert_experts(model, skip_modules=skip, compute_dtype=torch.bfloat16)
+    return model.eval()
+
+
+def test_jamba_calls_its_nf4_dt_proj_as_on_a_bitsandbytes_model(tmp_path):
+    """Jamba's mamba mixer reads ``dt_proj.weight`` itself unless ``config._is_quantized`` is set, as transformers'
+    quantizers set it; the loader and the plugin's conversion set it (the forward failed on the packed codes), and
+    ``dequantize_model`` takes it off."""
+    from lightning_nf4 import dequantize_model
+
+    folder = tiny("jamba", tmp_path / "jamba", attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
+                  use_mamba_kernels=False)
+    ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, progress=False)
+    reference = converted(folder)
+    assert ours.config._is_quantized and reference.config._is_quantized
+    assert torch.equal(logits(ours), logits(reference))
+    assert not hasattr(dequantize_model(ours).config, "_is_quantized")
+
+
+def test_longcat_flash_keeps_its_router_float_on_the_loader_as_under_the_plugin(tmp_path):
+    """LongcatFlash keeps ``classifier.weight`` in float32 (``_keep_in_fp32_modules``) and its router reads that weight
+    itself: the loader keeps the module float, as NF4Precision does (it was quantized and the forward failed)."""
+    from lightning_nf4 import NF4Linear
+
+    folder = tiny("longcat_flash", tmp_path / "longcat")
+    ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, progress=False)
+    assert not isinstance(ours.model.layers[0].mlp.router.classifier, NF4Linear)
+    assert "model.layers.0.mlp.router.classifier" in ours.config.quantization_config.llm_int8_skip_modules
+    reference = converted(folder)
+    assert torch.equal(logits(ours), logits(reference))
+
+
+def test_a_key_that_a_rename_does_not_fit_loads_under_its_own_name(tmp_path):
+    """DeepSeek-V4's rename ``.norm.`` -> ``.kv_norm.`` also meets the final ``model.norm.weight``; transformers keeps a
+    key under its own name when only that fits the model, and so does the loader (it reported the norm missing)."""
+    folder = tiny("deepseek_v4", tmp_path / "dsv4")
+    ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, progress=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(ours.model.norm.weight, theirs.model.norm.weight)
+    lazy = materialize(AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, device="meta", progress=False), "cpu")
+    assert torch.equal(lazy.model.norm.weight, theirs.model.norm.weight)
+
+
+@pytest.mark.parametrize(("pattern", "experts_float"), [(r".*\.mlp", True), ("mlp", False), ("model.layers.1", True)])
+def test_skip_patterns_read_the_same_for_experts_as_for_linears(tmp_path, pattern, experts_float):
+    """``llm_int8_skip_modules`` follows transformers' reading (a path from the start, a regular expression, a suffix)
+    for the experts as for the linears: a regex that keeps a layer's MLP linears float keeps its experts float too (it
+    quantized them), and ``mlp`` alone, which keeps no linear, keeps no experts."""
+    from lightning_nf4.plugins.convert import nf4_expert_weights, nf4_layers
+
+    folder = tiny("qwen2_moe", tmp_path / "qwen2", shared_expert_intermediate_size=64)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", pattern])
+    ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, progress=False)
+    float_linears = {n for n, m in ours.named_modules() if type(m) is torch.nn.Linear and ".mlp." in n}
+    quantized = {n for n, _ in nf4_expert_weights(ours)}
+    layer = "model.layers.1" if pattern == "model.layers.1" else "model.layers.0"
+    assert bool(float_linears) == experts_float
+    assert (f"{layer}.mlp.experts.gate_up_proj" not in quantized) == experts_float
+    assert any(".mlp." in n for n, _ in nf4_layers(ours)) or experts_float
+
+
+def test_the_meta_path_names_a_config_with_fewer_experts_than_the_checkpoint(saved, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "fewer"
+    shutil.copytree(saved["mixtral"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    for device in ("cpu", "meta"):
+        with pytest.raises(CheckpointError, match=r"names expert [23], but model.layers.\d.mlp.experts.\w+ holds 2 experts: the config's expert count"):
+            AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device=device, progress=False)

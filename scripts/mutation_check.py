@@ -1641,6 +1641,43 @@ MUTATIONS: list[Mutation] = [
           "        with _float_config(hf.config, untie=_head_untied(hf, state)):\n"),),
         ("tests/test_moe_loading.py::test_the_merged_export_of_nf4_experts_is_written_per_expert",),
     ),
+    Mutation(
+        "not-marked-quantized",
+        "converted models do not carry config._is_quantized, so Jamba's mixer reads the packed codes of dt_proj",
+        "lightning_nf4/plugins/convert.py",
+        (("        call_layers_in_torch_transformers(model)\n        mark_quantized(model)\n", "        call_layers_in_torch_transformers(model)\n"),),
+        ("tests/test_moe_loading.py::test_jamba_calls_its_nf4_dt_proj_as_on_a_bitsandbytes_model",),
+    ),
+    Mutation(
+        "loader-quantizes-fp32-modules",
+        "the loader reads _keep_in_fp32_modules as raw patterns only, so LongcatFlash's router (classifier.weight) is quantized",
+        "lightning_nf4/loading/config.py",
+        (("        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32, *kept_in_float_by_model(model)]))\n",
+          "        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))\n"),),
+        ("tests/test_moe_loading.py::test_longcat_flash_keeps_its_router_float_on_the_loader_as_under_the_plugin",),
+    ),
+    Mutation(
+        "rename-without-fallback",
+        "a checkpoint key that a rename turns into no model key is not tried under its own name (DeepSeek-V4's model.norm)",
+        "lightning_nf4/loading/keys.py",
+        (("        candidates = (renamed, dotted + renamed, renamed.removeprefix(dotted), key, dotted + key, key.removeprefix(dotted))\n",
+          "        candidates = (renamed, dotted + renamed, renamed.removeprefix(dotted))\n"),),
+        ("tests/test_moe_loading.py::test_a_key_that_a_rename_does_not_fit_loads_under_its_own_name",),
+    ),
+    Mutation(
+        "meta-expert-count-unchecked",
+        "the meta path takes checkpoint experts beyond the config's count and reports the weights missing instead",
+        "lightning_nf4/loading/deferred.py",
+        (("            check_expert(piece, model.get_parameter(piece.target).shape, raw)\n", ""),),
+        ("tests/test_moe_loading.py::test_the_meta_path_names_a_config_with_fewer_experts_than_the_checkpoint",),
+    ),
+    Mutation(
+        "odd-expert-in-compute-dtype",
+        "an expert without whole blocks comes dequantized in the compute dtype, so float32 activations outside autocast fail",
+        "lightning_nf4/format/tensor.py",
+        (("        return t.dequantize(t.quant.dtype)[index]\n", "        return t.dequantize()[index]\n"),),
+        ("tests/test_moe.py::test_experts_without_whole_blocks_read_from_the_whole_weight",),
+    ),
 ]
 
 

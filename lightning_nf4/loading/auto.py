@@ -360,7 +360,9 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
         elif key in buffers:
             _assign(model, key, tensor, device, dtype, parameter=False, expected=buffers[key].shape)
         elif (piece := experts.piece(key)) is not None:  # one expert's matrix of a stacked weight
-            stack = stacks.get(piece.target) or stacks.setdefault(piece.target, stacked_for(piece, params[piece.target], device, dtype))
+            if piece.target not in stacks:
+                stacks[piece.target] = stacked_for(piece, params[piece.target], device, dtype)
+            stack = stacks[piece.target]
             stack.add(piece, tensor, raw_key)
             if not stack.missing:
                 _fill(model, piece.target, stacks.pop(piece.target).result())

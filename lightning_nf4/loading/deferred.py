@@ -100,7 +100,7 @@ def attach(model: nn.Module, index: CheckpointIndex, dtype: torch.dtype) -> Defe
     buffers = set(persistent_buffers(model))
     known = (params - {f"{n}.weight" for n in layers} - nf4_experts) | buffers
     deferred = DeferredCheckpoint(index, dtype)
-    model_key = KeyMap(model, known, layers)
+    model_key = KeyMap(model, known | nf4_experts, layers)
     experts = ExpertSources(model, model_key.converters, params)
     for raw in index.names():
         key = model_key(raw)

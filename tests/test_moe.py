@@ -336,6 +336,11 @@ def test_fabric_trains_peft_lora_on_nf4_experts():
     assert any("experts.lora" in n for n in moved) and any("q_proj.lora" in n for n in moved)
     for name, packed in experts.items():
         assert torch.equal(model.get_parameter(name).quant.packed, packed)
+    # an optimizer made after setup over every parameter holds the NF4 expert stacks themselves: refused as well
+    every = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))
+    fabric.backward(model(ids, labels=ids).loss)
+    with pytest.raises(Exception, match="holds 4 weights that NF4FabricPrecision quantized"):
+        every.step()
 
 
 @pytest.mark.skipif(Version(torch.__version__.split("+")[0]) < Version("2.13"), reason="torch 2.11's dynamo cannot trace an NF4Tensor built inside a compiled region")

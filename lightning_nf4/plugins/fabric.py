@@ -18,6 +18,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.types import Optimizable
 from torch import Tensor, nn
 
+from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.plugins.convert import nf4_layers
 from lightning_nf4.plugins.precision import NF4Conversion, NF4PrecisionError
 
@@ -58,7 +59,9 @@ class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
 
     def _check_optimizer(self, optimizer: Optimizable) -> None:
         """The Trainer's plugin refuses these in ``connect``; Fabric has no such hook, so the first step does."""
-        held = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"] if self._replaced.get(id(p)) is p]
+        # NF4 expert stacks are known by their type: a weak reference to one would stop torch swapping it on .to()
+        held = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]
+                if self._replaced.get(id(p)) is p or isinstance(p, NF4Tensor)]
         if held:
             raise NF4PrecisionError(
                 f"The optimizer holds {len(held)} weights that NF4FabricPrecision quantized (the float weights it replaced, "

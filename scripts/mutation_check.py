@@ -1678,6 +1678,13 @@ MUTATIONS: list[Mutation] = [
         (("        return t.dequantize(t.quant.dtype)[index]\n", "        return t.dequantize()[index]\n"),),
         ("tests/test_moe.py::test_experts_without_whole_blocks_read_from_the_whole_weight",),
     ),
+    Mutation(
+        "fabric-optimizer-holds-nf4-experts",
+        "Fabric lets an optimizer made over every parameter hold the frozen NF4 expert stacks",
+        "lightning_nf4/plugins/fabric.py",
+        (("                if self._replaced.get(id(p)) is p or isinstance(p, NF4Tensor)]\n", "                if self._replaced.get(id(p)) is p]\n"),),
+        ("tests/test_moe.py::test_fabric_trains_peft_lora_on_nf4_experts",),
+    ),
 ]
 
 

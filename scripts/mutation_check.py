@@ -723,7 +723,7 @@ MUTATIONS: list[Mutation] = [
         "tied-head-quantized",
         "the loader keeps only lm_head in float, quantizing tied output heads of other names",
         "lightning_nf4/loading/config.py",
-        (("        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32]))", "        return self.skip_modules"),),
+        (("        return tuple(dict.fromkeys([*self.skip_modules, *defaults, *fp32, *kept_in_float_by_model(model)]))", "        return self.skip_modules"),),
         ("tests/test_loading_args.py",),
     ),
     Mutation(
@@ -1550,7 +1550,7 @@ MUTATIONS: list[Mutation] = [
         'moe-odd-expert-sliced',
         'an expert that does not hold whole blocks is sliced anyway (the eager loop fails on such models)',
         'lightning_nf4/format/tensor.py',
-        (('    if math.prod(t.quant.shape[1:]) % t.quant.blocksize:\n        return t.dequantize()[index]\n', ''),),
+        (('    if math.prod(t.quant.shape[1:]) % t.quant.blocksize:\n        return t.dequantize(t.quant.dtype)[index]\n', ''),),
         ('tests/test_moe.py::test_experts_without_whole_blocks_read_from_the_whole_weight',),
     ),
     Mutation(

@@ -389,3 +389,93 @@ def test_the_meta_path_names_a_config_with_fewer_experts_than_the_checkpoint(sav
     for device in ("cpu", "meta"):
         with pytest.raises(CheckpointError, match=r"names expert [23], but model.layers.\d.mlp.experts.\w+ holds 2 experts: the config's expert count"):
             AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, device=device, progress=False)
+
+
+# -- after loading: what users do next ------------------------------------------------------------------------
+def test_a_meta_loaded_model_trains_under_one_process_as_if_loaded_on_the_device(saved):
+    """Outside nf4_fsdp a model loaded with device="meta" is read whole onto the training device when the plugin
+    converts it (the strategy's move failed with 'Cannot copy out of meta tensor'): the run equals one from a model
+    loaded on the CPU."""
+    import lightning.pytorch as pl
+
+    def run(device):
+        pl.seed_everything(0)
+        model = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, device=device, progress=False)
+        module = CausalLM(model.train())
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, plugins=NF4Precision(),
+                             callbacks=[LoRACallback(r=4, target_modules=["q_proj", "v_proj"], init_seed=0)])
+        trainer.fit(module, train_dataloaders=token_loader())
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}, expert_weights(module.model)
+
+    (deferred, deferred_experts), (loaded, loaded_experts) = run("meta"), run("cpu")
+    assert deferred.keys() == loaded.keys() and deferred
+    for name, value in loaded.items():
+        assert torch.equal(deferred[name], value), name
+    for name, weight in loaded_experts.items():
+        assert torch.equal(deferred_experts[name].quant.packed, weight.quant.packed), name
+
+
+def test_fabric_reads_a_meta_loaded_model_with_its_peft_adapters(saved):
+    """Fabric (no sharding) reads a meta-loaded model wrapped by PEFT whole at setup: the base from the checkpoint,
+    the adapters drawn as PEFT draws them for their ``init_lora_weights`` ("gaussian": A of std 1/r, B zero)."""
+    import lightning as L
+    from peft import get_peft_model
+
+    from lightning_nf4 import NF4FabricPrecision
+    from lightning_nf4.layers.lora import lora_config
+
+    deferred = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, device="meta", progress=False)
+    model = get_peft_model(deferred, lora_config(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision())
+    model = fabric.setup_module(model)
+    assert not any(p.is_meta for p in model.parameters())
+    a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+    assert abs(float(a.std()) - 1 / 8) < 0.02
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+    loaded = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, progress=False)
+    assert_same_experts(model.module.base_model.model, loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits.float(), logits(loaded), atol=1e-2, rtol=1e-2)
+
+
+def test_peft_inits_on_a_meta_loaded_model_are_drawn_or_refused(saved):
+    """PEFT's ``init_lora_weights=False`` draws both matrices (nn.Linear's init: B is not zero); an init computed from
+    the base weights cannot run on a model read piece by piece and is refused by name."""
+    from peft import get_peft_model
+
+    from lightning_nf4.layers.lora import lora_config
+    from lightning_nf4.strategies import NF4ShardingConfigError
+    from lightning_nf4.strategies.fsdp import init_adapter, read_deferred
+
+    deferred = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, device="meta", progress=False)
+    model = get_peft_model(deferred, lora_config(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    assert read_deferred(model, torch.device("cpu"))
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(NF4ShardingConfigError, match=r"init_lora_weights='olora' \(adapter 'default'\) computes the adapters from the base weights"):
+        init_adapter(layer, "default", "olora")
+
+
+def test_a_plugin_setting_that_cannot_change_loaded_weights_is_said(saved):
+    loaded = AutoModelForCausalLM.from_pretrained(saved["qwen3_moe"], quantization_config=NF4, dtype=torch.float32, progress=False)
+    with pytest.warns(UserWarning, match=r"NF4Precision\(blocksize=64, double_quant=False\) applies to the weights it quantizes; 12 NF4 weights came"):
+        NF4Precision(double_quant=False).convert_module(loaded)
+
+
+def test_dequantize_model_of_a_peft_model_with_expert_lora_is_refused_or_done_cleanly(saved):
+    """PEFT wrappers forward attribute reads to the model they wrap; the record of the conversions left out for NF4
+    experts is each model's own (dequantize_model of a PeftModel failed with AttributeError on it)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_nf4 import dequantize_model
+
+    loaded = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=["lm_head", "self_attn", "gate"]), dtype=torch.float32, progress=False)
+    model = get_peft_model(loaded, LoraConfig(r=4, target_modules=[], target_parameters=["experts.gate_up_proj"]))
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    dequantize_model(model)
+    assert not any(isinstance(p, NF4Tensor) for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, before, atol=1e-2, rtol=1e-2)

@@ -58,11 +58,13 @@ def check_shardable(quant: NF4Weight, world_size: int, name: str = "weight") -> 
     unit = shard_granularity(quant)
     if per_rank % unit:
         dq = f" x {quant.nested.blocksize} nested scales" if quant.nested is not None else ""
-        hint = " NF4Precision(double_quant=False) lowers the unit to one block;" if quant.nested is not None else ""
+        hint = (" Quantizing without double quantization lowers the unit to one block: NF4Precision(double_quant=False), "
+                "or BitsAndBytesConfig(bnb_4bit_use_double_quant=False) for a model loaded in NF4 (the plugin keeps its "
+                "weights as loaded); or") if quant.nested is not None else ""
         raise NF4ShardingError(
             f"{name}: a shard of {per_rank} elements ({rows // world_size} of {rows} rows) would split a scale group: "
             f"the scales of {quant.blocksize}-element blocks{dq} need shards of a multiple of {unit} elements.{hint} "
-            "use fewer ranks, or keep this layer in float (NF4Precision(skip_modules=[...]))."
+            f"{'use' if hint else 'Use'} fewer ranks, or keep this layer in float (NF4Precision(skip_modules=[...]))."
         )
 
 

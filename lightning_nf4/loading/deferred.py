@@ -135,6 +135,11 @@ def deferred_checkpoint(model: Optional[nn.Module]) -> Optional[DeferredCheckpoi
     return getattr(model, _ATTRIBUTE, None) if model is not None else None
 
 
+def forget_checkpoint(model: nn.Module) -> None:
+    """``model`` was filled: it no longer reads from its checkpoint."""
+    vars(model).pop(_ATTRIBUTE, None)
+
+
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Give a model from ``from_pretrained(..., device="meta")`` its weights on ``device``, all at once: for a
     single device. ``NF4FSDPStrategy`` does the same one sharding unit at a time."""
@@ -145,7 +150,7 @@ def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     allocate(list(model.modules()), torch.device(device))
     for module in model.modules():
         deferred.load_module(model, module, names[id(module)])
-    delattr(model, _ATTRIBUTE)
+    forget_checkpoint(model)
     return model
 
 

@@ -194,8 +194,8 @@ def save_nf4_experts_stacked(model: nn.Module) -> None:
         names = [logical_name(n[len(prefix) + 1:] if prefix else n) for n in stacked if not prefix or n.startswith(prefix + ".")]
         if not names:
             continue
-        if not hasattr(hf, _SAVED_CONVERSIONS):
-            setattr(hf, _SAVED_CONVERSIONS, getattr(hf, "_weight_conversions", None))
+        if _SAVED_CONVERSIONS not in vars(hf):
+            setattr(hf, _SAVED_CONVERSIONS, vars(hf).get("_weight_conversions"))
         conversions = getattr(hf, "_weight_conversions", None)
         if conversions is None:  # what save_pretrained reverses for a model that from_pretrained did not load
             conversions = [t for t in get_model_conversion_mapping(hf, add_legacy=False) if type(t).__name__ != "PrefixChange"]
@@ -205,7 +205,7 @@ def save_nf4_experts_stacked(model: nn.Module) -> None:
 def restore_weight_conversions(model: nn.Module) -> None:
     """The conversions ``save_nf4_experts_stacked`` changed, back as they were (the experts are float again)."""
     for hf in model.modules():
-        if hasattr(hf, _SAVED_CONVERSIONS):
+        if _SAVED_CONVERSIONS in vars(hf):  # its own: PEFT's wrappers forward attribute reads to the model they wrap
             before = getattr(hf, _SAVED_CONVERSIONS)
             delattr(hf, _SAVED_CONVERSIONS)
             if before is None:
@@ -218,7 +218,7 @@ def restore_weight_conversions(model: nn.Module) -> None:
 def saving_experts_per_expert(model: nn.Module) -> Iterator[None]:
     """While a float state dict of ``model`` is saved (the merged export): the conversions ``save_nf4_experts_stacked``
     left out are back, so its experts are written in the checkpoint's per-expert layout, as for any float model."""
-    changed = [(hf, hf.__dict__.get("_weight_conversions")) for hf in model.modules() if hasattr(hf, _SAVED_CONVERSIONS)]
+    changed = [(hf, vars(hf).get("_weight_conversions")) for hf in model.modules() if _SAVED_CONVERSIONS in vars(hf)]
     for hf, _ in changed:
         before = getattr(hf, _SAVED_CONVERSIONS)
         if before is None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Optional, Union
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
@@ -142,6 +142,7 @@ class NF4Conversion:
         the same config then runs the bf16 LoRA baseline, with this plugin's autocast."""
         device = self._resolve_device(module)
         self._bind_device(device)
+        self._read_deferred(module, device)
         if not wants_4bit(module):
             rank_zero_info(f"{type(self).__name__}: {type(module).__name__}.load_in_4bit is False; the base weights stay in float.")
             return self._after_convert(module)
@@ -156,6 +157,7 @@ class NF4Conversion:
             )
         check_peft_layers(module, {name for name, _ in pending} | {name for name, _, _ in experts})
         self._adopt_compute_dtype(loaded, stacked)
+        self._note_loaded_quantization(loaded, stacked)
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in pending)
         self._replaced.update((id(getattr(owner, attr)), getattr(owner, attr)) for _, owner, attr in experts)
         if pending or experts:
@@ -185,6 +187,32 @@ class NF4Conversion:
         for _, param in stacked:
             if param.dtype != self.compute_dtype:
                 param.data = NF4Tensor(param.quant, dtype=self.compute_dtype, transposed=param.transposed)
+
+    def _note_loaded_quantization(self, loaded: list[tuple[str, NF4Linear]], stacked: Sequence[tuple[str, Any]]) -> None:
+        """Weights that came quantized keep their blocks: say so once when this plugin was asked for others (its
+        ``double_quant=False`` does nothing to a model loaded with double quantization)."""
+        quants = [layer.quant for _, layer in loaded] + [param.quant for _, param in stacked]
+        other = sorted({(q.blocksize, q.double_quant) for q in quants} - {(self.blocksize, self.double_quant)})
+        if other and not self.__dict__.get("_noted_loaded"):
+            self._noted_loaded = True
+            rank_zero_warn(
+                f"{type(self).__name__}(blocksize={self.blocksize}, double_quant={self.double_quant}) applies to the weights it "
+                f"quantizes; {len(quants)} NF4 weights came quantized with (blocksize, double_quant) in {other} and stay so. "
+                "To change them, load the model with BitsAndBytesConfig(bnb_4bit_use_double_quant=...) or in float."
+            )
+
+    def _read_deferred(self, module: nn.Module, device: torch.device) -> None:
+        """A model from ``from_pretrained(..., device="meta")`` holds no weights yet. ``NF4FSDPStrategy`` reads it unit
+        by unit as it shards; under any other strategy (and Fabric) it is read whole here, onto the training device,
+        before the strategy moves the model (which fails on ``meta``)."""
+        from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, read_deferred  # the strategy reads as it shards
+
+        strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+        if isinstance(strategy, NF4FSDPStrategy) or device.type == "meta":
+            return
+        if read_deferred(module, device):
+            rank_zero_info(f"{type(self).__name__}: read the model loaded with device='meta' onto {device} "
+                           "(strategy='nf4_fsdp' reads it shard by shard instead).")
 
     def apply_low_memory_recompute(self, module: nn.Module, default: bool) -> None:
         """For a strategy: set ``low_memory_recompute`` on ``module``'s NF4 layers, to the value this plugin was

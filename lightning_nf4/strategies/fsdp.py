@@ -229,11 +229,12 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         from lightning_nf4.export import find_hf_model
 
         hf = find_hf_model(module)[1]
+        inits = peft_inits(module)
 
         def shard_one(target: Union[nn.Module, list[nn.Module]], checkpointed: bool) -> None:
             targets = target if isinstance(target, list) else [target]
             for one in targets:
-                _materialize(one, device, hf)
+                _materialize(one, device, hf, inits)
                 _prepare_nf4(one)
                 if checkpointed:
                     from torch.distributed._composable import checkpoint
@@ -263,7 +264,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         by_vocabulary = vocabulary_tables(hf, world, self.vocab_parallel, cpu_offload=self.cpu_offload)
         if by_vocabulary is not None:  # frozen, untied: each rank keeps its rows; the units holding them ignore them
             for table in by_vocabulary:
-                _materialize(table, device, hf)
+                _materialize(table, device, hf, inits)
             kwargs["ignored_params"] = shard_by_vocabulary(by_vocabulary, mesh)
         tables = _vocabulary_modules(hf) if by_vocabulary is None else []
         for table in tables:
@@ -487,7 +488,7 @@ def copy_full_into(param: torch.Tensor, value: torch.Tensor, name: str = "parame
         param.copy_(value)
 
 
-def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module]) -> None:
+def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module], inits: Optional[dict[str, Any]] = None) -> None:
     """Give a meta-built module (not its already-sharded children) storage on ``device`` and its values: read
     from the checkpoint of a model loaded with ``from_pretrained(..., device="meta")``, else initial values
     (``hf``'s ``_init_weights``, ``reset_parameters`` where a module has it: an ``NF4Linear`` draws a float
@@ -519,7 +520,7 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
                 seeded_init(sub)  # LoRACallback's init_seed: the values one process would have drawn
             elif isinstance(sub, LoraLayer):
                 for adapter in sub.lora_A:
-                    sub.reset_lora_parameters(adapter, True)
+                    init_adapter(sub, adapter, (inits or {}).get(adapter, True))
             elif id(sub) in lora_parts:
                 continue
             elif id(sub) in names:
@@ -532,6 +533,45 @@ def _materialize(module: nn.Module, device: torch.device, hf: Optional[nn.Module
         for sub in own:  # DoRA's magnitudes are norms of the weight: once the bases hold theirs
             if isinstance(sub, LoraLayer) and getattr(sub, "lora_magnitude_vector", None):
                 reset_magnitudes(sub)
+
+
+def read_deferred(module: nn.Module, device: torch.device) -> bool:
+    """Read a model loaded with ``from_pretrained(..., device="meta")`` inside ``module`` whole onto ``device``, as
+    ``shard`` reads it unit by unit (its checkpoint, the adapters' inits): for strategies that do not shard it.
+    Returns whether there was one to read."""
+    from lightning_nf4.export import find_hf_model
+    from lightning_nf4.loading.deferred import deferred_checkpoint, forget_checkpoint
+
+    hf = find_hf_model(module)[1]
+    if deferred_checkpoint(hf) is None:
+        return False
+    _materialize(module, device, hf, peft_inits(module))
+    forget_checkpoint(hf)
+    return True
+
+
+def peft_inits(module: nn.Module) -> dict[str, Any]:
+    """Each PEFT adapter's ``init_lora_weights``, from the ``peft_config`` of the PEFT model(s) inside ``module``."""
+    return {adapter: getattr(config, "init_lora_weights", True)
+            for sub in module.modules() if isinstance(getattr(sub, "peft_config", None), dict)
+            for adapter, config in sub.peft_config.items()}
+
+
+def init_adapter(layer: Any, adapter: str, init: Any) -> None:
+    """Draw ``adapter`` of a LoRA layer built on ``meta`` as PEFT draws it on a device for ``init_lora_weights=init``:
+    ``True`` (Kaiming A, zero B), ``"gaussian"``, or ``False`` (nn.Linear's own init of both). Inits computed from the
+    base weight (PiSSA, OLoRA, LoftQ, CorDA, EVA...) need it whole, which a model loaded on meta never is here."""
+    if init is False:
+        layer.lora_A[adapter].reset_parameters()
+        layer.lora_B[adapter].reset_parameters()
+    elif init is True or (isinstance(init, str) and init.lower() == "gaussian"):
+        layer.reset_lora_parameters(adapter, init)
+    else:
+        raise NF4ShardingConfigError(
+            f"init_lora_weights={init!r} (adapter {adapter!r}) computes the adapters from the base weights, which a model "
+            "loaded with device='meta' holds only shard by shard under NF4FSDPStrategy. Load the model on a device before "
+            "wrapping it with PEFT, or use True, 'gaussian' or False."
+        )
 
 
 def move_unsharded_state(module: nn.Module, device: torch.device) -> None:

@@ -1685,6 +1685,37 @@ MUTATIONS: list[Mutation] = [
         (("                if self._replaced.get(id(p)) is p or isinstance(p, NF4Tensor)]\n", "                if self._replaced.get(id(p)) is p]\n"),),
         ("tests/test_moe.py::test_fabric_trains_peft_lora_on_nf4_experts",),
     ),
+    Mutation(
+        "peft-wrapper-reads-saved-conversions",
+        "the saved-conversions record is looked up through PEFT's attribute forwarding (dequantize_model of a PeftModel fails)",
+        "lightning_nf4/plugins/convert.py",
+        (("        if _SAVED_CONVERSIONS in vars(hf):  # its own: PEFT's wrappers forward attribute reads to the model they wrap\n",
+          "        if hasattr(hf, _SAVED_CONVERSIONS):\n"),),
+        ("tests/test_moe_loading.py::test_dequantize_model_of_a_peft_model_with_expert_lora_is_refused_or_done_cleanly",),
+    ),
+    Mutation(
+        "meta-model-not-read-outside-fsdp",
+        "a model loaded with device='meta' is left on meta outside nf4_fsdp (the strategy's move fails)",
+        "lightning_nf4/plugins/precision.py",
+        (("        self._read_deferred(module, device)\n", ""),),
+        ("tests/test_moe_loading.py::test_a_meta_loaded_model_trains_under_one_process_as_if_loaded_on_the_device",
+         "tests/test_moe_loading.py::test_fabric_reads_a_meta_loaded_model_with_its_peft_adapters"),
+    ),
+    Mutation(
+        "meta-peft-init-ignored",
+        "adapters of a PEFT model filled from meta are drawn with PEFT's default init whatever init_lora_weights says",
+        "lightning_nf4/strategies/fsdp.py",
+        (("                    init_adapter(sub, adapter, (inits or {}).get(adapter, True))\n", "                    sub.reset_lora_parameters(adapter, True)\n"),),
+        ("tests/test_moe_loading.py::test_fabric_reads_a_meta_loaded_model_with_its_peft_adapters",
+         "tests/test_moe_loading.py::test_peft_inits_on_a_meta_loaded_model_are_drawn_or_refused"),
+    ),
+    Mutation(
+        "loaded-quantization-unsaid",
+        "NF4Precision(double_quant=False) on a model loaded with double quantization changes nothing and says nothing",
+        "lightning_nf4/plugins/precision.py",
+        (("        if other and not self.__dict__.get(\"_noted_loaded\"):\n", "        if False:\n"),),
+        ("tests/test_moe_loading.py::test_a_plugin_setting_that_cannot_change_loaded_weights_is_said",),
+    ),
 ]
 
 

@@ -146,3 +146,11 @@ def test_a_module_with_its_own_strict_loading_and_checkpoint_hook_comes_back(tmp
     loaded = load_from_checkpoint(StrictWithHook, path)
     assert loaded.seen and loaded.seen == sorted(torch.load(path, weights_only=True)["state_dict"])
     assert_same_module(trained, loaded)
+
+
+def test_lora_and_precision_take_the_objects_not_their_settings(tmp_path):
+
+    with pytest.raises(TypeError, match=r"lora= takes a LoRACallback \(lora=LoRACallback\(r=\.\.\..*got dict"):
+        load_from_checkpoint(CausalLM, tmp_path / "any.ckpt", lora=dict(r=4, alpha=8))
+    with pytest.raises(TypeError, match=r"precision= takes an NF4Precision.*got str"):
+        load_from_checkpoint(CausalLM, tmp_path / "any.ckpt", precision="nf4")

@@ -39,6 +39,10 @@ def load_from_checkpoint(
     (default: the CPU), in training mode as Lightning returns modules. The checkpoint is read weights-only and its
     records checked. ``precision`` and ``lora`` replace the recorded settings; checkpoints that record none (written
     by an older lightning-nf4) need ``lora`` (and ``precision`` if the run quantized)."""
+    if lora is not None and not isinstance(lora, LoRACallback):
+        raise TypeError(f"lora= takes a LoRACallback (lora=LoRACallback(r=..., alpha=..., target_modules=...)), got {type(lora).__name__}.")
+    if precision is not None and not isinstance(precision, NF4Precision):
+        raise TypeError(f"precision= takes an NF4Precision (precision=NF4Precision(...)), got {type(precision).__name__}.")
     checkpoint = load_checkpoint(checkpoint_path)
     meta = checkpoint.get(_CKPT_KEY)
     if meta is None:

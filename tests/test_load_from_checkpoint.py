@@ -149,7 +149,6 @@ def test_a_module_with_its_own_strict_loading_and_checkpoint_hook_comes_back(tmp
 
 
 def test_lora_and_precision_take_the_objects_not_their_settings(tmp_path):
-
     with pytest.raises(TypeError, match=r"lora= takes a LoRACallback \(lora=LoRACallback\(r=\.\.\..*got dict"):
         load_from_checkpoint(CausalLM, tmp_path / "any.ckpt", lora=dict(r=4, alpha=8))
     with pytest.raises(TypeError, match=r"precision= takes an NF4Precision.*got str"):

@@ -427,7 +427,7 @@ def test_fabric_reads_a_meta_loaded_model_with_its_peft_adapters(saved):
 
     deferred = AutoModelForCausalLM.from_pretrained(saved["mixtral"], quantization_config=NF4, dtype=torch.float32, device="meta", progress=False)
     model = get_peft_model(deferred, lora_config(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
-    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision())
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=NF4FabricPrecision(device="cpu"))  # where the reference quantizes
     model = fabric.setup_module(model)
     assert not any(p.is_meta for p in model.parameters())
     a = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])

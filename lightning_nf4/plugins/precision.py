@@ -191,13 +191,18 @@ class NF4Conversion:
     def _note_loaded_quantization(self, loaded: list[tuple[str, NF4Linear]], stacked: Sequence[tuple[str, Any]]) -> None:
         """Weights that came quantized keep their blocks: say so once when this plugin was asked for others (its
         ``double_quant=False`` does nothing to a model loaded with double quantization)."""
-        quants = [layer.quant for _, layer in loaded] + [param.quant for _, param in stacked]
-        other = sorted({(q.blocksize, q.double_quant) for q in quants} - {(self.blocksize, self.double_quant)})
+        from torch.distributed.tensor import DTensor
+
+        settings = [(layer.blocksize, layer.double_quant) for _, layer in loaded]  # read without gathering a sharded layer
+        for _, param in stacked:
+            quant = (param.to_local() if isinstance(param, DTensor) else param).quant
+            settings.append((quant.blocksize, quant.double_quant))
+        other = sorted(set(settings) - {(self.blocksize, self.double_quant)})
         if other and not self.__dict__.get("_noted_loaded"):
             self._noted_loaded = True
             rank_zero_warn(
                 f"{type(self).__name__}(blocksize={self.blocksize}, double_quant={self.double_quant}) applies to the weights it "
-                f"quantizes; {len(quants)} NF4 weights came quantized with (blocksize, double_quant) in {other} and stay so. "
+                f"quantizes; {len(settings)} NF4 weights came quantized with (blocksize, double_quant) in {other} and stay so. "
                 "To change them, load the model with BitsAndBytesConfig(bnb_4bit_use_double_quant=...) or in float."
             )
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_nf4.format.tensor import NF4Tensor
 from lightning_nf4.layers.linear import NF4Linear
 from lightning_nf4.layers.lora import NF4LoraLinear, bias_with_updates
-from lightning_nf4.plugins.convert import saving_experts_per_expert, within
+from lightning_nf4.plugins.convert import is_param_wrapper, saving_experts_per_expert, within
 from lightning_nf4.publish import publish
 
 
@@ -196,7 +196,7 @@ def write_adapter(
     """``adapter_config.json`` + ``adapter_model.safetensors`` into ``folder``, loadable by ``PeftModel.from_pretrained``.
     The adapters are gathered first (a collective for a sharded model); with ``folder=None`` nothing is written."""
     hf, root = export_root(module)
-    wrapped = [name for name, layer in root.named_modules() if _is_param_wrapper(layer)]
+    wrapped = [name for name, layer in root.named_modules() if is_param_wrapper(layer)]
     if wrapped:
         raise ValueError(
             f"{wrapped[0]} carries PEFT's target_parameters LoRA, which this adapter folder cannot describe. Write the adapter "
@@ -267,7 +267,7 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             active = names[0] if names and names[0] in module.modules_to_save else None
             visit(module.modules_to_save[active] if active is not None else module.original_module, prefix)
             return
-        if _is_param_wrapper(module):  # PEFT's target_parameters LoRA (on stacked experts): updates added to the weights
+        if is_param_wrapper(module):  # PEFT's target_parameters LoRA (on stacked experts): updates added to the weights
             visit(_collect_param_deltas(module, prefix, deltas), prefix)
             return
         if isinstance(module, LoraLayer):
@@ -420,15 +420,11 @@ def _original_dtype(base: nn.Module) -> torch.dtype:
     return base.quant.dtype if isinstance(base, NF4Linear) else base.weight.dtype
 
 
-def _is_param_wrapper(module: nn.Module) -> bool:
-    return isinstance(module, LoraLayer) and type(module).__name__ == "ParamWrapper"
-
-
 def _collect_param_deltas(wrapper: LoraLayer, prefix: str, deltas: dict[str, Tensor]) -> nn.Module:
     """The deltas of the active adapters of one or more nested ``ParamWrapper`` (one per targeted parameter), summed in
     float32 into ``deltas`` under their parameters' keys; returns the module they wrap."""
     layer: nn.Module = wrapper
-    while _is_param_wrapper(layer):
+    while is_param_wrapper(layer):
         key = prefix + layer.parameter_name
         for name in _unmerged(layer):
             if name in layer.lora_A:

@@ -41,9 +41,13 @@ def logits(model):
         return model(input_ids=IDS).logits.float()
 
 
-def float_then_converted(folder: Path, skip=("lm_head",)):
-    """transformers' own float load, then the plugin's conversion: what NF4Precision trains on."""
+def float_then_converted(folder: Path):
+    """transformers' own float load, then converted as NF4Precision converts it (``lm_head`` and what the model keeps
+    in float32 stay float): what the plugin trains on, and what the loader must equal."""
+    from lightning_nf4.plugins.convert import kept_in_float_by_model
+
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    skip = ("lm_head", *kept_in_float_by_model(model))
     convert_linears(model, skip_modules=skip, compute_dtype=torch.bfloat16)
     convert_experts(model, skip_modules=skip, compute_dtype=torch.bfloat16)
     return model
@@ -309,17 +313,6 @@ def tiny(model_type: str, folder: Path, **overrides) -> Path:
     return folder
 
 
-def converted(folder: Path, **kwargs):
-    """transformers' float load, converted as NF4Precision converts it (what the loader must equal)."""
-    from lightning_nf4.plugins.convert import kept_in_float_by_model
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    skip = ("lm_head", *kept_in_float_by_model(model))
-    convert_linears(model, skip_modules=skip, compute_dtype=torch.bfloat16)
-    convert_experts(model, skip_modules=skip, compute_dtype=torch.bfloat16)
-    return model.eval()
-
-
 def test_jamba_calls_its_nf4_dt_proj_as_on_a_bitsandbytes_model(tmp_path):
     """Jamba's mamba mixer reads ``dt_proj.weight`` itself unless ``config._is_quantized`` is set, as transformers'
     quantizers set it; the loader and the plugin's conversion set it (the forward failed on the packed codes), and
@@ -329,7 +322,7 @@ def test_jamba_calls_its_nf4_dt_proj_as_on_a_bitsandbytes_model(tmp_path):
     folder = tiny("jamba", tmp_path / "jamba", attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1, expert_layer_period=2,
                   use_mamba_kernels=False)
     ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, progress=False)
-    reference = converted(folder)
+    reference = float_then_converted(folder)
     assert ours.config._is_quantized and reference.config._is_quantized
     assert torch.equal(logits(ours), logits(reference))
     assert not hasattr(dequantize_model(ours).config, "_is_quantized")
@@ -344,7 +337,7 @@ def test_longcat_flash_keeps_its_router_float_on_the_loader_as_under_the_plugin(
     ours = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, dtype=torch.float32, progress=False)
     assert not isinstance(ours.model.layers[0].mlp.router.classifier, NF4Linear)
     assert "model.layers.0.mlp.router.classifier" in ours.config.quantization_config.llm_int8_skip_modules
-    reference = converted(folder)
+    reference = float_then_converted(folder)
     assert torch.equal(logits(ours), logits(reference))
 
 

@@ -206,12 +206,8 @@ def restore_weight_conversions(model: nn.Module) -> None:
     """The conversions ``save_nf4_experts_stacked`` changed, back as they were (the experts are float again)."""
     for hf in model.modules():
         if _SAVED_CONVERSIONS in vars(hf):  # its own: PEFT's wrappers forward attribute reads to the model they wrap
-            before = getattr(hf, _SAVED_CONVERSIONS)
+            _put_back_conversions(hf)
             delattr(hf, _SAVED_CONVERSIONS)
-            if before is None:
-                del hf._weight_conversions
-            else:
-                hf._weight_conversions = before
 
 
 @contextmanager
@@ -220,16 +216,28 @@ def saving_experts_per_expert(model: nn.Module) -> Iterator[None]:
     left out are back, so its experts are written in the checkpoint's per-expert layout, as for any float model."""
     changed = [(hf, vars(hf).get("_weight_conversions")) for hf in model.modules() if _SAVED_CONVERSIONS in vars(hf)]
     for hf, _ in changed:
-        before = getattr(hf, _SAVED_CONVERSIONS)
-        if before is None:
-            hf.__dict__.pop("_weight_conversions", None)
-        else:
-            hf._weight_conversions = before
+        _put_back_conversions(hf)
     try:
         yield
     finally:
         for hf, current in changed:
             hf._weight_conversions = current
+
+
+def _put_back_conversions(hf: nn.Module) -> None:
+    """``hf._weight_conversions`` as it was before ``save_nf4_experts_stacked`` (absent if it was)."""
+    before = getattr(hf, _SAVED_CONVERSIONS)
+    if before is None:
+        vars(hf).pop("_weight_conversions", None)
+    else:
+        hf._weight_conversions = before
+
+
+def is_param_wrapper(module: nn.Module) -> bool:
+    """PEFT's ``target_parameters`` LoRA layer (``ParamWrapper``): it adds its update to a parameter, not an output."""
+    from peft.tuners.lora import LoraLayer  # PEFT loads with the plugins, not with the format
+
+    return isinstance(module, LoraLayer) and type(module).__name__ == "ParamWrapper"
 
 
 def _builds_any(converter: Any, names: list[str]) -> bool:
@@ -347,7 +355,7 @@ def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
                 "(skip_modules=...)."
             )
         # on stacked expert weights it works: the NF4 weight's baddbmm adds the update to the dequantized experts
-        if type(layer).__name__ == "ParamWrapper" and f"{name}.base_layer" in to_quantize and convertible_kind(layer.get_base_layer()):
+        if is_param_wrapper(layer) and f"{name}.base_layer" in to_quantize and convertible_kind(layer.get_base_layer()):
             raise ValueError(
                 f"{name} carries PEFT's target_parameters LoRA on a linear that NF4Precision quantizes: its update would "
                 "be added to the packed codes. Load the model in NF4 first (lightning_nf4's from_pretrained), then "

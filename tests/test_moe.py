@@ -210,6 +210,32 @@ def test_state_dict_holds_bitsandbytes_keys_and_loads_back():
         assert torch.equal(fresh.get_parameter(name).dequantize(), value.dequantize()), name
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_to_empty_keeps_nf4_experts_for_load_state_dict_to_fill(kind):
+    """``model.to("meta")`` then ``to_empty(device=...)`` (how a model is rebuilt before loading a checkpoint): the
+    experts stay NF4 placeholders of their layout, so that the checkpoint's bitsandbytes keys fill them byte for byte."""
+    model = tiny_moe(kind)
+    convert_linears(model)
+    convert_experts(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # non-persistent (rotary): to_empty loses them
+    shapes = {n: w.shape for n, w in expert_weights(model).items()}
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.to("meta").to_empty(device="cpu")
+    for name, weight in expert_weights(model).items():
+        assert isinstance(weight, NF4Tensor) and weight.device.type == "cpu", name
+        assert weight.shape == shapes[name], name
+    assert model.load_state_dict(state, strict=True).unexpected_keys == []
+    for name, buffer in model.named_buffers():
+        buffer.copy_(buffers[name])
+    for name, weight in expert_weights(model).items():
+        assert torch.equal(weight.quant.packed, state[name]) and torch.equal(weight.quant.absmax, state[name + ".absmax"]), name
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
 def test_a_float_state_dict_is_quantized_on_load_and_a_wrong_shape_is_named():
     model, source = tiny_moe(), tiny_moe(seed=1)
     convert_experts(model)

@@ -487,11 +487,22 @@ for _op in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.
     _OPS[_op] = _dequantized_args(_op)
 
 
-@_implements(aten.zeros_like.default, aten.empty_like.default)
-def _like(t: NF4Tensor, dtype: Optional[torch.dtype] = None, layout: Any = None, device: Any = None, pin_memory: Any = None,
-          memory_format: Any = None) -> Tensor:
+@_implements(aten.zeros_like.default)
+def _zeros_like(t: NF4Tensor, dtype: Optional[torch.dtype] = None, layout: Any = None, device: Any = None, pin_memory: Any = None,
+                memory_format: Any = None) -> Tensor:
     """A plain float tensor of the weight's logical shape (a gradient buffer, as grouped-matmul fallbacks make one)."""
     return torch.zeros(t.shape, dtype=dtype or t.dtype, device=device or t.device)
+
+
+@_implements(aten.empty_like.default)
+def _empty_like(t: NF4Tensor, dtype: Optional[torch.dtype] = None, layout: Any = None, device: Any = None, pin_memory: Any = None,
+                memory_format: Any = None) -> Tensor:
+    """With a device named and the dtype kept (``Module.to_empty``'s call): the weight's NF4 layout on that device,
+    uninitialized, for ``load_state_dict`` to fill; a float tensor in its place would run the model on garbage experts.
+    Otherwise a float buffer of the logical shape, as ``zeros_like`` (grouped-matmul fallbacks' fake outputs)."""
+    if device is not None and dtype in (None, t.dtype):
+        return NF4Tensor(t.quant.to_empty(device), t.shape, t.dtype, t.transposed)
+    return _zeros_like(t, dtype, layout, device, pin_memory, memory_format)
 
 
 @_implements(aten.index.Tensor)

@@ -210,8 +210,11 @@ def test_state_dict_holds_bitsandbytes_keys_and_loads_back():
         assert torch.equal(fresh.get_parameter(name).dequantize(), value.dequantize()), name
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
-def test_to_empty_keeps_nf4_experts_for_load_state_dict_to_fill(kind):
+@pytest.mark.parametrize("kind,device", [
+    ("mixtral", "cpu"), ("gpt_oss", "cpu"),
+    pytest.param("mixtral", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_to_empty_keeps_nf4_experts_for_load_state_dict_to_fill(kind, device):
     """``model.to("meta")`` then ``to_empty(device=...)`` (how a model is rebuilt before loading a checkpoint): the
     experts stay NF4 placeholders of their layout, so that the checkpoint's bitsandbytes keys fill them byte for byte."""
     model = tiny_moe(kind)
@@ -223,15 +226,16 @@ def test_to_empty_keeps_nf4_experts_for_load_state_dict_to_fill(kind):
     ids = torch.randint(0, 128, (2, 8))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    model.to("meta").to_empty(device="cpu")
+    model.to("meta").to_empty(device=device)
     for name, weight in expert_weights(model).items():
-        assert isinstance(weight, NF4Tensor) and weight.device.type == "cpu", name
+        assert isinstance(weight, NF4Tensor) and weight.device.type == device, name
         assert weight.shape == shapes[name], name
     assert model.load_state_dict(state, strict=True).unexpected_keys == []
     for name, buffer in model.named_buffers():
         buffer.copy_(buffers[name])
     for name, weight in expert_weights(model).items():
-        assert torch.equal(weight.quant.packed, state[name]) and torch.equal(weight.quant.absmax, state[name + ".absmax"]), name
+        assert torch.equal(weight.quant.packed.cpu(), state[name]) and torch.equal(weight.quant.absmax.cpu(), state[name + ".absmax"]), name
+    model.cpu()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
 

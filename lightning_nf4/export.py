@@ -350,6 +350,8 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
             owner.reshard()
         if write and state:
             written = written or _written_dtype(state)
+            if hf is not None:
+                state = checkpoint_layout(hf, state)
             file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
             save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(state, file))
@@ -362,6 +364,41 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
             _record_dtype(tmp / "config.json", written)
             if getattr(hf, "generation_config", None) is not None:
                 hf.generation_config.save_pretrained(str(tmp))
+
+
+def checkpoint_layout(hf: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (float tensors of whole weights, under the model's names) in the layout the architecture's checkpoints
+    use, as ``save_pretrained`` writes it: transformers 5's conversions reversed (stacked experts back to one matrix per
+    expert, renamed keys back). So an export written one sharding unit at a time has the keys of one written whole."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5: keys as the model holds them
+        return state
+    with saving_experts_per_expert(hf), _conversions_of_unsharded_class(hf):
+        return dict(revert_weight_conversion(hf, state))
+
+
+@contextmanager
+def _conversions_of_unsharded_class(hf: nn.Module) -> Iterator[None]:
+    """transformers looks an architecture's conversions up by the model's class, and takes the class FSDP2 gives a
+    sharded model (``FSDPMixtralForCausalLM``) for custom code, which has none. While saving, the model carries those
+    of the class it wraps (its own ``_weight_conversions``, from a load, come first)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if "_weight_conversions" in vars(hf) or not isinstance(hf, FSDPModule):
+        yield
+        return
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    wrapped = next(c for c in type(hf).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        unsharded = wrapped(hf.config)  # no storage: only its class and module names are read
+    # as save_pretrained reverses them for a model from_pretrained did not load (no prefix changes)
+    hf._weight_conversions = [t for t in get_model_conversion_mapping(unsharded, add_legacy=False) if type(t).__name__ != "PrefixChange"]
+    try:
+        yield
+    finally:
+        del hf._weight_conversions
 
 
 @contextmanager

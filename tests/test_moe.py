@@ -327,8 +327,17 @@ def test_moe_under_ddp_and_fsdp2_matches_one_process(tmp_path):
         assert run[0]["trainable"].keys() == single["trainable"].keys()
         for name, value in run[0]["trainable"].items():
             torch.testing.assert_close(value, single["trainable"][name], atol=1e-4, rtol=1e-3, msg=name)
-    # the merged exports load in transformers and compute the same model
+    # the merged exports hold the checkpoint's per-expert layout (the sharded one too), load in transformers and
+    # compute the same model
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    def keys(run):
+        files = sorted((tmp_path / run / "export" / "merged").glob("*.safetensors"))
+        return sorted(k for f in files for k in safe_open(str(f), "pt").keys())
+
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys("single")
+    assert keys("fsdp") == keys("single") == keys("ddp")
 
     ids = torch.randint(0, 128, (2, 16))
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export" / "merged").eval()(ids).logits for run in ("single", "ddp", "fsdp")]

@@ -255,11 +255,29 @@ def _task_type(hf: Optional[nn.Module]) -> Optional[str]:
     return "CAUSAL_LM" if isinstance(hf, GenerationMixin) else None
 
 
-def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop: Optional[Any] = None) -> dict[str, Tensor]:
-    """Float state dict with every NF4 base dequantized and every LoRA delta merged into it. ``stop(child)``:
-    submodules to leave out (the nested sharding units when one FSDP unit is merged at a time)."""
+def merged_state_dict(
+    root: nn.Module, dtype: Optional[torch.dtype] = None, stop: Optional[Any] = None, held: Optional[torch.dtype] = None,
+) -> dict[str, Tensor]:
+    """Float state dict with every NF4 base dequantized and every LoRA delta merged into it, in ``dtype`` or else as
+    the model holds its weights: what trained (kept in float32 for the optimizer) in ``held``, by default
+    ``held_dtype(root)``. ``stop(child)``: submodules to leave out (the nested sharding units when one FSDP unit is
+    merged at a time)."""
     out: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}  # PEFT's target_parameters updates, by the key of the parameter they add to
+    held = held or held_dtype(root)
+
+    cast: dict[int, Tensor] = {}  # a tensor shared by two names (a tied head) stays one tensor when cast
+
+    def written(tensor: Tensor, param: Tensor, whole: bool = False) -> Tensor:
+        """``tensor`` (made from ``param``; ``whole``: its value) in the dtype the export writes it in."""
+        target = dtype or (held if param.requires_grad and held is not None else param.dtype)
+        if not tensor.is_floating_point() or tensor.dtype == target:
+            return tensor
+        if not whole:
+            return tensor.to(target)
+        if id(param) not in cast:
+            cast[id(param)] = tensor.to(target)
+        return cast[id(param)]
 
     def visit(module: nn.Module, prefix: str) -> None:
         if isinstance(module, ModulesToSaveWrapper):  # PEFT's modules_to_save: the active trained copy, by the module's own name
@@ -277,12 +295,12 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             out[prefix + "weight"] = weight.contiguous().to(dtype or _original_dtype(base))
             bias = _merged_bias(module)
             if bias is not None:
-                out[prefix + "bias"] = bias.to(dtype or base.bias.dtype)
+                out[prefix + "bias"] = written(bias, base.bias if base.bias is not None else bias)
             return
         if isinstance(module, NF4Linear):
             out[prefix + "weight"] = module.float_layout(module.dequantize(dtype)).contiguous()
             if module.bias is not None:
-                out[prefix + "bias"] = module.bias.detach().to(dtype or module.bias.dtype)
+                out[prefix + "bias"] = written(module.bias.detach(), module.bias)
             return
         for name, param in module.named_parameters(recurse=False):
             delta = deltas.pop(prefix + name, None)
@@ -292,8 +310,7 @@ def merged_state_dict(root: nn.Module, dtype: Optional[torch.dtype] = None, stop
             if isinstance(param, NF4Tensor):  # a stacked expert weight, in the dtype it was quantized from
                 out[prefix + name] = param.quant.dequantize(dtype).contiguous()
                 continue
-            param = _whole(param)  # a table sharded by hand (vocab_parallel), outside FSDP's units: gathered here
-            out[prefix + name] = param.to(dtype) if (dtype and param.is_floating_point()) else param
+            out[prefix + name] = written(_whole(param), param, whole=True)  # _whole: a table sharded by hand (vocab_parallel), gathered
         for name, buf in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 out[prefix + name] = buf.detach()
@@ -333,12 +350,13 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     write, tmp = folder is not None, folder
     weight_map: dict[str, str] = {}
     total = 0
+    held = dtype or held_dtype(module)  # before the units are merged one at a time (a unit may hold no NF4 weight)
     written: Optional[torch.dtype] = None
     for index, (name, owner) in enumerate(owners):
         owner.unshard()
         try:
             with torch.no_grad():
-                local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule))
+                local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule), held=held)
             full_prefix = (name + "." if name else "")
             state = {}
             for key, value in local.items():
@@ -349,7 +367,7 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
         finally:
             owner.reshard()
         if write and state:
-            written = written or _written_dtype(state)
+            written = written or held or _written_dtype(state)
             if hf is not None:
                 state = checkpoint_layout(hf, state)
             file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
@@ -449,6 +467,22 @@ def _record_dtype(config_file: Path, dtype: Optional[torch.dtype]) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def held_dtype(root: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the model holds its weights in: the one its NF4 weights were quantized from, else the most common
+    among its frozen float weights (a float LoRA baseline). None without either."""
+    counts: dict[torch.dtype, int] = {}
+    for module in root.modules():
+        for param in module.parameters(recurse=False):
+            local = getattr(param, "_local_tensor", param)  # an FSDP2 shard
+            if isinstance(local, NF4Tensor):
+                return local.quant.dtype
+            if not param.requires_grad and param.is_floating_point():
+                counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+        if isinstance(module, NF4Linear) and module._quant is not None:
+            return module._quant.dtype
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
 def _written_dtype(state: dict[str, Tensor]) -> Optional[torch.dtype]:
     return next((v.dtype for v in state.values() if v.is_floating_point()), None)
 
@@ -515,7 +549,7 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
     with torch.no_grad():
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
     if hf is not None:
-        written = _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
+        written = dtype or held_dtype(root) or _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
         with _float_config(hf.config, untie=_head_untied(hf, state)), saving_experts_per_expert(hf):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
         _record_dtype(folder / "config.json", written)

@@ -1716,6 +1716,27 @@ MUTATIONS: list[Mutation] = [
         (("        if other and not self.__dict__.get(\"_noted_loaded\"):\n", "        if False:\n"),),
         ("tests/test_moe_loading.py::test_a_plugin_setting_that_cannot_change_loaded_weights_is_said",),
     ),
+    Mutation(
+        "experts-to-empty-float",
+        "`empty_like` on an NF4 expert weight ignores the device (Module.to_empty): a float tensor of garbage in its place",
+        "lightning_nf4/format/tensor.py",
+        (("    if device is not None and dtype in (None, t.dtype):\n", "    if False:\n"),),
+        ("tests/test_moe.py::test_to_empty_keeps_nf4_experts_for_load_state_dict_to_fill",),
+    ),
+    Mutation(
+        "sharded-export-stacked-experts",
+        "the sharded merged export writes each unit as the model holds it (no conversions reversed: experts stacked)",
+        "lightning_nf4/export.py",
+        (("                state = checkpoint_layout(hf, state)\n", "                pass\n"),),
+        ("tests/test_moe.py::test_moe_under_ddp_and_fsdp2_matches_one_process",),
+    ),
+    Mutation(
+        "sharded-export-fsdp-class-conversions",
+        "the sharded merged export asks transformers for the conversions of FSDP2's class (none: taken for custom code)",
+        "lightning_nf4/export.py",
+        (("    if \"_weight_conversions\" in vars(hf) or not isinstance(hf, FSDPModule):\n", "    if True:\n"),),
+        ("tests/test_moe.py::test_moe_under_ddp_and_fsdp2_matches_one_process",),
+    ),
 ]
 
 

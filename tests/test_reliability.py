@@ -2,6 +2,7 @@
 folders, complete merged folders, clear errors for bad input. Everything runs on CPU."""
 
 import json
+import warnings
 import os
 
 import lightning.pytorch as pl
@@ -93,6 +94,34 @@ def test_a_tied_head_trained_in_full_trains_the_shared_table_and_exports_it_unde
     assert (via_peft - ours).abs().mean() < 0.1 * ours.abs().mean()  # the float base: NF4 error only
     untrained = CausalLM(model=tiny_llama_tied()).eval()(ids).float()
     assert (via_peft - ours).abs().mean() < 0.5 * (untrained - ours).abs().mean()  # the trained table was loaded
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "own_head"])
+def test_a_bf16_model_trains_a_table_in_full_on_the_cpu_and_exports_in_bf16(tmp_path, tied):
+    """GPT-2 (LayerNorm) held in bf16, ``modules_to_save`` on its head (tied: the embeddings train) or its embeddings.
+    What trains is kept in float32 for AdamW, yet the table's rows reach the model in bf16: CPU autocast covers neither
+    the lookup nor LayerNorm, and float32 rows failed the first step. The merged export is bf16 throughout, as its
+    config says (the trained table was written in float32, and a tied config then recorded float32)."""
+    from safetensors import safe_open
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=tied))
+    gpt2 = gpt2.to(torch.bfloat16)
+    saved = ["lm_head"] if tied else ["transformer.wte"]
+    callback = LoRACallback(r=4, alpha=8, target_modules=["c_attn"], modules_to_save=saved, save_dir=str(tmp_path / "out"))
+    model = CausalLM(model=gpt2, lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-table warning, tested above
+        trainer(tmp_path, max_steps=3, plugins=NF4Precision(compute_dtype=torch.bfloat16), callbacks=[callback]).fit(model, token_loader())
+    table = gpt2.transformer.wte
+    assert table.weight.dtype == torch.float32 and table.weight.requires_grad
+    assert table(torch.tensor([1, 2])).dtype == torch.bfloat16  # the float32 table's rows, in the model's dtype
+    merged = tmp_path / "out" / "merged"
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert set(dtypes.values()) == {"BF16"}, dtypes
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_lora_on_a_tied_head_exports_a_merged_model_that_says_untied(tmp_path):

@@ -33,7 +33,8 @@ from lightning_nf4.layers.linear import NF4Linear, is_conv1d
 from lightning_nf4.layers.lora import lora_config, seeded_init, stable_seed
 from lightning_nf4.plugins.compile import compile_blocks, compile_option
 from lightning_nf4.plugins.convert import (
-    call_layers_in_torch_transformers, check_peft_layers, exclude_nf4_from_ddp_sync, holds_nf4, matches, within,
+    call_layers_in_torch_transformers, check_peft_layers, exclude_nf4_from_ddp_sync, holds_nf4, keep_trained_in, matches,
+    within,
 )
 from lightning_nf4.plugins.precision import NF4Precision
 from lightning_nf4.strategies.fsdp import NF4FSDPStrategy, has_sharded_parameters
@@ -381,9 +382,7 @@ class LoRACallback(Callback):
         """The trained parameters (LoRA, DoRA magnitudes, ``modules_to_save``) in ``adapter_dtype``, whatever dtype the
         model was built in (``configure_model`` and ``trainer.init_module()`` build in the compute dtype) or a precision
         plugin cast it to later (``precision="bf16-true"``): AdamW's small steps vanish in bf16 weights."""
-        for param in module.parameters():
-            if param.requires_grad and param.is_floating_point() and param.dtype != self.adapter_dtype:
-                param.data = param.data.to(self.adapter_dtype)
+        keep_trained_in(module, self.adapter_dtype)
         return module
 
     # -- checkpoints ------------------------------------------------------------------------

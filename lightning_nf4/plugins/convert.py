@@ -233,6 +233,32 @@ def _put_back_conversions(hf: nn.Module) -> None:
         hf._weight_conversions = before
 
 
+def keep_trained_in(module: nn.Module, dtype: torch.dtype) -> int:
+    """What trains (adapters, biases, modules trained in full) in ``dtype``, float32 by default: AdamW's small steps
+    vanish in bf16 weights. Returns how many tensors were cast. An embedding trained so still hands the model rows in
+    the dtype it held (autocast covers no lookups; a bf16 model's LayerNorm on the CPU refuses float32 input), and
+    those rows are what the float rows would give in that dtype."""
+    held: dict[int, torch.dtype] = {}
+    for param in module.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            held[id(param)] = param.dtype
+            param.data = param.data.to(dtype)  # the same Parameter: an optimizer made before keeps it
+    for sub in module.modules():
+        weight = sub._parameters.get("weight") if isinstance(sub, nn.Embedding) else None
+        if weight is not None and id(weight) in held and not hasattr(sub, _ROWS_DTYPE):
+            setattr(sub, _ROWS_DTYPE, held[id(weight)])
+            sub.register_forward_hook(_rows_in_held_dtype)
+    return len(held)
+
+
+_ROWS_DTYPE = "_nf4_rows_dtype"
+
+
+def _rows_in_held_dtype(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    dtype = getattr(module, _ROWS_DTYPE)
+    return output if output.dtype == dtype else output.to(dtype)
+
+
 def is_param_wrapper(module: nn.Module) -> bool:
     """PEFT's ``target_parameters`` LoRA layer (``ParamWrapper``): it adds its update to a parameter, not an output."""
     from peft.tuners.lora import LoraLayer  # PEFT loads with the plugins, not with the format

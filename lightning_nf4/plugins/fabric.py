@@ -19,7 +19,7 @@ from lightning.fabric.utilities.types import Optimizable
 from torch import Tensor, nn
 
 from lightning_nf4.format.tensor import NF4Tensor
-from lightning_nf4.plugins.convert import nf4_layers
+from lightning_nf4.plugins.convert import keep_trained_in, nf4_layers
 from lightning_nf4.plugins.precision import NF4Conversion, NF4PrecisionError
 
 
@@ -42,11 +42,9 @@ class NF4FabricPrecision(NF4Conversion, FabricMixedPrecision):
         ``fabric.init_module()`` starts in the compute dtype, where AdamW's small steps vanish (bf16) or the
         GradScaler refuses to unscale (fp16)."""
         module = super().convert_module(module)
-        cast = [p for p in module.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
-        for param in cast:
-            param.data = param.data.float()  # the same Parameter: an optimizer made before setup keeps it
+        cast = keep_trained_in(module, torch.float32)
         if cast:
-            rank_zero_info(f"NF4FabricPrecision: {len(cast)} trainable tensors cast to float32.")
+            rank_zero_info(f"NF4FabricPrecision: {cast} trainable tensors cast to float32.")
         self._replaced.update((id(layer.weight), layer.weight) for _, layer in nf4_layers(module))
         return module
 

@@ -53,6 +53,35 @@ def test_safetensors_is_preferred_to_bin_and_a_bin_index_is_followed(tmp_path):
     assert {k: v.tolist() for k, v in iter_tensors(files)} == {"x": [1.0, 1.0], "y": [2.0, 2.0]}
 
 
+@pytest.mark.parametrize("content,why", [
+    ('{"weight_map": {}}', "no \"weight_map\""),
+    ('{"weight_map": ["model-00001-of-00001.safetensors"]}', "no \"weight_map\""),
+    ('["model-00001-of-00001.safetensors"]', "no \"weight_map\""),
+    ('{"metadata": {}}', "no \"weight_map\""),
+    ('{"weight_map": {"w": ["model-00001-of-00001.safetensors"]}}', "must lie inside its folder"),
+    ('{"weight_map": {"w": "../other/model-00001-of-00001.safetensors"}}', "must lie inside its folder"),
+    ('{"weight_map": ', "Expecting value"),
+], ids=["empty_map", "map_a_list", "index_a_list", "no_map", "file_a_list", "file_outside", "cut_off"])
+def test_a_malformed_shard_index_is_named_with_the_fix(tmp_path, content, why):
+    """transformers fails on these with IndexError, AttributeError or TypeError, and reads a shard named outside the
+    folder; here each is a CheckpointError naming the index and what is wrong with it."""
+    model = tmp_path / "model"
+    (tmp_path / "other").mkdir()
+    model.mkdir()
+    for folder in (model, tmp_path / "other"):
+        save_file({"w": torch.ones(2)}, str(folder / "model-00001-of-00001.safetensors"))
+    (model / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json is not a valid shard index \(.*{why}.*re-save the model"):
+        checkpoint_files(model)
+
+
+def test_an_index_may_name_shards_in_a_subfolder(tmp_path):
+    (tmp_path / "part").mkdir()
+    save_file({"w": torch.ones(2)}, str(tmp_path / "part" / "a.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "part/a.safetensors"}}))
+    assert checkpoint_files(tmp_path) == [tmp_path / "part" / "a.safetensors"]
+
+
 def test_damaged_headers_are_named_for_what_they_are(tmp_path):
     """A header length longer than the file, and data cut off after a whole header, each give their own message."""
     save_file({"w": torch.arange(64, dtype=torch.float32)}, str(tmp_path / "model.safetensors"))

@@ -48,11 +48,7 @@ def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None, varia
             return [folder / single]
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index} is not a valid shard index ({err}); re-download or re-save the model.") from err
-            shards = sorted(set(weight_map.values()))
+            shards = _shards_of(index)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index.name} lists shards that are missing from {folder}: {missing}. The download is incomplete.")
@@ -66,6 +62,27 @@ def checkpoint_files(folder: Path, use_safetensors: Optional[bool] = None, varia
     raise CheckpointError(
         f"No weights in {folder}{asked}: expected {' or '.join((*indexes, *singles))} (found {found[:10]}).{hint}"
     )
+
+
+def _shards_of(index: Path) -> list[str]:
+    """The shard files an index maps tensors to: a non-empty ``weight_map`` of tensor names to paths inside the
+    index's folder (one reaching outside it would read another model's weights)."""
+    def invalid(why: str) -> CheckpointError:
+        return CheckpointError(f"{index} is not a valid shard index ({why}); re-download or re-save the model.")
+
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise invalid(str(err)) from err
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise invalid('no "weight_map" of tensor names to shard files')
+    names = list(weight_map.values())
+    folder = index.parent.resolve()
+    odd = [n for n in names if not isinstance(n, str) or not n or not (folder / n).resolve().is_relative_to(folder)]
+    if odd:
+        raise invalid(f"shard paths must lie inside its folder, got {odd[:3]}")
+    return sorted(set(names))
 
 
 _ST_DTYPES = {

@@ -144,3 +144,19 @@ def test_cli_export_does_not_run_a_shared_checkpoint(tmp_path, model_dir, monkey
         main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "export")])
     assert not marker.exists()
     assert not (tmp_path / "export").exists()
+
+
+def test_a_model_bin_that_would_run_code_is_refused_as_untrusted_not_as_damaged(tmp_path):
+    """A ``pytorch_model.bin`` whose pickle builds objects beside the tensors is intact: the loader refuses it for what
+    it is (it could run code), names what it asked for, and points to safetensors, not to a re-download."""
+    from lightning_nf4.loading.checkpoint import CheckpointError, iter_tensors
+
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(2), "x": _WritesMarker(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds more than weights \(its pickle asks for: .*open.*\).*re-save the model as safetensors") as info:
+        dict(iter_tensors([tmp_path / "pytorch_model.bin"]))
+    assert "truncated" not in str(info.value) and "add_safe_globals" not in str(info.value)
+    assert not marker.exists()
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "pytorch_model.bin").read_bytes()[:-200])
+    with pytest.raises(CheckpointError, match=r"cut\.bin cannot be loaded .*truncated or corrupted"):
+        dict(iter_tensors([tmp_path / "cut.bin"]))

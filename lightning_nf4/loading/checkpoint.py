@@ -7,6 +7,7 @@ every tensor is handed out on its own so that a caller can quantize it and let i
 from __future__ import annotations
 
 import json
+import pickle
 import math
 import struct
 from collections.abc import Iterator, Sequence
@@ -281,5 +282,15 @@ class CheckpointIndex:
 def _load_bin(file: Path) -> dict[str, Tensor]:
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"{file} cannot be loaded (UnpicklingError: {err}); it is truncated or corrupted.") from err
+        # an intact file whose pickle asks for more than tensors: it could run code, so it is not read here
+        asks = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". Please use", 1)[0]
+        raise CheckpointError(
+            f"{file} holds more than weights (its pickle asks for: {asks}), and a pickle that builds other objects can run "
+            "code, so lightning-nf4 reads .bin files weights-only. If you trust the file, re-save the model as "
+            "safetensors where it loads (transformers: model.save_pretrained(folder), safe_serialization is the default)."
+        ) from err
     except Exception as err:  # torch raises several types for damaged zip/pickle files
         raise CheckpointError(f"{file} cannot be loaded ({type(err).__name__}: {err}); it is truncated or corrupted.") from err

@@ -322,6 +322,27 @@ def test_damaged_checkpoints_fail_clearly(float_dir, tmp_path):
         AutoModelForCausalLM.from_pretrained(incomplete, quantization_config=NF4, progress=False)
 
 
+@pytest.mark.parametrize("meta", [False, True], ids=["streamed", "meta_then_materialize"])
+def test_an_integer_weight_of_a_layer_to_quantize_is_named_as_such(float_dir, tmp_path, meta):
+    """A float checkpoint with one projection stored as int32 (transformers casts it to the model's dtype): the error
+    names the weight and its dtype, not a missing quant state."""
+    from safetensors.torch import load_file, save_file
+
+    from lightning_nf4.loading import materialize
+
+    folder = _copy(float_dir, tmp_path / "ints")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for shard in folder.glob("model-*.safetensors"):
+        tensors = load_file(str(shard))
+        if key in tensors:
+            tensors[key] = tensors[key].float().mul(100).to(torch.int32)
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises((CheckpointError, NF4FormatError), match=rf"{key}.*int32.*must be float") as info:
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=NF4, progress=False, device="meta" if meta else "cpu")
+        materialize(model, "cpu")
+    assert "bitsandbytes__nf4'; a packed" not in str(info.value)
+
+
 def _llama_cpp_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's converter stores q/k projections with each head's rows interleaved for its rope layout;
     transformers' GGUF reader undoes it."""

@@ -525,8 +525,8 @@ class NF4Linear(nn.Module):
             quant = quantize_nf4(weight, self.blocksize, self.double_quant, name=name)
         else:
             raise NF4FormatError(
-                f"{name} has dtype {tensors[''].dtype} but no '{name}.quant_state.bitsandbytes__nf4'; "
-                "a packed NF4 weight needs its quant state (absmax, quant_map, ...) saved alongside."
+                f"{name} has dtype {tensors[''].dtype} but no '{name}.quant_state.bitsandbytes__nf4': a weight to quantize "
+                "must be float, and a packed NF4 weight needs its quant state (absmax, quant_map, ...) saved alongside."
             )
         if tuple(quant.shape) != (self.out_features, self.in_features):
             raise NF4FormatError(

@@ -374,6 +374,14 @@ def _stream_into(model: nn.Module, files: list[Path], device: torch.device, dtyp
     for name in [n for n, parts in stacked.items() if set(parts) == {""} and parts[""].is_floating_point()]:
         _fill(model, name, read_stacked(stacked.pop(name), name, params[name], device, dtype))
 
+    if not prequantized:  # a lone weight that is not float: neither a weight to quantize nor codes (they come with a quant state)
+        odd = {f"{n}.weight": str(p[""].dtype).removeprefix("torch.") for n, p in pending.items() if set(p) == {""}}
+        if odd:
+            raise CheckpointError(
+                f"The checkpoint in {files[0].parent} stores weights of layers to quantize as integers: {dict(list(odd.items())[:4])}. "
+                "A weight to quantize must be float (bf16, fp16, fp32); packed NF4 codes come with their quant state and a "
+                "quantization_config in config.json. The file is damaged or was written for another model or tool."
+            )
     _tie_as_loaded(model)
     incomplete = [key for name, parts in pending.items() for key in _missing_parts(f"{name}.weight", parts)]
     incomplete += [key for name, parts in stacked.items() for key in _missing_parts(name, parts)]

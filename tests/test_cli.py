@@ -135,6 +135,29 @@ def test_fit_text_writes_artifacts_and_export_matches(tmp_path, model_dir, capsy
     assert merged.keys() == merged_at_fit_end.keys() and all(torch.equal(merged[k], merged_at_fit_end[k]) for k in merged)
 
 
+def test_a_model_folder_without_a_tokenizer_is_named_and_tokenizer_name_or_path_supplies_one(tmp_path, model_dir, capsys):
+    """A model saved without its tokenizer: fit stops before loading anything, naming the folder and the option; with
+    ``model.tokenizer_name_or_path`` it trains, its data module tokenizes with the same tokenizer, and the merged
+    export carries it."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in model_dir.iterdir():
+        if file.name.startswith(("model", "config", "generation_config")):
+            (bare / file.name).write_bytes(file.read_bytes())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{s} {t}" for s in SENTENCES for t in SENTENCES))
+    data = {"class_path": "lightning_nf4.data.TextDataModule",
+            "init_args": {"source": str(corpus), "block_size": 16, "batch_size": 4, "val_fraction": 0.25}}
+    config = write_config(tmp_path, bare, data)
+    with pytest.raises(FileNotFoundError, match=rf"No tokenizer in {re.escape(str(bare))} .*--model.tokenizer_name_or_path"):
+        main(["fit", "--config", str(config)])
+    config = write_config(tmp_path, bare, data, tokenizer_name_or_path=str(model_dir))
+    main(["fit", "--config", str(config)])
+    before, after = perplexities(capsys.readouterr().out)
+    assert math.isfinite(before) and after < before
+    assert (tmp_path / "fit-out" / "merged" / "tokenizer.json").is_file()
+
+
 def test_export_takes_last_as_fit_does(tmp_path, model_dir, capsys):
     """``export --ckpt_path last`` finds the newest last checkpoint of the config's ModelCheckpoint, as fit and validate
     do (it failed: 'checkpoint last does not exist'); other Lightning names say what to pass instead."""

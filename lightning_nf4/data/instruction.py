@@ -94,7 +94,7 @@ class InstructionDataModule(HeldOutDataModule):
 
     Args:
         train_file: JSONL file. Without ``val_file``, ``val_fraction`` of it is held out (seeded).
-        tokenizer_name_or_path: defaults to the model's ``model_name_or_path``.
+        tokenizer_name_or_path: defaults to the model's (``CausalLMModule``'s tokenizer, else its ``model_name_or_path``).
         prompt_template, prompt_template_no_input: ``str.format`` templates (Alpaca by default).
         use_chat_template: build prompts with the tokenizer's chat template instead.
         max_length: examples are cut to this many tokens; ones left without a response token are dropped.

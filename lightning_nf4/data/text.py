@@ -29,23 +29,35 @@ def resolve_name_or_path(name_or_path: str) -> str:
     return str(resolve_model_path(name_or_path))
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     """The model's tokenizer, given a pad token (EOS) when it has none, so batches can be padded."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_name_or_path(name_or_path))
+    folder = Path(resolve_name_or_path(name_or_path))
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"No tokenizer in {folder} (none of {', '.join(_TOKENIZER_FILES)}). Save the tokenizer beside the model "
+            "(tokenizer.save_pretrained(folder)), or name a folder that has it: CausalLMModule's tokenizer_name_or_path "
+            "(the CLI's --model.tokenizer_name_or_path), or a data module's tokenizer_name_or_path."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def tokenizer_source(datamodule: pl.LightningDataModule, given: Optional[str]) -> str:
-    """The tokenizer to use: the one given, else the attached model's ``model_name_or_path``."""
+    """The tokenizer to use: the one given, else the attached model's (its ``tokenizer_name_or_path``, else its
+    ``model_name_or_path``)."""
     if given:
         return given
     trainer = getattr(datamodule, "trainer", None)
     module = trainer.lightning_module if trainer is not None else None
-    name = getattr(module, "hparams", {}).get("model_name_or_path") if module is not None else None
+    hparams = getattr(module, "hparams", {}) if module is not None else {}
+    name = hparams.get("tokenizer_name_or_path") or hparams.get("model_name_or_path")
     if not name:
         raise ValueError(
             f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer_name_or_path, or train a model that has "
@@ -157,7 +169,7 @@ class TextDataModule(HeldOutDataModule):
 
     Args:
         source: ``"pydoc"`` (the standard library's help topics, nothing to install) or a text file path.
-        tokenizer_name_or_path: defaults to the model's ``model_name_or_path`` (``packaged:`` names allowed).
+        tokenizer_name_or_path: defaults to the model's (``CausalLMModule``'s tokenizer, else its ``model_name_or_path``; ``packaged:`` names allowed).
         block_size: tokens per training example.
         val_fraction: share of documents held out (whole documents, never seen in training).
         max_train_blocks, max_val_blocks: caps on the number of blocks (for quick runs).

@@ -40,6 +40,8 @@ class CausalLMModule(pl.LightningModule):
 
     Args:
         model_name_or_path: a local Hugging Face folder or ``packaged:<name>`` (e.g. ``packaged:smollm2-135m-instruct``).
+        tokenizer_name_or_path: where the tokenizer is, when not beside the model (default: ``model_name_or_path``);
+            the data modules use it too unless given their own.
         load_in_4bit, bnb_4bit_use_double_quant: the ``BitsAndBytesConfig`` the loader quantizes with.
         compute_dtype: dtype of the float parts and of the matmuls (``bfloat16``, ``float16`` or ``float32``).
         learning_rate, weight_decay: AdamW settings (over trainable parameters only).
@@ -73,6 +75,7 @@ class CausalLMModule(pl.LightningModule):
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
         generation_prompts: Optional[list[str]] = None,
+        tokenizer_name_or_path: Optional[str] = None,
     ) -> None:
         super().__init__()
         if loss not in ("chunked", "plain"):
@@ -126,7 +129,7 @@ class CausalLMModule(pl.LightningModule):
             device=device, dtype=self.compute_dtype, progress=progress,
         )
         self.model.train()  # the loader returns eval mode; Lightning keeps submodule modes as it finds them
-        self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
+        self.tokenizer = load_tokenizer(self.hparams.get("tokenizer_name_or_path") or self.hparams.model_name_or_path)
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False

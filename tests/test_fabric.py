@@ -99,6 +99,33 @@ def test_fabric_quantizes_the_base_exactly_and_trains_only_the_adapters():
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
 
 
+def test_peft_merge_and_unload_after_setup_requantizes_the_nf4_base():
+    """The layers PEFT wrapped before ``setup`` are NF4 LoRA layers after it (``NF4LoraLinear``, as LoRACallback and
+    ``lora_config`` build them): PEFT's ``merge_and_unload`` re-quantizes each base with the update added, with a
+    warning, and the model computes as before to NF4 rounding. (PEFT's own merge added the update to the packed codes,
+    a shape error.)"""
+    from lightning_nf4.layers.lora import NF4LoraLinear
+
+    fabric, model, optimizer = _setup(NF4FabricPrecision(skip_modules=("head",)))
+    _fit(fabric, model, optimizer, steps=5)
+    peft_model = model.module
+    assert all(type(peft_model.get_submodule(f"base_model.model.{n}")) is NF4LoraLinear for n in ("up", "down"))
+    x = _data()[0]
+    with torch.no_grad():
+        before = model(x)
+        expected = {}
+        for n in ("up", "down"):
+            layer = peft_model.get_submodule(f"base_model.model.{n}")
+            expected[n] = quantize_nf4(layer.merged_weight().to(layer.get_base_layer().quant.dtype), 64, True).packed
+    with pytest.warns(UserWarning, match="re-quantizes the weight"):
+        merged = peft_model.merge_and_unload()
+    assert type(merged.up) is NF4Linear and type(merged.down) is NF4Linear
+    assert torch.equal(merged.up.weight, expected["up"]) and torch.equal(merged.down.weight, expected["down"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = merged(x).float()
+    assert (after - before).abs().mean() < 0.1 * before.abs().mean()  # NF4 rounding of the merged weights only
+
+
 def test_fabric_checkpoint_and_peft_adapter_folder_give_the_trained_model_back(tmp_path):
     fabric, model, optimizer = _setup(NF4FabricPrecision(skip_modules=("head",)))
     _fit(fabric, model, optimizer, steps=5)

@@ -389,6 +389,24 @@ def check_peft_layers(model: nn.Module, to_quantize: set[str]) -> None:
             )
 
 
+def adopt_peft_linears(model: nn.Module) -> int:
+    """PEFT's LoRA ``Linear`` layers whose base is now an ``NF4Linear`` become ``NF4LoraLinear``: what PEFT builds on an
+    NF4 base (``lora_config``, ``LoRACallback``), as it builds ``Linear4bit`` on a bitsandbytes one. The same parameters
+    and adapters, the NF4 layer's forward, and a merge that re-quantizes the base (PEFT's own added the update to the
+    packed codes: a shape error). Returns how many; layers with a PEFT variant (aLoRA; DoRA is refused) stay as they are."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from lightning_nf4.layers.lora import NF4LoraLinear
+
+    adopted = 0
+    for module in model.modules():
+        if type(module) is PeftLinear and isinstance(module.get_base_layer(), NF4Linear) and not module.fan_in_fan_out:
+            if not any(getattr(module, "lora_variant", {}).values()):
+                module.__class__ = NF4LoraLinear
+                adopted += 1
+    return adopted
+
+
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 

@@ -25,7 +25,7 @@ from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import group_nf4_layers
 from lightning_nf4.layers.linear import NF4Linear, set_low_memory_recompute
 from lightning_nf4.plugins.convert import (
-    check_peft_layers, convert_experts, convert_linears, convertible_experts, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers,
+    adopt_peft_linears, check_peft_layers, convert_experts, convert_linears, convertible_experts, convertible_linears, exclude_nf4_from_ddp_sync, nf4_layers,
     kept_in_float_by_model, nf4_expert_weights,
 )
 
@@ -168,6 +168,7 @@ class NF4Conversion:
             after = _param_bytes(module)
             what = f"{count} linear layers" + (f" and {count_experts} stacked expert weights" if count_experts else "")
             rank_zero_info(f"{type(self).__name__}: quantized {what} on {device}: parameters {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB.")
+        adopt_peft_linears(module)
         exclude_nf4_from_ddp_sync(module)
         if self.group_dequantize is True or (self.group_dequantize == "auto" and ops.launches_kernels(device.type)):
             group_nf4_layers(module)

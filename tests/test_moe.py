@@ -403,6 +403,41 @@ def test_compiled_decoder_layers_run_nf4_experts():
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_before_torch_2_13_nf4_experts_run_eagerly_inside_compiled_layers(monkeypatch, implementation):
+    """torch 2.11's compiler fails inside transformers' experts on an NF4Tensor weight; there ``compile_blocks`` leaves
+    the experts' forward out of the graph (the rest of the layer compiled): the same outputs and gradients as eager,
+    and the experts' code runs outside the compiler. (Here on torch 2.13 the fallback is switched on by hand.)"""
+    from lightning_nf4.plugins import compile as compiling
+
+    model = tiny_moe(implementation=implementation)
+    convert_experts(model, compute_dtype=torch.float32)
+    cls = type(model.model.layers[0].mlp.experts)
+    seen = []
+    original = cls.forward
+
+    def probed(self, *args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", probed)  # the class's own forward comes back after the test
+    monkeypatch.setattr(compiling, "COMPILER_TRACES_NF4_EXPERTS", False)
+    eager = copy.deepcopy(model)
+    compiling.compile_blocks(model)
+    assert getattr(cls.forward, "_nf4_eager", False)
+    ids = torch.randint(0, 128, (2, 16))
+    results = []
+    for m in (model, eager):
+        m.model.embed_tokens.weight.requires_grad_(True)
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    assert seen and not any(seen)  # every experts call ran eagerly, the compiled layers' included
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
 def test_cuda_quantizes_experts_on_the_gpu_and_trains(implementation):

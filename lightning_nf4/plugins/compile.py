@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from lightning_nf4.layers.group import find_by_class, repeated_blocks
@@ -81,8 +82,32 @@ def compile_blocks(module: nn.Module, blocks: Blocks = "auto", **compile_kwargs:
     found = find_blocks(module, blocks)
     for block in found:
         if getattr(block, "_compiled_call_impl", None) is None:
+            if not COMPILER_TRACES_NF4_EXPERTS:
+                experts_run_eagerly(block)
             block.compile(**compile_kwargs)
     return found
+
+
+# torch 2.11's compiler fails inside transformers' experts forward on an NF4Tensor weight (it traces the subclass's
+# construction and reads it half built: "InternalTorchDynamoError: AttributeError: quant"); 2.13's traces it.
+COMPILER_TRACES_NF4_EXPERTS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def experts_run_eagerly(block: nn.Module) -> list[type]:
+    """The classes of ``block``'s modules that hold NF4 expert weights run outside compiled graphs (a graph break on
+    each side; the rest of the block stays compiled). Set on the class, not the module, so that copies of the model
+    call their own weights; eager calls are unchanged. Returns the classes."""
+    from lightning_nf4.format.tensor import NF4Tensor
+
+    classes = []
+    for sub in block.modules():
+        cls = type(sub)
+        if any(isinstance(p, NF4Tensor) for p in sub.parameters(recurse=False)) and not getattr(cls.forward, "_nf4_eager", False):
+            eager = torch.compiler.disable(cls.forward, recursive=True)
+            eager._nf4_eager = True
+            cls.forward = eager
+            classes.append(cls)
+    return classes
 
 
 def compiled_blocks(module: nn.Module) -> list[nn.Module]:

@@ -78,6 +78,36 @@ def test_a_model_built_in_init_or_in_configure_model_comes_back(tmp_path, make):
     assert_same_module(trained, load_from_checkpoint(make, path))
 
 
+class LoadsOnMeta(CausalLM):
+    """A model loaded with ``from_pretrained(..., device="meta")`` in ``configure_model`` (the README's loading path for
+    ``nf4_fsdp``; one process reads it whole at the conversion)."""
+
+    def __init__(self, folder: str, lr: float = 1e-2):
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters({"folder": folder, "lr": lr})
+        self.model, self.lr = None, lr
+
+    def configure_model(self):
+        if self.model is None:
+            from transformers import BitsAndBytesConfig
+
+            from lightning_nf4.loading import AutoModelForCausalLM
+
+            nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(self.hparams.folder, quantization_config=nf4, device="meta", progress=False)
+
+
+def test_a_module_that_loads_its_model_on_meta_comes_back(tmp_path):
+    from tests.lightning_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    trained = LoadsOnMeta(str(tmp_path / "base"))
+    path = fit(tmp_path, trained, token_loader(n=16), plugins=NF4Precision(compute_dtype=torch.float32))
+    loaded = load_from_checkpoint(LoadsOnMeta, path)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert_same_module(trained, loaded)
+
+
 def test_a_float_base_under_lightnings_own_precision_stays_float(tmp_path):
     trained = CausalLM()
     path = fit(tmp_path, trained, token_loader(n=16), precision="bf16-mixed")

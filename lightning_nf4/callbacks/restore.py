@@ -20,6 +20,7 @@ from lightning_nf4.callbacks.lora import _CKPT_KEY, LoRACallback, _raise_if_mism
 from lightning_nf4.checkpoint_io import load_checkpoint
 from lightning_nf4.devices import resolve_device
 from lightning_nf4.plugins.precision import NF4Precision
+from lightning_nf4.strategies.fsdp import read_deferred
 
 ModuleT = TypeVar("ModuleT", bound=pl.LightningModule)
 
@@ -75,6 +76,7 @@ def load_from_checkpoint(
 
     device = _device(map_location)
     module = _instantiate(module_class, checkpoint, kwargs)
+    read_deferred(module, device)  # a model loaded with device="meta" (for nf4_fsdp) is read whole, as under DDP
     module.to(device)  # quantized where it will run
     if precision is not None:
         precision.convert_module(module)

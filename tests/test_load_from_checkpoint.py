@@ -143,7 +143,13 @@ def test_checkpoints_it_cannot_rebuild_from_are_named(tmp_path):
     assert_same_module(load_from_checkpoint(CausalLM, path), trained_as)
     with pytest.raises(RuntimeError, match=r"adapter checkpoint does not fit this model: missing \[\]"):
         load_from_checkpoint(CausalLM, tmp_path / "older.ckpt", lora=LoRACallback(r=4, alpha=8, target_modules=["q_proj"]))
-    del checkpoint["lightning_nf4"]
+    del checkpoint["lightning_nf4"]  # the trained weights and no record: what nf4_fsdp writes with save_weights_only
+    torch.save(checkpoint, tmp_path / "weights_only.ckpt")
+    with pytest.raises(ValueError, match=r"holds LoRA weights but no LoRACallback record.*Pass lora=LoRACallback"):
+        load_from_checkpoint(CausalLM, tmp_path / "weights_only.ckpt")
+    assert_same_module(load_from_checkpoint(CausalLM, path), load_from_checkpoint(
+        CausalLM, tmp_path / "weights_only.ckpt", lora=LoRACallback(r=4, alpha=8), precision=NF4Precision(compute_dtype=torch.float32)))
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" not in k}
     torch.save(checkpoint, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match=r"not written with LoRACallback.*CausalLM.load_from_checkpoint"):
         load_from_checkpoint(CausalLM, tmp_path / "plain.ckpt")

@@ -48,18 +48,20 @@ def load_from_checkpoint(
     meta = checkpoint.get(_CKPT_KEY)
     if meta is None:
         state = checkpoint.get("state_dict", {})
-        if not (any(".lora_" in key for key in state) and any(".base_layer." in key for key in state)):  # not LoRA whole
+        if not any(".lora_" in key for key in state):
             raise ValueError(
                 f"{str(checkpoint_path)!r} was not written with LoRACallback (it has no {_CKPT_KEY!r} record): load it with "
                 f"{module_class.__name__}.load_from_checkpoint."
             )
-        if lora is None:  # Lightning runs no callback hook for save_weights_only checkpoints: the whole model, no record
+        if lora is None:  # Lightning runs no callback hook for save_weights_only checkpoints: no record
             raise ValueError(
                 f"{str(checkpoint_path)!r} holds LoRA weights but no LoRACallback record (a save_weights_only checkpoint: "
                 "Lightning runs no callback hooks for those). Pass lora=LoRACallback(r=..., alpha=..., target_modules=...) "
                 "and precision=NF4Precision(...) as in the run that wrote it (its alpha is not recorded)."
             )
-        meta = {}  # the whole module's weights, loaded as a full checkpoint
+        # the whole module's weights (one process, DDP), or the trained ones only (nf4_fsdp, whose checkpoints never
+        # hold the base), loaded as the checkpoints of each kind are
+        meta = {"adapter_only": not any(".base_layer." in key for key in state)}
     settings = meta.get("settings")
     if lora is None:
         if settings is None:

@@ -377,7 +377,8 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     if write:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         if hf is not None:
-            with _float_config(hf.config, untie=untie):
+            # architectures as save_pretrained records it, by the class FSDP2 wraps (loaders such as vLLM read it)
+            with _float_config(hf.config, untie=untie, architectures=[unsharded_class(hf).__name__]):
                 hf.config.save_pretrained(str(tmp))
             _record_dtype(tmp / "config.json", written)
             if getattr(hf, "generation_config", None) is not None:
@@ -396,6 +397,14 @@ def checkpoint_layout(hf: nn.Module, state: dict[str, Tensor]) -> dict[str, Tens
         return dict(revert_weight_conversion(hf, state))
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """The module's class, or for one FSDP2 sharded (which gives it a class of its own, ``FSDPLlamaForCausalLM``) the
+    class it wraps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
 @contextmanager
 def _conversions_of_unsharded_class(hf: nn.Module) -> Iterator[None]:
     """transformers looks an architecture's conversions up by the model's class, and takes the class FSDP2 gives a
@@ -408,9 +417,8 @@ def _conversions_of_unsharded_class(hf: nn.Module) -> Iterator[None]:
         return
     from transformers.conversion_mapping import get_model_conversion_mapping
 
-    wrapped = next(c for c in type(hf).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
-        unsharded = wrapped(hf.config)  # no storage: only its class and module names are read
+        unsharded = unsharded_class(hf)(hf.config)  # no storage: only its class and module names are read
     # as save_pretrained reverses them for a model from_pretrained did not load (no prefix changes)
     hf._weight_conversions = [t for t in get_model_conversion_mapping(unsharded, add_legacy=False) if type(t).__name__ != "PrefixChange"]
     try:
@@ -420,16 +428,19 @@ def _conversions_of_unsharded_class(hf: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _float_config(config: Any, untie: bool = False) -> Iterator[None]:
+def _float_config(config: Any, untie: bool = False, architectures: Optional[list[str]] = None) -> Iterator[None]:
     """The config as a merged (float) model's while it is saved, restored after: no ``quantization_config``;
     ``use_cache`` on (training turns it off); with ``untie``, ``tie_word_embeddings`` off as well (the merged head is
-    no longer the embedding table). The dtype written is recorded after (``_record_dtype``)."""
+    no longer the embedding table); ``architectures`` when given. The dtype written is recorded after
+    (``_record_dtype``)."""
     saved = {k: getattr(config, k) for k in ("quantization_config",) if hasattr(config, k)}
     for k in saved:
         delattr(config, k)
-    changes = {"tie_word_embeddings": False} if untie else {}
+    changes: dict[str, Any] = {"tie_word_embeddings": False} if untie else {}
     if hasattr(config, "use_cache"):
         changes["use_cache"] = True
+    if architectures is not None:
+        changes["architectures"] = architectures
     before = {k: getattr(config, k, None) for k in changes}
     for k, v in changes.items():
         setattr(config, k, v)

@@ -4,6 +4,7 @@ its forward (eager, ``batched_mm``, ``grouped_mm``) as transformers wrote them."
 
 import copy
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -337,6 +338,9 @@ def test_moe_under_ddp_and_fsdp2_matches_one_process(tmp_path):
 
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys("single")
     assert keys("fsdp") == keys("single") == keys("ddp")
+    for run in ("single", "fsdp"):  # as save_pretrained records it (FSDP2's class is FSDPMixtralForCausalLM)
+        config = json.loads((tmp_path / run / "export" / "merged" / "config.json").read_text())
+        assert config["architectures"] == ["MixtralForCausalLM"], run
 
     ids = torch.randint(0, 128, (2, 16))
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export" / "merged").eval()(ids).logits for run in ("single", "ddp", "fsdp")]

@@ -248,7 +248,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
 
         if self.activation_checkpointing:
             without_kv_cache(hf)
-        unit_class = type(units[0]).__name__ if units else "no"
+        unit_class = type(units[0]).__name__ if units else ""
         groups = [units[i:i + self.layers_per_unit] for i in range(0, len(units), self.layers_per_unit)]
         for group in groups:
             shard_one(group if len(group) > 1 else group[0], self.activation_checkpointing)
@@ -291,11 +291,9 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         source = deferred_checkpoint(hf)
         filled = f", each filled from {source.index.files[0].parent} as it was sharded" if source is not None else ""
         _SHARDED_HERE.add(module)
-        rank_zero_info(
-            f"NF4FSDPStrategy: sharded {len(units)} {unit_class} units, "
-            + ("the embeddings and head by vocabulary rows" if by_vocabulary else f"{len(tables)} embedding unit(s)")
-            + f" and the root across {world} ranks{filled}."
-        )
+        parts = [f"{len(units)} {unit_class} units"] if units else []
+        parts += ["the embeddings and head by vocabulary rows"] if by_vocabulary else [f"{len(tables)} embedding unit(s)"] if tables else []
+        rank_zero_info(f"NF4FSDPStrategy: sharded {', '.join(parts + ['the root'])} across {world} ranks{filled}.")
         return module
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:

@@ -84,3 +84,18 @@ def test_a_layer_once_skipped_stays_float_under_a_later_conversion():
     NF4Precision(compute_dtype=torch.float32, device="cpu").convert_module(model)
     assert _float_layers(model) == {"encoder.layers.0"}
     assert convert_linears(model, compute_dtype=torch.float32, skip_modules=()) == 0
+
+
+def test_dequantize_model_replaces_a_shared_layer_under_every_name_and_keeps_it_shared():
+    """One linear used twice: ``convert_linears`` makes it one NF4 layer under both names, and ``dequantize_model``
+    gives one float layer back under both (it left the second name in NF4, the tie broken)."""
+    from lightning_nf4 import dequantize_model
+
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    convert_linears(model, compute_dtype=torch.float32)
+    assert isinstance(model[2], NF4Linear) and model[0] is model[2]
+    expected = model[0].dequantize(torch.float32)
+    dequantize_model(model)
+    assert type(model[0]) is nn.Linear and model[0] is model[2]
+    assert torch.equal(model[2].weight, expected)

@@ -425,11 +425,14 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
             "Write the merged float model (LoRACallback(save_dir=...) or lightning_nf4.export.save_merged), or remove the "
             "adapters first (PEFT's unload())."
         )
-    for name, layer in nf4_layers(model):
+    floats: dict[int, nn.Module] = {}  # a layer shared under several names stays one (float) layer
+    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NF4Linear)]:
         if not name:
             raise ValueError("dequantize_linears: the model is itself an NF4Linear; use its to_float().")
+        if id(layer) not in floats:
+            floats[id(layer)] = layer.to_float(dtype)
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer.to_float(dtype))
+        setattr(model.get_submodule(parent), attr, floats[id(layer)])
     for module in model.modules():  # stacked expert weights
         dequantize_experts(module, dtype)
     restore_weight_conversions(model)

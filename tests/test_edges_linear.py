@@ -257,3 +257,23 @@ def test_torch_func_transforms_run_through_the_ops():
     torch.testing.assert_close(grad, weight.sum(0).expand(3, 64))
     jacobian = torch.func.jacrev(layer)(x[0])
     torch.testing.assert_close(jacobian, weight)
+
+
+def test_constructor_arguments_it_cannot_hold_are_named_with_the_fix():
+    """float64 (a weight NF4 cannot be quantized from; it failed only at state_dict()), a layer without features (it
+    failed at forward with a ZeroDivisionError), a dtype given as a string; numpy's integers are integers."""
+    import numpy as np
+
+    from lightning_nf4 import NF4Linear, dequantize_model
+
+    with pytest.raises(ValueError, match=r"dtype \(what the weight is quantized from.*torch.float32, torch.bfloat16, torch.float16; got torch.float64"):
+        NF4Linear(64, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"at least one input and one output feature, got in_features=0"):
+        NF4Linear(0, 8)
+    with pytest.raises(ValueError, match=r"compute_dtype must be .*got the string 'bfloat16': pass torch.bfloat16"):
+        NF4Linear(64, 64, compute_dtype="bfloat16")
+    assert NF4Linear(64, 64, blocksize=np.int64(64)).blocksize == 64
+    model = torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(64, 64), compute_dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"dtype must be torch.float32, torch.bfloat16 or torch.float16 \(or its name\), got 'half-ish'"):
+        dequantize_model(model, "half-ish")
+    assert dequantize_model(model, "bfloat16")[0].weight.dtype == torch.bfloat16

@@ -7,6 +7,7 @@ double quantization, the nested statistics), so conversion to and from its state
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -33,6 +34,8 @@ def float_dtype(value: object) -> Optional[torch.dtype]:
 
 
 def check_blocksize(blocksize: int) -> int:
+    if isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, bool):
+        blocksize = int(blocksize)  # numpy's and torch's integers too, as a plain int from here on
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 32 or blocksize > 4096 or (blocksize & (blocksize - 1)):
         raise NF4FormatError(f"blocksize must be a power of two between 32 and 4096 (as in bitsandbytes), got {blocksize!r}.")
     return blocksize
@@ -196,6 +199,6 @@ def dequantize_nf4(weight: NF4Weight, dtype: Optional[torch.dtype] = None) -> Te
     """Free-function form of ``NF4Weight.dequantize``."""
     dtype = dtype or weight.dtype
     if dtype not in SUPPORTED_DTYPES:
-        raise NF4FormatError(f"Cannot dequantize to {dtype}; choose one of float32, bfloat16, float16.")
+        raise NF4FormatError(f"Cannot dequantize to {dtype!r}; choose one of torch.float32, torch.bfloat16, torch.float16.")
     flat = ops.dequantize_4bit(weight.packed, weight.absmax, weight.code, weight.blocksize, weight.numel, dtype, *weight.nested_args())
     return flat.view(weight.shape)

@@ -28,9 +28,10 @@ from lightning_nf4.kernels import ops
 from lightning_nf4.layers.group import DequantGroup
 
 
-def _check_compute_dtype(compute_dtype: torch.dtype) -> None:
+def _check_compute_dtype(compute_dtype: torch.dtype, what: str = "compute_dtype") -> None:
     if compute_dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"compute_dtype must be one of float32, bfloat16, float16; got {compute_dtype}.")
+        given = f"the string {compute_dtype!r}: pass torch.{compute_dtype.removeprefix('torch.')}" if isinstance(compute_dtype, str) else str(compute_dtype)
+        raise ValueError(f"{what} must be one of torch.float32, torch.bfloat16, torch.float16; got {given}.")
 
 
 def _recorded_by_checkpoint() -> bool:
@@ -203,12 +204,16 @@ class NF4Linear(nn.Module):
         super().__init__()
         self._group: Optional[DequantGroup] = None
         _check_compute_dtype(compute_dtype)
+        dtype = dtype or torch.get_default_dtype()
+        _check_compute_dtype(dtype, "dtype (what the weight is quantized from and the bias is kept in)")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"NF4Linear needs at least one input and one output feature, got in_features={in_features}, "
+                             f"out_features={out_features} (a weight without elements has nothing to quantize).")
         self.in_features = in_features
         self.out_features = out_features
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
-        dtype = dtype or torch.get_default_dtype()
         self._set_quant(_empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 

@@ -418,6 +418,12 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
     NF4 layers under LoRA are refused: their merged float model is an export."""
     from peft.tuners.lora import LoraLayer
 
+    from lightning_nf4.format.quantized import float_dtype
+
+    if dtype is not None:
+        if float_dtype(dtype) is None:
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16 (or its name), got {dtype!r}.")
+        dtype = float_dtype(dtype)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), NF4Linear)]
     if wrapped:
         raise ValueError(

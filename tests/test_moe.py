@@ -601,3 +601,15 @@ def test_modules_a_model_keeps_in_float32_stay_float():
     assert any(type(m).__name__ == "NF4Linear" for m in model.modules())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(model(torch.randint(0, 128, (2, 8))).logits).all()
+
+
+def test_a_transposed_stacked_weight_refuses_views_that_would_misplace_its_elements():
+    """``weight.transpose(1, 2).reshape(-1)`` reported 8192 elements yet dequantized to [4, 64, 32]; a view of a
+    transposed NF4 weight other than its own shape is refused, naming the ways that work."""
+    weight = NF4Tensor(quantize_nf4(torch.randn(4, 32, 64), 64, True))
+    flipped = weight.transpose(1, 2)
+    for shape in ((-1,), (4 * 64, 32)):
+        with pytest.raises(NotImplementedError, match=r"a transposed weight \(4, 64, 32\) cannot be viewed as .*dequantize it first"):
+            flipped.reshape(*shape)
+    assert flipped.reshape(4, 64, 32).shape == (4, 64, 32)  # its own shape: unchanged
+    assert weight.reshape(-1).shape == (8192,)  # the untransposed weight's flat view (FSDP's) stays

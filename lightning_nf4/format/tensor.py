@@ -359,6 +359,12 @@ def _view(t: NF4Tensor, size: list[int]) -> NF4Tensor:
     shape = [numel // max(1, -math.prod(size)) if s == -1 else s for s in size] if -1 in size else list(size)
     if math.prod(shape) != numel:
         raise RuntimeError(f"shape {list(size)} is invalid for an NF4 weight of {numel} elements")
+    if t.transposed and list(shape) != list(t.shape):
+        # the bytes stay in the untransposed layout: a view of other dims would not say which element is where
+        raise NotImplementedError(
+            f"NF4Tensor: a transposed weight {tuple(t.shape)} cannot be viewed as {tuple(shape)}; view or reshape it "
+            "before transposing, or dequantize it first (t.dequantize())."
+        )
     # A flat view (FSDP keeps one of each shard) shares the weight; the layout stays [rows, cols].
     return t._alias(shape=torch.Size(shape))
 

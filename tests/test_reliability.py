@@ -124,6 +124,50 @@ def test_a_bf16_model_trains_a_table_in_full_on_the_cpu_and_exports_in_bf16(tmp_
     assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+class TiedTinyLM(pl.LightningModule):
+    """A plain LM whose output layer shares the embedding table, tied the PyTorch way, under a name that is not
+    ``lm_head``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(128, 64)
+        self.body = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+        self.head = nn.Linear(64, 128, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.emb(ids)))
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return nn.functional.cross_entropy(self(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-2)
+
+
+def test_a_linear_tied_to_the_embeddings_stays_float_and_tied_under_any_name(tmp_path):
+    """``head.weight = emb.weight``: the head stays a float layer tied to the table, with a warning naming it (it was
+    quantized, the tie cut, and the merged export then computed another model), and the merged export loads into the
+    same class as the trained model."""
+    from safetensors.torch import load_file
+
+    model = TiedTinyLM()
+    callback = LoRACallback(r=4, alpha=8, target_modules=["body.0", "body.2"], save_dir=str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match=r"head stays in float: its weight is tied to another module's"):
+        trainer(tmp_path, max_steps=3, plugins=NF4Precision(compute_dtype=torch.float32), callbacks=[callback]).fit(model, token_loader())
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert isinstance(model.body[0].base_layer, NF4Linear)
+    merged = TiedTinyLM()
+    merged.load_state_dict(load_file(str(tmp_path / "out" / "merged" / "model.safetensors")))
+    assert merged.head.weight is merged.emb.weight
+    ids = next(iter(token_loader(n=4)))[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), model(ids).float(), atol=1e-4, rtol=1e-4)
+
+
 def test_lora_on_a_tied_head_exports_a_merged_model_that_says_untied(tmp_path):
     """LoRA on ``lm_head`` when it is tied to the embeddings: the merged head (table + update) is no longer the table,
     so ``merged/config.json`` must say ``tie_word_embeddings: false``, or loaders tie the two and drop the update."""

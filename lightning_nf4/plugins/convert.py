@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import sys
+import warnings
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,11 +65,23 @@ def convertible_linears(model: nn.Module, skip_modules: Sequence[str]) -> list[t
     ``base_layer`` parts, and a layer once found skipped is marked so that no later conversion takes it
     (Lightning converts again after ``LoRACallback`` wrapped it)."""
     found = []
+    owners: dict[int, set[int]] = {}  # parameter -> the modules that hold it (a tied head and its embedding: two)
+    for _, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(id(module))
     for name, module in model.named_modules():
         if not convertible_kind(module) or _is_lora_part(name, module) or getattr(module, _KEEP_FLOAT, False):
             continue
         if within(name, skip_modules) or within(logical_name(name), skip_modules):
             setattr(module, _KEEP_FLOAT, True)
+            continue
+        if len(owners.get(id(module.weight), ())) > 1:  # tied to another module's parameter (an output head to its
+            # embeddings): quantizing it would cut the tie, and the other module would train or export another tensor
+            setattr(module, _KEEP_FLOAT, True)
+            warnings.warn(
+                f"{name} stays in float: its weight is tied to another module's (as transformers keeps tied heads in "
+                f"float). Name it in skip_modules to silence this, or untie it to quantize it.", UserWarning, stacklevel=3,
+            )
             continue
         found.append((name, module))
     return found

@@ -168,6 +168,39 @@ def test_a_linear_tied_to_the_embeddings_stays_float_and_tied_under_any_name(tmp
         torch.testing.assert_close(merged(ids), model(ids).float(), atol=1e-4, rtol=1e-4)
 
 
+class BatchNormBuiltInConfigureModel(pl.LightningModule):
+    """Built in ``configure_model``, so in the plugin's compute dtype (bf16), BatchNorm included."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-2)
+
+
+def test_a_batchnorm_trained_in_full_keeps_its_running_statistics_in_its_weights_dtype(tmp_path):
+    """``modules_to_save`` on a BatchNorm of a model built in bf16: its weight and bias train in float32, and its running
+    statistics go with them (left in bf16, the first CPU forward failed: 'mixed dtype (CPU)'), and they update."""
+    from tests.lightning_models import regression_loader
+
+    model = BatchNormBuiltInConfigureModel()
+    callback = LoRACallback(r=4, alpha=8, target_modules=["net.0", "net.3"], modules_to_save=["net.1"])
+    trainer(tmp_path, max_steps=3, plugins=NF4Precision(compute_dtype=torch.bfloat16), callbacks=[callback]).fit(model, regression_loader())
+    norm = model.net[1].modules_to_save["default"] if hasattr(model.net[1], "modules_to_save") else model.net[1]
+    assert {norm.weight.dtype, norm.running_mean.dtype, norm.running_var.dtype} == {torch.float32}
+    assert norm.num_batches_tracked.item() == 3 and not torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+
+
 def test_lora_on_a_tied_head_exports_a_merged_model_that_says_untied(tmp_path):
     """LoRA on ``lm_head`` when it is tied to the embeddings: the merged head (table + update) is no longer the table,
     so ``merged/config.json`` must say ``tie_word_embeddings: false``, or loaders tie the two and drop the update."""

@@ -248,9 +248,9 @@ def _put_back_conversions(hf: nn.Module) -> None:
 
 def keep_trained_in(module: nn.Module, dtype: torch.dtype) -> int:
     """What trains (adapters, biases, modules trained in full) in ``dtype``, float32 by default: AdamW's small steps
-    vanish in bf16 weights. Returns how many tensors were cast. An embedding trained so still hands the model rows in
-    the dtype it held (autocast covers no lookups; a bf16 model's LayerNorm on the CPU refuses float32 input), and
-    those rows are what the float rows would give in that dtype."""
+    vanish in bf16 weights. Returns how many tensors were cast; a module trained in full takes its float buffers along.
+    An embedding trained so still hands the model rows in the dtype it held (autocast covers no lookups; a bf16
+    model's LayerNorm on the CPU refuses float32 input), and those rows are what the float rows would give in it."""
     held: dict[int, torch.dtype] = {}
     for param in module.parameters():
         if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
@@ -261,6 +261,12 @@ def keep_trained_in(module: nn.Module, dtype: torch.dtype) -> int:
         if weight is not None and id(weight) in held and not hasattr(sub, _ROWS_DTYPE):
             setattr(sub, _ROWS_DTYPE, held[id(weight)])
             sub.register_forward_hook(_rows_in_held_dtype)
+        own = [p for p in sub.parameters(recurse=False)]
+        if own and all(id(p) in held for p in own):  # a module trained in full: its float buffers (a norm's running
+            # statistics) follow its parameters, as a CPU BatchNorm takes one dtype for both
+            for name, buffer in sub.named_buffers(recurse=False):
+                if buffer.is_floating_point() and buffer.dtype == held[id(own[0])]:
+                    setattr(sub, name, buffer.to(dtype))
     return len(held)
 
 

@@ -356,3 +356,33 @@ def test_labels_mask_the_prompt(chat):
     assert (batch["labels"][1, len(short["labels"]):] == IGNORE_INDEX).all()
     assert (batch["input_ids"][1, len(short["input_ids"]):] == tokenizer.pad_token_id).all()
     assert batch["attention_mask"][1].sum() == len(short["input_ids"])
+
+
+PLAIN_CLI = """
+import sys, torch
+from lightning.pytorch.cli import LightningCLI
+from tests.lightning_models import Regressor
+cli = LightningCLI(Regressor, run=False, args=["--config", sys.argv[1]])
+plugin = cli.trainer.precision_plugin
+lora = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LoRACallback")
+assert "lightning_nf4.cli" not in sys.modules  # the package CLI's own dtype reading is not in play
+print(plugin.compute_dtype, lora.adapter_dtype, lora.merged_dtype)
+"""
+
+
+def test_a_plain_lightning_cli_reads_dtype_names_for_the_plugin_and_callback(tmp_path):
+    """A user's own ``LightningCLI`` (not lightning-nf4's): ``compute_dtype: bfloat16`` was refused by jsonargparse
+    ("Expected a dot import path string"); the plugin and callback take dtype names, as transformers does."""
+    from tests import isolated
+
+    config = {"trainer": {"accelerator": "cpu", "logger": False,
+                          "plugins": {"class_path": "lightning_nf4.NF4Precision", "init_args": {"compute_dtype": "bfloat16"}},
+                          "callbacks": [{"class_path": "lightning_nf4.LoRACallback",
+                                         "init_args": {"r": 4, "alpha": 8, "adapter_dtype": "float32", "merged_dtype": "float16"}}]}}
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "plain_cli.py").write_text(PLAIN_CLI)
+    root = Path(__file__).resolve().parent.parent
+    done = isolated.run([sys.executable, str(tmp_path / "plain_cli.py"), str(tmp_path / "cli.yaml")], timeout=240,
+                        capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["torch.bfloat16", "torch.float32", "torch.float16"]

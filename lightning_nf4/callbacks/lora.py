@@ -73,10 +73,10 @@ class LoRACallback(Callback):
         dropout: float = 0.05,
         target_modules: Union[str, Sequence[str]] = "all-linear",
         modules_to_save: Optional[Sequence[str]] = None,
-        adapter_dtype: torch.dtype = torch.float32,
+        adapter_dtype: Union[torch.dtype, str] = torch.float32,
         save_dir: Optional[str] = None,
         export_merged: bool = True,
-        merged_dtype: Optional[torch.dtype] = None,
+        merged_dtype: Optional[Union[torch.dtype, str]] = None,
         full_checkpoint: bool = False,
         adapter_name: str = "default",
         init_seed: Optional[int] = 0,
@@ -100,6 +100,9 @@ class LoRACallback(Callback):
         if float_dtype(adapter_dtype) is None:
             raise ValueError(f"adapter_dtype must be float32, bfloat16 or float16, got {adapter_dtype!r}.")
         adapter_dtype = float_dtype(adapter_dtype)
+        if merged_dtype is not None and float_dtype(merged_dtype) is None:
+            raise ValueError(f"merged_dtype must be float32, bfloat16 or float16 (None: the dtype the weights were quantized from), got {merged_dtype!r}.")
+        merged_dtype = float_dtype(merged_dtype) if merged_dtype is not None else None
         self.r, self.alpha, self.dropout = int(r), alpha, dropout
         self.target_modules = target_modules
         self.modules_to_save = list(modules_to_save or [])

@@ -45,7 +45,7 @@ class NF4Conversion:
 
     def __init__(
         self,
-        compute_dtype: torch.dtype = torch.bfloat16,
+        compute_dtype: Union[torch.dtype, str] = torch.bfloat16,
         blocksize: int = 64,
         double_quant: bool = True,
         skip_modules: Sequence[str] = ("lm_head",),

@@ -277,3 +277,18 @@ def test_constructor_arguments_it_cannot_hold_are_named_with_the_fix():
     with pytest.raises(ValueError, match=r"dtype must be torch.float32, torch.bfloat16 or torch.float16 \(or its name\), got 'half-ish'"):
         dequantize_model(model, "half-ish")
     assert dequantize_model(model, "bfloat16")[0].weight.dtype == torch.bfloat16
+
+
+def test_reset_parameters_draws_a_new_weight_in_the_nf4_tensor_form_too():
+    """``reset_parameters`` (what init flows after ``to_empty`` call) on a layer holding its weight as an ``NF4Tensor``
+    (the form nf4_fsdp shards): a new weight in that form, of the same source dtype (it failed: ``_quant`` is None)."""
+    from lightning_nf4.format.tensor import NF4Tensor
+
+    layer = NF4Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    layer.to_nf4_tensor()
+    before = layer.dequantize(torch.float32)
+    torch.manual_seed(1)
+    layer.reset_parameters()
+    assert isinstance(layer.weight, NF4Tensor) and layer.quant.dtype == torch.bfloat16
+    assert not torch.equal(layer.dequantize(torch.float32), before)
+    assert layer(torch.randn(2, 64, dtype=torch.bfloat16)).shape == (2, 32)

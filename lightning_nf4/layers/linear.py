@@ -258,7 +258,7 @@ class NF4Linear(nn.Module):
         device = self.weight.device
         if device.type == "meta":
             return
-        weight = torch.empty(self.out_features, self.in_features, dtype=self._quant.dtype, device=device)
+        weight = torch.empty(self.out_features, self.in_features, dtype=self.quant.dtype, device=device)  # either form
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
         self._set_quant(quantize_nf4(weight, self.blocksize, self.double_quant))
         if self.bias is not None:

@@ -613,3 +613,22 @@ def test_a_transposed_stacked_weight_refuses_views_that_would_misplace_its_eleme
             flipped.reshape(*shape)
     assert flipped.reshape(4, 64, 32).shape == (4, 64, 32)  # its own shape: unchanged
     assert weight.reshape(-1).shape == (8192,)  # the untransposed weight's flat view (FSDP's) stays
+
+
+def test_the_matmul_operator_reads_a_stacked_weight_through_its_batch_dims():
+    """``x @ w.mT`` on a stacked weight: torch.matmul expands both sides to the common batch shape first (a no-op
+    here), which NF4Tensor refused ('does not support aten.expand.default'); the same values and input gradient as
+    the float weight, and an expand that would copy is refused."""
+    plain = torch.randn(4, 32, 64)
+    weight = NF4Tensor(quantize_nf4(plain, 64, True))
+    dense = weight.dequantize()
+    x = torch.randn(4, 5, 64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_()
+    out = x @ weight.mT
+    expected = reference @ dense.mT
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+    with pytest.raises(NotImplementedError, match=r"cannot be expanded from \(4, 32, 64\) to \(2, 4, 32, 64\)"):
+        weight.expand(2, 4, 32, 64)

@@ -369,6 +369,14 @@ def _view(t: NF4Tensor, size: list[int]) -> NF4Tensor:
     return t._alias(shape=torch.Size(shape))
 
 
+@_implements(aten.expand.default)
+def _expand(t: NF4Tensor, size: list[int], implicit: bool = False) -> NF4Tensor:
+    """The no-op expand ``torch.matmul`` makes of a stacked weight whose batch dims already match (``x @ w.mT``)."""
+    if len(size) != t.dim() or any(s not in (-1, d) for s, d in zip(size, t.shape)):
+        raise NotImplementedError(f"NF4Tensor cannot be expanded from {tuple(t.shape)} to {tuple(size)}; dequantize it first (t.dequantize()).")
+    return t._alias()
+
+
 @_implements(aten.as_strided.default)
 def _as_strided(t: NF4Tensor, size: list[int], stride: list[int], storage_offset: Optional[int] = None) -> NF4Tensor:
     contiguous = [math.prod(size[i + 1:]) for i in range(len(size))]

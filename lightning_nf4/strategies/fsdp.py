@@ -293,7 +293,7 @@ class NF4FSDPStrategy(ModelParallelStrategy):
         _SHARDED_HERE.add(module)
         parts = [f"{len(units)} {unit_class} units"] if units else []
         parts += ["the embeddings and head by vocabulary rows"] if by_vocabulary else [f"{len(tables)} embedding unit(s)"] if tables else []
-        rank_zero_info(f"NF4FSDPStrategy: sharded {', '.join(parts + ['the root'])} across {world} ranks{filled}.")
+        rank_zero_info(f"NF4FSDPStrategy: sharded {', '.join(parts) + ' and ' if parts else ''}the root across {world} ranks{filled}.")
         return module
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:

@@ -1824,6 +1824,55 @@ MUTATIONS: list[Mutation] = [
           "            with _float_config(hf.config, untie=untie):\n"),),
         ("tests/test_moe.py::test_moe_under_ddp_and_fsdp2_matches_one_process",),
     ),
+    Mutation(
+        "tied-linear-quantized",
+        "a linear whose weight is tied to an embedding (under a name other than lm_head) is quantized, the tie cut",
+        "lightning_nf4/plugins/convert.py",
+        (("        if len(owners.get(id(module.weight), ())) > 1:  # tied", "        if False:  # tied"),),
+        ("tests/test_reliability.py::test_a_linear_tied_to_the_embeddings_stays_float_and_tied_under_any_name",),
+    ),
+    Mutation(
+        "trained-module-buffers-left",
+        "a module trained in full keeps its float buffers in the dtype it was built in (BatchNorm: mixed dtypes)",
+        "lightning_nf4/plugins/convert.py",
+        (("        if own and all(id(p) in held for p in own):  # a module trained", "        if False:  # a module trained"),),
+        ("tests/test_reliability.py::test_a_batchnorm_trained_in_full_keeps_its_running_statistics_in_its_weights_dtype",),
+    ),
+    Mutation(
+        "dequantize-shared-once",
+        "dequantize_model replaces a shared NF4 layer under its first name only",
+        "lightning_nf4/plugins/convert.py",
+        (("model.named_modules(remove_duplicate=False) if isinstance(m, NF4Linear)]:", "model.named_modules() if isinstance(m, NF4Linear)]:"),),
+        ("tests/test_edges_convert.py::test_dequantize_model_replaces_a_shared_layer_under_every_name_and_keeps_it_shared",),
+    ),
+    Mutation(
+        "linear-float64-accepted",
+        "NF4Linear accepts a float64 dtype (it fails later, at state_dict)",
+        "lightning_nf4/layers/linear.py",
+        (('        _check_compute_dtype(dtype, "dtype (what the weight is quantized from and the bias is kept in)")\n', ""),),
+        ("tests/test_edges_linear.py::test_constructor_arguments_it_cannot_hold_are_named_with_the_fix",),
+    ),
+    Mutation(
+        "transposed-view-allowed",
+        "a transposed NF4Tensor takes any view of its element count (its dequantized shape then disagrees)",
+        "lightning_nf4/format/tensor.py",
+        (("    if t.transposed and list(shape) != list(t.shape):\n", "    if False:\n"),),
+        ("tests/test_moe.py::test_a_transposed_stacked_weight_refuses_views_that_would_misplace_its_elements",),
+    ),
+    Mutation(
+        "reset-parameters-plain-form-only",
+        "NF4Linear.reset_parameters reads the plain form's scales (None in the NF4Tensor form)",
+        "lightning_nf4/layers/linear.py",
+        (("dtype=self.quant.dtype, device=device)  # either form", "dtype=self._quant.dtype, device=device)  # either form"),),
+        ("tests/test_edges_linear.py::test_reset_parameters_draws_a_new_weight_in_the_nf4_tensor_form_too",),
+    ),
+    Mutation(
+        "expand-any-size",
+        "NF4Tensor's expand returns the weight for any size (an expand that would copy gives a tensor of the wrong shape)",
+        "lightning_nf4/format/tensor.py",
+        (("    if len(size) != t.dim() or any(s not in (-1, d) for s, d in zip(size, t.shape)):\n", "    if False:\n"),),
+        ("tests/test_moe.py::test_the_matmul_operator_reads_a_stacked_weight_through_its_batch_dims",),
+    ),
 ]
 
 

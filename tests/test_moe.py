@@ -395,15 +395,20 @@ def test_compiled_decoder_layers_run_nf4_experts():
     convert_experts(model, compute_dtype=torch.float32)
     eager = copy.deepcopy(model)
     compile_blocks(model)
+    assert_same_outputs_and_input_gradients(model, eager)
+
+
+def assert_same_outputs_and_input_gradients(model: nn.Module, eager: nn.Module) -> None:
+    """A compiled model against its eager copy: logits and the embeddings' gradient of one step, to 1e-5."""
     ids = torch.randint(0, 128, (2, 16))
-    grads = []
+    results = []
     for m in (model, eager):
         m.model.embed_tokens.weight.requires_grad_(True)
         out = m(ids, labels=ids)
         out.loss.backward()
-        grads.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-5)
+        results.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
@@ -428,15 +433,7 @@ def test_before_torch_2_13_nf4_experts_run_eagerly_inside_compiled_layers(monkey
     eager = copy.deepcopy(model)
     compiling.compile_blocks(model)
     assert getattr(cls.forward, "_nf4_eager", False)
-    ids = torch.randint(0, 128, (2, 16))
-    results = []
-    for m in (model, eager):
-        m.model.embed_tokens.weight.requires_grad_(True)
-        out = m(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), m.model.embed_tokens.weight.grad))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    assert_same_outputs_and_input_gradients(model, eager)
     assert seen and not any(seen)  # every experts call ran eagerly, the compiled layers' included
     torch._dynamo.reset()
 

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Union
 
 import torch
 
 DeviceLike = Union[str, torch.device, int]
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """``(2, 13)`` of ``"2.13.0+cpu"`` (torch's, IPEX's); ``(0, 0)`` for a version that does not start so."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def _count(kind: str) -> int:

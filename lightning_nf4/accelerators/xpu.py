@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import re
 from collections.abc import MutableSequence
 from types import ModuleType
 from typing import Any, Optional, Union
@@ -35,6 +34,8 @@ from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_nf4.devices import major_minor
+
 _NATIVE_XPU_MIN_TORCH = (2, 5)
 
 
@@ -43,11 +44,6 @@ class XPUUnavailableError(MisconfigurationException):
 
 
 # -- what this machine has ------------------------------------------------------------------------
-def _major_minor(version: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 def _xpu_module() -> Optional[ModuleType]:
     return getattr(torch, "xpu", None)
 
@@ -86,7 +82,7 @@ def _found_devices() -> list[str]:
 
 def xpu_unavailable_message() -> str:
     version = torch.__version__
-    if _major_minor(version) < _NATIVE_XPU_MIN_TORCH:
+    if major_minor(version) < _NATIVE_XPU_MIN_TORCH:
         build = f"torch {version} is older than 2.5, the first release with native torch.xpu"
         hint = "install torch>=2.5 from PyTorch's XPU index (pip install torch --index-url https://download.pytorch.org/whl/xpu)"
     elif _xpu_compiled():
@@ -161,7 +157,7 @@ def _load_ipex() -> Optional[ModuleType]:
         ipex_version = importlib.metadata.version("intel-extension-for-pytorch")
     except importlib.metadata.PackageNotFoundError:
         return None
-    if _major_minor(ipex_version) != _major_minor(torch.__version__):
+    if major_minor(ipex_version) != major_minor(torch.__version__):
         rank_zero_info(
             f"intel_extension_for_pytorch {ipex_version} does not match torch {torch.__version__}; using native torch.xpu without it."
         )

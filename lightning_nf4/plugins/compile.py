@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from lightning_nf4.devices import major_minor
 from lightning_nf4.layers.group import find_by_class, repeated_blocks
 
 Blocks = Union[str, Sequence[Union[str, type]]]
@@ -90,7 +91,7 @@ def compile_blocks(module: nn.Module, blocks: Blocks = "auto", **compile_kwargs:
 
 # torch 2.11's compiler fails inside transformers' experts forward on an NF4Tensor weight (it traces the subclass's
 # construction and reads it half built: "InternalTorchDynamoError: AttributeError: quant"); 2.13's traces it.
-COMPILER_TRACES_NF4_EXPERTS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+COMPILER_TRACES_NF4_EXPERTS = major_minor(torch.__version__) >= (2, 13)
 
 
 def experts_run_eagerly(block: nn.Module) -> list[type]:

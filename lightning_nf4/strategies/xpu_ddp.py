@@ -15,7 +15,6 @@ This subclass fixes those three for ``xpu`` root devices and leaves every other 
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
@@ -27,6 +26,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.nn import Module
 from torch.nn.parallel.distributed import DistributedDataParallel
 
+from lightning_nf4.devices import major_minor
+
 _XCCL_MIN_TORCH = (2, 8)
 
 # name -> start method, mirroring Lightning's own "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook".
@@ -37,15 +38,10 @@ class XCCLUnavailableError(MisconfigurationException):
     """DDP on XPU needs the ``xccl`` process-group backend and this PyTorch does not have it."""
 
 
-def _torch_major_minor() -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 def check_xccl() -> None:
     """Raise ``XCCLUnavailableError`` saying why, unless ``torch.distributed`` can make an ``xccl`` group."""
     version = torch.__version__
-    if _torch_major_minor() < _XCCL_MIN_TORCH:
+    if major_minor(torch.__version__) < _XCCL_MIN_TORCH:
         raise XCCLUnavailableError(
             f"DDP on XPU uses the 'xccl' process-group backend, which PyTorch has from 2.8 on; this is torch {version}. "
             "Install torch>=2.8 from PyTorch's XPU index, or on an old IPEX stack pass "

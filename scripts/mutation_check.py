@@ -575,7 +575,7 @@ MUTATIONS: list[Mutation] = [
         "shared-linear-split",
         "a linear shared by two parents is replaced under its first name only (two NF4 copies, two adapters)",
         "lightning_nf4/plugins/convert.py",
-        (("        for alias in uses[id(linear)]:", "        for alias in uses[id(linear)][:1]:"),),
+        (("        replace_module(model, uses[id(linear)], NF4Linear", "        replace_module(model, uses[id(linear)][:1], NF4Linear"),),
         ("tests/test_plugin_user.py",),
     ),
     Mutation(
@@ -1842,7 +1842,7 @@ MUTATIONS: list[Mutation] = [
         "dequantize-shared-once",
         "dequantize_model replaces a shared NF4 layer under its first name only",
         "lightning_nf4/plugins/convert.py",
-        (("model.named_modules(remove_duplicate=False) if isinstance(m, NF4Linear)]:", "model.named_modules() if isinstance(m, NF4Linear)]:"),),
+        (("        replace_module(model, uses[id(layer)], layer.to_float(dtype))", "        replace_module(model, uses[id(layer)][:1], layer.to_float(dtype))"),),
         ("tests/test_edges_convert.py::test_dequantize_model_replaces_a_shared_layer_under_every_name_and_keeps_it_shared",),
     ),
     Mutation(

@@ -102,16 +102,11 @@ def convert_linears(
     Already-converted layers are left alone, so calling this twice is harmless.
     """
     count = 0
-    uses: dict[int, list[str]] = {}  # a layer shared by several parents is replaced under each of its names
-    for name, module in model.named_modules(remove_duplicate=False):
-        uses.setdefault(id(module), []).append(name)
+    uses = module_names(model)  # a layer shared by several parents is replaced under each of its names
     for name, linear in convertible_linears(model, skip_modules):
         if device is not None and linear.weight.device.type != "meta":
             linear.to(device)
-        layer = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, name=name)
-        for alias in uses[id(linear)]:
-            parent_name, _, child = alias.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replace_module(model, uses[id(linear)], NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype, name=name))
         count += 1
     if count:
         release_freed_host_memory()
@@ -426,6 +421,21 @@ def adopt_peft_linears(model: nn.Module) -> int:
     return adopted
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each submodule, by ``id`` (a module shared by several parents has several)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def replace_module(model: nn.Module, names: Sequence[str], new: nn.Module) -> None:
+    """``new`` in place of the submodule at each of ``names``."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def nf4_layers(model: nn.Module) -> list[tuple[str, NF4Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
 
@@ -450,14 +460,11 @@ def dequantize_linears(model: nn.Module, dtype: Optional[torch.dtype] = None) ->
             "Write the merged float model (LoRACallback(save_dir=...) or lightning_nf4.export.save_merged), or remove the "
             "adapters first (PEFT's unload())."
         )
-    floats: dict[int, nn.Module] = {}  # a layer shared under several names stays one (float) layer
-    for name, layer in [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, NF4Linear)]:
+    uses = module_names(model)  # a layer shared under several names stays one (float) layer under each
+    for name, layer in nf4_layers(model):
         if not name:
             raise ValueError("dequantize_linears: the model is itself an NF4Linear; use its to_float().")
-        if id(layer) not in floats:
-            floats[id(layer)] = layer.to_float(dtype)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, floats[id(layer)])
+        replace_module(model, uses[id(layer)], layer.to_float(dtype))
     for module in model.modules():  # stacked expert weights
         dequantize_experts(module, dtype)
     restore_weight_conversions(model)

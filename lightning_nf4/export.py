@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from peft import LoraConfig
@@ -264,7 +264,7 @@ def merged_state_dict(
     merged at a time)."""
     out: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}  # PEFT's target_parameters updates, by the key of the parameter they add to
-    held = held or held_dtype(root)
+    held = held or (held_dtype(root) if dtype is None else None)  # with a dtype named, everything is written in it
 
     cast: dict[int, Tensor] = {}  # a tensor shared by two names (a tied head) stays one tensor when cast
 
@@ -352,28 +352,30 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
     total = 0
     held = dtype or held_dtype(module)  # before the units are merged one at a time (a unit may hold no NF4 weight)
     written: Optional[torch.dtype] = None
-    for index, (name, owner) in enumerate(owners):
-        owner.unshard()
-        try:
-            with torch.no_grad():
-                local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule), held=held)
-            full_prefix = (name + "." if name else "")
-            state = {}
-            for key, value in local.items():
-                key = full_prefix + key
-                if key.startswith(prefix) and key[len(prefix):] not in tied:
-                    # a copy: views of the gathered parameters die with reshard() below
-                    state[key[len(prefix):]] = value.detach().to("cpu", copy=True).contiguous()
-        finally:
-            owner.reshard()
-        if write and state:
-            written = written or held or _written_dtype(state)
-            if hf is not None:
-                state = checkpoint_layout(hf, state)
-            file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
-            save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(state, file))
-            total += sum(v.numel() * v.element_size() for v in state.values())
+    with ExitStack() as saving:  # the checkpoint's layout, looked up once for all units
+        layout = saving.enter_context(checkpoint_layout(hf)) if write and hf is not None else None
+        for index, (name, owner) in enumerate(owners):
+            owner.unshard()
+            try:
+                with torch.no_grad():
+                    local = merged_state_dict(owner, dtype, stop=lambda child: isinstance(child, FSDPModule), held=held)
+                full_prefix = (name + "." if name else "")
+                state = {}
+                for key, value in local.items():
+                    key = full_prefix + key
+                    if key.startswith(prefix) and key[len(prefix):] not in tied:
+                        # a copy: views of the gathered parameters die with reshard() below
+                        state[key[len(prefix):]] = value.detach().to("cpu", copy=True).contiguous()
+            finally:
+                owner.reshard()
+            if write and state:
+                written = written or held or _written_dtype(state)
+                if layout is not None:
+                    state = layout(state)
+                file = f"model-{index + 1:05d}-of-{len(owners):05d}.safetensors"
+                save_file(_untie(state), str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(state, file))
+                total += sum(v.numel() * v.element_size() for v in state.values())
     if write:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         if hf is not None:
@@ -385,16 +387,19 @@ def write_merged_sharded(module: nn.Module, folder: Optional[Path], dtype: Optio
                 hf.generation_config.save_pretrained(str(tmp))
 
 
-def checkpoint_layout(hf: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``state`` (float tensors of whole weights, under the model's names) in the layout the architecture's checkpoints
-    use, as ``save_pretrained`` writes it: transformers 5's conversions reversed (stacked experts back to one matrix per
-    expert, renamed keys back). So an export written one sharding unit at a time has the keys of one written whole."""
+@contextmanager
+def checkpoint_layout(hf: nn.Module) -> Iterator[Callable[[dict[str, Tensor]], dict[str, Tensor]]]:
+    """While open, a function that puts a float state (whole weights, under the model's names) in the layout the
+    architecture's checkpoints use, as ``save_pretrained`` writes it: transformers 5's conversions reversed (stacked
+    experts back to one matrix per expert, renamed keys back). So an export written one sharding unit at a time has
+    the keys of one written whole."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers before 5: keys as the model holds them
-        return state
+        yield lambda state: state
+        return
     with saving_experts_per_expert(hf), _conversions_of_unsharded_class(hf):
-        return dict(revert_weight_conversion(hf, state))
+        yield lambda state: dict(revert_weight_conversion(hf, state))
 
 
 def unsharded_class(module: nn.Module) -> type:
@@ -557,10 +562,11 @@ def write_merged(module: nn.Module, folder: Path, dtype: Optional[torch.dtype] =
     """A float model with adapters merged into ``folder``: a Hugging Face folder (``save_pretrained``) for HF
     models, else ``model.safetensors`` holding the module's state dict."""
     hf, root = export_root(module)
+    held = dtype or held_dtype(root)
     with torch.no_grad():
-        state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype).items()}
+        state = {k: v.contiguous().cpu() for k, v in merged_state_dict(root, dtype, held=held).items()}
     if hf is not None:
-        written = dtype or held_dtype(root) or _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
+        written = held or _written_dtype(state)  # before save_pretrained, which may take tensors out of the dict
         with _float_config(hf.config, untie=_head_untied(hf, state)), saving_experts_per_expert(hf):
             hf.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
         _record_dtype(folder / "config.json", written)

@@ -1727,7 +1727,7 @@ MUTATIONS: list[Mutation] = [
         "sharded-export-stacked-experts",
         "the sharded merged export writes each unit as the model holds it (no conversions reversed: experts stacked)",
         "lightning_nf4/export.py",
-        (("                state = checkpoint_layout(hf, state)\n", "                pass\n"),),
+        (("                    state = layout(state)\n", "                    pass\n"),),
         ("tests/test_moe.py::test_moe_under_ddp_and_fsdp2_matches_one_process",),
     ),
     Mutation(

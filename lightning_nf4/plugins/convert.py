@@ -256,7 +256,7 @@ def keep_trained_in(module: nn.Module, dtype: torch.dtype) -> int:
         if weight is not None and id(weight) in held and not hasattr(sub, _ROWS_DTYPE):
             setattr(sub, _ROWS_DTYPE, held[id(weight)])
             sub.register_forward_hook(_rows_in_held_dtype)
-        own = [p for p in sub.parameters(recurse=False)]
+        own = list(sub.parameters(recurse=False))
         if own and all(id(p) in held for p in own):  # a module trained in full: its float buffers (a norm's running
             # statistics) follow its parameters, as a CPU BatchNorm takes one dtype for both
             for name, buffer in sub.named_buffers(recurse=False):
